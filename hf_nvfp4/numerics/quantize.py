@@ -1,0 +1,247 @@
+"""The reference quantizer: one function for every block format, and the QTensor it returns.
+
+This pure-PyTorch code (CPU or CUDA) is the single source of truth the kernels are tested
+against. Formulas: ../shared/NUMERICS.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import e2m1, e4m3
+from .formats import BlockFormat, get_format
+from .hadamard import RHT_SIZE, hadamard_transform
+from .scales import (
+    exp2_int,
+    fp8_block_encode,
+    nvfp4_block_scales,
+    nvfp4_element_multiplier,
+    nvfp4_global_encode,
+    ue8m0_exponents,
+)
+
+ROUNDINGS = ("nearest", "stochastic")
+_UE8M0_BIAS = 127
+
+
+@dataclass
+class QTensor:
+    """A block-quantized tensor.
+
+    Attributes:
+        data: the elements at the padded shape. FP4 formats: uint8, two codes per byte along
+            the last dimension, the even element in the low nibble (``[..., cols/2]``);
+            FP8 formats: float8_e4m3fn.
+        scale: one block scale per row and block of columns (``[..., rows, cols/block]``; for
+            2D tiles every row of a tile repeats the tile's scale, the layout checkpoints
+            use). NVFP4: float8_e4m3fn decode scales; MX formats: uint8 biased exponents
+            (UE8M0, value ``2**(byte - 127)``); FP8 block: float32 decode scales.
+        global_scale: NVFP4's FP32 per-tensor decode scale ``amax / (6 * 448)`` (0-dim);
+            ``None`` for formats without one.
+        fmt: the format name.
+        shape: the logical shape (the input's; with ``rht=True`` the last dimension is
+            padded to 16, since the transform mixes the padding into the data).
+        dtype: the input dtype, the default of :meth:`dequantize`'s callers that round trip.
+        tile: the scaling tile ``(rows, cols)``.
+        rht: whether the values live in the Hadamard-transformed domain.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    global_scale: torch.Tensor | None
+    fmt: str
+    shape: torch.Size
+    dtype: torch.dtype
+    tile: tuple[int, int]
+    rht: bool = False
+
+    @property
+    def format(self) -> BlockFormat:
+        """The :class:`BlockFormat` of this tensor."""
+        return get_format(self.fmt)
+
+    def block_values(self) -> torch.Tensor:
+        """Element times block scale in FP32 at the padded shape, without the global scale.
+
+        For NVFP4 these values are exact in BF16 (an E2M1 value times an E4M3 scale).
+        """
+        f = self.format
+        if f.packed:
+            elems = e2m1.decode(e2m1.unpack(self.data))
+        else:
+            elems = self.data.to(torch.float32)
+        if f.scale == "e4m3":
+            scale = self.scale.to(torch.float32)
+        elif f.scale == "ue8m0":
+            scale = exp2_int(self.scale.to(torch.int32) - _UE8M0_BIAS)
+        else:
+            scale = self.scale
+        return elems * scale.repeat_interleave(f.block, dim=-1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The represented values, cropped to :attr:`shape`, in ``dtype``.
+
+        NVFP4: ``fp4_value(q) * fp32(s_b) * S_dec``.
+        """
+        vals = self.block_values()
+        if self.global_scale is not None:
+            vals = vals * self.global_scale
+        return _crop(vals, self.shape).to(dtype)
+
+    def nbytes(self) -> int:
+        """Storage bytes of data, block scales and the global scale."""
+        total = self.data.numel() * self.data.element_size()
+        total += self.scale.numel() * self.scale.element_size()
+        if self.global_scale is not None:
+            total += self.global_scale.numel() * self.global_scale.element_size()
+        return total
+
+
+def _crop(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    if tuple(t.shape) == tuple(shape):
+        return t
+    return t[tuple(slice(0, s) for s in shape)]
+
+
+def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    pad_c = -x.shape[-1] % cols
+    pad_r = -x.shape[-2] % rows if rows > 1 else 0
+    if pad_c or pad_r:
+        x = F.pad(x, (0, pad_c, 0, pad_r))
+    return x
+
+
+def _check_input(x: torch.Tensor, allow_nonfinite: bool) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor; got {type(x).__name__}")
+    if x.is_complex() or not x.is_floating_point():
+        raise TypeError(
+            f"quantize needs a real floating-point tensor (float32, bfloat16, float16); "
+            f"got dtype {x.dtype}"
+        )
+    if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"quantize expects an unquantized tensor; got dtype {x.dtype}")
+    if not allow_nonfinite and x.numel():
+        bad = ~torch.isfinite(x)
+        n_bad = int(bad.sum())
+        if n_bad:
+            n_nan = int(torch.isnan(x).sum())
+            raise ValueError(
+                f"quantize input contains non-finite values: {n_nan} NaN and "
+                f"{n_bad - n_nan} Inf of {x.numel()} elements; pass allow_nonfinite=True "
+                "to propagate them through the scales as hardware does"
+            )
+
+
+def _check_options(f: BlockFormat, tile: tuple[int, int], rounding: str, rht: bool) -> None:
+    if tile not in f.tiles:
+        raise ValueError(f"tile {tile} is not valid for {f.name}; expected one of {f.tiles}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}; got {rounding!r}")
+    if rht and tile[0] != 1:
+        raise ValueError(
+            f"rht=True applies along the reduction dimension with 1D tiles; got tile {tile}"
+        )
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str | BlockFormat = "nvfp4",
+    *,
+    tile: tuple[int, int] | None = None,
+    rounding: str = "nearest",
+    rht: bool = False,
+    rht_sign: Sequence[int] | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    allow_nonfinite: bool = False,
+) -> QTensor:
+    """Quantize ``x`` along its last dimension into a block-scaled format.
+
+    Args:
+        x: a real floating tensor of any rank (rank >= 2 for 2D tiles).
+        fmt: ``"nvfp4"`` | ``"mxfp4"`` | ``"fp8_block"`` | ``"mxfp8"`` or a BlockFormat.
+        tile: ``(1, block)`` (default) or ``(block, block)`` for 2D scaling over the last two
+            dimensions (NVFP4 ``(16, 16)``, FP8 block ``(128, 128)``).
+        rounding: ``"nearest"`` (ties to even) or ``"stochastic"``.
+        rht: apply the 16-point random Hadamard transform along the last dimension first
+            (output rounded to ``x.dtype``); the global amax is taken after it.
+        rht_sign: the RHT sign vector (default: Transformer Engine's).
+        generator: the torch.Generator for stochastic rounding draws.
+        allow_nonfinite: propagate NaN/Inf instead of raising.
+
+    A last dimension (and for 2D tiles the second-to-last) that is not a multiple of the
+    block is zero-padded internally and cropped again by :meth:`QTensor.dequantize`.
+    """
+    f = get_format(fmt)
+    _check_input(x, allow_nonfinite)
+    tile = (1, f.block) if tile is None else tuple(tile)
+    _check_options(f, tile, rounding, rht)
+    th, tw = tile
+    if th > 1 and x.dim() < 2:
+        raise ValueError(f"2D tile {tile} needs a tensor of rank >= 2; got shape {tuple(x.shape)}")
+
+    squeeze = x.dim() == 1
+    xp = _pad_to(x.unsqueeze(0) if squeeze else x, th, tw)
+    logical_shape = x.shape
+    if rht:
+        xp = hadamard_transform(xp, rht_sign)
+        logical_shape = (*x.shape[:-1], xp.shape[-1])
+    xf = xp.float()
+    rows, cols = xf.shape[-2], xf.shape[-1]
+    lead = xf.shape[:-2]
+    blocks = xf.reshape(*lead, rows // th, th, cols // tw, tw)
+    if xf.numel():
+        block_amax = blocks.abs().amax(dim=(-3, -1), keepdim=True)
+    else:
+        block_amax = blocks.new_zeros((*lead, rows // th, 1, cols // tw, 1))
+
+    global_scale = None
+    if f.scale == "e4m3":
+        amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
+        s_enc = nvfp4_global_encode(amax)
+        s_dec = torch.tensor(1.0, dtype=torch.float32, device=xf.device) / s_enc
+        scale = nvfp4_block_scales(block_amax, s_enc)
+        mult = nvfp4_element_multiplier(scale, s_dec)
+        global_scale = s_dec
+    elif f.scale == "ue8m0":
+        k = ue8m0_exponents(block_amax, f.element_max)
+        mult = exp2_int(-k)
+        scale = (k + _UE8M0_BIAS).to(torch.uint8)
+    else:
+        mult = fp8_block_encode(block_amax)
+        scale = torch.tensor(1.0, dtype=torch.float32, device=xf.device) / mult
+
+    v = (blocks * mult).clamp(-f.element_max, f.element_max).reshape(xf.shape)
+    if rounding == "stochastic":
+        u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+        codes = (e2m1 if f.packed else e4m3).round_stochastic(v, u)
+    else:
+        codes = (e2m1 if f.packed else e4m3).round_nearest(v)
+    data = e2m1.pack(codes) if f.packed else codes
+
+    # One scale per row and block of columns: expand 2D tiles over their rows.
+    scale = scale.expand(*lead, rows // th, th, cols // tw, 1).reshape(*lead, rows, cols // tw)
+    if squeeze:
+        data, scale = data.squeeze(0), scale.squeeze(0)
+    return QTensor(
+        data=data.contiguous(),
+        scale=scale.contiguous(),
+        global_scale=global_scale,
+        fmt=f.name,
+        shape=torch.Size(logical_shape),
+        dtype=x.dtype,
+        tile=tile,
+        rht=rht,
+    )
+
+
+def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat = "nvfp4", **kwargs) -> torch.Tensor:
+    """``quantize(x, fmt, **kwargs).dequantize(x.dtype)``: the values the format keeps."""
+    return quantize(x, fmt, **kwargs).dequantize(x.dtype)
+
+
+__all__ = ["QTensor", "quantize", "fake_quantize", "ROUNDINGS", "RHT_SIZE"]
