@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from . import e2m1, e4m3
 from .formats import BlockFormat, get_format
 from .hadamard import RHT_SIZE, hadamard_transform
+from .rng import counter_uniform, draw_seed
 from .scales import (
     exp2_int,
     fp8_block_encode,
@@ -170,7 +171,8 @@ def quantize(
         rht: apply the 16-point random Hadamard transform along the last dimension first
             (output rounded to ``x.dtype``); the global amax is taken after it.
         rht_sign: the RHT sign vector (default: Transformer Engine's).
-        generator: the torch.Generator for stochastic rounding draws.
+        generator: the torch.Generator that seeds stochastic rounding; the draw for each
+            element is a hash of (seed, padded row-major index): see :mod:`.rng`.
         allow_nonfinite: propagate NaN/Inf instead of raising.
 
     A last dimension (and for 2D tiles the second-to-last) that is not a multiple of the
@@ -217,7 +219,7 @@ def quantize(
 
     v = (blocks * mult).clamp(-f.element_max, f.element_max).reshape(xf.shape)
     if rounding == "stochastic":
-        u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+        u = counter_uniform(draw_seed(generator), v.shape, v.device)
         codes = (e2m1 if f.packed else e4m3).round_stochastic(v, u)
     else:
         codes = (e2m1 if f.packed else e4m3).round_nearest(v)

@@ -6,6 +6,8 @@ operations), so that scale bytes match bit for bit.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .formats import E2M1_MAX, E4M3_MAX, FLT_MAX
@@ -44,13 +46,16 @@ def nvfp4_element_multiplier(block_scale: torch.Tensor, s_dec: torch.Tensor) -> 
 def ue8m0_exponents(block_amax: torch.Tensor, element_max: float) -> torch.Tensor:
     """MX scale exponents ``ceil(log2(block_amax / element_max))`` in [-127, 127] (int32).
 
-    Computed exactly with ``frexp``: ``v = m * 2^e`` with ``m`` in [0.5, 1), so
-    ``ceil(log2 v)`` is ``e - 1`` when ``m == 0.5`` and ``e`` otherwise. Zero blocks get -127.
+    Computed exactly, without dividing: with ``amax = m * 2^e`` and ``element_max = m' * 2^e'``
+    (``m, m'`` in [0.5, 1)), ``ceil(log2(amax / element_max))`` is ``e - e' + (m > m')``.
+    The FP32 quotient ``amax / element_max`` would round in the subnormal range and give -127
+    instead of -126 for amax just above ``element_max * 2^-127``. Zero blocks get -127.
     """
-    v = block_amax.to(_F32) / _f32(element_max, block_amax)
-    mant, exp = torch.frexp(v)
-    k = torch.where(mant == 0.5, exp - 1, exp)
-    k = torch.where(v > 0, k, torch.full_like(k, -127))
+    amax = block_amax.to(_F32)
+    mant, exp = torch.frexp(amax)
+    e_mant, e_exp = math.frexp(element_max)
+    k = exp - e_exp + (mant > e_mant).to(exp.dtype)
+    k = torch.where(amax > 0, k, torch.full_like(k, -127))
     return k.clamp(-127, 127).to(torch.int32)
 
 

@@ -1,0 +1,66 @@
+"""The reference backend: pure PyTorch on any device, the source of truth for the others."""
+
+from __future__ import annotations
+
+import torch
+
+from ..numerics.quantize import QTensor, quantize
+from ..recipe import QuantSpec
+
+
+def quantize_spec(
+    x: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None
+) -> QTensor:
+    """``numerics.quantize`` with the arguments of a QuantSpec."""
+    return quantize(
+        x,
+        spec.fmt,
+        tile=spec.tile,
+        rounding=spec.rounding,
+        rht=spec.rht,
+        rht_sign=spec.rht_sign,
+        generator=generator,
+    )
+
+
+def reference_gemm(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b^T`` from exact block values in FP32, global scales applied to the output."""
+    av, bv = a.block_values(), b.block_values()
+    if av.shape[-1] != bv.shape[-1]:
+        raise ValueError(
+            f"gemm operands disagree on the padded reduction dimension: {tuple(av.shape)} vs "
+            f"{tuple(bv.shape)}"
+        )
+    out = av @ bv.transpose(-1, -2)
+    scale = torch.ones((), dtype=torch.float32, device=out.device)
+    for q in (a, b):
+        if q.global_scale is not None:
+            scale = scale * q.global_scale
+    out = out * scale
+    return out[: a.shape[0], : b.shape[0]].to(out_dtype)
+
+
+class ReferenceBackend:
+    """Unfused pure-PyTorch quantization and FP32 GEMMs of exact block values."""
+
+    name = "reference"
+
+    def quantize_rowcol(
+        self,
+        x: torch.Tensor,
+        row: QuantSpec | None,
+        col: QuantSpec | None,
+        generator: torch.Generator | None,
+    ) -> tuple[QTensor | None, QTensor | None]:
+        """See :meth:`Backend.quantize_rowcol`."""
+        q_row = quantize_spec(x, row, generator) if row is not None else None
+        q_col = quantize_spec(x.t().contiguous(), col, generator) if col is not None else None
+        return q_row, q_col
+
+    def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
+        """See :meth:`Backend.quantize_weight`."""
+        return quantize_spec(w, spec), quantize_spec(w.t().contiguous(), spec)
+
+    def gemm(self, a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """See :meth:`Backend.gemm`."""
+        return reference_gemm(a, b, out_dtype)

@@ -1,0 +1,158 @@
+"""NVFP4Config: everything that decides how a model trains in NVFP4, as one serializable object.
+
+It is a transformers ``QuantizationConfigMixin`` registered under the method name
+``"hf_nvfp4"`` (transformers already uses ``"nvfp4"`` for an inference-only config), so
+``from_pretrained(..., quantization_config=NVFP4Config())`` works and the config round-trips
+through ``config.json``. The same object drives :func:`hf_nvfp4.convert`, the Trainer and the
+Accelerate plugin.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .backends import BACKENDS
+from .recipe import Recipe, get_recipe
+
+QUANT_METHOD = "hf_nvfp4"
+# The NVFP4 paper's 12B model kept the first 2 and the last 8 of its 62 blocks in BF16.
+PAPER_FIRST_BF16 = 2 / 62
+PAPER_LAST_BF16 = 8 / 62
+SWITCH_MODES = ("forward", "all")
+
+
+def _check_count_or_fraction(name: str, value: int | float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an int (blocks) or a float fraction; got {value!r}")
+    if value < 0 or (isinstance(value, float) and value > 1):
+        raise ValueError(f"{name} must be a block count >= 0 or a fraction in [0, 1]; got {value}")
+
+
+class NVFP4Config(QuantizationConfigMixin):
+    """How a model is converted to and trained in NVFP4.
+
+    Args:
+        recipe: a preset name (``"nvfp4"``, ``"mxfp4"``, ``"fp8_block"``, ``"bf16"``), a
+            :class:`~hf_nvfp4.recipe.Recipe`, or a dict of its fields (``"preset"`` picks
+            the base).
+        backend: ``"auto"`` (Triton on CUDA, reference elsewhere) or a backend name.
+        first_bf16_blocks / last_bf16_blocks: decoder blocks kept in BF16 at the start and
+            the end, as a count (int) or a fraction of the blocks (float). Defaults follow
+            the paper's 12B split (2 and 8 of 62), rounded to the nearest block.
+        include / exclude: regular expressions on module names; a Linear is quantized only
+            if it matches an include pattern (when any is given) and no exclude pattern.
+        modules_to_not_convert: exact module names (or name prefixes) kept high precision.
+        switch_to_bf16_at: fraction of training steps after which quantized layers switch
+            to BF16 (the paper's late switch; None disables it).
+        switch_mode: ``"forward"`` (only the forward GEMM switches) or ``"all"``.
+        sr_seed: base seed of stochastic rounding (layer ``i`` uses ``sr_seed + i``).
+        optimizer_moments: optional block format of AdamW's moments for Trainer
+            (``None`` keeps FP32 moments; see :mod:`hf_nvfp4.optim`).
+    """
+
+    def __init__(
+        self,
+        recipe: str | Recipe | dict[str, Any] = "nvfp4",
+        backend: str = "auto",
+        first_bf16_blocks: int | float = PAPER_FIRST_BF16,
+        last_bf16_blocks: int | float = PAPER_LAST_BF16,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        modules_to_not_convert: list[str] | None = None,
+        switch_to_bf16_at: float | None = None,
+        switch_mode: str = "all",
+        sr_seed: int = 0,
+        optimizer_moments: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise TypeError(f"NVFP4Config got unknown arguments {sorted(kwargs)}")
+        self.quant_method = QUANT_METHOD
+        self.recipe = get_recipe(recipe).to_dict()
+        self.backend = backend
+        self.first_bf16_blocks = first_bf16_blocks
+        self.last_bf16_blocks = last_bf16_blocks
+        self.include = list(include or [])
+        self.exclude = list(exclude or [])
+        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.switch_to_bf16_at = switch_to_bf16_at
+        self.switch_mode = switch_mode
+        self.sr_seed = sr_seed
+        self.optimizer_moments = optimizer_moments
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; errors name the field and the value."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
+        _check_count_or_fraction("first_bf16_blocks", self.first_bf16_blocks)
+        _check_count_or_fraction("last_bf16_blocks", self.last_bf16_blocks)
+        if self.switch_to_bf16_at is not None and not 0 <= self.switch_to_bf16_at <= 1:
+            raise ValueError(
+                f"switch_to_bf16_at must be a fraction in [0, 1] or None; "
+                f"got {self.switch_to_bf16_at}"
+            )
+        if self.switch_mode not in SWITCH_MODES:
+            raise ValueError(f"switch_mode must be one of {SWITCH_MODES}; got {self.switch_mode!r}")
+        if self.optimizer_moments not in (None, "nvfp4", "fp8_block", "mxfp8"):
+            raise ValueError(
+                "optimizer_moments must be None, 'nvfp4', 'fp8_block' or 'mxfp8'; "
+                f"got {self.optimizer_moments!r}"
+            )
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {e}") from e
+
+    def get_recipe(self) -> Recipe:
+        """The :class:`Recipe` object."""
+        return Recipe.from_dict(self.recipe)
+
+    def block_split(self, num_blocks: int) -> tuple[int, int]:
+        """Blocks kept in BF16 at the start and at the end, for a model of ``num_blocks``."""
+
+        def count(v: int | float) -> int:
+            return int(v) if isinstance(v, int) else int(round(v * num_blocks))
+
+        return count(self.first_bf16_blocks), count(self.last_bf16_blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (the ``quantization_config`` entry of config.json)."""
+        return copy.deepcopy(self.__dict__)
+
+    @classmethod
+    def load(cls, source: NVFP4Config | dict[str, Any] | str | os.PathLike | bool | None):
+        """An NVFP4Config from itself, a dict, a JSON/YAML recipe file path, True or None."""
+        if isinstance(source, cls):
+            return source
+        if source is None or source is True:
+            return cls()
+        if isinstance(source, dict):
+            return cls(**source)
+        if isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"NVFP4 recipe file not found: {path}")
+            with open(path) as f:
+                if path.endswith((".yaml", ".yml")):
+                    import yaml
+
+                    data = yaml.safe_load(f) or {}
+                else:
+                    data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError(f"recipe file {path} must hold a mapping; got {type(data).__name__}")
+            return cls(**data)
+        raise TypeError(
+            "nvfp4 must be True, an NVFP4Config, a dict or a path to a JSON/YAML recipe file; "
+            f"got {type(source).__name__}"
+        )

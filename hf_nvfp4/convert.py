@@ -1,0 +1,200 @@
+"""Model conversion: swap the right ``nn.Linear`` modules of a transformer for NVFP4Linear.
+
+Rules (the paper's): only Linear layers inside the decoder blocks are quantized; embeddings,
+the output head, norms and the attention score/value matmuls (not Linear modules) stay in
+high precision, and so do the first and last few blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .config import NVFP4Config
+from .nn.linear import NVFP4Linear
+
+logger = logging.getLogger(__name__)
+
+# Module types that do the work of a Linear but that we cannot swap (GPT-2's Conv1D, ...).
+_UNSUPPORTED_LINEAR_LIKE = ("Conv1D", "Linear8bitLt", "Linear4bit", "QuantLinear")
+
+
+@dataclass
+class LayerDecision:
+    """What convert did with one module, and why."""
+
+    name: str
+    quantized: bool
+    reason: str
+    params: int
+
+
+@dataclass
+class ConversionSummary:
+    """The outcome of :func:`convert`: per-layer decisions and parameter totals."""
+
+    layers: list[LayerDecision] = field(default_factory=list)
+    num_blocks: int = 0
+    bf16_blocks: tuple[int, int] = (0, 0)
+    total_params: int = 0
+
+    @property
+    def quantized_layers(self) -> list[str]:
+        """Names of the layers now in NVFP4."""
+        return [d.name for d in self.layers if d.quantized]
+
+    @property
+    def quantized_params(self) -> int:
+        """Parameters of the quantized layers."""
+        return sum(d.params for d in self.layers if d.quantized)
+
+    def table(self) -> str:
+        """A human-readable summary."""
+        q = self.quantized_params
+        n_q = len(self.quantized_layers)
+        lines = [
+            f"hf_nvfp4.convert: {n_q} of {len(self.layers)} linear layers quantized "
+            f"({self.num_blocks} blocks; first {self.bf16_blocks[0]} and last "
+            f"{self.bf16_blocks[1]} kept in BF16)",
+            f"  parameters in quantized layers: {q:,} ({100 * q / max(self.total_params, 1):.1f}%"
+            f" of {self.total_params:,}); kept high precision: {self.total_params - q:,}",
+        ]
+        reasons: dict[str, int] = {}
+        for d in self.layers:
+            if not d.quantized:
+                reasons[d.reason] = reasons.get(d.reason, 0) + 1
+        for reason, n in sorted(reasons.items()):
+            lines.append(f"  kept: {n} x {reason}")
+        return "\n".join(lines)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, int] | None:
+    """The dotted name and length of the model's decoder-block ModuleList.
+
+    The longest ``nn.ModuleList`` whose length equals ``config.num_hidden_layers`` when the
+    model has a config, else the longest ModuleList of modules that contain Linears.
+    """
+    num = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best: tuple[str, int] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if num is not None and len(mod) != num:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in mod.modules()):
+            continue
+        if best is None or len(mod) > best[1]:
+            best = (name, len(mod))
+    return best
+
+
+def _block_of(name: str, blocks_prefix: str) -> int | None:
+    """The block index of a module name under ``blocks_prefix``, or None if outside."""
+    head = blocks_prefix + "." if blocks_prefix else ""
+    if not name.startswith(head):
+        return None
+    index = name[len(head) :].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+def _decide(
+    name: str, mod: nn.Module, block: int | None, n_blocks: int, split: tuple[int, int],
+    config: NVFP4Config,
+) -> str | None:
+    """None to quantize, else the reason to keep the layer in high precision."""
+    if isinstance(mod, NVFP4Linear):
+        return "already NVFP4Linear"
+    if any(name == m or name.startswith(m + ".") for m in config.modules_to_not_convert):
+        return "listed in modules_to_not_convert"
+    if config.include and not any(re.search(p, name) for p in config.include):
+        return "not matched by include patterns"
+    if any(re.search(p, name) for p in config.exclude):
+        return "matched an exclude pattern"
+    if block is None:
+        return "outside the decoder blocks (embeddings, head, projections)"
+    first, last = split
+    if block < first:
+        return f"in the first {first} blocks (kept BF16)"
+    if block >= n_blocks - last:
+        return f"in the last {last} blocks (kept BF16)"
+    if mod.in_features % 16 or mod.out_features % 16:
+        return "dimensions not multiples of 16"
+    return None
+
+
+def convert(
+    model: nn.Module,
+    config: NVFP4Config | dict[str, Any] | None = None,
+    *,
+    verbose: bool = True,
+) -> ConversionSummary:
+    """Replace eligible ``nn.Linear`` modules of ``model`` by :class:`NVFP4Linear`, in place.
+
+    Parameters are shared, not copied, so an optimizer built before conversion still
+    updates the same tensors. Returns (and with ``verbose`` logs) a
+    :class:`ConversionSummary`. Linear-like modules that cannot be swapped (GPT-2's
+    ``Conv1D``, bitsandbytes layers) are reported with the reason.
+    """
+    config = NVFP4Config.load(config)
+    recipe = config.get_recipe()
+    found = find_blocks(model)
+    if found is None:
+        raise ValueError(
+            f"hf_nvfp4.convert could not find the decoder blocks of {type(model).__name__}: "
+            "no nn.ModuleList of config.num_hidden_layers blocks containing nn.Linear. "
+            "Supported: Llama, Mistral, Qwen2/3, Gemma, GPT-NeoX-style models; for others use "
+            "NVFP4Linear.from_linear directly."
+        )
+    prefix, n_blocks = found
+    split = config.block_split(n_blocks)
+    summary = ConversionSummary(
+        num_blocks=n_blocks,
+        bf16_blocks=split,
+        total_params=sum(p.numel() for p in model.parameters()),
+    )
+    replacements: list[tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if cls in _UNSUPPORTED_LINEAR_LIKE:
+            summary.layers.append(
+                LayerDecision(name, False, f"unsupported module type {cls}", _nparams(mod))
+            )
+            continue
+        if not isinstance(mod, nn.Linear):
+            continue
+        block = _block_of(name, prefix)
+        reason = _decide(name, mod, block, n_blocks, split, config)
+        summary.layers.append(LayerDecision(name, reason is None, reason or "", _nparams(mod)))
+        if reason is None:
+            seed = config.sr_seed + len(replacements)
+            replacements.append(
+                (name, NVFP4Linear.from_linear(mod, recipe, config.backend, sr_seed=seed))
+            )
+    for name, new in replacements:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    if any(d.reason.startswith("unsupported") for d in summary.layers):
+        logger.warning(
+            "hf_nvfp4.convert: some linear-like modules have unsupported types and stay in "
+            "high precision: %s",
+            sorted({d.reason for d in summary.layers if d.reason.startswith("unsupported")}),
+        )
+    if verbose:
+        print(summary.table())
+    return summary
+
+
+def _nparams(mod: nn.Module) -> int:
+    return sum(p.numel() for p in mod.parameters(recurse=False))
+
+
+def iter_nvfp4_linears(model: nn.Module):
+    """Yield ``(name, module)`` for every NVFP4Linear of ``model``."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, NVFP4Linear):
+            yield name, mod

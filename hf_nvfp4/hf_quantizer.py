@@ -1,0 +1,117 @@
+"""transformers integration: the HfQuantizer behind ``NVFP4Config`` (method ``"hf_nvfp4"``).
+
+``from_pretrained(path, quantization_config=NVFP4Config())`` builds the model on the meta
+device, where :meth:`NVFP4HfQuantizer._process_model_before_weight_loading` swaps the
+Linear modules; the weights then load into the NVFP4Linear modules unchanged (they keep the
+``weight``/``bias`` names). The quantizer declares the model trainable (full QAT-style
+training, not only PEFT), which Trainer checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.quantizers import register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.base import HfQuantizer, _assign_is_quantized
+
+from .config import QUANT_METHOD, NVFP4Config
+from .convert import convert, iter_nvfp4_linears
+
+
+class NVFP4HfQuantizer(HfQuantizer):
+    """Converts a transformers model to NVFP4 training layers while it loads."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: NVFP4Config, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.summary = None
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        """Any device works (reference numerics on CPU, Triton emulation on CUDA)."""
+
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        if not self.pre_quantized:
+            # Plain checkpoints have no stochastic-rounding state; it is seeded after loading.
+            ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+            model._keys_to_ignore_on_load_missing = [*ignore, r"\.sr_state$"]
+        self.summary = convert(model, self.quantization_config, verbose=False)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        # A checkpoint saved by us carries each layer's stochastic-rounding state; a plain
+        # checkpoint does not, and the buffer must be (re)initialized from the seeds.
+        for _, mod in iter_nvfp4_linears(model):
+            if self.pre_quantized and not mod.sr_state.is_meta:
+                mod._sr_seed, mod._sr_step = (int(v) for v in mod.sr_state.tolist())
+            else:
+                mod.sr_state = torch.tensor(
+                    [mod._sr_seed, mod._sr_step], dtype=torch.int64, device=mod.weight.device
+                )
+        if self.summary is not None:
+            print(self.summary.table())
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        """NVFP4 models save with save_pretrained."""
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        """Full training is supported."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Trainer may train the quantized model without PEFT adapters."""
+        return True
+
+
+def prepare_model(
+    model: PreTrainedModel, config: NVFP4Config | dict[str, Any] | str | bool | None = None
+) -> PreTrainedModel:
+    """Convert an already built transformers model and mark it as an ``hf_nvfp4`` model.
+
+    Afterwards it is what ``from_pretrained(..., quantization_config=config)`` returns: Trainer
+    accepts it for full training, and ``save_pretrained`` writes the quantization config.
+    """
+    config = NVFP4Config.load(config)
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            f"model is already quantized with "
+            f"{model.hf_quantizer.quantization_config.quant_method!r}; load it unquantized first"
+        )
+    quantizer = NVFP4HfQuantizer(config, pre_quantized=False)
+    quantizer.summary = convert(model, config, verbose=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = config
+    _assign_is_quantized(model)
+    return model
+
+
+def from_config(
+    config: PretrainedConfig,
+    quantization_config: NVFP4Config | dict[str, Any] | str | bool | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_config`` followed by :func:`prepare_model`.
+
+    transformers' ``from_config`` takes no quantization config; this is its NVFP4 form, for
+    pretraining from scratch.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return prepare_model(AutoModelForCausalLM.from_config(config, **kwargs), quantization_config)
+
+
+def register() -> None:
+    """Register NVFP4Config and its quantizer with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(NVFP4Config)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(NVFP4HfQuantizer)

@@ -1,0 +1,97 @@
+"""Precision schedule: the late switch to BF16, and turning quantization off and on."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from .convert import iter_nvfp4_linears
+from .recipe import HIGH_PRECISION, Recipe
+
+_SAVED_RECIPE = "_hf_nvfp4_quantized_recipe"
+
+
+def _switched(recipe: Recipe, mode: str) -> Recipe:
+    if mode == "forward":
+        return recipe.replace(fprop_format=HIGH_PRECISION)
+    if mode == "all":
+        return recipe.replace(
+            fprop_format=HIGH_PRECISION, dgrad_format=HIGH_PRECISION, wgrad_format=HIGH_PRECISION
+        )
+    raise ValueError(f"switch mode must be 'forward' or 'all'; got {mode!r}")
+
+
+def switch_to_high_precision(model: nn.Module, mode: str = "all") -> int:
+    """Run the quantized layers' forward (``"forward"``) or every GEMM (``"all"``) in BF16.
+
+    The quantized recipe is remembered, so :func:`restore_quantization` undoes it. Returns
+    the number of layers switched.
+    """
+    n = 0
+    for _, mod in iter_nvfp4_linears(model):
+        if not hasattr(mod, _SAVED_RECIPE):
+            setattr(mod, _SAVED_RECIPE, mod.recipe)
+        mod.recipe = _switched(getattr(mod, _SAVED_RECIPE), mode)
+        n += 1
+    return n
+
+
+def restore_quantization(model: nn.Module) -> int:
+    """Give every switched layer its quantized recipe back. Returns the layers restored."""
+    n = 0
+    for _, mod in iter_nvfp4_linears(model):
+        if hasattr(mod, _SAVED_RECIPE):
+            mod.recipe = getattr(mod, _SAVED_RECIPE)
+            delattr(mod, _SAVED_RECIPE)
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def quantization_disabled(model: nn.Module, mode: str = "all") -> Iterator[nn.Module]:
+    """Context manager: the model's NVFP4 layers run in BF16 inside, quantized after.
+
+    Layers already switched before entering stay switched on exit.
+    """
+    already = {name for name, mod in iter_nvfp4_linears(model) if hasattr(mod, _SAVED_RECIPE)}
+    switch_to_high_precision(model, mode)
+    try:
+        yield model
+    finally:
+        for name, mod in iter_nvfp4_linears(model):
+            if name not in already and hasattr(mod, _SAVED_RECIPE):
+                mod.recipe = getattr(mod, _SAVED_RECIPE)
+                delattr(mod, _SAVED_RECIPE)
+
+
+class PrecisionSchedule:
+    """Switch to BF16 once ``step >= switch_at * total_steps`` (the paper's late switch).
+
+    Call :meth:`update` every optimizer step; it switches once and reports it.
+    """
+
+    def __init__(self, switch_at: float | None, total_steps: int, mode: str = "all") -> None:
+        if switch_at is not None and not 0 <= switch_at <= 1:
+            raise ValueError(f"switch_at must be a fraction in [0, 1] or None; got {switch_at}")
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive; got {total_steps}")
+        _switched(Recipe(), mode)
+        self.switch_at, self.total_steps, self.mode = switch_at, total_steps, mode
+        self.switched = False
+
+    @property
+    def switch_step(self) -> int | None:
+        """The first step run in high precision, or None."""
+        if self.switch_at is None:
+            return None
+        return int(round(self.switch_at * self.total_steps))
+
+    def update(self, model: nn.Module, step: int) -> bool:
+        """Switch ``model`` if ``step`` reached the switch point; True when it switched now."""
+        if self.switched or self.switch_step is None or step < self.switch_step:
+            return False
+        switch_to_high_precision(model, self.mode)
+        self.switched = True
+        return True
