@@ -150,7 +150,9 @@ class NVFP4Config(QuantizationConfigMixin):
                 else:
                     data = json.load(f)
             if not isinstance(data, dict):
-                raise ValueError(f"recipe file {path} must hold a mapping; got {type(data).__name__}")
+                raise ValueError(
+                    f"recipe file {path} must hold a mapping; got {type(data).__name__}"
+                )
             return cls(**data)
         raise TypeError(
             "nvfp4 must be True, an NVFP4Config, a dict or a path to a JSON/YAML recipe file; "

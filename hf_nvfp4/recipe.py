@@ -160,4 +160,6 @@ def get_recipe(recipe: str | Recipe | dict[str, Any] | None) -> Recipe:
         d = dict(recipe)
         base = get_recipe(d.pop("preset", "nvfp4"))
         return Recipe.from_dict({**base.to_dict(), **d})
-    raise TypeError(f"recipe must be a preset name, a dict or a Recipe; got {type(recipe).__name__}")
+    raise TypeError(
+        f"recipe must be a preset name, a dict or a Recipe; got {type(recipe).__name__}"
+    )
