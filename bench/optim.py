@@ -33,7 +33,7 @@ from hf_nvfp4.optim import MomentCodec, QuantizedAdamW, param_groups  # noqa: E4
 SIZES = {
     "tiny": dict(hidden=64, layers=2, heads=2, inter=256, seq=64, batch=8, steps=40, data=400_000),
     "real": dict(
-        hidden=256, layers=4, heads=4, inter=1024, seq=256, batch=32, steps=600, data=16_000_000
+        hidden=256, layers=4, heads=4, inter=1024, seq=256, batch=32, steps=400, data=16_000_000
     ),
 }
 
@@ -168,7 +168,10 @@ def train_one(name, factory, cfg, init_state, batches, val, device, seed) -> dic
     step_times, losses = [], []
     for step, batch in enumerate(batches):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, len(batches), peak)
+            if torch.is_tensor(g["lr"]):  # torchao keeps lr as a tensor
+                g["lr"].fill_(lr_at(step, len(batches), peak))
+            else:
+                g["lr"] = lr_at(step, len(batches), peak)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:].clone()).loss
         loss.backward()

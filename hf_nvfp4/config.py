@@ -25,6 +25,7 @@ QUANT_METHOD = "hf_nvfp4"
 PAPER_FIRST_BF16 = 2 / 62
 PAPER_LAST_BF16 = 8 / 62
 SWITCH_MODES = ("forward", "all")
+CHECKPOINT_FORMATS = ("master", "packed")
 
 
 def _check_count_or_fraction(name: str, value: int | float) -> None:
@@ -54,6 +55,9 @@ class NVFP4Config(QuantizationConfigMixin):
         sr_seed: base seed of stochastic rounding (layer ``i`` uses ``sr_seed + i``).
         optimizer_moments: optional block format of AdamW's moments for Trainer
             (``None`` keeps FP32 moments; see :mod:`hf_nvfp4.optim`).
+        checkpoint_format: what the checkpoint holds: ``"master"`` (high-precision master
+            weights, what ``save_pretrained`` writes) or ``"packed"`` (4-bit NVFP4 codes and
+            scales written by :func:`hf_nvfp4.checkpoint.save_packed`; loads for inference).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class NVFP4Config(QuantizationConfigMixin):
         switch_mode: str = "all",
         sr_seed: int = 0,
         optimizer_moments: str | None = None,
+        checkpoint_format: str = "master",
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -86,6 +91,7 @@ class NVFP4Config(QuantizationConfigMixin):
         self.switch_mode = switch_mode
         self.sr_seed = sr_seed
         self.optimizer_moments = optimizer_moments
+        self.checkpoint_format = checkpoint_format
         self.post_init()
 
     def post_init(self) -> None:
@@ -105,6 +111,11 @@ class NVFP4Config(QuantizationConfigMixin):
             raise ValueError(
                 "optimizer_moments must be None, 'nvfp4', 'fp8_block' or 'mxfp8'; "
                 f"got {self.optimizer_moments!r}"
+            )
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"checkpoint_format must be one of {CHECKPOINT_FORMATS}; "
+                f"got {self.checkpoint_format!r}"
             )
         for name in ("include", "exclude"):
             for pattern in getattr(self, name):

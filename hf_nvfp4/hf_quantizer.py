@@ -29,19 +29,41 @@ class NVFP4HfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: NVFP4Config, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.summary = None
+        self.packed_infos = None
+
+    @property
+    def loads_packed(self) -> bool:
+        """True when loading a packed checkpoint (see :mod:`hf_nvfp4.checkpoint`)."""
+        return self.pre_quantized and self.quantization_config.checkpoint_format == "packed"
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         """Any device works (reference numerics on CPU, Triton emulation on CUDA)."""
 
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        if self.loads_packed:
+            from .checkpoint.load import prepare_packed_model
+
+            self.packed_infos = prepare_packed_model(
+                model, self.quantization_config, kwargs.get("checkpoint_files")
+            )
+            return model
         if not self.pre_quantized:
             # Plain checkpoints have no stochastic-rounding state; it is seeded after loading.
             ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
             model._keys_to_ignore_on_load_missing = [*ignore, r"\.sr_state$"]
         self.summary = convert(model, self.quantization_config, verbose=False)
+        if self.pre_quantized:
+            from .checkpoint.load import check_master_checkpoint
+
+            check_master_checkpoint(model, kwargs.get("checkpoint_files"))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if self.packed_infos is not None:
+            from .checkpoint.load import finalize_packed_model
+
+            finalize_packed_model(model, self.packed_infos)
+            return model
         # A checkpoint saved by us carries each layer's stochastic-rounding state; a plain
         # checkpoint does not, and the buffer must be (re)initialized from the seeds.
         for _, mod in iter_nvfp4_linears(model):
@@ -61,13 +83,13 @@ class NVFP4HfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        """Full training is supported."""
-        return True
+        """Full training is supported (packed checkpoints: after ``load_packed(mode="train")``)."""
+        return self.quantization_config.checkpoint_format != "packed"
 
     @property
     def is_qat_trainable(self) -> bool:
         """Trainer may train the quantized model without PEFT adapters."""
-        return True
+        return self.is_trainable
 
 
 def prepare_model(

@@ -82,6 +82,12 @@ class Recipe:
         if len(sign) != 16 or any(s not in (1, -1) for s in sign):
             raise ValueError(f"rht_sign must be 16 entries of +1/-1; got {list(self.rht_sign)}")
         object.__setattr__(self, "rht_sign", sign)
+        if self.rht and self.wgrad_format == HIGH_PRECISION:
+            raise ValueError("rht=True needs a quantized wgrad GEMM; got wgrad_format='bf16'")
+        if self.stochastic_rounding and HIGH_PRECISION == self.dgrad_format == self.wgrad_format:
+            raise ValueError(
+                "stochastic_rounding=True needs a quantized dgrad or wgrad GEMM; both are 'bf16'"
+            )
 
     @property
     def is_high_precision(self) -> bool:

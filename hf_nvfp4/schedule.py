@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .convert import iter_nvfp4_linears
-from .recipe import HIGH_PRECISION, Recipe
+from .recipe import HIGH_PRECISION, PRESETS, Recipe
 
 _SAVED_RECIPE = "_hf_nvfp4_quantized_recipe"
 
@@ -17,9 +17,7 @@ def _switched(recipe: Recipe, mode: str) -> Recipe:
     if mode == "forward":
         return recipe.replace(fprop_format=HIGH_PRECISION)
     if mode == "all":
-        return recipe.replace(
-            fprop_format=HIGH_PRECISION, dgrad_format=HIGH_PRECISION, wgrad_format=HIGH_PRECISION
-        )
+        return PRESETS[HIGH_PRECISION]
     raise ValueError(f"switch mode must be 'forward' or 'all'; got {mode!r}")
 
 

@@ -28,9 +28,9 @@ class Backend(Protocol):
     ) -> tuple[QTensor | None, QTensor | None]:
         """Quantize a 2D ``x`` [M, K] row-wise (along K) and ``x^T`` [K, M] along M.
 
-        Either spec may be None (that copy is skipped). Stochastic-rounding seeds are drawn
-        from ``generator`` row copy first, then column copy, exactly as two reference
-        ``quantize`` calls would.
+        Either spec may be None (that copy is skipped). ``numerics.rng.split_generator``
+        turns ``generator`` into one child generator per copy (row, then column), whether or
+        not each copy is requested; each copy's ``quantize`` draws its seed from its child.
         """
         ...
 

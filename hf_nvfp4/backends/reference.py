@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..numerics.quantize import QTensor, quantize
+from ..numerics.rng import split_generator
 from ..recipe import QuantSpec
 
 
@@ -53,8 +54,9 @@ class ReferenceBackend:
         generator: torch.Generator | None,
     ) -> tuple[QTensor | None, QTensor | None]:
         """See :meth:`Backend.quantize_rowcol`."""
-        q_row = quantize_spec(x, row, generator) if row is not None else None
-        q_col = quantize_spec(x.t().contiguous(), col, generator) if col is not None else None
+        g_row, g_col = split_generator(generator)
+        q_row = quantize_spec(x, row, g_row) if row is not None else None
+        q_col = quantize_spec(x.t().contiguous(), col, g_col) if col is not None else None
         return q_row, q_col
 
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:

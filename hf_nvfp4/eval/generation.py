@@ -89,8 +89,10 @@ def generate(
     sampling = config.temperature > 0
     if config.num_samples > 1 and not sampling:
         raise ValueError(f"num_samples={config.num_samples} needs temperature > 0")
+    decoding = {"do_sample": False}
     if sampling:
         torch.manual_seed(config.seed)
+        decoding = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
     max_context = _context_limit(model, config.max_new_tokens)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     if max_context is not None:
@@ -106,7 +108,6 @@ def generate(
         criteria = StoppingCriteriaList()
         if stops:
             criteria.append(StopOnStrings(tokenizer, stops, input_ids.shape[1]))
-        kwargs = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
         out = model.generate(
             input_ids=input_ids,
             attention_mask=padded["attention_mask"].to(device),
@@ -115,7 +116,7 @@ def generate(
             stopping_criteria=criteria,
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
-            **(kwargs if sampling else {"do_sample": False}),
+            **decoding,
         )
         texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
         for j, text in enumerate(texts):

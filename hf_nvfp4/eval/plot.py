@@ -63,4 +63,5 @@ def _limits(ax: Any, values: list[float]) -> None:
         return
     low, high = min(finite + [0.0]), max(finite + [0.0])
     pad = 0.12 * (high - low or 1.0)
-    ax.set_ylim(low - (pad if low < 0 else 0), high + (pad if high > 0 else 0))
+    top = high + pad if high > 0 or low == high else high
+    ax.set_ylim(low - pad if low < 0 else low, top)

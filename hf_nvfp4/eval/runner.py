@@ -121,6 +121,15 @@ def run_task(model, tokenizer, name: str, options: EvalOptions, model_name: str)
     }
 
 
+def _cached(path: Path, options: EvalOptions) -> TaskResult | None:
+    """A result written earlier with the same options (progress bars aside), else None."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text(encoding="utf-8"))
+    same = {**result["options"], "progress": None} == {**asdict(options), "progress": None}
+    return result if same else None
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON, creating parent directories."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +156,8 @@ def evaluate(
         tokenizer: the tokenizer of an already loaded model.
         output_dir: where ``{task}.json`` and ``summary.json`` go; nothing written when None.
         model_name: name recorded in the results (defaults to the path or class name).
-        reuse: with ``output_dir``, keep results already there instead of recomputing them.
+        reuse: with ``output_dir``, keep results already there (same options) instead of
+            recomputing them.
     """
     options = options or EvalOptions()
     names = resolve_tasks(tasks if isinstance(tasks, str) else list(tasks))
@@ -159,8 +169,9 @@ def evaluate(
     results: dict[str, TaskResult] = {}
     if reuse and out is not None:
         for name in names:
-            if (out / f"{name}.json").is_file():
-                results[name] = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+            cached = _cached(out / f"{name}.json", options)
+            if cached is not None:
+                results[name] = cached
     todo = [name for name in names if name not in results]
     model = model_or_path
     if todo and loaded_here:

@@ -113,8 +113,12 @@ def _reason(returncode: int, stderr: str) -> str:
         return "passed"
     if returncode < 0:
         sig = -returncode
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
-        return f"failed: {_SIGNAL_REASONS.get(sig, f'killed by signal {name}')}"
+        if sig in _SIGNAL_REASONS:
+            return f"failed: {_SIGNAL_REASONS[sig]}"
+        try:
+            return f"failed: killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"failed: killed by signal {sig}"
     lines = [line for line in stderr.splitlines() if line.strip()]
     return f"failed: {lines[-1] if lines else f'exit status {returncode}'}"
 

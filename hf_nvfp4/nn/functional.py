@@ -60,8 +60,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
         out_shape = (*x.shape[:-1], weight.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
 
-        # forward: y = x_row @ W^T
-        q_x, q_x_t = backend.quantize_rowcol(x2, specs.x, specs.x_t, lctx.generator)
+        # forward: y = x_row @ W^T   (activations always round to nearest: no generator)
+        q_x, q_x_t = backend.quantize_rowcol(x2, specs.x, specs.x_t, None)
         if specs.x is None:
             y = x2 @ weight.t().to(x2.dtype)
         else:

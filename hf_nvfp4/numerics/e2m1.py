@@ -41,16 +41,14 @@ def round_stochastic(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     A magnitude between grid neighbours ``lo < m < hi`` rounds up when
     ``u < (m - lo) / (hi - lo)``, so ``E[decode(code)] = v`` for ``|v| <= 6``; larger
-    magnitudes saturate to 6.
+    magnitudes saturate to 6. The grid spacing is 0.5 below 2, 1 below 4 and 2 up to 6, so
+    ``lo``, the fraction and the rounded value are exact in FP32.
     """
     m = v.abs().clamp(max=6.0)
-    grid = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=v.device)
-    lo_code = (torch.searchsorted(grid, m, right=True) - 1).clamp(0, 6)
-    lo = grid[lo_code]
-    hi = grid[lo_code + 1]
-    p = (m - lo) / (hi - lo)
-    code = (lo_code + (u < p).to(lo_code.dtype)).to(torch.uint8)
-    return code | (torch.signbit(v).to(torch.uint8) << 3)
+    step = torch.where(m < 2.0, 0.5, torch.where(m < 4.0, 1.0, 2.0))
+    lo = torch.floor(m / step) * step
+    rounded = lo + (u < (m - lo) / step).to(m.dtype) * step
+    return round_nearest(torch.copysign(rounded, v))
 
 
 def decode(codes: torch.Tensor) -> torch.Tensor:

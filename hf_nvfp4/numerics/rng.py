@@ -44,3 +44,16 @@ def counter_uniform(
     idx = torch.arange(n, dtype=torch.int64, device=device)
     h = _fmix32((idx * GOLDEN + key) & _MASK32)
     return ((h >> 8).to(torch.float32) * 2.0**-24).reshape(shape)
+
+
+def split_generator(
+    generator: torch.Generator | None, n: int = 2
+) -> tuple[torch.Generator | None, ...]:
+    """``n`` CPU generators, each seeded by one draw from ``generator`` (None gives Nones).
+
+    A fused op that quantizes several copies hands one child to each, so every copy's
+    stream is fixed whether or not the other copies are requested or rounded stochastically.
+    """
+    if generator is None:
+        return (None,) * n
+    return tuple(torch.Generator().manual_seed(draw_seed(generator)) for _ in range(n))

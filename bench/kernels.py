@@ -1,0 +1,295 @@
+"""Benchmark and large-size check of the Triton NVFP4 kernels on one CUDA device (issue 4).
+
+    python bench/kernels.py --out bench/results/kernels.json   # timings, markdown table
+    python bench/kernels.py --check                            # bit-exactness vs reference
+
+Timings use CUDA events after warmup, median of repeats. Throughputs are in bytes of the
+input tensor per second, and the copy baseline is a ``clone`` of a 1 GiB tensor in the same
+units (bytes copied per second); ``copy_rw_GBps`` counts its reads plus writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+try:
+    import hf_nvfp4  # noqa: F401
+except ImportError as exc:  # the package's HF integration needs transformers; kernels do not
+    print(f"note: `import hf_nvfp4` failed ({exc}); loading its subpackages directly")
+    _pkg = types.ModuleType("hf_nvfp4")
+    _pkg.__path__ = [str(ROOT / "hf_nvfp4")]
+    sys.modules["hf_nvfp4"] = _pkg
+
+from hf_nvfp4.backends.reference import ReferenceBackend, reference_gemm  # noqa: E402
+from hf_nvfp4.backends.triton_backend import TritonBackend  # noqa: E402
+from hf_nvfp4.kernels.amax import amax_rowcol  # noqa: E402
+from hf_nvfp4.kernels.gemm import gemm_choices  # noqa: E402
+from hf_nvfp4.recipe import Recipe  # noqa: E402
+
+SPECS = Recipe().role_specs()
+LINEAR_SHAPES = ((8192, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 14336))
+QUANT_SHAPES = ((8192, 4096), (16384, 14336))
+BF16 = torch.bfloat16
+
+
+def bench_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` CUDA-event-timed runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def randn(*shape: int, dtype=BF16) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", dtype=torch.float32).to(dtype)
+
+
+def bench_copy() -> dict:
+    x = torch.empty(2**29, dtype=torch.int16, device="cuda").random_()
+    ms = bench_ms(lambda: x.clone(), reps=20)
+    nbytes = x.numel() * 2
+    return {"bytes": nbytes, "ms": ms, "copy_GBps": nbytes / ms / 1e6,
+            "copy_rw_GBps": 2 * nbytes / ms / 1e6}
+
+
+def bench_quantize(tri: TritonBackend, copy: dict) -> list[dict]:
+    return [r for m, k in QUANT_SHAPES for r in _quantize_rows(tri, copy, m, k)]
+
+
+def _quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]:
+    x = randn(m, k)
+    gen = torch.Generator()
+    in_bytes = x.numel() * x.element_size()
+    out_bytes = 2 * (x.numel() // 2 + x.numel() // 16)
+    amax_ms = bench_ms(lambda: amax_rowcol(x, True, True, SPECS.x_t.rht_sign))
+    rows = []
+    for name, row, col in (("x: rtn + rht", SPECS.x, SPECS.x_t),
+                           ("dy: sr + rht", SPECS.dy, SPECS.dy_t)):
+        ms = bench_ms(lambda row=row, col=col: tri.quantize_rowcol(x, row, col, gen))
+        rows.append({
+            "shape": [m, k], "role": name, "ms": ms, "amax_pass_ms": amax_ms,
+            "encode_pass_ms": ms - amax_ms, "input_GBps": in_bytes / ms / 1e6,
+            "fraction_of_copy": in_bytes / ms / 1e6 / copy["copy_GBps"],
+            "traffic_fraction_of_copy_rw": (2 * in_bytes + out_bytes) / ms / 1e6
+            / copy["copy_rw_GBps"],
+        })
+        print(f"quantize {m}x{k} {name}: {ms:.3f} ms "
+              f"({rows[-1]['fraction_of_copy']:.2f} of copy)", flush=True)
+    return rows
+
+
+def nvfp4_step(backend, x, w, dy, gen):
+    """NVFP4 linear forward + backward through a backend (the NVFP4Linear composition)."""
+    x_row, x_col = backend.quantize_rowcol(x, SPECS.x, SPECS.x_t, None)
+    w_q, w_t = backend.quantize_weight(w, SPECS.w)
+    y = backend.gemm(x_row, w_q, BF16)  # forward: y = x_row @ W^T
+    dy_row, dy_col = backend.quantize_rowcol(dy, SPECS.dy, SPECS.dy_t, gen)
+    dx = backend.gemm(dy_row, w_t, BF16)  # dgrad: dx = dy_sr @ W
+    dw = backend.gemm(dy_col, x_col, BF16)  # wgrad: dW = dy_col^T @ x_col
+    return y, dx, dw, x_col, w_t
+
+
+def bf16_step(x, w, dy):
+    return x @ w.t(), dy @ w, dy.t() @ x
+
+
+def bench_linear(tri: TritonBackend, reference_shapes: int) -> list[dict]:
+    return [_linear_row(tri, *shape, with_reference=i < reference_shapes)
+            for i, shape in enumerate(LINEAR_SHAPES)]
+
+
+def _linear_row(tri: TritonBackend, m: int, k: int, n: int, with_reference: bool) -> dict:
+    gen = torch.Generator()
+    x, w, dy = randn(m, k), randn(n, k), randn(m, n)
+    row = {"shape": [m, k, n], "bf16_ms": bench_ms(lambda: bf16_step(x, w, dy))}
+    row["triton_ms"] = bench_ms(lambda: nvfp4_step(tri, x, w, dy, gen))
+    row["ratio"] = row["triton_ms"] / row["bf16_ms"]
+    row["quantize_ms"] = bench_ms(lambda: (
+        tri.quantize_rowcol(x, SPECS.x, SPECS.x_t, None), tri.quantize_weight(w, SPECS.w),
+        tri.quantize_rowcol(dy, SPECS.dy, SPECS.dy_t, gen)))
+    row["gemm_ms"] = row["triton_ms"] - row["quantize_ms"]
+    _, _, _, x_col, w_t = nvfp4_step(tri, x, w, dy, gen)
+    row["saved_bytes_ratio"] = (x_col.nbytes() + w_t.nbytes()) / (x.numel() * 2 + w.numel() * 2)
+    if with_reference:
+        row["reference_ms"] = bench_ms(
+            lambda: nvfp4_step(ReferenceBackend(), x, w, dy, gen), reps=3, warmup=1)
+    row["nvfp4linear_ms"] = bench_module(m, k, n, x, dy)
+    print(f"linear {m}x{k}x{n}: bf16 {row['bf16_ms']:.3f} ms, triton "
+          f"{row['triton_ms']:.3f} ms ({row['ratio']:.2f}x)", flush=True)
+    return row
+
+
+def bench_module(m: int, k: int, n: int, x: torch.Tensor, dy: torch.Tensor) -> float | str:
+    """fwd+bwd of hf_nvfp4.nn.NVFP4Linear with the triton backend, when it exists."""
+    try:
+        from hf_nvfp4.nn.linear import NVFP4Linear
+
+        layer = NVFP4Linear(k, n, recipe="nvfp4", backend="triton").to("cuda", BF16)
+        xr = x.detach().requires_grad_()
+
+        def step():
+            layer(xr).backward(dy)
+
+        return bench_ms(step, reps=10)
+    except Exception as exc:  # report instead of failing the whole benchmark
+        return f"skipped: {type(exc).__name__}: {exc}"[:200]
+
+
+def bench_others(m: int, k: int, n: int) -> dict:
+    """torchao float8 training linear and fp-quant, where they import."""
+    out: dict = {}
+    x, dy = randn(m, k), randn(m, n)
+    try:
+        from torchao.float8 import convert_to_float8_training
+
+        lin = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)).to("cuda", BF16)
+        convert_to_float8_training(lin)
+        xr = x.detach().requires_grad_()
+        out["torchao_float8_ms"] = bench_ms(lambda: lin(xr).backward(dy), reps=10)
+    except Exception as exc:
+        out["torchao_float8_ms"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
+    try:
+        import fp_quant  # noqa: F401
+
+        out["fp_quant"] = "importable; forward-only pseudo-quantization not wired in this bench"
+    except Exception as exc:
+        out["fp_quant"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+def _mismatch(a: torch.Tensor, b: torch.Tensor) -> int:
+    if a.shape != b.shape:
+        return -1
+    return int((a.reshape(-1).view(torch.uint8) != b.reshape(-1).view(torch.uint8)).sum())
+
+
+def _compare(name: str, got, want) -> dict:
+    return {
+        "tensor": name,
+        "codes_mismatch": _mismatch(got.data, want.data),
+        "scales_mismatch": _mismatch(got.scale, want.scale),
+        "global_equal": bool(torch.equal(got.global_scale.reshape(()),
+                                          want.global_scale.reshape(()))),
+        "meta_equal": (tuple(got.shape), got.dtype, got.tile, got.rht)
+        == (tuple(want.shape), want.dtype, want.tile, want.rht),
+        "elements": want.data.numel() * 2,
+    }
+
+
+CHECK_CASES = ((8192, 4096, 4096, BF16), (8200, 3072, 1040, BF16),
+               (4100, 2048, 2064, torch.float32))
+
+
+def check(cases=CHECK_CASES) -> dict:
+    """TritonBackend vs ReferenceBackend at large sizes on the GPU (M=8200, 4100: ragged)."""
+    tri, ref = TritonBackend(), ReferenceBackend()
+    results = []
+    for m, k, n, dtype in cases:
+        x, w, dy = randn(m, k, dtype=dtype), randn(n, k, dtype=dtype), randn(m, n, dtype=dtype)
+        x[:16, :64] = 0  # zero blocks
+        tag = f"{m}x{k}x{n}:{str(dtype).removeprefix('torch.')}"
+        got_x = tri.quantize_rowcol(x, SPECS.x, SPECS.x_t, None)
+        want_x = ref.quantize_rowcol(x, SPECS.x, SPECS.x_t, None)
+        got_w, want_w = tri.quantize_weight(w, SPECS.w), ref.quantize_weight(w, SPECS.w)
+        got_dy = tri.quantize_rowcol(dy, SPECS.dy, SPECS.dy_t, torch.Generator().manual_seed(1))
+        want_dy = ref.quantize_rowcol(dy, SPECS.dy, SPECS.dy_t, torch.Generator().manual_seed(1))
+        names = ("x", "x_t", "w", "w_t", "dy", "dy_t")
+        for name, g, r in zip(names, (*got_x, *got_w, *got_dy), (*want_x, *want_w, *want_dy),
+                              strict=True):
+            results.append({"case": tag, **_compare(name, g, r)})
+        for role, a, b in (("fprop", want_x[0], want_w[0]), ("dgrad", want_dy[0], want_w[1]),
+                           ("wgrad", want_dy[1], want_x[1])):
+            want = reference_gemm(a, b, torch.float32)
+            got = tri.gemm(a, b, torch.float32)
+            err = float((got - want).abs().max() / want.abs().max())
+            results.append({"case": tag, "gemm": role, "max_rel_err": err})
+        print(f"check {tag} done", flush=True)
+    exact = all(r.get("codes_mismatch", 0) == 0 and r.get("scales_mismatch", 0) == 0
+                and r.get("global_equal", True) and r.get("meta_equal", True) for r in results)
+    return {"bit_exact": exact, "results": results}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Device: {report['device']}; copy {report['copy']['copy_GBps']:.0f} GB/s "
+             f"(bytes copied/s; {report['copy']['copy_rw_GBps']:.0f} GB/s read+write)", "",
+             "| quantize (bf16) | ms | amax pass ms | input GB/s | of copy (>= 0.80) |",
+             "|---|---|---|---|---|"]
+    for r in report["quantize"]:
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} {r['role']} | {r['ms']:.3f} | "
+                     f"{r['amax_pass_ms']:.3f} | {r['input_GBps']:.0f} | "
+                     f"{r['fraction_of_copy']:.2f} |")
+    lines += ["", "| linear fwd+bwd (M,K,N) | BF16 ms | triton ms | ratio (<= 1.25) | "
+              "quantize ms | gemm ms | saved bytes / BF16 (<= 0.6) | reference ms | "
+              "NVFP4Linear ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["linear"]:
+        ref = f"{r['reference_ms']:.1f}" if "reference_ms" in r else "-"
+        mod = r["nvfp4linear_ms"]
+        mod = f"{mod:.3f}" if isinstance(mod, float) else "skipped"
+        lines.append(f"| {tuple(r['shape'])} | {r['bf16_ms']:.3f} | {r['triton_ms']:.3f} | "
+                     f"{r['ratio']:.2f} | {r['quantize_ms']:.3f} | {r['gemm_ms']:.3f} | "
+                     f"{r['saved_bytes_ratio']:.3f} | {ref} | {mod} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="bit-exactness vs the reference")
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    parser.add_argument("--reference-shapes", type=int, default=1,
+                        help="how many linear shapes also time the reference backend")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs a CUDA device")
+    report: dict = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "command": " ".join(["python", *sys.argv]),
+    }
+    torch.manual_seed(0)
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1, default=str))
+
+    if args.check:
+        report["check"] = check()
+        save()
+        print(json.dumps(report["check"]["results"], indent=None))
+        print(f"bit exact: {report['check']['bit_exact']}")
+        return
+    tri = TritonBackend()
+    report["copy"] = bench_copy()
+    report["quantize"] = bench_quantize(tri, report["copy"])
+    save()
+    report["linear"] = bench_linear(tri, args.reference_shapes)
+    report["gemm_choices"] = gemm_choices()
+    save()
+    report["others"] = bench_others(*LINEAR_SHAPES[0])
+    save()
+    print(markdown(report))
+    print(json.dumps({"gemm_choices": report["gemm_choices"], "others": report["others"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Export to NVIDIA ModelOpt's NVFP4 checkpoint format (vLLM, TensorRT-LLM, SGLang).
+
+Per quantized linear ``<name>`` (what vLLM's ``ModelOptNvFp4LinearMethod`` creates):
+
+* ``weight``          uint8 [out, in/2]   our packed codes
+* ``weight_scale``    float8_e4m3fn [out, in/16]   our block decode scales
+* ``weight_scale_2``  float32 scalar   the DECODE global scale ``amax / (6 * 448)``
+* ``input_scale``     float32 scalar   activation DECODE scale ``amax(x) / (6 * 448)`` from
+  calibration (W4A4 ``quant_algo: "NVFP4"``; absent for ``"W4A16_NVFP4"``, weight-only)
+
+``hf_quant_config.json`` holds ``producer`` and ``quantization`` {``quant_algo``,
+``kv_cache_quant_algo``, ``group_size``, ``exclude_modules``} (vLLM requires the last three);
+config.json carries the same under ``quantization_config`` with ``quant_method: "modelopt"``,
+which is how recent vLLM versions detect ModelOpt checkpoints. The producer name is
+``"modelopt"`` because engines key on it; ``producer.version`` names hf_nvfp4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .atomic import atomic_directory
+from .calibrate import input_amax_or_fail
+from .fusion import share_global_scales
+from .layers import high_precision_state, iter_packed_layers
+from .packed import save_config_files
+from .shards import DEFAULT_MAX_SHARD_SIZE, write_sharded
+
+HF_QUANT_CONFIG = "hf_quant_config.json"
+FP4_FP8_MAX = 448.0 * 6.0
+
+
+def modelopt_quant_config(exclude: list[str], weight_only: bool) -> dict[str, Any]:
+    """The hf_quant_config.json content."""
+    from .. import __version__
+
+    return {
+        "producer": {"name": "modelopt", "version": f"hf_nvfp4-{__version__}"},
+        "quantization": {
+            "quant_algo": "W4A16_NVFP4" if weight_only else "NVFP4",
+            "kv_cache_quant_algo": None,
+            "group_size": 16,
+            "exclude_modules": sorted(exclude),
+        },
+    }
+
+
+def export_modelopt(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_amax: dict[str, float] | None = None,
+    weight_only: bool = False,
+    fuse_global_scales: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    tokenizer: Any = None,
+    progress: bool = False,
+) -> Path:
+    """Write ``model`` as a ModelOpt NVFP4 checkpoint at ``path`` (atomically).
+
+    Args:
+        model: a model with NVFP4Linear or NVFP4PackedLinear layers.
+        input_amax: per-layer input amax from :func:`calibrate_input_amax` (W4A4).
+        weight_only: write ``W4A16_NVFP4`` without input scales.
+        fuse_global_scales: share one global scale within q/k/v and gate/up (see
+            :mod:`.fusion`); False writes each layer's own quantization bit for bit.
+        dtype, max_shard_size, tokenizer, progress: as :func:`save_packed`.
+    """
+    layers = list(iter_packed_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no NVFP4 layers to export")
+    if fuse_global_scales:
+        layers = share_global_scales(layers)
+    names = [layer.name for layer in layers]
+    if not weight_only:
+        input_amax = input_amax_or_fail(input_amax, names)
+    tensors = high_precision_state(model, set(names), dtype)
+    for layer in tqdm(layers, desc="ModelOpt export", disable=not progress):
+        q, n = layer.weight, layer.name
+        tensors[f"{n}.weight"] = q.data
+        tensors[f"{n}.weight_scale"] = q.scale
+        tensors[f"{n}.weight_scale_2"] = q.global_scale.reshape(()).float()
+        if not weight_only:
+            amax = torch.tensor(input_amax[n], dtype=torch.float32)
+            tensors[f"{n}.input_scale"] = amax / FP4_FP8_MAX
+        if layer.bias is not None:
+            tensors[f"{n}.bias"] = layer.bias.detach().to(dtype)
+    quantized = set(names)
+    exclude = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n not in quantized]
+    hf_quant = modelopt_quant_config(exclude, weight_only)
+    with atomic_directory(path) as tmp:
+        write_sharded(tensors, tmp, max_shard_size=max_shard_size)
+        save_config_files(model, tmp, {
+            "quantization_config": {"quant_method": "modelopt", **hf_quant},
+            "dtype": str(dtype).split(".")[1],
+        })
+        (tmp / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+__all__ = ["HF_QUANT_CONFIG", "export_modelopt", "modelopt_quant_config"]

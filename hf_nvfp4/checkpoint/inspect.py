@@ -1,0 +1,188 @@
+"""``inspect``: a per-layer report of a checkpoint in any of our formats, read from disk.
+
+Recognized: native packed and master hf_nvfp4 checkpoints, compressed-tensors
+``nvfp4-pack-quantized`` and ModelOpt NVFP4 exports, plain checkpoints. Per 2D weight: shape,
+format, bytes, block-scale statistics, the decode global scale, and the quantization SNR
+(``10 log10(|w|^2 / |w - q(w)|^2)``): of the packed weight against its FP32 master when the
+checkpoint saved masters, or, for a high-precision weight, of the NVFP4 quantization it would
+get (16x16 tiles). Totals compare the checkpoint's bytes with the same model in BF16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..numerics import e2m1
+from ..numerics.quantize import quantize
+from .errors import CheckpointError
+from .integrity import read_quantization_config
+from .packed import MASTERS_PREFIX
+from .shards import TensorInfo, checkpoint_files, read_headers
+
+# format -> (packed weight suffix, global scale suffix, global scale is ENCODE)
+_PACKED_NAMES = {
+    "hf_nvfp4-packed": ("weight_packed", "weight_global_scale", False),
+    "compressed-tensors": ("weight_packed", "weight_global_scale", True),
+    "modelopt": ("weight", "weight_scale_2", False),
+}
+
+
+@dataclass
+class LayerReport:
+    """One 2D weight of the checkpoint."""
+
+    name: str
+    shape: tuple[int, int]
+    format: str
+    nbytes: int
+    scale_min: float | None = None
+    scale_max: float | None = None
+    scale_mean: float | None = None
+    global_decode_scale: float | None = None
+    snr_db: float | None = None
+
+
+@dataclass
+class CheckpointReport:
+    """The whole checkpoint: its format, per-layer rows and totals."""
+
+    path: str
+    format: str
+    layers: list[LayerReport] = field(default_factory=list)
+    total_bytes: int = 0
+    bf16_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """A fixed-width text table with totals."""
+        head = (f"{'layer':<44} {'shape':>13} {'format':>8} {'bytes':>11} {'scale min':>10} "
+                f"{'scale max':>10} {'scale mean':>10} {'global':>10} {'SNR dB':>7}")
+        lines = [f"{self.path}  [{self.format}]", head, "-" * len(head)]
+
+        def num(v: float | None, fmt: str = ".3g") -> str:
+            return "-" if v is None else format(v, fmt)
+
+        for r in self.layers:
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            lines.append(
+                f"{r.name[-44:]:<44} {shape:>13} {r.format:>8} {r.nbytes:>11,} "
+                f"{num(r.scale_min):>10} {num(r.scale_max):>10} {num(r.scale_mean):>10} "
+                f"{num(r.global_decode_scale):>10} {num(r.snr_db, '.1f'):>7}"
+            )
+        ratio = self.total_bytes / self.bf16_bytes if self.bf16_bytes else float("nan")
+        lines.append("-" * len(head))
+        lines.append(
+            f"total {self.total_bytes:,} bytes vs {self.bf16_bytes:,} in BF16 "
+            f"({ratio:.3f}x); {sum(r.format == 'nvfp4' for r in self.layers)} NVFP4 layers"
+        )
+        return "\n".join(lines)
+
+
+def detect_format(directory: Path) -> str:
+    """``hf_nvfp4-packed`` | ``hf_nvfp4-master`` | ``compressed-tensors`` | ``modelopt`` |
+    ``plain``."""
+    qc = read_quantization_config(directory) or {}
+    method = qc.get("quant_method")
+    if method == "hf_nvfp4":
+        return f"hf_nvfp4-{qc.get('checkpoint_format', 'master')}"
+    if method == "compressed-tensors":
+        return "compressed-tensors"
+    if method == "modelopt" or (directory / "hf_quant_config.json").is_file():
+        return "modelopt"
+    if method:
+        raise CheckpointError(f"{directory}/config.json: unsupported quant_method {method!r}")
+    return "plain"
+
+
+def _load(info: TensorInfo) -> torch.Tensor:
+    with safe_open(str(info.file), framework="pt") as f:
+        return f.get_tensor(info.name)
+
+
+def _snr(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    ref, approx = ref.float(), approx.float()
+    noise = (ref - approx).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else 0.0
+
+
+def _packed_row(module: str, fmt: str, infos: dict[str, TensorInfo],
+                masters: dict[str, TensorInfo]) -> LayerReport:
+    wsuf, gsuf, encode = _PACKED_NAMES[fmt]
+    packed = _load(infos[f"{module}.{wsuf}"])
+    scale = _load(infos[f"{module}.weight_scale"]).float()
+    g = float(_load(infos[f"{module}.{gsuf}"]).float().reshape(-1)[0])
+    decode = 1.0 / g if encode else g
+    nbytes = sum(i.nbytes for k, i in infos.items() if k.rpartition(".")[0] == module)
+    row = LayerReport(module, (packed.shape[0], packed.shape[1] * 2), "nvfp4", nbytes,
+                      scale.min().item(), scale.max().item(), scale.mean().item(), decode)
+    master = masters.get(f"{module}.weight")
+    if master is not None:
+        deq = e2m1.decode(e2m1.unpack(packed)) * scale.repeat_interleave(16, -1) * decode
+        row.snr_db = _snr(_load(master), deq)
+    return row
+
+
+def inspect_checkpoint(path: str | os.PathLike, *, snr: bool = True) -> CheckpointReport:
+    """Read ``path`` (a checkpoint directory) and report every 2D weight.
+
+    ``snr=False`` skips the (slower) quantization of high-precision weights.
+    """
+    directory = Path(path)
+    fmt = detect_format(directory)
+    files = checkpoint_files(directory)
+    if not files:
+        raise CheckpointError(f"no model.safetensors[.index.json] in {directory}")
+    infos = read_headers(files)
+    master_files = checkpoint_files(directory, MASTERS_PREFIX)
+    masters = read_headers(master_files) if master_files else {}
+    report = CheckpointReport(str(directory), fmt)
+    report.total_bytes = sum(f.stat().st_size for f in files)
+    packed_fmt = fmt if fmt in _PACKED_NAMES else None
+    modules = sorted({k.rpartition(".")[0] for k in infos}, key=_natural)
+    for module in modules:
+        w = infos.get(f"{module}.weight")
+        is_packed = packed_fmt is not None and f"{module}.weight_scale" in infos and (
+            f"{module}.{_PACKED_NAMES[packed_fmt][0]}" in infos
+        )
+        if is_packed:
+            row = _packed_row(module, packed_fmt, infos, masters)
+        elif w is not None and len(w.shape) == 2:
+            nbytes = sum(i.nbytes for k, i in infos.items() if k.rpartition(".")[0] == module)
+            row = LayerReport(module, w.shape, w.dtype.lower(), nbytes)
+            if snr and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0:
+                t = _load(w).float()
+                row.snr_db = _snr(t, quantize(t, "nvfp4", tile=(16, 16)).dequantize())
+        else:
+            continue
+        report.layers.append(row)
+    for module_row in report.layers:
+        report.bf16_bytes += 2 * module_row.shape[0] * module_row.shape[1]
+    report.bf16_bytes += sum(
+        2 * math.prod(i.shape) for k, i in infos.items()
+        if k.rpartition(".")[0] not in {r.name for r in report.layers}
+        or k.rpartition(".")[2] == "bias"
+    )
+    return report
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.replace(".", " ").split()]
+
+
+def report_json(report: CheckpointReport) -> str:
+    """The report as JSON (``inf`` SNRs become strings)."""
+    return json.dumps(report.to_dict(), indent=2, default=str)
+
+
+__all__ = ["CheckpointReport", "LayerReport", "detect_format", "inspect_checkpoint", "report_json"]

@@ -1,0 +1,81 @@
+"""The quantized linear layers of a model, as packed NVFP4 tensors, whatever module holds them.
+
+Exports and the packed save read weights through :func:`iter_packed_layers`, so they work the
+same on a training model (``NVFP4Linear``, quantized from its master weight exactly as its
+forward does) and on a loaded packed model (``NVFP4PackedLinear``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn.linear import NVFP4Linear
+from ..nn.packed import NVFP4PackedLinear, quantized_weight
+from ..numerics.quantize import QTensor
+
+
+@dataclass
+class PackedLayer:
+    """One quantized linear: its module name, module, NVFP4 weight and bias."""
+
+    name: str
+    module: nn.Module
+    weight: QTensor
+    bias: torch.Tensor | None
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for NVFP4Linear (with an NVFP4 weight) and NVFP4PackedLinear."""
+    if isinstance(module, NVFP4PackedLinear):
+        return True
+    if isinstance(module, NVFP4Linear):
+        return module.recipe.fprop_format != "bf16"
+    return False
+
+
+def iter_packed_layers(model: nn.Module) -> Iterator[PackedLayer]:
+    """Yield every quantized linear of ``model`` with its weight as an NVFP4 QTensor.
+
+    Raises ``ValueError`` naming the layer if an NVFP4Linear's recipe quantizes its weight
+    in another format (MXFP4, FP8), which has no packed NVFP4 form.
+    """
+    for name, mod in model.named_modules():
+        if isinstance(mod, NVFP4PackedLinear):
+            yield PackedLayer(name, mod, mod.qweight(), mod.bias)
+        elif isinstance(mod, NVFP4Linear) and is_quantized_linear(mod):
+            try:
+                q = quantized_weight(mod)
+            except ValueError as e:
+                raise ValueError(f"layer {name!r}: {e}") from e
+            yield PackedLayer(name, mod, q, mod.bias)
+
+
+def high_precision_state(
+    model: nn.Module, skip_modules: set[str], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers outside ``skip_modules``, floats cast to ``dtype``.
+
+    Tied tensors (the same storage under two names, e.g. a tied output head) are written
+    once, under the first name; transformers re-ties them on load.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for key, t in model.state_dict().items():
+        module_name = key.rpartition(".")[0]
+        if module_name in skip_modules:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.device.type != "meta" and ident in seen:
+            continue
+        seen.add(ident)
+        if dtype is not None and t.is_floating_point() and t.dtype != torch.float8_e4m3fn:
+            t = t.to(dtype)
+        out[key] = t
+    return out
+
+
+__all__ = ["PackedLayer", "high_precision_state", "is_quantized_linear", "iter_packed_layers"]

@@ -1,0 +1,264 @@
+"""Loading packed NVFP4 checkpoints: for inference (weights stay packed) or for training.
+
+* ``from_pretrained(path)`` (after ``import hf_nvfp4``) of a checkpoint written by
+  :func:`save_packed`: the quantizer calls :func:`prepare_packed_model` on the meta model,
+  which checks every file header (see :mod:`.integrity`) and swaps exactly the layers the
+  checkpoint holds packed for :class:`~hf_nvfp4.nn.NVFP4PackedLinear`; transformers then
+  loads the packed tensors by name, and :func:`finalize_packed_model` verifies them.
+* :func:`load_packed` wraps that and, with ``mode="train"``, turns the packed layers back into
+  trainable NVFP4Linear layers: from the saved FP32 masters when the checkpoint has them
+  (an exact resume), otherwise from the dequantized weights (a lossy start: the masters
+  become the values NVFP4 keeps, and high-precision layers come from their BF16 copy).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..config import NVFP4Config
+from ..nn.linear import NVFP4Linear
+from ..nn.packed import NVFP4PackedLinear
+from .errors import CheckpointError
+from .integrity import check_all_present, require_hf_nvfp4, validate_packed_tensors
+from .packed import MASTERS_PREFIX, PACKED_FORMAT, PACKED_SUFFIXES
+from .shards import TensorInfo, checkpoint_files, read_headers
+
+MODES = ("inference", "train")
+_BUFFER_DTYPES = {
+    "weight_packed": torch.uint8,
+    "weight_scale": torch.float8_e4m3fn,
+    "weight_global_scale": torch.float32,
+}
+
+
+def resolve_checkpoint_files(
+    model: nn.Module, files: list[str] | None, required: bool = True
+) -> list[Path]:
+    """The safetensors files being loaded: transformers' list, else from the model's path.
+
+    With ``required=False`` an unresolvable location (a Hub id on an older transformers that
+    does not pass the file list) gives ``[]`` instead of an error.
+    """
+    if files:
+        return [Path(f) for f in files if str(f).endswith(".safetensors")]
+    source = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    found = checkpoint_files(source) if os.path.isdir(source) else []
+    if not found and required:
+        raise CheckpointError(
+            f"cannot locate the safetensors files of packed checkpoint {source!r}; packed "
+            "NVFP4 checkpoints load from a local directory of .safetensors files"
+        )
+    return found
+
+
+def tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that transformers fills by tying (e.g. a tied ``lm_head.weight``)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None:
+        tie = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        tied = (getattr(model, "_tied_weights_keys", None) or {}) if tie else {}
+    return set(tied)
+
+
+def prepare_packed_model(
+    model: nn.Module, config: NVFP4Config, files: list[str] | None = None
+) -> dict[str, TensorInfo]:
+    """Validate the packed checkpoint and swap its packed layers in (model on meta).
+
+    Returns the merged file headers, for :func:`finalize_packed_model`.
+    """
+    paths = resolve_checkpoint_files(model, files)
+    infos = read_headers(paths)
+    layers = validate_packed_tensors(infos)
+    recipe = config.get_recipe()
+    for name, (out_f, in_f) in layers.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"tensor {name + '.weight_packed'!r} in {infos[name + '.weight_packed'].file} "
+                f"has no module {name!r} in {type(model).__name__}"
+            ) from None
+        if not isinstance(mod, nn.Linear) or (mod.out_features, mod.in_features) != (out_f, in_f):
+            raise CheckpointError(
+                f"tensor {name + '.weight_packed'!r} in {infos[name + '.weight_packed'].file} "
+                f"holds a [{out_f}, {in_f}] weight but module {name!r} is {mod!r}"
+            )
+        with torch.device("meta"):
+            new = NVFP4PackedLinear(
+                in_f, out_f, bias=mod.bias is not None, dtype=mod.weight.dtype,
+                recipe=recipe, backend=config.backend,
+            )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    expected = list(model.state_dict().keys())
+    check_all_present(expected, infos, str(paths[0].parent), tied_keys(model))
+    return infos
+
+
+def _read_tensor(info: TensorInfo) -> torch.Tensor:
+    with safe_open(str(info.file), framework="pt") as f:
+        return f.get_tensor(info.name)
+
+
+def finalize_packed_model(model: nn.Module, infos: dict[str, TensorInfo]) -> None:
+    """After loading: every packed buffer is materialized with its dtype.
+
+    A buffer that a transformers version left on meta or cast to the model dtype is read
+    again from its file (the scales are tiny).
+    """
+    for name, mod in model.named_modules():
+        if not isinstance(mod, NVFP4PackedLinear):
+            continue
+        for suffix in PACKED_SUFFIXES:
+            t = getattr(mod, suffix)
+            if t.is_meta or t.dtype != _BUFFER_DTYPES[suffix]:
+                key = f"{name}.{suffix}"
+                if key not in infos:
+                    raise CheckpointError(f"tensor {key!r} was not loaded and is not on disk")
+                device = mod.bias.device if mod.bias is not None else torch.device("cpu")
+                value = _read_tensor(infos[key]).to(device)
+                setattr(mod, suffix, value.reshape(()) if suffix == "weight_global_scale"
+                        else value)
+
+
+def check_master_checkpoint(model: nn.Module, files: list[str] | None) -> None:
+    """A master-format hf_nvfp4 checkpoint holds a ``weight`` for every NVFP4Linear."""
+    paths = resolve_checkpoint_files(model, files, required=False)
+    if not paths:
+        return
+    infos = read_headers(paths)
+    expected = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, NVFP4Linear):
+            if f"{name}.weight_packed" in infos:
+                raise CheckpointError(
+                    f"tensor {name + '.weight_packed'!r} in {infos[name + '.weight_packed'].file}"
+                    " is packed, but config.json says checkpoint_format 'master'"
+                )
+            expected.append(f"{name}.weight")
+    check_all_present(expected, infos, str(paths[0].parent), set())
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """Replace every NVFP4Linear of ``model`` by its NVFP4PackedLinear, in place (inference)."""
+    swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, NVFP4Linear)
+             and m.recipe.fprop_format == "nvfp4"]
+    for name, mod in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                NVFP4PackedLinear.from_linear(mod))
+    _set_format(model, PACKED_FORMAT)
+    return model
+
+
+def _set_format(model: nn.Module, fmt: str) -> None:
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(qc, NVFP4Config):
+        qc.checkpoint_format = fmt
+
+
+def load_masters(directory: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The full training state saved with ``masters=True`` (None when absent)."""
+    files = checkpoint_files(directory, prefix=MASTERS_PREFIX)
+    if not files:
+        return None
+    infos = read_headers(files)
+    out = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    if set(out) != set(infos):
+        raise CheckpointError(f"master files in {directory} disagree with their headers")
+    return out
+
+
+def to_trainable(
+    model: nn.Module, masters: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Turn packed layers into NVFP4Linear training layers, in place.
+
+    With ``masters`` (the state saved by ``save_packed(masters=True)``) the whole model is
+    restored exactly; without, the packed layers start from their dequantized weights.
+    """
+    qc = getattr(model.config, "quantization_config", None)
+    base_seed = qc.sr_seed if isinstance(qc, NVFP4Config) else 0
+    swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, NVFP4PackedLinear)]
+    for i, (name, mod) in enumerate(swaps):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                mod.to_linear(dtype, sr_seed=base_seed + i))
+    if masters is not None:
+        result = model.load_state_dict(masters, strict=False)
+        missing = [k for k in result.missing_keys if k not in tied_keys(model)]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"master state does not match the model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+    _set_format(model, "master")
+    return model
+
+
+def load_packed(
+    path: str | os.PathLike,
+    mode: str = "inference",
+    *,
+    masters: bool | None = None,
+    dtype: torch.dtype | str | None = None,
+    model_class: Any = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Load an hf_nvfp4 checkpoint for inference (packed layers) or training (NVFP4Linear).
+
+    Args:
+        path: a local checkpoint directory.
+        mode: ``"inference"``: NVFP4PackedLinear layers, weights packed in memory (a master
+            checkpoint is packed after loading); ``"train"``: NVFP4Linear layers with FP32
+            master weights.
+        masters: ``mode="train"`` only: use the saved masters (True: required, None: when
+            present, False: never; dequantize instead, a lossy start).
+        dtype: model dtype (default: the checkpoint's for inference, FP32 for training).
+        model_class: the transformers auto class (default ``AutoModelForCausalLM``).
+        **kwargs: passed to ``from_pretrained``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    qc = require_hf_nvfp4(path)
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    if dtype is None:
+        dtype = torch.float32 if mode == "train" else "auto"
+    model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
+    if qc.get("checkpoint_format", "master") != PACKED_FORMAT:
+        return pack_model(model) if mode == "inference" else model
+    if mode == "inference":
+        return model
+    state = load_masters(path) if masters is not False else None
+    if masters and state is None:
+        raise CheckpointError(
+            f"masters=True but {path} has no {MASTERS_PREFIX}*.safetensors (save with "
+            "save_packed(..., masters=True))"
+        )
+    return to_trainable(model, state, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+
+
+__all__ = [
+    "MODES",
+    "check_master_checkpoint",
+    "finalize_packed_model",
+    "load_masters",
+    "load_packed",
+    "pack_model",
+    "prepare_packed_model",
+    "resolve_checkpoint_files",
+    "to_trainable",
+]

@@ -1,0 +1,83 @@
+"""Built-in demo data: text every machine already has (the Python standard library's sources).
+
+Deterministic for a given Python installation; no download, no third-party text in the repo.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__",
+              "lib2to3", "turtledemo", "tkinter", "ensurepip"}
+
+
+def stdlib_corpus(max_bytes: int = 4_000_000) -> str:
+    """Concatenated ``.py`` sources of the standard library, in sorted path order.
+
+    Test suites and vendored packages are skipped; files are joined with a separator line
+    until ``max_bytes`` characters are collected.
+    """
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive; got {max_bytes}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"Python standard library not found at {root}")
+    parts: list[str] = []
+    total = 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(p in _SKIP_DIRS for p in rel.parts[:-1]):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        chunk = f"# ---- {rel.as_posix()} ----\n{text}\n"
+        parts.append(chunk)
+        total += len(chunk)
+        if total >= max_bytes:
+            break
+    return "".join(parts)[:max_bytes]
+
+
+def train_tokenizer(text: str, vocab_size: int = 2048):
+    """A byte-level BPE tokenizer trained on ``text``, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text[i : i + 100_000] for i in range(0, len(text), 100_000)],
+                            trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def byte_tokens(text: str) -> torch.Tensor:
+    """UTF-8 bytes of ``text`` as int64 token ids (vocabulary 256)."""
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+
+def split_blocks(
+    ids: torch.Tensor, seq_len: int, val_fraction: float = 0.05
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a token stream into ``[n, seq_len]`` blocks; the last ``val_fraction`` is held out."""
+    if seq_len <= 1:
+        raise ValueError(f"seq_len must be > 1; got {seq_len}")
+    n = ids.numel() // seq_len
+    if n < 2:
+        raise ValueError(f"need at least 2 blocks of {seq_len} tokens; got {ids.numel()} tokens")
+    blocks = ids[: n * seq_len].reshape(n, seq_len)
+    n_val = max(1, int(round(n * val_fraction)))
+    return blocks[:-n_val], blocks[-n_val:]

@@ -1,0 +1,190 @@
+"""Triton device helpers shared by the NVFP4 kernels, plus their host-side constants.
+
+Every helper reproduces a step of :mod:`hf_nvfp4.numerics` bit for bit (formulas:
+NUMERICS.md). Integer bit manipulation replaces the float compares and tables of the
+reference wherever it gives the same result in fewer instructions: the quantize kernels
+are memory-bound only if each element costs a few dozen instructions.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..numerics.hadamard import RHT_SIZE, rht_matrix
+from ..numerics.rng import FMIX_C1, FMIX_C2
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (read at each launch, not at import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def seed_key(seed: int) -> int:
+    """``fmix32(seed)`` of :func:`numerics.rng.counter_uniform` as a signed int32 argument."""
+    key = seed & 0xFFFFFFFF
+    key ^= key >> 16
+    key = (key * FMIX_C1) & 0xFFFFFFFF
+    key ^= key >> 13
+    key = (key * FMIX_C2) & 0xFFFFFFFF
+    key ^= key >> 16
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+@functools.lru_cache(maxsize=32)
+def rht_blockdiag(
+    sign: tuple[int, ...], rows: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``blockdiag((D H / 4)^T, ...)`` [rows, rows]: ``bd @ x`` applies the RHT to each
+    16-row group of ``x`` (column-wise), exactly as ``hadamard_transform`` does on ``x^T``.
+
+    Its entries (+-1/4 and 0) are exact in every float dtype.
+    """
+    m = rht_matrix(sign).t()
+    return torch.block_diag(*([m] * (rows // RHT_SIZE))).to(device=device, dtype=dtype)
+
+
+@triton.jit
+def global_scales(amax):
+    """``(S_enc * (1/6), S_dec)`` from a global amax; S_enc = 2688 / amax as in scales.py."""
+    s_enc = tl.math.div_rn(tl.full(amax.shape, 2688.0, tl.float32), amax)
+    s_enc = tl.minimum(s_enc, 3.4028234663852886e38)
+    s_enc = tl.where((amax == 0.0) | (s_enc == 0.0), 1.0, s_enc)
+    s_dec = tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), s_enc)
+    # TE folds 1/6 into the global multiplier first (0.16666667 is fp32(1/6) exactly).
+    return s_enc * 0.1666666716337204, s_dec
+
+
+@triton.jit
+def block_scale(block_amax, mult6, s_dec):
+    """E4M3 block scale byte and element multiplier ``min(1 / (fp32(s_b) * S_dec), FLT_MAX)``.
+
+    The E4M3 cast is done on the FP32 bits (round to nearest even; subnormals step 2^-9) so
+    it is identical on every device and in the interpreter.
+    """
+    s = tl.minimum(block_amax * mult6, 448.0)
+    bits = s.to(tl.int32, bitcast=True)
+    r = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+    byte_n = (((r >> 23) - 120) << 3) | ((r >> 20) & 7)
+    q = s * 512.0
+    qi = q.to(tl.int32)
+    frac = q - qi.to(tl.float32)
+    qi = qi + ((frac > 0.5) | ((frac == 0.5) & ((qi & 1) == 1))).to(tl.int32)
+    normal = s >= 0.015625
+    byte = tl.where(normal, byte_n, qi)
+    val = tl.where(normal, r.to(tl.float32, bitcast=True), qi.to(tl.float32) * 0.001953125)
+    mult = tl.math.div_rn(tl.full(val.shape, 1.0, tl.float32), val * s_dec)
+    return byte, tl.minimum(mult, 3.4028234663852886e38)
+
+
+@triton.jit
+def e2m1_nearest(v):
+    """E2M1 codes (int32) of fp32 ``v``, nearest-even, saturating, sign from the sign bit.
+
+    For |v| >= 1 the mantissa is rounded to one bit on the integer bits; below 1 the step
+    is 0.5 and two compares do (ties 0.25 -> 0 and 0.75 -> 1.0 go to the even code).
+    """
+    b = v.to(tl.int32, bitcast=True)
+    sign = (b >> 28) & 8
+    a = tl.minimum(b & 0x7FFFFFFF, 0x40C00000)
+    big = ((a + 0x1FFFFF + ((a >> 22) & 1)) >> 22) - 252
+    small = (a > 0x3E800000).to(tl.int32) + (a >= 0x3F400000).to(tl.int32)
+    return tl.where(a >= 0x3F800000, big, small) | sign
+
+
+@triton.jit
+def e2m1_stochastic(v, r24):
+    """E2M1 codes of fp32 ``v`` rounding up when ``u = r24 * 2^-24 < p`` (e2m1.py's rule).
+
+    For |v| >= 1, p is the low 22 mantissa bits over 2^22, so the compare is on integers.
+    """
+    b = v.to(tl.int32, bitcast=True)
+    sign = (b >> 28) & 8
+    a = tl.minimum(b & 0x7FFFFFFF, 0x40C00000)
+    big = (a >> 22) - 252 + (r24 < ((a & 0x3FFFFF) << 2)).to(tl.int32)
+    m2 = a.to(tl.float32, bitcast=True) * 2.0
+    lo = (m2 >= 1.0).to(tl.int32)
+    small = lo + ((r24.to(tl.float32) * 5.960464477539063e-08) < (m2 - lo.to(tl.float32))).to(
+        tl.int32
+    )
+    return tl.where(a >= 0x3F800000, big, small) | sign
+
+
+@triton.jit
+def uniform24(idx, key):
+    """The 24 random bits of rng.counter_uniform for uint32 indices (u = bits * 2^-24)."""
+    h = idx * 0x9E3779B9 + key.to(tl.uint32, bitcast=True)
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    h = h ^ (h >> 16)
+    return (h >> 8).to(tl.int32)
+
+
+@triton.jit
+def pack_pairs(codes, R: tl.constexpr, C: tl.constexpr):
+    """Pack int32 codes [R, C] along the last dimension, the even element in the low nibble."""
+    lo, hi = tl.split(tl.reshape(codes, [R, C // 2, 2]))
+    return (lo | (hi << 4)).to(tl.uint8)
+
+
+@triton.jit
+def unpack_pairs(packed, R: tl.constexpr, C: tl.constexpr):
+    """Inverse of :func:`pack_pairs`: uint8 [R, C // 2] to int32 codes [R, C]."""
+    p = packed.to(tl.int32)
+    return tl.reshape(tl.join(p & 15, p >> 4), [R, C])
+
+
+@triton.jit
+def e2m1_decode(c):
+    """FP32 values of int32 E2M1 codes, built on the bits (exact)."""
+    mag = c & 7
+    e = mag >> 1
+    m = mag & 1
+    bits = tl.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22))
+    return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_decode(b):
+    """FP32 values of int32 E4M3 bytes of non-negative scales (exact)."""
+    e = (b >> 3) & 15
+    m = b & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+
+
+@triton.jit
+def round_bf16(y):
+    """FP32 ``y`` rounded to BF16 (nearest even) on the bits, returned as FP32.
+
+    Used in the interpreter only, whose FP32 -> BF16 casts truncate.
+    """
+    b = y.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def rht_columns(x, bd_ptr, BM: tl.constexpr, INTERPRET: tl.constexpr):
+    """RHT of each 16-row group of each column of ``x`` [BM, BK], rounded to x's dtype.
+
+    ``blockdiag(M^T) @ x`` on the tensor cores (16-bit inputs: the products are exact and
+    the FP32 sums of 16 terms are exact unless the terms span more than ~12 binades) or
+    with FP32 FMAs (FP32 inputs, and the interpreter, whose BF16 dot is wrong). Returns
+    FP32.
+    """
+    offs = tl.arange(0, BM)
+    bd = tl.load(bd_ptr + offs[:, None] * BM + offs[None, :])
+    if INTERPRET or x.dtype == tl.float32:
+        y = tl.dot(bd.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+    else:
+        y = tl.dot(bd, x)
+    if INTERPRET and x.dtype == tl.bfloat16:
+        return round_bf16(y)
+    return y.to(x.dtype).to(tl.float32)

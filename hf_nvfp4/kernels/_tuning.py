@@ -1,0 +1,58 @@
+"""Choosing a kernel variant per shape by measurement, on the first call of that shape."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+
+_CHOICES: dict[tuple, str] = {}
+_TIMINGS: dict[tuple, dict[str, float | str]] = {}
+
+
+def _median_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def pick(key: tuple, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+    """The name of the fastest candidate for ``key`` (timed once on CUDA, then cached).
+
+    Off CUDA (the interpreter) the first candidate is used. A candidate that raises (e.g.
+    too little shared memory for its tile) is recorded with its error and skipped.
+    """
+    if key not in _CHOICES:
+        if device.type != "cuda":
+            _CHOICES[key] = next(iter(candidates))
+            return _CHOICES[key]
+        timed: dict[str, float | str] = {}
+        for name, fn in candidates.items():
+            try:
+                timed[name] = _median_ms(fn)
+            except Exception as exc:  # noqa: BLE001 - any compile/launch failure skips it
+                timed[name] = f"{type(exc).__name__}: {exc}"[:300]
+        ok = {n: t for n, t in timed.items() if isinstance(t, float)}
+        if not ok:
+            raise RuntimeError(f"every kernel variant failed for {key}: {timed}")
+        _TIMINGS[key] = timed
+        _CHOICES[key] = min(ok, key=ok.get)
+    return _CHOICES[key]
+
+
+def choices() -> dict[str, dict]:
+    """Every shape measured so far: the variant chosen and each candidate's ms (or error)."""
+    return {
+        ":".join(str(p).removeprefix("torch.") for p in key[:-1]): {
+            "choice": name, "ms": _TIMINGS.get(key, {})
+        }
+        for key, name in _CHOICES.items()
+    }

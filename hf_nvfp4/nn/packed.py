@@ -1,0 +1,198 @@
+"""NVFP4PackedLinear: an inference linear layer that keeps its weight packed in memory.
+
+The weight lives as the three tensors of a packed NVFP4 checkpoint, as buffers:
+
+* ``weight_packed``       uint8 ``[out, in/2]``: E2M1 codes, the even element in the low nibble
+* ``weight_scale``        float8_e4m3fn ``[out, in/16]``: block DECODE scales (16x16 weight
+  tiles repeat their scale on each of their 16 rows)
+* ``weight_global_scale`` float32 0-dim: the DECODE global scale ``amax / (6 * 448)``
+
+That is 0.5625 bytes per weight (0.28x of BF16). Each forward quantizes the input 1x16 as
+NVFP4Linear does and multiplies on exact block values with FP32 accumulation (the backend's
+GEMM), so a packed layer gives exactly the outputs of the NVFP4Linear it came from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backends import BACKENDS, get_backend
+from ..numerics.quantize import QTensor
+from ..recipe import Recipe, get_recipe
+from .linear import NVFP4Linear, _role_specs
+
+BLOCK = 16
+
+
+class NVFP4PackedLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` stored as packed NVFP4 codes, block and global scales.
+
+    Inference only: the weight is a set of buffers, not a trainable parameter (use
+    :meth:`to_linear` or :func:`hf_nvfp4.checkpoint.load_packed` with ``mode="train"`` to
+    continue training).
+
+    Args:
+        in_features, out_features: as ``nn.Linear``; both multiples of 16.
+        bias: whether the layer has a bias (kept in high precision).
+        recipe: the training recipe; its ``fprop_format`` must be ``"nvfp4"`` (the forward
+            quantizes the input with its activation spec).
+        backend: the backend running the input quantization and the GEMM.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        recipe: Recipe | str | dict[str, Any] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if in_features % BLOCK or out_features % BLOCK:
+            raise ValueError(
+                f"NVFP4PackedLinear needs in_features and out_features that are multiples of "
+                f"{BLOCK}; got in_features={in_features}, out_features={out_features}"
+            )
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        self.recipe = get_recipe(recipe)
+        if self.recipe.fprop_format != "nvfp4":
+            raise ValueError(
+                f"packed NVFP4 layers need a recipe with fprop_format 'nvfp4'; got "
+                f"{self.recipe.fprop_format!r}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.backend_name = backend
+        kw = {"device": device}
+        self.register_buffer(
+            "weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw)
+        )
+        self.register_buffer(
+            "weight_scale",
+            torch.zeros(out_features, in_features // BLOCK, dtype=torch.float8_e4m3fn, **kw),
+        )
+        self.register_buffer("weight_global_scale", torch.zeros((), dtype=torch.float32, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_qtensor(
+        cls,
+        q: QTensor,
+        bias: torch.Tensor | None = None,
+        *,
+        recipe: Recipe | str | dict[str, Any] | None = None,
+        backend: str = "auto",
+    ) -> NVFP4PackedLinear:
+        """A layer holding the NVFP4 weight ``q`` ([out, in], any tile) and ``bias``."""
+        if q.fmt != "nvfp4" or q.rht or len(q.shape) != 2:
+            raise ValueError(
+                f"a packed linear weight is a 2D NVFP4 tensor without RHT; got fmt={q.fmt!r}, "
+                f"shape={tuple(q.shape)}, rht={q.rht}"
+            )
+        out_f, in_f = q.shape
+        with torch.device("meta"):
+            new = cls(in_f, out_f, bias is not None, recipe=recipe, backend=backend)
+        new.weight_packed = q.data
+        new.weight_scale = q.scale
+        new.weight_global_scale = q.global_scale.reshape(())
+        if bias is not None:
+            new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return new
+
+    @classmethod
+    def from_linear(cls, linear: NVFP4Linear) -> NVFP4PackedLinear:
+        """Pack an NVFP4Linear's weight exactly as its forward quantizes it."""
+        return cls.from_qtensor(
+            quantized_weight(linear), linear.bias, recipe=linear.recipe,
+            backend=linear.backend_name,
+        )
+
+    def qweight(self) -> QTensor:
+        """The weight as a :class:`QTensor` (sharing the buffers)."""
+        return QTensor(
+            data=self.weight_packed,
+            scale=self.weight_scale,
+            global_scale=self.weight_global_scale,
+            fmt="nvfp4",
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.bias.dtype if self.bias is not None else torch.float32,
+            tile=(1, BLOCK),
+        )
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The represented weight ``[out, in]`` in ``dtype``."""
+        return self.qweight().dequantize(dtype)
+
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed weight (codes, block scales, global scale) and the bias."""
+        total = self.qweight().nbytes()
+        if self.bias is not None:
+            total += self.bias.numel() * self.bias.element_size()
+        return total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NVFP4Linear's quantized forward: ``x`` 1x16 RTN, GEMM on exact block values."""
+        dev_type = x.device.type
+        if torch.is_autocast_enabled(dev_type):
+            x = x.to(torch.get_autocast_dtype(dev_type))
+        backend = get_backend(self.backend_name, x.device)
+        spec = _role_specs(self.recipe).x
+        with torch.autocast(dev_type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            q_x, _ = backend.quantize_rowcol(x2, spec, None, None)
+            y = backend.gemm(q_x, self.qweight(), x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def to_linear(self, dtype: torch.dtype = torch.float32, sr_seed: int | None = None):
+        """An :class:`NVFP4Linear` whose master weight is the dequantized weight.
+
+        Lossy as a training start: the master becomes the values the format keeps, not the
+        original FP32 weights (save masters with ``save_packed(..., masters=True)`` for an
+        exact resume).
+        """
+        dev = self.weight_packed.device
+        new = NVFP4Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+            recipe=self.recipe, backend=self.backend_name, sr_seed=sr_seed,
+        )
+        new.weight = nn.Parameter(self.dequantize_weight(dtype).to(dev))
+        if self.bias is not None:
+            new.bias = nn.Parameter(self.bias.detach().to(device=dev, dtype=dtype).clone())
+        new.sr_state = torch.tensor([new._sr_seed, 0], dtype=torch.int64, device=dev)
+        return new
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, packed=nvfp4, backend={self.backend_name}"
+        )
+
+
+def quantized_weight(linear: NVFP4Linear) -> QTensor:
+    """The NVFP4 QTensor of ``linear``'s master weight, as its forward GEMM uses it.
+
+    The reference quantizer is the source of truth every backend matches bit for bit.
+    """
+    from ..backends.reference import quantize_spec
+
+    spec = _role_specs(linear.recipe).w
+    if spec is None or spec.fmt != "nvfp4":
+        raise ValueError(
+            f"only NVFP4 weights can be packed; this layer's recipe quantizes its weight as "
+            f"{spec.fmt if spec else 'bf16'!r}"
+        )
+    return quantize_spec(linear.weight.detach(), spec)
+
+
+__all__ = ["NVFP4PackedLinear", "quantized_weight"]

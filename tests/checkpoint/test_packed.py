@@ -1,0 +1,134 @@
+"""Native packed checkpoints: bit-exact round trip, sharding, masters, memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from hf_nvfp4 import NVFP4Linear
+from hf_nvfp4.checkpoint import load_packed, save_packed
+from hf_nvfp4.checkpoint.layers import iter_packed_layers
+from hf_nvfp4.checkpoint.shards import checkpoint_files
+from hf_nvfp4.nn.packed import NVFP4PackedLinear
+
+
+def _file_tensors(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_round_trip_is_bit_exact(model, tokens, tmp_path):
+    save_packed(model, tmp_path / "ckpt", dtype=None)
+    qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "hf_nvfp4" and qc["checkpoint_format"] == "packed"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    expected = {layer.name: layer.weight for layer in iter_packed_layers(model)}
+    assert len(expected) == 14
+    for name, mod in loaded.named_modules():
+        if name in expected:
+            assert isinstance(mod, NVFP4PackedLinear)
+            q = expected[name]
+            assert mod.weight_packed.dtype == torch.uint8
+            assert mod.weight_scale.dtype == torch.float8_e4m3fn
+            assert torch.equal(mod.weight_packed, q.data)
+            assert torch.equal(mod.weight_scale.view(torch.uint8), q.scale.view(torch.uint8))
+            assert torch.equal(mod.weight_global_scale, q.global_scale)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    # Saving the loaded packed model again writes the same bytes.
+    save_packed(loaded, tmp_path / "again", dtype=None)
+    a, b = _file_tensors(tmp_path / "ckpt"), _file_tensors(tmp_path / "again")
+    assert a.keys() == b.keys()
+    assert all(_bytes(a[k]) == _bytes(b[k]) for k in a)
+
+
+def test_bf16_default_layout(model, tmp_path):
+    save_packed(model, tmp_path / "ckpt")
+    t = _file_tensors(tmp_path / "ckpt")
+    name = "model.layers.0.mlp.up_proj"
+    assert t[f"{name}.weight_packed"].shape == (128, 32)
+    assert t[f"{name}.weight_scale"].shape == (128, 4)
+    assert t[f"{name}.weight_global_scale"].shape == ()
+    assert f"{name}.weight" not in t and f"{name}.sr_state" not in t
+    assert t["model.layers.2.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert t["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+def test_sharded_save_loads_identically(model, tokens, tmp_path):
+    save_packed(model, tmp_path / "one", dtype=None)
+    save_packed(model, tmp_path / "many", dtype=None, max_shard_size="40KB")
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "many")
+    with torch.no_grad():
+        assert torch.equal(a(tokens).logits, b(tokens).logits)
+
+
+def test_train_mode_uses_masters_exactly(model, tmp_path):
+    model.model.layers[0].mlp.up_proj.sr_state[1] = 7
+    save_packed(model, tmp_path / "ckpt", masters=True, max_shard_size="100KB")
+    trained = load_packed(tmp_path / "ckpt", mode="train")
+    assert isinstance(trained.model.layers[0].mlp.up_proj, NVFP4Linear)
+    ref = model.state_dict()
+    got = trained.state_dict()
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert trained.model.layers[0].mlp.up_proj._sr_step == 7
+    assert trained.config.quantization_config.checkpoint_format == "master"
+    assert trained.hf_quantizer.is_qat_trainable
+
+
+def test_train_mode_without_masters_dequantizes(model, tmp_path):
+    save_packed(model, tmp_path / "ckpt")
+    trained = load_packed(tmp_path / "ckpt", mode="train")
+    layer = trained.model.layers[1].self_attn.q_proj
+    assert isinstance(layer, NVFP4Linear) and layer.weight.dtype == torch.float32
+    expected = next(x for x in iter_packed_layers(model) if x.name.endswith("1.self_attn.q_proj"))
+    assert torch.equal(layer.weight.detach(), expected.weight.dequantize())
+    with pytest.raises(ValueError, match="masters=True"):
+        load_packed(tmp_path / "ckpt", mode="train", masters=True)
+
+
+def test_inference_memory_of_packed_layers(model, tmp_path):
+    save_packed(model, tmp_path / "ckpt")
+    loaded = load_packed(tmp_path / "ckpt")
+    assert not loaded.hf_quantizer.is_trainable
+    packed = [m for m in loaded.modules() if isinstance(m, NVFP4PackedLinear)]
+    in_memory = sum(
+        t.numel() * t.element_size() for m in packed for t in (*m.buffers(), *m.parameters())
+    )
+    bf16 = sum(2 * m.in_features * m.out_features for m in packed)
+    assert in_memory <= 0.35 * bf16, in_memory / bf16
+
+
+def test_master_checkpoint_packs_on_load(model, tokens, tmp_path):
+    model.save_pretrained(tmp_path / "master")
+    qc = json.loads((tmp_path / "master" / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == "master"
+    packed = load_packed(tmp_path / "master")
+    assert isinstance(packed.model.layers[0].mlp.up_proj, NVFP4PackedLinear)
+    with torch.no_grad():
+        assert torch.equal(packed(tokens).logits, model(tokens).logits)
+
+
+def test_packed_linear_matches_nvfp4_linear():
+    torch.manual_seed(0)
+    lin = NVFP4Linear(64, 32, recipe="nvfp4", backend="reference").eval()
+    packed = NVFP4PackedLinear.from_linear(lin)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        assert torch.equal(packed(x), lin(x))
+    back = packed.to_linear()
+    assert torch.equal(back.weight.detach(), packed.dequantize_weight())
