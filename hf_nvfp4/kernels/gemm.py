@@ -14,7 +14,6 @@ Strategies, chosen per shape by measurement on the first call (:func:`gemm_choic
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
 import torch
@@ -22,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import e2m1_decode, e4m3_decode, interpreting, round_bf16, unpack_pairs
+from ._tuning import choices, pick
 from .dequantize import dequantize_nvfp4
 
 # (BM, BN, BK, num_warps, num_stages), measured on the first call of each shape.
@@ -109,7 +109,21 @@ def _cublas_gemm(a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor
     av = dequantize_nvfp4(ad, ascale, None, m)
     bv = dequantize_nvfp4(bd, bscale, None, n)
     acc = torch.mm(av, bv.t(), out_dtype=torch.float32)
-    return (acc * (ags * bgs)).to(out_dtype)
+    out = torch.empty_like(acc, dtype=out_dtype)
+    grid = (triton.cdiv(acc.numel(), 4096),)
+    _scale_cast_kernel[grid](acc, ags, bgs, out, acc.numel(), INTERPRET=interpreting(),
+                             BLOCK=4096, num_warps=8)
+    return out
+
+
+@triton.jit
+def _scale_cast_kernel(acc_ptr, gsa_ptr, gsb_ptr, out_ptr, n, INTERPRET: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    out = tl.load(acc_ptr + offs, mask=offs < n) * (tl.load(gsa_ptr) * tl.load(gsb_ptr))
+    if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
+        out = round_bf16(out)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=offs < n)
 
 
 def _strategies() -> dict[str, Callable[[Operand, Operand, torch.dtype], torch.Tensor]]:
@@ -127,50 +141,9 @@ def _strategies() -> dict[str, Callable[[Operand, Operand, torch.dtype], torch.T
     return out
 
 
-_CHOICES: dict[tuple, str] = {}
-_TIMINGS: dict[tuple, dict[str, float]] = {}
-
-
 def gemm_choices() -> dict[str, dict]:
-    """Per ``MxNxK:out_dtype`` seen so far: the strategy chosen and every candidate's ms."""
-    return {
-        f"{m}x{n}x{k}:{str(dt).removeprefix('torch.')}": {
-            "choice": s, "ms": _TIMINGS.get((m, n, k, dt, dev), {})
-        }
-        for (m, n, k, dt, dev), s in _CHOICES.items()
-    }
-
-
-def _median_ms(fn: Callable[[], object], reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _choose(a: Operand, b: Operand, out_dtype: torch.dtype) -> str:
-    dev = a[0].device
-    key = (a[3], b[3], a[0].shape[1] * 2, out_dtype, dev)
-    if key not in _CHOICES:
-        strategies = _strategies()
-        if dev.type != "cuda":
-            _CHOICES[key] = next(iter(strategies))
-        else:
-            timed = {}
-            for name, fn in strategies.items():
-                try:
-                    timed[name] = _median_ms(lambda fn=fn: fn(a, b, out_dtype))
-                except Exception:  # noqa: BLE001 - e.g. OutOfResources, no mm(out_dtype)
-                    continue
-            _TIMINGS[key] = timed
-            _CHOICES[key] = min(timed, key=timed.get)
-    return _CHOICES[key]
+    """Per ``gemm:M:N:K:out_dtype`` measured so far: the strategy chosen, each one's ms."""
+    return {k: v for k, v in choices().items() if k.startswith("gemm")}
 
 
 def gemm_nvfp4(a: Operand, b: Operand, out_dtype: torch.dtype,
@@ -189,7 +162,11 @@ def gemm_nvfp4(a: Operand, b: Operand, out_dtype: torch.dtype,
             f"vs {b[0].shape[1] * 2}"
         )
     strategies = _strategies()
-    name = strategy if strategy is not None else _choose(a, b, out_dtype)
+    if strategy is None:
+        key = ("gemm", a[3], b[3], a[0].shape[1] * 2, out_dtype, a[0].device)
+        cands = {n: (lambda fn=fn: fn(a, b, out_dtype)) for n, fn in strategies.items()}
+        strategy = pick(key, cands, a[0].device)
+    name = strategy
     if name not in strategies:
         raise ValueError(f"unknown gemm strategy {name!r}; expected one of {list(strategies)}")
     return strategies[name](a, b, out_dtype)

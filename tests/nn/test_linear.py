@@ -79,8 +79,9 @@ def test_quantized_output_is_close_to_high_precision(operands):
 )
 def test_each_knob_changes_only_its_gemm(operands, change, same, differ):
     x, w, b, dy = operands
-    base = dict(zip(("y", "dx", "dw", "db"), _run(PRESETS["nvfp4"], x, w, b, dy)))
-    new = dict(zip(("y", "dx", "dw", "db"), _run(Recipe().replace(**change), x, w, b, dy)))
+    keys = ("y", "dx", "dw", "db")
+    base = dict(zip(keys, _run(PRESETS["nvfp4"], x, w, b, dy), strict=True))
+    new = dict(zip(keys, _run(Recipe().replace(**change), x, w, b, dy), strict=True))
     for k in same:
         assert torch.equal(base[k], new[k]), k
     for k in differ:
