@@ -32,8 +32,8 @@ except ImportError as exc:  # the package's HF integration needs transformers; k
 
 from hf_nvfp4.backends.reference import ReferenceBackend, reference_gemm  # noqa: E402
 from hf_nvfp4.backends.triton_backend import TritonBackend  # noqa: E402
+from hf_nvfp4.kernels._tuning import choices  # noqa: E402
 from hf_nvfp4.kernels.amax import amax_rowcol  # noqa: E402
-from hf_nvfp4.kernels.gemm import gemm_choices  # noqa: E402
 from hf_nvfp4.recipe import Recipe  # noqa: E402
 
 SPECS = Recipe().role_specs()
@@ -283,12 +283,12 @@ def main() -> None:
     report["quantize"] = bench_quantize(tri, report["copy"])
     save()
     report["linear"] = bench_linear(tri, args.reference_shapes)
-    report["gemm_choices"] = gemm_choices()
+    report["kernel_choices"] = choices()
     save()
     report["others"] = bench_others(*LINEAR_SHAPES[0])
     save()
     print(markdown(report))
-    print(json.dumps({"gemm_choices": report["gemm_choices"], "others": report["others"]}))
+    print(json.dumps({"kernel_choices": report["kernel_choices"], "others": report["others"]}))
 
 
 if __name__ == "__main__":

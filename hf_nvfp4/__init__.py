@@ -5,6 +5,8 @@ so ``from_pretrained(..., quantization_config=NVFP4Config())`` and checkpoints s
 load as NVFP4 models.
 """
 
+from .accelerate_plugin import NVFP4Plugin
+from .callbacks import LateSwitchCallback, QuantTelemetryCallback
 from .config import NVFP4Config
 from .convert import ConversionSummary, convert
 from .hf_quantizer import from_config, prepare_model
@@ -18,12 +20,19 @@ from .schedule import (
     restore_quantization,
     switch_to_high_precision,
 )
+from .trainer import NVFP4Trainer, NVFP4TrainingArguments, Trainer
 
 __version__ = "0.1.0"
 
 _register()
 
 __all__ = [
+    "LateSwitchCallback",
+    "NVFP4Plugin",
+    "NVFP4Trainer",
+    "NVFP4TrainingArguments",
+    "QuantTelemetryCallback",
+    "Trainer",
     "PRESETS",
     "ConversionSummary",
     "NVFP4Config",

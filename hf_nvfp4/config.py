@@ -25,6 +25,8 @@ QUANT_METHOD = "hf_nvfp4"
 PAPER_FIRST_BF16 = 2 / 62
 PAPER_LAST_BF16 = 8 / 62
 SWITCH_MODES = ("forward", "all")
+# The environment variable that selects a recipe under `accelerate launch` (read at the edge).
+RECIPE_ENV = "HF_NVFP4_RECIPE"
 CHECKPOINT_FORMATS = ("master", "packed")
 
 
@@ -33,6 +35,11 @@ def _check_count_or_fraction(name: str, value: int | float) -> None:
         raise TypeError(f"{name} must be an int (blocks) or a float fraction; got {value!r}")
     if value < 0 or (isinstance(value, float) and value > 1):
         raise ValueError(f"{name} must be a block count >= 0 or a fraction in [0, 1]; got {value}")
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    # A lone string is one pattern, not a list of one-character patterns.
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 class NVFP4Config(QuantizationConfigMixin):
@@ -84,9 +91,9 @@ class NVFP4Config(QuantizationConfigMixin):
         self.backend = backend
         self.first_bf16_blocks = first_bf16_blocks
         self.last_bf16_blocks = last_bf16_blocks
-        self.include = list(include or [])
-        self.exclude = list(exclude or [])
-        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.include = _as_list(include)
+        self.exclude = _as_list(exclude)
+        self.modules_to_not_convert = _as_list(modules_to_not_convert)
         self.switch_to_bf16_at = switch_to_bf16_at
         self.switch_mode = switch_mode
         self.sr_seed = sr_seed
@@ -169,3 +176,24 @@ class NVFP4Config(QuantizationConfigMixin):
             "nvfp4 must be True, an NVFP4Config, a dict or a path to a JSON/YAML recipe file; "
             f"got {type(source).__name__}"
         )
+
+
+def resolve_nvfp4(
+    source: bool | str | dict | NVFP4Config | os.PathLike | None,
+) -> NVFP4Config | None:
+    """The NVFP4Config a ``nvfp4=`` argument asks for (None/False: plain training).
+
+    Strings: ``"true"``/``"1"``, a preset name (``"nvfp4"``, ``"mxfp4"``, ``"fp8_block"``,
+    ``"bf16"``) or a path to a JSON/YAML recipe file.
+    """
+    if source is None or source is False:
+        return None
+    if isinstance(source, str):
+        low = source.strip().lower()
+        if low in ("", "false", "0", "no", "none"):
+            return None
+        if low in ("true", "1", "yes"):
+            return NVFP4Config()
+        if not os.path.exists(source) and "/" not in source and "." not in source:
+            return NVFP4Config(recipe=source)
+    return NVFP4Config.load(source)

@@ -76,7 +76,9 @@ def find_blocks(model: nn.Module) -> tuple[str, int] | None:
     """The dotted name and length of the model's decoder-block ModuleList.
 
     The longest ``nn.ModuleList`` whose length equals ``config.num_hidden_layers`` when the
-    model has a config, else the longest ModuleList of modules that contain Linears.
+    model has a config, else the longest ModuleList of modules that contain Linears (or
+    linear-like modules we cannot swap, such as GPT-2's ``Conv1D``, so that convert can
+    report them).
     """
     num = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best: tuple[str, int] | None = None
@@ -85,11 +87,15 @@ def find_blocks(model: nn.Module) -> tuple[str, int] | None:
             continue
         if num is not None and len(mod) != num:
             continue
-        if not any(isinstance(m, nn.Linear) for m in mod.modules()):
+        if not any(_is_linear_like(m) for m in mod.modules()):
             continue
         if best is None or len(mod) > best[1]:
             best = (name, len(mod))
     return best
+
+
+def _is_linear_like(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or type(mod).__name__ in _UNSUPPORTED_LINEAR_LIKE
 
 
 def _block_of(name: str, blocks_prefix: str) -> int | None:

@@ -51,15 +51,19 @@ def restore_quantization(model: nn.Module) -> int:
 def quantization_disabled(model: nn.Module, mode: str = "all") -> Iterator[nn.Module]:
     """Context manager: the model's NVFP4 layers run in BF16 inside, quantized after.
 
-    Layers already switched before entering stay switched on exit.
+    Layers already switched before entering get their switched recipe back on exit.
     """
-    already = {name for name, mod in iter_nvfp4_linears(model) if hasattr(mod, _SAVED_RECIPE)}
+    already = {
+        name: mod.recipe for name, mod in iter_nvfp4_linears(model) if hasattr(mod, _SAVED_RECIPE)
+    }
     switch_to_high_precision(model, mode)
     try:
         yield model
     finally:
         for name, mod in iter_nvfp4_linears(model):
-            if name not in already and hasattr(mod, _SAVED_RECIPE):
+            if name in already:
+                mod.recipe = already[name]
+            elif hasattr(mod, _SAVED_RECIPE):
                 mod.recipe = getattr(mod, _SAVED_RECIPE)
                 delattr(mod, _SAVED_RECIPE)
 

@@ -18,7 +18,7 @@ import torch
 from ..kernels import require_triton
 from ..kernels._common import interpreting
 from ..numerics.quantize import QTensor
-from ..numerics.rng import draw_seed
+from ..numerics.rng import draw_seed, split_generator
 from ..recipe import QuantSpec
 from .reference import ReferenceBackend, reference_gemm
 
@@ -66,13 +66,14 @@ class TritonBackend:
         col: QuantSpec | None,
         generator: torch.Generator | None,
     ) -> tuple[QTensor | None, QTensor | None]:
-        """See :meth:`Backend.quantize_rowcol`; seeds are drawn row copy first."""
+        """See :meth:`Backend.quantize_rowcol` (one child generator per copy, as the reference)."""
         ok_row = row is None or (_is_nvfp4_1x16(row) and not row.rht)
         ok_col = col is None or _is_nvfp4_1x16(col)
         if not (ok_row and ok_col and self._runs_here(x)) or (row is None and col is None):
             return self._reference.quantize_rowcol(x, row, col, generator)
-        row_seed = _seed(row, generator) if row is not None else None
-        col_seed = _seed(col, generator) if col is not None else None
+        g_row, g_col = split_generator(generator)
+        row_seed = _seed(row, g_row) if row is not None else None
+        col_seed = _seed(col, g_col) if col is not None else None
         sign = list(col.rht_sign) if col is not None and col.rht else None
         rd, rs, cd, cs, gs = self._ops.quantize_rowcol(
             x, row is not None, col is not None, sign, row_seed, col_seed

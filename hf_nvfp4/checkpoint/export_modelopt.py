@@ -9,10 +9,12 @@ Per quantized linear ``<name>`` (what vLLM's ``ModelOptNvFp4LinearMethod`` creat
   calibration (W4A4 ``quant_algo: "NVFP4"``; absent for ``"W4A16_NVFP4"``, weight-only)
 
 ``hf_quant_config.json`` holds ``producer`` and ``quantization`` {``quant_algo``,
-``kv_cache_quant_algo``, ``group_size``, ``exclude_modules``} (vLLM requires the last three);
-config.json carries the same under ``quantization_config`` with ``quant_method: "modelopt"``,
-which is how recent vLLM versions detect ModelOpt checkpoints. The producer name is
-``"modelopt"`` because engines key on it; ``producer.version`` names hf_nvfp4.
+``kv_cache_quant_algo``, ``group_size``, ``exclude_modules``} (vLLM requires the last three).
+The producer name is ``"modelopt"`` because engines key on it; ``producer.version`` names
+hf_nvfp4. config.json carries ``quantization_config: {quant_method: "modelopt",
+quantization: {...}}`` (no producer there: some vLLM versions map a producer-tagged config
+only for ``NVFP4`` and reject ``W4A16_NVFP4``; ``quant_method`` plus the FP4 ``quant_algo``
+selects vLLM's ``modelopt_fp4`` for both).
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def export_modelopt(
     with atomic_directory(path) as tmp:
         write_sharded(tensors, tmp, max_shard_size=max_shard_size)
         save_config_files(model, tmp, {
-            "quantization_config": {"quant_method": "modelopt", **hf_quant},
+            "quantization_config": {"quant_method": "modelopt",
+                                    "quantization": hf_quant["quantization"]},
             "dtype": str(dtype).split(".")[1],
         })
         (tmp / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=2) + "\n")

@@ -11,9 +11,10 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting, rht_blockdiag, rht_columns
+from ._tuning import pick
 
-_BM = 64
-_BK = 128
+_BM = 64  # the RHT block-diagonal size; the encode kernels use the same
+_CONFIGS = ((128, 8), (256, 8), (128, 4), (64, 4))  # (BK, num_warps), measured per shape
 
 
 @triton.jit
@@ -59,10 +60,16 @@ def amax_rowcol(
     m, k = x.shape
     out = torch.zeros(2, dtype=torch.float32, device=x.device)
     bd = rht_blockdiag(rht_sign, _BM, x.dtype, x.device) if rht_sign is not None else out
-    grid = (triton.cdiv(m, _BM), triton.cdiv(k, _BK))
-    _amax_kernel[grid](
-        x, out, bd, m, k, x.stride(0),
-        DO_ROW=row, DO_COL=col, COL_RHT=rht_sign is not None, INTERPRET=interpreting(),
-        BM=_BM, BK=_BK, num_warps=8,
-    )
+
+    def launch(bk: int, warps: int) -> None:  # idempotent: atomic max into `out`
+        _amax_kernel[(triton.cdiv(m, _BM), triton.cdiv(k, bk))](
+            x, out, bd, m, k, x.stride(0),
+            DO_ROW=row, DO_COL=col, COL_RHT=rht_sign is not None, INTERPRET=interpreting(),
+            BM=_BM, BK=bk, num_warps=warps,
+        )
+
+    key = ("amax", m, k, x.dtype, row, col, rht_sign is not None, x.device)
+    cands = {f"BK={bk},warps={w}": (lambda bk=bk, w=w: launch(bk, w)) for bk, w in _CONFIGS}
+    bk, warps = _CONFIGS[list(cands).index(pick(key, cands, x.device))]
+    launch(bk, warps)
     return out

@@ -28,10 +28,11 @@ from ._common import (
     seed_key,
     uniform24,
 )
+from ._tuning import pick
 from .amax import amax_rowcol
 
-_BM = 64
-_BK = 64
+_BM = 64  # as amax.py: the RHT block-diagonal size
+_CONFIGS = ((64, 8), (128, 8), (64, 4), (32, 4))  # (BK, num_warps), measured per shape
 
 
 @triton.jit(do_not_specialize=["row_key", "col_key"])
@@ -159,13 +160,20 @@ def quantize_rowcol_nvfp4(
     row_data, row_scale = buf(m, k16 // 2, row), buf(m, k16 // 16, row)
     col_data, col_scale = buf(k, m16 // 2, col), buf(k, m16 // 16, col)
     bd = rht_blockdiag(col_rht_sign, _BM, x.dtype, dev) if col_rht_sign is not None else gs
-    grid = (triton.cdiv(m16, _BM), triton.cdiv(k16, _BK))
-    _rowcol_kernel[grid](
-        x, amax, bd, gs, row_data, row_scale, col_data, col_scale,
-        m, k, x.stride(0), k16, m16,
-        seed_key(row_seed or 0), seed_key(col_seed or 0),
-        DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None, INTERPRET=interpreting(),
-        ROW_SR=row_seed is not None, COL_SR=col_seed is not None,
-        BM=_BM, BK=_BK, num_warps=8,
-    )
+
+    def launch(bk: int, warps: int) -> None:  # rewrites the same outputs each time
+        _rowcol_kernel[(triton.cdiv(m16, _BM), triton.cdiv(k16, bk))](
+            x, amax, bd, gs, row_data, row_scale, col_data, col_scale,
+            m, k, x.stride(0), k16, m16,
+            seed_key(row_seed or 0), seed_key(col_seed or 0),
+            DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None, INTERPRET=interpreting(),
+            ROW_SR=row_seed is not None, COL_SR=col_seed is not None,
+            BM=_BM, BK=bk, num_warps=warps,
+        )
+
+    key = ("rowcol", m, k, x.dtype, row, col, col_rht_sign is not None,
+           row_seed is not None, col_seed is not None, dev)
+    cands = {f"BK={bk},warps={w}": (lambda bk=bk, w=w: launch(bk, w)) for bk, w in _CONFIGS}
+    bk, warps = _CONFIGS[list(cands).index(pick(key, cands, dev))]
+    launch(bk, warps)
     return row_data, row_scale, col_data, col_scale, gs

@@ -18,10 +18,7 @@ def test_failure_mid_save_keeps_previous_checkpoint(model, tokens, tmp_path, mon
         model.model.layers[0].mlp.up_proj.weight.mul_(2.0)
 
     def crash_after_first_shard(*args, **kwargs):
-        calls = {"n": 0}
-
         def on_shard(_path):
-            calls["n"] += 1
             raise OSError("disk full (injected)")
 
         return write_sharded(*args, **{**kwargs, "on_shard": on_shard})

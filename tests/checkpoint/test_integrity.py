@@ -51,6 +51,7 @@ def test_misshapen_scale(ckpt):
     def cut(t):
         t[f"{LAYER}.weight_scale"] = t[f"{LAYER}.weight_scale"][:, :2].contiguous()
 
+    _edit(ckpt, cut)
     _load_fails(ckpt, f"{LAYER}.weight_scale", "shape [128, 2]", "expected [128, 4]",
                 "model.safetensors")
 

@@ -1,0 +1,153 @@
+"""Trainer callbacks: the late precision switch and quantization telemetry."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .nn.linear import NVFP4Linear
+from .schedule import PrecisionSchedule, switch_to_high_precision
+from .telemetry import SQRT3, role_stats, wgrad_noise_ratio
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+class LateSwitchCallback(TrainerCallback):
+    """Switch NVFP4 layers to BF16 after ``switch_at`` of ``max_steps`` (the paper's recipe).
+
+    ``mode="forward"`` switches only the forward GEMM, ``"all"`` every GEMM. On resume past
+    the switch point the switch is re-applied at ``on_train_begin``.
+    """
+
+    def __init__(self, switch_at: float, mode: str = "all") -> None:
+        self.switch_at, self.mode = switch_at, mode
+        self.schedule: PrecisionSchedule | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: D102
+        self.schedule = PrecisionSchedule(self.switch_at, max(state.max_steps, 1), self.mode)
+        self._maybe_switch(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: D102
+        self._maybe_switch(model, state.global_step)
+
+    def _maybe_switch(self, model, step: int) -> None:
+        if model is not None and self.schedule.update(_unwrap(model), step):
+            logger.info("hf_nvfp4: switched to BF16 (%s) at step %d", self.mode, step)
+
+
+class QuantTelemetryCallback(TrainerCallback):
+    """Adds quantization statistics to Trainer's logs every ``every`` steps.
+
+    Logged keys (means over the sampled NVFP4 layers): ``nvfp4/{x,w,dy}_{zero_frac,
+    sat_frac,snr_db}`` and ``nvfp4/wgrad_noise_ratio``. With ``auto_switch``, the model
+    switches to BF16 when that ratio falls below sqrt(3) or the loss exceeds
+    ``spike_factor`` times its running mean.
+
+    Args:
+        every: telemetry period in optimizer steps (measurement costs a few reference
+            quantizations of the sampled layers).
+        max_layers: how many NVFP4 layers to sample (evenly spread).
+        auto_switch: switch to BF16 when the criterion trips or the loss spikes.
+        spike_factor: loss-spike threshold relative to the running mean loss.
+    """
+
+    def __init__(
+        self,
+        every: int = 50,
+        max_layers: int = 4,
+        auto_switch: bool = False,
+        spike_factor: float = 1.5,
+    ) -> None:
+        if every < 1 or max_layers < 1:
+            raise ValueError(f"every and max_layers must be >= 1; got {every}, {max_layers}")
+        self.every, self.max_layers = every, max_layers
+        self.auto_switch, self.spike_factor = auto_switch, spike_factor
+        self.pending: dict[str, float] = {}
+        self.switched_at: int | None = None
+        self._handles: list = []
+        self._acc: dict[str, list[float]] = defaultdict(list)
+        self._loss_mean: float | None = None
+
+    def _layers(self, model: nn.Module) -> list[NVFP4Linear]:
+        layers = [
+            m for m in _unwrap(model).modules()
+            if isinstance(m, NVFP4Linear) and not m.recipe.is_high_precision
+        ]
+        stride = max(1, len(layers) // self.max_layers)
+        return layers[::stride][: self.max_layers]
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):  # noqa: D102
+        if model is None or (state.global_step + 1) % self.every:
+            return
+        for layer in self._layers(model):
+            self._handles.append(layer.register_forward_hook(self._forward_hook))
+
+    def _forward_hook(self, layer: NVFP4Linear, inputs, output) -> None:
+        specs = layer.recipe.role_specs()
+        x = inputs[0]
+        with torch.no_grad():
+            if specs.x is not None:
+                self._add("x", role_stats(x, specs.x))
+            if specs.w is not None:
+                self._add("w", role_stats(layer.weight, specs.w))
+        if output.requires_grad:
+            output.register_hook(lambda dy: self._grad_hook(layer, x, dy))
+
+    def _grad_hook(self, layer: NVFP4Linear, x: torch.Tensor, dy: torch.Tensor) -> None:
+        specs = layer.recipe.role_specs()
+        with torch.no_grad():
+            if specs.dy is not None:
+                self._add("dy", role_stats(dy, specs.dy))
+            if specs.dy_t is not None:
+                ratio = wgrad_noise_ratio(x, dy, specs.dy_t, specs.x_t)
+                self._acc["wgrad_noise_ratio"].append(ratio)
+
+    def _add(self, role: str, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self._acc[f"{role}_{k}"].append(v)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: D102
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._acc:
+            self.pending = {f"nvfp4/{k}": sum(v) / len(v) for k, v in self._acc.items()}
+            self._acc = defaultdict(list)
+            ratio = self.pending.get("nvfp4/wgrad_noise_ratio")
+            if self.auto_switch and ratio is not None and ratio < SQRT3:
+                self._switch(model, state.global_step, f"wgrad noise ratio {ratio:.2f} < sqrt(3)")
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):  # noqa: D102
+        if logs is None:
+            return
+        loss = logs.get("loss")
+        if loss is not None:
+            if (
+                self.auto_switch
+                and self._loss_mean is not None
+                and loss > self.spike_factor * self._loss_mean
+            ):
+                self._switch(model, state.global_step, f"loss spike {loss:.3f}")
+            prev = loss if self._loss_mean is None else self._loss_mean
+            self._loss_mean = 0.9 * prev + 0.1 * loss
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The statistics of the last telemetry step, once (merged into logs by the Trainer)."""
+        out, self.pending = self.pending, {}
+        return out
+
+    def _switch(self, model, step: int, why: str) -> None:
+        if self.switched_at is not None or model is None:
+            return
+        switch_to_high_precision(_unwrap(model), "all")
+        self.switched_at = step
+        self.pending["nvfp4/switched_to_bf16"] = float(step)
+        logger.warning("hf_nvfp4: switched to BF16 at step %d: %s", step, why)

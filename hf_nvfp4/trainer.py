@@ -1,0 +1,133 @@
+"""``Trainer(..., nvfp4=True)``: transformers' Trainer with NVFP4 training built in.
+
+The model is converted before ``Trainer.__init__`` hands it to Accelerate (a callback's
+``on_train_begin`` would be too late: DDP/FSDP have wrapped it by then). Everything else is
+the stock Trainer: bf16, gradient accumulation and checkpointing, evaluation, logging,
+``save_model`` and ``resume_from_checkpoint`` (the stochastic-rounding state lives in the
+model's ``sr_state`` buffers, so a resumed run reproduces the uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from .callbacks import LateSwitchCallback, QuantTelemetryCallback
+from .config import QUANT_METHOD, RECIPE_ENV, NVFP4Config, resolve_nvfp4
+from .hf_quantizer import prepare_model
+
+
+@dataclass
+class NVFP4TrainingArguments(transformers.TrainingArguments):
+    """TrainingArguments with an ``nvfp4`` field (same values as ``Trainer(nvfp4=...)``)."""
+
+    nvfp4: str | None = field(
+        default=None,
+        metadata={
+            "help": "NVFP4 training: 'true', a recipe preset (nvfp4, mxfp4, fp8_block, bf16) "
+            "or a path to a JSON/YAML NVFP4Config file. In Python also an NVFP4Config or dict."
+        },
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """As TrainingArguments.to_dict, with an NVFP4Config value turned into its dict."""
+        d = super().to_dict()
+        if isinstance(self.nvfp4, NVFP4Config):
+            d["nvfp4"] = self.nvfp4.to_dict()
+        return d
+
+
+class NVFP4Trainer(transformers.Trainer):
+    """A transformers Trainer that trains the model with NVFP4 GEMMs.
+
+    Args:
+        nvfp4: ``True``, an :class:`NVFP4Config`, a dict of its fields, a preset name or a
+            path to a JSON/YAML recipe file. Falls back to ``args.nvfp4``, then to the
+            ``HF_NVFP4_RECIPE`` environment variable (read here, once). A model loaded with
+            ``quantization_config=NVFP4Config(...)`` is used as it is.
+        All other arguments are transformers.Trainer's.
+
+    With ``NVFP4Config(switch_to_bf16_at=...)`` the late precision switch is scheduled; with
+    ``optimizer_moments`` set, AdamW keeps block-quantized moments
+    (:class:`hf_nvfp4.optim.QuantizedAdamW`).
+    """
+
+    def __init__(self, model: nn.Module | None = None, args=None, *pargs, nvfp4=None, **kwargs):
+        source = nvfp4 if nvfp4 is not None else getattr(args, "nvfp4", None)
+        if source is None:
+            source = os.environ.get(RECIPE_ENV)
+        config = resolve_nvfp4(source)
+        if model is not None:
+            config = self._convert(model, config)
+        self.nvfp4_config = config
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if config is not None and config.switch_to_bf16_at is not None:
+            if not any(isinstance(c, LateSwitchCallback) for c in callbacks):
+                callbacks.append(LateSwitchCallback(config.switch_to_bf16_at, config.switch_mode))
+        super().__init__(model, args, *pargs, callbacks=callbacks, **kwargs)
+
+    @staticmethod
+    def _convert(model: nn.Module, config: NVFP4Config | None) -> NVFP4Config | None:
+        quantizer = getattr(model, "hf_quantizer", None)
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+        if method == QUANT_METHOD:
+            loaded = quantizer.quantization_config
+            if config is not None and config.to_dict() != loaded.to_dict():
+                raise ValueError(
+                    "the model was loaded with an hf_nvfp4 quantization_config that differs "
+                    "from the nvfp4= argument; pass only one of them"
+                )
+            return loaded
+        if config is None:
+            return None
+        if isinstance(model, transformers.PreTrainedModel):
+            prepare_model(model, config)
+        else:
+            from .convert import convert
+
+            convert(model, config)
+        return config
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Trainer.log with the telemetry callback's pending statistics merged in."""
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, QuantTelemetryCallback):
+                logs.update(cb.pop_metrics())
+        super().log(logs, *args, **kwargs)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """The stock optimizer, or QuantizedAdamW when ``optimizer_moments`` is set."""
+        config = self.nvfp4_config
+        if config is None or config.optimizer_moments is None or self.optimizer is not None:
+            return super().create_optimizer(*args, **kwargs)
+        from .optim import QuantizedAdamW, param_groups
+
+        opt_model = (args[0] if args else kwargs.get("model")) or self.model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        names = {id(p): n for n, p in opt_model.named_parameters()}
+        groups = []
+        for group in param_groups(opt_model):
+            for wants_decay in (True, False):
+                params = [p for p in group["params"] if (names[id(p)] in decay) == wants_decay]
+                if params:
+                    wd = self.args.weight_decay if wants_decay else 0.0
+                    groups.append({**group, "params": params, "weight_decay": wd})
+        fmt = config.optimizer_moments
+        self.optimizer = QuantizedAdamW(
+            groups,
+            lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+            exp_avg_format=fmt,
+            exp_avg_sq_format=fmt,
+            seed=self.args.seed,
+        )
+        return self.optimizer
+
+
+Trainer = NVFP4Trainer

@@ -1,0 +1,213 @@
+"""convert(): which Linears of real (tiny) transformers models become NVFP4Linear, and why."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from hf_nvfp4 import NVFP4Config, NVFP4Linear, convert
+from hf_nvfp4.convert import find_blocks
+
+H, I, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 64, 128, 4, 2, 16, 256
+_DECODER = dict(
+    vocab_size=VOCAB, hidden_size=H, intermediate_size=I, num_hidden_layers=3,
+    num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+)
+
+
+def _llama_block_params(qkv_bias: bool = False) -> int:
+    """Parameters of one Llama-style block's Linears: q, k, v, o and the gated MLP."""
+    q = o = H * HEADS * HEAD_DIM
+    kv = 2 * H * KV_HEADS * HEAD_DIM
+    bias = (HEADS + 2 * KV_HEADS) * HEAD_DIM if qkv_bias else 0
+    return q + kv + o + bias + 3 * H * I
+
+
+# GPT-NeoX: fused qkv and dense (both with bias), h->4h and 4h->h (with bias).
+_NEOX_BLOCK_PARAMS = (3 * H * H + 3 * H) + (H * H + H) + (H * I + I) + (I * H + H)
+
+ARCHS = [
+    pytest.param(LlamaConfig(**_DECODER), 7, _llama_block_params(), id="llama"),
+    pytest.param(MistralConfig(**_DECODER), 7, _llama_block_params(), id="mistral"),
+    pytest.param(Qwen2Config(**_DECODER), 7, _llama_block_params(qkv_bias=True), id="qwen2"),
+    pytest.param(Qwen3Config(head_dim=HEAD_DIM, **_DECODER), 7, _llama_block_params(),
+                 id="qwen3"),
+    pytest.param(GemmaConfig(head_dim=HEAD_DIM, **_DECODER), 7, _llama_block_params(),
+                 id="gemma"),
+    pytest.param(
+        GPTNeoXConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=I, num_hidden_layers=3,
+                      num_attention_heads=HEADS),
+        4, _NEOX_BLOCK_PARAMS, id="gpt_neox",
+    ),
+]
+
+
+def _llama(layers: int = 2, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = dict(_DECODER, num_hidden_layers=layers, **kw)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**cfg))
+
+
+def _cfg(**kw) -> NVFP4Config:
+    return NVFP4Config(backend="reference", **{"first_bf16_blocks": 0, "last_bf16_blocks": 0, **kw})
+
+
+@pytest.mark.parametrize("config, linears_per_block, block_params", ARCHS)
+def test_convert_quantizes_the_middle_blocks_of_each_architecture(
+    config, linears_per_block, block_params
+):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    prefix, n_blocks = find_blocks(model)
+    assert n_blocks == 3
+    blocks = model.get_submodule(prefix)
+    weights_before = {n: m.weight for n, m in blocks[1].named_modules() if isinstance(m, nn.Linear)}
+
+    summary = convert(model, _cfg(first_bf16_blocks=1, last_bf16_blocks=1), verbose=False)
+
+    # Only block 1 of 3 is quantized; head, embeddings and blocks 0 and 2 are not.
+    assert summary.bf16_blocks == (1, 1)
+    assert len(summary.quantized_layers) == linears_per_block
+    assert all(n.startswith(f"{prefix}.1.") for n in summary.quantized_layers)
+    assert summary.quantized_params == block_params
+    assert summary.total_params == sum(p.numel() for p in model.parameters())
+    nvfp4 = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)}
+    assert sorted(nvfp4) == sorted(summary.quantized_layers)
+    # Parameters are shared, not copied: an optimizer built before convert still works.
+    for name, weight in weights_before.items():
+        assert nvfp4[f"{prefix}.1.{name}"].weight is weight
+    kept = [d for d in summary.layers if not d.quantized]
+    assert {d.reason for d in kept} == {
+        "in the first 1 blocks (kept BF16)",
+        "in the last 1 blocks (kept BF16)",
+        "outside the decoder blocks (embeddings, head, projections)",
+    }
+
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.logits).all()
+    assert 4.5 < out.loss.item() < 6.5  # ~ln(256) = 5.55 at initialization
+    out.loss.backward()
+    for mod in nvfp4.values():
+        assert torch.isfinite(mod.weight.grad).all()
+        assert mod.weight.grad.abs().sum() > 0
+
+
+def test_gpt2_conv1d_is_reported_unsupported(caplog):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        GPT2Config(vocab_size=VOCAB, n_embd=H, n_layer=2, n_head=HEADS, bos_token_id=0,
+                   eos_token_id=0)
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_nvfp4.convert"):
+        summary = convert(model, _cfg(), verbose=False)
+
+    assert summary.num_blocks == 2
+    assert summary.quantized_layers == []
+    unsupported = [d for d in summary.layers if d.reason == "unsupported module type Conv1D"]
+    # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of the 2 blocks.
+    assert len(unsupported) == 8
+    assert "kept: 8 x unsupported module type Conv1D" in summary.table()
+    assert "unsupported types" in caplog.text and "Conv1D" in caplog.text
+    assert not any(isinstance(m, NVFP4Linear) for m in model.modules())
+
+
+def test_model_without_blocks_raises():
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    assert find_blocks(model) is None
+    with pytest.raises(ValueError, match="could not find the decoder blocks of Sequential"):
+        convert(model, _cfg(), verbose=False)
+
+
+@pytest.mark.parametrize(
+    "first, last, num_blocks, expected",
+    [
+        (2 / 62, 8 / 62, 62, (2, 8)),  # the paper's 12B split
+        (2 / 62, 8 / 62, 16, (1, 2)),
+        (2 / 62, 8 / 62, 4, (0, 1)),
+        (3, 1, 10, (3, 1)),  # counts
+        (0.25, 0.5, 8, (2, 4)),  # fractions
+        (0, 1.0, 6, (0, 6)),
+    ],
+)
+def test_block_split(first, last, num_blocks, expected):
+    assert NVFP4Config(first_bf16_blocks=first, last_bf16_blocks=last).block_split(
+        num_blocks
+    ) == expected
+
+
+def test_default_config_keeps_last_block_of_four_in_bf16():
+    model = _llama(layers=4)
+    summary = convert(model, NVFP4Config(backend="reference"), verbose=False)
+    assert summary.bf16_blocks == (0, 1)
+    assert len(summary.quantized_layers) == 3 * 7
+    assert not any(n.startswith("model.layers.3.") for n in summary.quantized_layers)
+    assert "in the last 1 blocks (kept BF16)" in summary.table()
+
+
+@pytest.mark.parametrize(
+    "kw, expected, reason",
+    [
+        (dict(include=[r"mlp\."]), 6, "not matched by include patterns"),
+        (dict(include=r"mlp\."), 6, "not matched by include patterns"),  # a lone pattern
+        (dict(exclude=[r"down_proj$"]), 12, "matched an exclude pattern"),
+        (dict(include=[r"mlp\."], exclude=["down_proj"]), 4, "matched an exclude pattern"),
+        (dict(modules_to_not_convert=["model.layers.0"]), 7, "listed in modules_to_not_convert"),
+        (dict(modules_to_not_convert=["model.layers.1.mlp.up_proj"]), 13,
+         "listed in modules_to_not_convert"),
+    ],
+)
+def test_include_exclude_and_modules_to_not_convert(kw, expected, reason):
+    summary = convert(_llama(), _cfg(**kw), verbose=False)
+    assert len(summary.quantized_layers) == expected
+    kept_in_blocks = [d for d in summary.layers if not d.quantized and d.name != "lm_head"]
+    assert len(kept_in_blocks) == 14 - expected
+    assert any(d.reason == reason for d in kept_in_blocks)
+
+
+def test_modules_to_not_convert_matches_whole_name_components():
+    # "model.layers.0.mlp.up" is not a prefix of the module "model.layers.0.mlp.up_proj".
+    summary = convert(_llama(), _cfg(modules_to_not_convert=["model.layers.0.mlp.up"]),
+                      verbose=False)
+    assert "model.layers.0.mlp.up_proj" in summary.quantized_layers
+
+
+def test_dims_not_multiple_of_16_are_skipped_with_reason():
+    summary = convert(_llama(intermediate_size=72), _cfg(), verbose=False)
+    skipped = sorted(d.name for d in summary.layers if d.reason == "dimensions not multiples of 16")
+    assert skipped == [f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("down", "gate",
+                                                                                  "up")]
+    assert len(summary.quantized_layers) == 8  # q, k, v, o of both blocks
+    assert all("self_attn" in n for n in summary.quantized_layers)
+
+
+def test_layers_get_consecutive_sr_seeds_and_convert_is_idempotent():
+    model = _llama()
+    first = convert(model, _cfg(sr_seed=100), verbose=False)
+    seeds = [int(model.get_submodule(n).sr_state[0]) for n in first.quantized_layers]
+    assert seeds == list(range(100, 114))
+    assert all(int(model.get_submodule(n).sr_state[1]) == 0 for n in first.quantized_layers)
+
+    again = convert(model, _cfg(), verbose=False)
+    assert again.quantized_layers == []
+    assert sum(d.reason == "already NVFP4Linear" for d in again.layers) == 14
+
+
+def test_summary_table(capsys):
+    summary = convert(_llama(), _cfg(), verbose=True)
+    table = capsys.readouterr().out
+    assert table.strip() == summary.table()
+    assert "14 of 15 linear layers quantized (2 blocks; first 0 and last 0 kept in BF16)" in table
+    q = 2 * _llama_block_params()
+    assert f"parameters in quantized layers: {q:,}" in table
