@@ -24,13 +24,18 @@ def _median_ms(fn: Callable[[], object], reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def pick(key: tuple, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+def pick(
+    key: tuple, make_candidates: Callable[[], dict[str, Callable[[], object]]],
+    device: torch.device,
+) -> str:
     """The name of the fastest candidate for ``key`` (timed once on CUDA, then cached).
 
-    Off CUDA (the interpreter) the first candidate is used. A candidate that raises (e.g.
-    too little shared memory for its tile) is recorded with its error and skipped.
+    ``make_candidates`` is called only on the first call for ``key``. Off CUDA (the
+    interpreter) the first candidate is used. A candidate that raises (e.g. too little
+    shared memory for its tile) is recorded with its error and skipped.
     """
     if key not in _CHOICES:
+        candidates = make_candidates()
         if device.type != "cuda":
             _CHOICES[key] = next(iter(candidates))
             return _CHOICES[key]

@@ -69,7 +69,8 @@ def amax_rowcol(
         )
 
     key = ("amax", m, k, x.dtype, row, col, rht_sign is not None, x.device)
-    cands = {f"BK={bk},warps={w}": (lambda bk=bk, w=w: launch(bk, w)) for bk, w in _CONFIGS}
-    bk, warps = _CONFIGS[list(cands).index(pick(key, cands, x.device))]
+    names = [f"BK={bk},warps={w}" for bk, w in _CONFIGS]
+    cands = lambda: {n: (lambda c=c: launch(*c)) for n, c in zip(names, _CONFIGS, strict=True)}
+    bk, warps = _CONFIGS[names.index(pick(key, cands, x.device))]
     launch(bk, warps)
     return out

@@ -173,7 +173,8 @@ def quantize_rowcol_nvfp4(
 
     key = ("rowcol", m, k, x.dtype, row, col, col_rht_sign is not None,
            row_seed is not None, col_seed is not None, dev)
-    cands = {f"BK={bk},warps={w}": (lambda bk=bk, w=w: launch(bk, w)) for bk, w in _CONFIGS}
-    bk, warps = _CONFIGS[list(cands).index(pick(key, cands, dev))]
+    names = [f"BK={bk},warps={w}" for bk, w in _CONFIGS]
+    cands = lambda: {n: (lambda c=c: launch(*c)) for n, c in zip(names, _CONFIGS, strict=True)}
+    bk, warps = _CONFIGS[names.index(pick(key, cands, dev))]
     launch(bk, warps)
     return row_data, row_scale, col_data, col_scale, gs

@@ -25,9 +25,9 @@ def _role_specs(recipe: Recipe) -> RoleSpecs:
 class NVFP4Linear(nn.Linear):
     """``nn.Linear`` whose forward, dgrad and wgrad GEMMs run on NVFP4 (or another format).
 
-    The master weight keeps its dtype (FP32 for training). Per the recipe, the weight is
-    quantized once per optimizer step (cached until the weight changes) and reused by the
-    forward and dgrad GEMMs; only packed codes and scales are saved for backward.
+    The master weight keeps its dtype (FP32 for training). The weight is quantized once per
+    forward call and the same tiles serve the forward and the dgrad GEMMs; only packed
+    codes and scales are saved for backward.
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
@@ -61,9 +61,6 @@ class NVFP4Linear(nn.Linear):
             "sr_state", torch.tensor([sr_seed, 0], dtype=torch.int64, device=device)
         )
         self._sr_seed, self._sr_step = int(sr_seed), 0
-        self._w_cache: tuple[tuple[Any, ...], tuple[QTensor, QTensor], QTensor | None] | None = (
-            None
-        )
 
     @classmethod
     def from_linear(
@@ -109,30 +106,19 @@ class NVFP4Linear(nn.Linear):
             seed, step = (int(v) for v in state_dict[key].tolist())
             self._sr_seed, self._sr_step = seed, step
 
-    # ---- weight quantization, once per weight version ----------------------------------
+    # ---- weight quantization, once per forward, reused by the dgrad GEMM -----------------
+    # No cache across calls: fused optimizers and ``.data`` updates change a weight without
+    # bumping its version counter, so a cache keyed on it would serve stale weights.
     def _quantized_weight(
         self, backend: Backend, specs: RoleSpecs
     ) -> tuple[tuple[QTensor, QTensor] | None, QTensor | None]:
-        if specs.w is None and specs.w_dgrad is None:
-            return None, None
-        w = self.weight
-        key = (w._version, w.data_ptr(), w.dtype, w.device, backend.name, specs.w, specs.w_dgrad)
-        if self._w_cache is not None and self._w_cache[0] == key:
-            return self._w_cache[1], self._w_cache[2]
-        wd = w.detach()
+        wd = self.weight.detach()
         w_q = backend.quantize_weight(wd, specs.w) if specs.w is not None else None
         if specs.w_dgrad is None:
-            w_dgrad_t = None
-        elif specs.w_dgrad == specs.w:
-            w_dgrad_t = w_q[1]
-        else:
-            w_dgrad_t = backend.quantize_weight(wd, specs.w_dgrad)[1]
-        self._w_cache = (key, w_q, w_dgrad_t)
-        return w_q, w_dgrad_t
-
-    def clear_weight_cache(self) -> None:
-        """Drop the cached quantized weight (it is rebuilt on the next forward)."""
-        self._w_cache = None
+            return w_q, None
+        if specs.w_dgrad == specs.w:
+            return w_q, w_q[1]
+        return w_q, backend.quantize_weight(wd, specs.w_dgrad)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantized ``x W^T + b`` per the recipe (plain ``F.linear`` for the BF16 recipe)."""
