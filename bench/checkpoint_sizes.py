@@ -7,7 +7,7 @@ exports are then loaded by plain transformers in a subprocess that never imports
 
     python -m bench.checkpoint_sizes [--out bench/results/checkpoint_sizes.json]
 
-(run as a module from the repository root: run as a script, bench/kernels.py would shadow
+(run as a module from the repository root: run as a script, bench/kernel_speed.py would shadow
 the ``kernels`` package that transformers imports)
 """
 

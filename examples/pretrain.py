@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -76,6 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/pretrain")
+    p.add_argument("--save-state-at", type=int, default=None,
+                   help="save the full training state (accelerator.save_state) at this step")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step (the schedule still spans --steps)")
+    p.add_argument("--resume-from", default=None,
+                   help="a directory written by --save-state-at: load it and continue")
     args = p.parse_args(argv)
     if args.tiny:
         args.seq, args.batch, args.corpus_bytes = 64, 4, 200_000
@@ -99,10 +106,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
 
+    start = 0
+    if args.resume_from:
+        accelerator.load_state(args.resume_from)
+        start = json.loads((Path(args.resume_from) / "step.json").read_text())["step"]
     losses: list[float] = []
     it = iter(loader)
+    for _ in range(start % len(loader)):
+        next(it)
     model.train()
-    for _ in range(args.steps):
+    t0 = time.perf_counter()
+    stop = args.steps if args.stop_at is None else args.stop_at
+    for step in range(start, stop):
         try:
             batch = next(it)
         except StopIteration:
@@ -114,14 +129,27 @@ def main(argv: list[str] | None = None) -> None:
         sched.step()
         opt.zero_grad()
         losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
+        if args.save_state_at is not None and step + 1 == args.save_state_at:
+            state_dir = Path(args.out) / f"state-{step + 1}"
+            accelerator.save_state(str(state_dir))
+            if accelerator.is_main_process:
+                (state_dir / "step.json").write_text(json.dumps({"step": step + 1}))
+    seconds = time.perf_counter() - t0
     checksum = sum(p.detach().double().sum().item() for p in model.parameters())
-    checksums = accelerator.gather(torch.tensor([checksum], device=accelerator.device)).tolist()
+    checksums = accelerator.gather(
+        torch.tensor([checksum], dtype=torch.float64, device=accelerator.device)
+    ).tolist()
     if accelerator.is_main_process:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         metrics = {
-            "losses": losses, "param_checksums": checksums,
+            "losses": losses, "first_step": start, "param_checksums": checksums,
             "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "tokens_per_s": (stop - start) * args.batch * args.seq
+            * accelerator.num_processes / seconds,
+            "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20
+            if torch.cuda.is_available() and not args.cpu else None,
             "nvfp4": plugin.config.to_dict() if plugin else None,
             "quantized_layers": len(plugin.summaries[0].quantized_layers) if plugin else 0,
         }

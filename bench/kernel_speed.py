@@ -1,7 +1,7 @@
 """Benchmark and large-size check of the Triton NVFP4 kernels on one CUDA device (issue 4).
 
-    python bench/kernels.py --out bench/results/kernels.json   # timings, markdown table
-    python bench/kernels.py --check                            # bit-exactness vs reference
+    python bench/kernel_speed.py --out bench/results/kernels.json   # timings, markdown table
+    python bench/kernel_speed.py --check                            # bit-exactness vs reference
 
 Timings use CUDA events after warmup, median of repeats. Throughputs are in bytes of the
 input tensor per second, and the copy baseline is a ``clone`` of a 1 GiB tensor in the same
@@ -257,7 +257,7 @@ def main() -> None:
                         help="how many linear shapes also time the reference backend")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA device")
+        sys.exit("bench/kernel_speed.py needs a CUDA device")
     report: dict = {
         "device": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
