@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from hf_nvfp4 import NVFP4Plugin
-from hf_nvfp4.config import resolve_nvfp4
+from hf_nvfp4.config import RECIPE_ENV, resolve_nvfp4
 from hf_nvfp4.data import byte_tokens, split_blocks, stdlib_corpus
 
 
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         args.seq, args.batch, args.corpus_bytes = 64, 4, 200_000
 
     accelerator = Accelerator(cpu=args.cpu)
-    plugin = NVFP4Plugin(resolve_nvfp4(args.nvfp4)) if args.nvfp4 else NVFP4Plugin.from_env()
+    config = resolve_nvfp4(args.nvfp4 if args.nvfp4 is not None else os.environ.get(RECIPE_ENV))
+    plugin = NVFP4Plugin(config) if config is not None else None
     if plugin is not None:
         plugin.apply(accelerator)
     set_seed(args.seed)
@@ -104,10 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         train, batch_size=args.batch, shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    # The scheduler stays unprepared: Accelerate would step it once per process per step.
+    model, opt, loader = accelerator.prepare(model, opt, loader)
 
     start = 0
     if args.resume_from:
+        accelerator.register_for_checkpointing(sched)
         accelerator.load_state(args.resume_from)
         start = json.loads((Path(args.resume_from) / "step.json").read_text())["step"]
     losses: list[float] = []
@@ -128,9 +132,10 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         sched.step()
         opt.zero_grad()
-        losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
+        losses.append(accelerator.reduce(loss.detach().float(), reduction="mean").item())
         if args.save_state_at is not None and step + 1 == args.save_state_at:
             state_dir = Path(args.out) / f"state-{step + 1}"
+            accelerator.register_for_checkpointing(sched)
             accelerator.save_state(str(state_dir))
             if accelerator.is_main_process:
                 (state_dir / "step.json").write_text(json.dumps({"step": step + 1}))

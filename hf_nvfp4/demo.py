@@ -39,8 +39,8 @@ class DemoSize:
 
 CPU = DemoSize(hidden=128, layers=4, heads=4, seq=128, batch=8, steps=200,
                corpus_bytes=1_500_000, vocab=2048)
-GPU = DemoSize(hidden=512, layers=8, heads=8, seq=256, batch=32, steps=600,
-               corpus_bytes=8_000_000, vocab=8192)
+GPU = DemoSize(hidden=512, layers=8, heads=8, seq=256, batch=16, steps=300,
+               corpus_bytes=4_000_000, vocab=8192)
 
 
 class _Blocks(torch.utils.data.Dataset):
@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + table + "\n")
     _plot(runs, out / "loss_curves.png")
 
-    nvfp4_trainer = runs[1]["trainer"]
+    for r in runs:
+        r["trainer"].save_model(str(out / f"{r['name']}_model"))
+        tokenizer.save_pretrained(str(out / f"{r['name']}_model"))
     ckpt = out / "nvfp4_model"
-    nvfp4_trainer.save_model(str(ckpt))
-    tokenizer.save_pretrained(str(ckpt))
     sample = _reload_and_generate(ckpt, device)
     print(f"[demo] reloaded {ckpt}; sample:\n{sample}\n")
 

@@ -19,9 +19,9 @@ from transformers import (
 from hf_nvfp4 import NVFP4Config, NVFP4Linear, convert
 from hf_nvfp4.convert import find_blocks
 
-H, I, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 64, 128, 4, 2, 16, 256
+H, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 64, 128, 4, 2, 16, 256
 _DECODER = dict(
-    vocab_size=VOCAB, hidden_size=H, intermediate_size=I, num_hidden_layers=3,
+    vocab_size=VOCAB, hidden_size=H, intermediate_size=INTER, num_hidden_layers=3,
     num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
 )
 
@@ -31,11 +31,11 @@ def _llama_block_params(qkv_bias: bool = False) -> int:
     q = o = H * HEADS * HEAD_DIM
     kv = 2 * H * KV_HEADS * HEAD_DIM
     bias = (HEADS + 2 * KV_HEADS) * HEAD_DIM if qkv_bias else 0
-    return q + kv + o + bias + 3 * H * I
+    return q + kv + o + bias + 3 * H * INTER
 
 
 # GPT-NeoX: fused qkv and dense (both with bias), h->4h and 4h->h (with bias).
-_NEOX_BLOCK_PARAMS = (3 * H * H + 3 * H) + (H * H + H) + (H * I + I) + (I * H + H)
+_NEOX_BLOCK_PARAMS = (3 * H * H + 3 * H) + (H * H + H) + (H * INTER + INTER) + (INTER * H + H)
 
 ARCHS = [
     pytest.param(LlamaConfig(**_DECODER), 7, _llama_block_params(), id="llama"),
@@ -46,7 +46,7 @@ ARCHS = [
     pytest.param(GemmaConfig(head_dim=HEAD_DIM, **_DECODER), 7, _llama_block_params(),
                  id="gemma"),
     pytest.param(
-        GPTNeoXConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=I, num_hidden_layers=3,
+        GPTNeoXConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=INTER, num_hidden_layers=3,
                       num_attention_heads=HEADS),
         4, _NEOX_BLOCK_PARAMS, id="gpt_neox",
     ),

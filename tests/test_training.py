@@ -55,8 +55,10 @@ def _train(data, quantized: bool) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_nvfp4_training_matches_bf16(data):
+    # One thread: at these sizes a second one gains ~15%, and on a shared machine OpenMP
+    # threads spinning on a busy core made the test several times slower.
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     try:
         first_bf16, val_bf16 = _train(data, quantized=False)
         first_nvfp4, val_nvfp4 = _train(data, quantized=True)
@@ -66,7 +68,7 @@ def test_nvfp4_training_matches_bf16(data):
     # Same init and data: the first losses are ~ln(256) = 5.55 in both runs.
     assert first_bf16 == pytest.approx(5.55, abs=0.2)
     assert first_nvfp4 == pytest.approx(first_bf16, abs=0.02)
-    # Both learned a lot (measured: ~2.06 for both, from ~5.6) ...
+    # Both learned a lot (measured: 2.063 in BF16, 2.062 in NVFP4, from 5.60) ...
     assert val_bf16 < 0.6 * first_bf16
     assert val_nvfp4 < 0.6 * first_nvfp4
     # ... and NVFP4 ends within 3% of BF16.
