@@ -29,6 +29,8 @@ from hf_nvfp4 import NVFP4Plugin
 from hf_nvfp4.config import RECIPE_ENV, resolve_nvfp4
 from hf_nvfp4.data import byte_tokens, split_blocks, stdlib_corpus
 
+WARMUP_STEPS = 5  # excluded from tokens/s (kernel compilation, allocator warm-up)
+
 
 def load_text(args: argparse.Namespace) -> str:
     """The training text: a Hub dataset, local files, or the stdlib sources."""
@@ -133,13 +135,19 @@ def main(argv: list[str] | None = None) -> None:
         sched.step()
         opt.zero_grad()
         losses.append(accelerator.reduce(loss.detach().float(), reduction="mean").item())
+        if step == start + WARMUP_STEPS - 1:
+            t_warm = time.perf_counter()
         if args.save_state_at is not None and step + 1 == args.save_state_at:
             state_dir = Path(args.out) / f"state-{step + 1}"
             accelerator.register_for_checkpointing(sched)
             accelerator.save_state(str(state_dir))
             if accelerator.is_main_process:
                 (state_dir / "step.json").write_text(json.dumps({"step": step + 1}))
-    seconds = time.perf_counter() - t0
+    timed_steps = stop - start - WARMUP_STEPS
+    if timed_steps > 0:
+        seconds = time.perf_counter() - t_warm
+    else:
+        timed_steps, seconds = stop - start, time.perf_counter() - t0
     checksum = sum(p.detach().double().sum().item() for p in model.parameters())
     checksums = accelerator.gather(
         torch.tensor([checksum], dtype=torch.float64, device=accelerator.device)
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             "losses": losses, "first_step": start, "param_checksums": checksums,
             "num_processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
-            "tokens_per_s": (stop - start) * args.batch * args.seq
+            "tokens_per_s": timed_steps * args.batch * args.seq
             * accelerator.num_processes / seconds,
             "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20
             if torch.cuda.is_available() and not args.cpu else None,

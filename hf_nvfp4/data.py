@@ -72,12 +72,21 @@ def byte_tokens(text: str) -> torch.Tensor:
 def split_blocks(
     ids: torch.Tensor, seq_len: int, val_fraction: float = 0.05
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut a token stream into ``[n, seq_len]`` blocks; the last ``val_fraction`` is held out."""
+    """Cut a token stream into ``[n, seq_len]`` blocks and hold out every k-th block.
+
+    Validation blocks are spread evenly over the stream (``k = round(1 / val_fraction)``),
+    so they sample every part of the corpus rather than only its last files.
+    """
     if seq_len <= 1:
         raise ValueError(f"seq_len must be > 1; got {seq_len}")
     n = ids.numel() // seq_len
     if n < 2:
         raise ValueError(f"need at least 2 blocks of {seq_len} tokens; got {ids.numel()} tokens")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
     blocks = ids[: n * seq_len].reshape(n, seq_len)
-    n_val = max(1, int(round(n * val_fraction)))
-    return blocks[:-n_val], blocks[-n_val:]
+    k = max(2, int(round(1 / val_fraction)))
+    is_val = torch.arange(n) % k == k - 1
+    if not bool(is_val.any()):
+        is_val[-1] = True
+    return blocks[~is_val], blocks[is_val]

@@ -45,8 +45,10 @@ def test_split_blocks():
     ids = torch.arange(1000)
     train, val = split_blocks(ids, seq_len=10, val_fraction=0.1)
     assert train.shape == (90, 10) and val.shape == (10, 10)
-    assert torch.equal(torch.cat([train, val]).flatten(), ids)
-    # The held-out part is the end of the stream; at least one block is held out.
+    # Every 10th block is held out, so validation samples the whole stream.
+    assert val[:, 0].tolist() == list(range(90, 1000, 100))
+    assert sorted(torch.cat([train, val]).flatten().tolist()) == ids.tolist()
+    # At least one block is held out even for a tiny fraction.
     train, val = split_blocks(torch.arange(105), seq_len=50, val_fraction=0.01)
     assert train.shape == (1, 50) and val.tolist() == [list(range(50, 100))]
 
