@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = train_tokenizer(text, size.vocab)
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     train, val = split_blocks(ids, size.seq, val_fraction=0.05)
-    val = val[: 8 * size.batch]
+    val = val[torch.linspace(0, len(val) - 1, min(len(val), 8 * size.batch)).long()]
     print(f"[demo] {len(text):,} characters -> {ids.numel():,} tokens; "
           f"{train.shape[0]} train / {val.shape[0]} val blocks of {size.seq}")
 

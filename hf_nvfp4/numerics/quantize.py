@@ -27,6 +27,7 @@ from .scales import (
 
 ROUNDINGS = ("nearest", "stochastic")
 _UE8M0_BIAS = 127
+_UE8M0_NAN = 0xFF
 
 
 @dataclass
@@ -40,7 +41,8 @@ class QTensor:
         scale: one block scale per row and block of columns (``[..., rows, cols/block]``; for
             2D tiles every row of a tile repeats the tile's scale, the layout checkpoints
             use). NVFP4: float8_e4m3fn decode scales; MX formats: uint8 biased exponents
-            (UE8M0, value ``2**(byte - 127)``); FP8 block: float32 decode scales.
+            (UE8M0, value ``2**(byte - 127)``, 0xFF is NaN); FP8 block: float32 decode
+            scales.
         global_scale: NVFP4's FP32 per-tensor decode scale ``amax / (6 * 448)`` (0-dim);
             ``None`` for formats without one.
         fmt: the format name.
@@ -78,7 +80,10 @@ class QTensor:
         if f.scale == "e4m3":
             scale = self.scale.to(torch.float32)
         elif f.scale == "ue8m0":
-            scale = exp2_int(self.scale.to(torch.int32) - _UE8M0_BIAS)
+            byte = self.scale.to(torch.int32)
+            scale = torch.where(
+                byte == _UE8M0_NAN, torch.nan, exp2_int((byte - _UE8M0_BIAS).clamp(max=127))
+            )
         else:
             scale = self.scale
         return elems * scale.repeat_interleave(f.block, dim=-1)
@@ -212,7 +217,8 @@ def quantize(
     elif f.scale == "ue8m0":
         k = ue8m0_exponents(block_amax, f.element_max)
         mult = exp2_int(-k)
-        scale = (k + _UE8M0_BIAS).to(torch.uint8)
+        # E8M0 has one NaN encoding, 0xFF: a block whose amax is NaN keeps it.
+        scale = torch.where(block_amax.isnan(), _UE8M0_NAN, k + _UE8M0_BIAS).to(torch.uint8)
     else:
         mult = fp8_block_encode(block_amax)
         scale = torch.tensor(1.0, dtype=torch.float32, device=xf.device) / mult

@@ -19,13 +19,6 @@ def test_nonfinite_raises_with_counts():
         quantize(x.to(torch.bfloat16), "mxfp4")
 
 
-_MX_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="package gap: a NaN block amax gets UE8M0 exponent -127 (not the E8M0 NaN 0xFF) "
-    "and the NaN element rounds to code 0, so MX blocks drop the NaN",
-)
-
-
 @pytest.mark.parametrize(
     ("fmt", "tile"),
     [
@@ -33,8 +26,8 @@ _MX_NAN = pytest.mark.xfail(
         ("nvfp4", (16, 16)),
         ("fp8_block", (1, 128)),
         ("fp8_block", (128, 128)),
-        pytest.param("mxfp4", (1, 32), marks=_MX_NAN),
-        pytest.param("mxfp8", (1, 32), marks=_MX_NAN),
+        ("mxfp4", (1, 32)),
+        ("mxfp8", (1, 32)),
     ],
 )
 def test_allow_nonfinite_propagates_nan_to_its_block(fmt, tile):
