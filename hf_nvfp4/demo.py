@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import save_packed
 from .config import NVFP4Config
 from .data import split_blocks, stdlib_corpus, train_tokenizer
 from .trainer import NVFP4Trainer, NVFP4TrainingArguments
@@ -169,23 +170,31 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + table + "\n")
     _plot(runs, out / "loss_curves.png")
 
-    for r in runs:
-        r["trainer"].save_model(str(out / f"{r['name']}_model"))
-        tokenizer.save_pretrained(str(out / f"{r['name']}_model"))
-    ckpt = out / "nvfp4_model"
-    sample = _reload_and_generate(ckpt, device)
-    print(f"[demo] reloaded {ckpt}; sample:\n{sample}\n")
+    bf16_dir, packed_dir = out / "bf16_model", out / "nvfp4_packed"
+    runs[0]["trainer"].save_model(str(bf16_dir))
+    tokenizer.save_pretrained(str(bf16_dir))
+    save_packed(runs[1]["trainer"].model, packed_dir, tokenizer=tokenizer)
+    sizes = {d.name: _dir_bytes(d) for d in (bf16_dir, packed_dir)}
+    print(f"[demo] checkpoints: BF16 {sizes[bf16_dir.name]:,} bytes (FP32 masters), "
+          f"NVFP4 packed {sizes[packed_dir.name]:,} bytes")
+    sample = _reload_and_generate(packed_dir, device)
+    print(f"[demo] reloaded the packed NVFP4 checkpoint {packed_dir}; sample:\n{sample}\n")
 
     results = {
         "device": device,
         "size": size.__dict__,
         "runs": [{k: v for k, v in r.items() if k != "trainer"} for r in runs],
         "table": table,
+        "checkpoint_bytes": sizes,
         "sample": sample,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"[demo] wrote {out / 'results.json'} and {out / 'loss_curves.png'}")
     return results
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def _reload_and_generate(path: Path, device: str) -> str:
