@@ -204,9 +204,10 @@ def _reload_and_generate(path: Path, device: str) -> str:
     model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
     prompt = "def "
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+    torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=48, do_sample=False,
-                             pad_token_id=tok.eos_token_id)
+        out = model.generate(ids, max_new_tokens=48, do_sample=True, temperature=0.8,
+                             top_k=40, repetition_penalty=1.3, pad_token_id=tok.eos_token_id)
     return tok.decode(out[0])
 
 
