@@ -11,7 +11,9 @@ BACKENDS = ("auto", "reference", "triton", "te", "native")
 def get_backend(name: str, device: object = None) -> Backend:
     """The backend called ``name``; ``"auto"`` picks the fastest one that runs on ``device``.
 
-    ``auto``: ``triton`` on CUDA devices when Triton imports, else ``reference``.
+    ``auto``: ``native`` on Blackwell when torch's FP4 ``_scaled_mm`` is usable, else
+    ``triton`` on CUDA devices when Triton imports, else ``reference``. ``te`` is opt-in.
+    ``native`` and ``te`` were written against the documented APIs and not run on hardware.
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
@@ -23,7 +25,16 @@ def get_backend(name: str, device: object = None) -> Backend:
         from .triton_backend import TritonBackend
 
         return TritonBackend()
-    raise NotImplementedError(f"backend {name!r} is not available in this build")
+    if name == "native":
+        from .native import NativeFP4Backend, is_native_fp4_available
+
+        ok, why = is_native_fp4_available(device if device is not None else "cuda")
+        if not ok:
+            raise RuntimeError(f"the native backend cannot run here: {why}")
+        return NativeFP4Backend()
+    from .te import TEBackend
+
+    return TEBackend()
 
 
 def _auto(device: object) -> str:
@@ -32,6 +43,10 @@ def _auto(device: object) -> str:
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":
         from ..kernels import is_triton_available
+        from .native import is_native_fp4_available
+
+        if is_native_fp4_available(dev)[0] and is_triton_available()[0]:
+            return "native"
 
         if is_triton_available()[0]:
             return "triton"

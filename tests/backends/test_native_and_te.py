@@ -1,0 +1,59 @@
+"""The native (Blackwell FP4 GEMM) and te backends: the parts that run without a Blackwell GPU."""
+
+import pytest
+import torch
+
+from hf_nvfp4.backends import get_backend
+from hf_nvfp4.backends.native import from_blocked, is_native_fp4_available, to_blocked
+from hf_nvfp4.backends.te import INSTALL, is_te_available, te_recipe_kwargs
+from hf_nvfp4.recipe import PRESETS, Recipe
+
+
+def test_to_blocked_places_each_scale_where_cublas_reads_it():
+    rows, cols = 130, 6  # padded to 256 x 8: 2 x 2 tiles of 128 x 4
+    vals = torch.arange(rows * cols, dtype=torch.int32) % 251 + 1
+    scales = vals.to(torch.uint8).view(rows, cols)
+    flat = to_blocked(scales)
+    assert flat.shape == (256 * 8,) and flat.dtype == torch.uint8
+    for r, c in [(0, 0), (1, 0), (31, 3), (32, 0), (97, 2), (127, 3), (128, 4), (129, 5)]:
+        tile = (r // 128) * 2 + c // 4
+        i, j = divmod(r % 128, 32)
+        assert flat[tile * 512 + j * 16 + i * 4 + c % 4] == scales[r, c], (r, c)
+    assert int(flat.sum()) == int(scales.int().sum())  # padding is zero
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (128, 4), (300, 17)])
+def test_blocked_layout_round_trips(shape):
+    s = torch.randint(0, 255, shape, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    back = from_blocked(to_blocked(s), *shape)
+    assert torch.equal(back.view(torch.uint8), s.view(torch.uint8))
+
+
+def test_availability_reports_reasons_on_cpu():
+    ok, why = is_native_fp4_available("cpu")
+    assert not ok and why
+    ok, why = is_te_available()
+    assert not ok and ("transformer_engine" in why or "CUDA" in why or "capability" in why)
+
+
+def test_backends_refuse_clearly_without_blackwell():
+    with pytest.raises(RuntimeError, match="native backend cannot run here"):
+        get_backend("native", "cpu")
+    with pytest.raises(RuntimeError, match="te backend cannot run here"):
+        get_backend("te", "cpu")
+    assert get_backend("auto", "cpu").name == "reference"
+
+
+def test_te_recipe_mapping():
+    assert te_recipe_kwargs(PRESETS["nvfp4"]) == {
+        "disable_rht": False, "disable_stochastic_rounding": False,
+        "disable_2d_quantization": False,
+    }
+    kw = te_recipe_kwargs(Recipe(rht=False, stochastic_rounding=False, weight_2d=False))
+    assert kw == {"disable_rht": True, "disable_stochastic_rounding": True,
+                  "disable_2d_quantization": True}
+    with pytest.raises(ValueError, match="every GEMM in NVFP4"):
+        te_recipe_kwargs(PRESETS["mxfp4"])
+    with pytest.raises(ValueError, match="rht_sign"):
+        te_recipe_kwargs(Recipe(rht_sign=(1,) * 16))
+    assert "transformer_engine[pytorch]" in INSTALL
