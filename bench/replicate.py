@@ -1,0 +1,188 @@
+"""The paper's comparison at small scale: BF16 vs FP8 block vs NVFP4, with ablations (issue 8).
+
+Every run trains the same Llama from the same initialization on the same batches (batch
+``i`` is a pure function of the seed and ``i``), with periodic validation on fixed blocks.
+A run that must fit in a time-limited command stops at ``--stop-after-seconds``, saves
+model, optimizer, scheduler and step, and continues with the same command (``--resume`` is
+automatic when its checkpoint exists); the resumed curve equals the uninterrupted one.
+
+    python bench/corpus.py --out /tmp/corpus
+    python bench/replicate.py --corpus /tmp/corpus --runs bf16,nvfp4 --tokens 50_000_000 \\
+        --out eval/reports/replicate/runs --stop-after-seconds 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_nvfp4 import NVFP4Config, PrecisionSchedule, convert
+
+RUNS: dict[str, dict | None] = {
+    "bf16": None,
+    "fp8_block": {"recipe": "fp8_block", "first_bf16_blocks": 1, "last_bf16_blocks": 1},
+    "nvfp4": {"recipe": "nvfp4"},
+    "nvfp4_no_rht": {"recipe": {"preset": "nvfp4", "rht": False}},
+    "nvfp4_no_sr": {"recipe": {"preset": "nvfp4", "stochastic_rounding": False}},
+    "nvfp4_no_2d": {"recipe": {"preset": "nvfp4", "weight_2d": False}},
+    "nvfp4_all_blocks": {"recipe": "nvfp4", "first_bf16_blocks": 0, "last_bf16_blocks": 0},
+    "mxfp4": {"recipe": "mxfp4"},
+    "nvfp4_late_switch": {"recipe": "nvfp4", "switch_to_bf16_at": 0.82},
+}
+SIZES = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+             "num_attention_heads": 4},
+    "small": {"hidden_size": 640, "intermediate_size": 1920, "num_hidden_layers": 10,
+              "num_attention_heads": 10},
+}
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
+    """The training blocks of ``step``: a pure function of (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n, (batch,), generator=g)
+
+
+def build_model(size: str, vocab: int, seq: int, run: str, backend: str):
+    """The run's model (same initialization for every run) and its NVFP4Config."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=seq, tie_word_embeddings=False,
+                      num_key_value_heads=SIZES[size]["num_attention_heads"], **SIZES[size])
+    model = LlamaForCausalLM(cfg)
+    spec = RUNS[run]
+    config = None if spec is None else NVFP4Config(backend=backend, **spec)
+    if config is not None:
+        convert(model, config, verbose=False)
+    return model, config
+
+
+@torch.no_grad()
+def val_loss(model, val: torch.Tensor, device: str, amp: bool) -> float:
+    """Mean loss over the fixed validation blocks."""
+    model.eval()
+    losses = []
+    for i in range(0, len(val), 8):
+        x = val[i : i + 8].to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            losses.append(model(input_ids=x, labels=x).loss.float().item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.Tensor,
+            vocab: int) -> dict:
+    """Train (or continue) one run; returns and writes its JSON."""
+    device = args.device
+    amp = device == "cuda"
+    model, config = build_model(args.size, vocab, train.shape[1], run, args.backend)
+    model.to(device)
+    steps = max(1, args.tokens // (args.batch * train.shape[1]))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+    )
+    schedule = None
+    if config is not None and config.switch_to_bf16_at is not None:
+        schedule = PrecisionSchedule(config.switch_to_bf16_at, steps, config.switch_mode)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt, result_path = out / f"{run}.pt", out / f"{run}.json"
+    result = {"run": run, "nvfp4": None if config is None else config.to_dict(), "steps": steps,
+              "tokens_per_step": args.batch * train.shape[1], "train": [], "val": [],
+              "params": sum(p.numel() for p in model.parameters()), "seconds": 0.0}
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, result = state["step"], state["result"]
+    if schedule is not None:
+        schedule.update(model, step)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    while step < steps:
+        if not result["val"] or (step % args.val_every == 0 and result["val"][-1][0] != step):
+            result["val"].append((step, val_loss(model, val, device, amp)))
+        x = train[batch_indices(step, args.batch, len(train), args.seed)].to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if schedule is not None:
+            schedule.update(model, step)
+        result["train"].append((step, loss.float().item()))
+        if args.stop_after_seconds and time.perf_counter() - t0 > args.stop_after_seconds:
+            break
+    result["seconds"] += time.perf_counter() - t0
+    if step >= steps:
+        result["val"].append((step, val_loss(model, val, device, amp)))
+        result["final_val_loss"] = result["val"][-1][1]
+        result["tokens_per_s"] = steps * result["tokens_per_step"] / result["seconds"]
+        if device == "cuda":
+            result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        ckpt.unlink(missing_ok=True)
+    else:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "step": step, "result": result}, ckpt)
+    result["done"] = step >= steps
+    result_path.write_text(json.dumps(result))
+    print(f"{run}: step {step}/{steps}" + (
+        f" val {result['final_val_loss']:.4f}" if result["done"] else " (saved, resume later)"),
+        flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", required=True, help="a directory written by bench/corpus.py")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated of {list(RUNS)}")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--tokens", type=int, default=50_000_000, help="training tokens per run")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--val-blocks", type=int, default=64)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-after-seconds", type=float, default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.runs.split(",")) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; expected names from {list(RUNS)}")
+    corpus = Path(args.corpus)
+    vocab = json.loads((corpus / "manifest.json").read_text())["vocab_size"]
+    train = torch.from_numpy(np.load(corpus / "train.npy").astype(np.int64))[:, : args.seq]
+    val = torch.from_numpy(np.load(corpus / "val.npy").astype(np.int64))[: args.val_blocks,
+                                                                           : args.seq]
+    deadline = time.perf_counter() + (args.stop_after_seconds or float("inf"))
+    for run in args.runs.split(","):
+        done = Path(args.out) / f"{run}.json"
+        if done.exists() and json.loads(done.read_text()).get("done"):
+            continue
+        remaining = deadline - time.perf_counter()
+        budget = max(remaining, 1e-9) if args.stop_after_seconds else None
+        result = run_one(run, argparse.Namespace(**{**vars(args), "stop_after_seconds": budget}),
+                         train, val, vocab)
+        if not result["done"] or time.perf_counter() >= deadline:
+            break
+
+if __name__ == "__main__":
+    main()
