@@ -86,7 +86,10 @@ def report(folder: Path, out: Path) -> str:
         raise SystemExit(f"no finished bf16 run in {folder}: the baseline is needed")
     out.mkdir(parents=True, exist_ok=True)
     plot(runs, out)
-    lines = ["| run | val loss | vs BF16 | vs FP8 | tokens/s | peak MB |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | val loss | vs BF16 | vs FP8 | tokens/s | peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in runs.items():
         fp8 = f"{rel_gap(runs, name, 'fp8_block'):+.2f}%" if "fp8_block" in runs else "-"
         lines.append(
