@@ -27,9 +27,6 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 10
 # safetensors dtype names -> bytes per element.
 DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-TORCH_TO_ST = {torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32",
-               torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-               torch.int32: "I32", torch.float64: "F64", torch.int8: "I8", torch.bool: "BOOL"}
 
 
 def parse_size(size: int | str) -> int:

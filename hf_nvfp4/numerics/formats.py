@@ -45,12 +45,6 @@ class BlockFormat:
         """Whether two elements share one byte (4-bit elements)."""
         return self.element == "e2m1"
 
-    def bits_per_element(self) -> float:
-        """Storage bits per element including block scales (not the global scale)."""
-        elem = 4 if self.element == "e2m1" else 8
-        scale_bits = 32 if self.scale == "fp32" else 8
-        return elem + scale_bits / self.block
-
 
 NVFP4 = BlockFormat("nvfp4", "e2m1", 16, "e4m3", True, ((1, 16), (16, 16)))
 MXFP4 = BlockFormat("mxfp4", "e2m1", 32, "ue8m0", False, ((1, 32), (32, 32)))
