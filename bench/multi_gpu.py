@@ -24,6 +24,7 @@ CONFIGS = ROOT / "integrations" / "accelerate"
 RECIPES = {
     "sr": CONFIGS / "nvfp4_recipe.yaml",
     "no_sr": ROOT / "bench" / "recipes" / "nvfp4_no_sr.yaml",
+    "no_sr_reduced": ROOT / "bench" / "recipes" / "nvfp4_no_sr_reduce_amax.yaml",
 }
 
 
@@ -69,6 +70,10 @@ def main() -> None:
         runs[f"single_{recipe}"] = launch("single_gpu", recipe, gb, tmp / f"1_{recipe}", [], common)
         runs[f"ddp_{recipe}"] = launch("ddp", recipe, gb // 2, tmp / f"d_{recipe}", [], common)
     runs["fsdp2_sr"] = launch("fsdp2", "sr", gb // 2, tmp / "f_sr", [], common)
+    runs["single_no_sr_reduced"] = launch("single_gpu", "no_sr_reduced", gb, tmp / "1_nsr",
+                                          [], common)
+    runs["ddp_no_sr_reduced"] = launch("ddp", "no_sr_reduced", gb // 2, tmp / "d_nsr", [],
+                                       common)
     half = args.steps // 2
     first = launch("fsdp2", "sr", gb // 2, tmp / "f_half",
                    ["--stop-at", str(half), "--save-state-at", str(half)], common)
@@ -77,7 +82,7 @@ def main() -> None:
     runs["fsdp2_first_half"], runs["fsdp2_resumed"] = first, resumed
 
     summary: dict = {"steps": args.steps, "global_batch": gb, "runs": runs, "comparisons": {}}
-    for recipe in ("sr", "no_sr"):
+    for recipe in ("sr", "no_sr", "no_sr_reduced"):
         single = runs[f"single_{recipe}"]
         for kind in ("ddp", "fsdp2"):
             multi = runs.get(f"{kind}_{recipe}", {})

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8, help="per-process batch size")
+    p.add_argument("--batch", type=int, default=None,
+                   help="per-process batch size (default 8; 4 with --tiny)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--nvfp4", default=None,
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="a directory written by --save-state-at: load it and continue")
     args = p.parse_args(argv)
     if args.tiny:
-        args.seq, args.batch, args.corpus_bytes = 64, 4, 200_000
+        args.seq, args.corpus_bytes = 64, 200_000
+    if args.batch is None:
+        args.batch = 4 if args.tiny else 8
 
     accelerator = Accelerator(cpu=args.cpu)
     config = resolve_nvfp4(args.nvfp4 if args.nvfp4 is not None else os.environ.get(RECIPE_ENV))

@@ -65,6 +65,10 @@ class NVFP4Config(QuantizationConfigMixin):
         checkpoint_format: what the checkpoint holds: ``"master"`` (high-precision master
             weights, what ``save_pretrained`` writes) or ``"packed"`` (4-bit NVFP4 codes and
             scales written by :func:`hf_nvfp4.checkpoint.save_packed`; loads for inference).
+        reduce_amax: under data parallelism, all-reduce (max) each NVFP4 tensor's global
+            amax across ranks, so every rank quantizes its shard of the batch with the scale
+            of the whole batch (a 2-GPU run then matches a 1-GPU run with the same global
+            batch up to summation order). Runs the quantization on the reference code.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class NVFP4Config(QuantizationConfigMixin):
         sr_seed: int = 0,
         optimizer_moments: str | None = None,
         checkpoint_format: str = "master",
+        reduce_amax: bool = False,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -99,6 +104,7 @@ class NVFP4Config(QuantizationConfigMixin):
         self.sr_seed = sr_seed
         self.optimizer_moments = optimizer_moments
         self.checkpoint_format = checkpoint_format
+        self.reduce_amax = reduce_amax
         self.post_init()
 
     def post_init(self) -> None:
@@ -119,6 +125,8 @@ class NVFP4Config(QuantizationConfigMixin):
                 "optimizer_moments must be None, 'nvfp4', 'fp8_block' or 'mxfp8'; "
                 f"got {self.optimizer_moments!r}"
             )
+        if not isinstance(self.reduce_amax, bool):
+            raise TypeError(f"reduce_amax must be a bool; got {self.reduce_amax!r}")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(
                 f"checkpoint_format must be one of {CHECKPOINT_FORMATS}; "

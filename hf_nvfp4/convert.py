@@ -178,7 +178,8 @@ def convert(
         if reason is None:
             seed = config.sr_seed + len(replacements)
             replacements.append(
-                (name, NVFP4Linear.from_linear(mod, recipe, config.backend, sr_seed=seed))
+                (name, NVFP4Linear.from_linear(mod, recipe, config.backend, sr_seed=seed,
+                                               reduce_amax=config.reduce_amax))
             )
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")

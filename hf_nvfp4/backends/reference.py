@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..numerics.quantize import QTensor, quantize
@@ -10,7 +12,10 @@ from ..recipe import QuantSpec
 
 
 def quantize_spec(
-    x: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    spec: QuantSpec,
+    generator: torch.Generator | None = None,
+    amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> QTensor:
     """``numerics.quantize`` with the arguments of a QuantSpec."""
     return quantize(
@@ -21,7 +26,29 @@ def quantize_spec(
         rht=spec.rht,
         rht_sign=spec.rht_sign,
         generator=generator,
+        amax_reduce=amax_reduce if spec.fmt == "nvfp4" else None,
     )
+
+
+def quantize_rowcol_reduced(
+    x: torch.Tensor,
+    row: QuantSpec | None,
+    col: QuantSpec | None,
+    generator: torch.Generator | None,
+    amax_reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[QTensor | None, QTensor | None]:
+    """:meth:`ReferenceBackend.quantize_rowcol` with each copy's global amax reduced.
+
+    The data-parallel path: every rank quantizes its shard with the amax of the whole
+    batch. Runs on the reference code whatever the layer's backend (the fused kernels take
+    their amax inside one call).
+    """
+    g_row, g_col = split_generator(generator)
+    q_row = quantize_spec(x, row, g_row, amax_reduce) if row is not None else None
+    q_col = (
+        quantize_spec(x.t().contiguous(), col, g_col, amax_reduce) if col is not None else None
+    )
+    return q_row, q_col
 
 
 def reference_gemm(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:

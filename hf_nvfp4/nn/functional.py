@@ -12,11 +12,13 @@ activations (unless the wgrad GEMM itself runs in high precision).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..backends.base import Backend
+from ..backends.reference import quantize_rowcol_reduced
 from ..numerics.quantize import QTensor
 from ..recipe import RoleSpecs
 
@@ -30,6 +32,13 @@ class LinearContext:
     generator: torch.Generator | None
     w_q: tuple[QTensor, QTensor] | None
     w_dgrad_t: QTensor | None
+    amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def rowcol(self, x, row, col, generator):
+        """The backend's fused row/column quantization, or the amax-reduced reference path."""
+        if self.amax_reduce is None:
+            return self.backend.quantize_rowcol(x, row, col, generator)
+        return quantize_rowcol_reduced(x, row, col, generator, self.amax_reduce)
 
 
 _QT_FIELDS = ("data", "scale", "global_scale")
@@ -61,7 +70,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
 
         # forward: y = x_row @ W^T   (activations always round to nearest: no generator)
-        q_x, q_x_t = backend.quantize_rowcol(x2, specs.x, specs.x_t, None)
+        q_x, q_x_t = lctx.rowcol(x2, specs.x, specs.x_t, None)
         if specs.x is None:
             y = x2 @ weight.t().to(x2.dtype)
         else:
@@ -74,7 +83,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         x_t_tensors, ctx.x_t_meta = _pack_qtensor(q_x_t)
         w_t_tensors, ctx.w_t_meta = _pack_qtensor(lctx.w_dgrad_t)
         ctx.save_for_backward(saved_x, saved_w, *x_t_tensors, *w_t_tensors)
-        ctx.lctx = LinearContext(specs, backend, lctx.generator, None, None)
+        ctx.lctx = LinearContext(specs, backend, lctx.generator, None, None, lctx.amax_reduce)
         ctx.has_bias = bias is not None
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
         ctx.in_features = weight.shape[1]
@@ -88,7 +97,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         q_w_t = _unpack_qtensor(list(saved[5:8]), ctx.w_t_meta)
         specs, backend = ctx.lctx.specs, ctx.lctx.backend
         dy2 = dy.reshape(-1, dy.shape[-1])
-        q_dy, q_dy_t = backend.quantize_rowcol(dy2, specs.dy, specs.dy_t, ctx.lctx.generator)
+        q_dy, q_dy_t = ctx.lctx.rowcol(dy2, specs.dy, specs.dy_t, ctx.lctx.generator)
 
         dx = dw = db = None
         if ctx.needs_input_grad[0]:

@@ -22,6 +22,21 @@ def _role_specs(recipe: Recipe) -> RoleSpecs:
     return recipe.role_specs()
 
 
+def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
+    amax = amax.clone()
+    torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
+    return amax
+
+
+def _amax_reduce(layer: NVFP4Linear):
+    """The cross-rank amax reduction when the layer asks for it and ranks exist."""
+    dist = torch.distributed
+    if layer.reduce_amax and dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            return _all_reduce_max
+    return None
+
+
 class NVFP4Linear(nn.Linear):
     """``nn.Linear`` whose forward, dgrad and wgrad GEMMs run on NVFP4 (or another format).
 
@@ -33,6 +48,8 @@ class NVFP4Linear(nn.Linear):
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
         recipe: a :class:`~hf_nvfp4.recipe.Recipe`, a preset name or a dict of fields.
         backend: ``"auto"`` | ``"reference"`` | ``"triton"`` | ``"te"`` | ``"native"``.
+        reduce_amax: all-reduce (max) the per-tensor amaxes across data-parallel ranks
+            (see :class:`~hf_nvfp4.NVFP4Config`).
         sr_seed: seed of this layer's stochastic rounding; drawn from torch's default
             generator when None. Seed and step counter live in the ``sr_state`` buffer, so a
             checkpoint resumes the exact random stream.
@@ -49,10 +66,12 @@ class NVFP4Linear(nn.Linear):
         recipe: Recipe | str | dict[str, Any] | None = None,
         backend: str = "auto",
         sr_seed: int | None = None,
+        reduce_amax: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.recipe = get_recipe(recipe)
         self.backend_name = backend
+        self.reduce_amax = reduce_amax
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if sr_seed is None:
@@ -69,6 +88,7 @@ class NVFP4Linear(nn.Linear):
         recipe: Recipe | str | dict[str, Any] | None = None,
         backend: str = "auto",
         sr_seed: int | None = None,
+        reduce_amax: bool = False,
     ) -> NVFP4Linear:
         """Wrap an existing ``nn.Linear``, sharing (not copying) its parameters."""
         if sr_seed is None:
@@ -81,6 +101,7 @@ class NVFP4Linear(nn.Linear):
                 recipe=recipe,
                 backend=backend,
                 sr_seed=sr_seed,
+                reduce_amax=reduce_amax,
             )
         new.weight = linear.weight
         new.bias = linear.bias
@@ -134,7 +155,7 @@ class NVFP4Linear(nn.Linear):
         with torch.autocast(dev_type, enabled=False):
             w_q, w_dgrad_t = self._quantized_weight(backend, specs)
             gen = self._next_generator() if self.training and torch.is_grad_enabled() else None
-            lctx = LinearContext(specs, backend, gen, w_q, w_dgrad_t)
+            lctx = LinearContext(specs, backend, gen, w_q, w_dgrad_t, _amax_reduce(self))
             return quantized_linear(x, self.weight, self.bias, lctx)
 
     def extra_repr(self) -> str:  # noqa: D102

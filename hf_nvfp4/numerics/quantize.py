@@ -6,7 +6,7 @@ against. Formulas: ../shared/NUMERICS.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +164,7 @@ def quantize(
     rht_sign: Sequence[int] | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     allow_nonfinite: bool = False,
+    amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> QTensor:
     """Quantize ``x`` along its last dimension into a block-scaled format.
 
@@ -179,12 +180,17 @@ def quantize(
         generator: the torch.Generator that seeds stochastic rounding; the draw for each
             element is a hash of (seed, padded row-major index): see :mod:`.rng`.
         allow_nonfinite: propagate NaN/Inf instead of raising.
+        amax_reduce: NVFP4 only: maps the local per-tensor amax (FP32, 0-dim, taken after
+            the RHT) to the one to use, e.g. a max all-reduce over data-parallel ranks so
+            that every rank quantizes its shard of a batch with the global batch's scale.
 
     A last dimension (and for 2D tiles the second-to-last) that is not a multiple of the
     block is zero-padded internally and cropped again by :meth:`QTensor.dequantize`.
     """
     f = get_format(fmt)
     _check_input(x, allow_nonfinite)
+    if amax_reduce is not None and not f.global_scale:
+        raise ValueError(f"amax_reduce applies to formats with a global scale; got {f.name}")
     tile = (1, f.block) if tile is None else tuple(tile)
     _check_options(f, tile, rounding, rht)
     th, tw = tile
@@ -209,6 +215,8 @@ def quantize(
     global_scale = None
     if f.scale == "e4m3":
         amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
+        if amax_reduce is not None:
+            amax = amax_reduce(amax)
         s_enc = nvfp4_global_encode(amax)
         s_dec = torch.tensor(1.0, dtype=torch.float32, device=xf.device) / s_enc
         scale = nvfp4_block_scales(block_amax, s_enc)
