@@ -15,39 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_nvfp4 import NVFP4Trainer, NVFP4TrainingArguments
 from hf_nvfp4.config import RECIPE_ENV, resolve_nvfp4
-from hf_nvfp4.data import split_blocks, stdlib_corpus
-
-
-class Blocks(torch.utils.data.Dataset):
-    """Fixed-length token blocks as causal-LM examples."""
-
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
-
-
-def load_text(args: argparse.Namespace) -> str:
-    """A Hub dataset's text column, local files, or the stdlib sources."""
-    if args.dataset:
-        from datasets import load_dataset
-
-        ds = load_dataset(args.dataset, args.dataset_config, split="train")
-        return "\n\n".join(ds[args.text_column][: args.max_docs])
-    if args.text_files:
-        return "\n\n".join(Path(p).read_text(encoding="utf-8") for p in args.text_files)
-    return stdlib_corpus(args.corpus_bytes)
+from hf_nvfp4.data import BlockDataset, load_text, split_blocks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     config = resolve_nvfp4(args.nvfp4 or os.environ.get(RECIPE_ENV) or "true")
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=config)
-    ids = torch.tensor(tok(load_text(args))["input_ids"], dtype=torch.long)
+    text = load_text(args.dataset, args.dataset_config, args.text_column, args.max_docs,
+                     args.text_files, args.corpus_bytes)
+    ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
     train, val = split_blocks(ids, args.seq)
     targs = NVFP4TrainingArguments(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch,
@@ -82,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         lr_scheduler_type="cosine", logging_steps=10, eval_strategy="no", save_strategy="no",
         report_to=[], bf16=args.bf16, use_cpu=args.cpu,
     )
-    trainer = NVFP4Trainer(model=model, args=targs, train_dataset=Blocks(train),
-                           eval_dataset=Blocks(val[:64]))
+    trainer = NVFP4Trainer(model=model, args=targs, train_dataset=BlockDataset(train),
+                           eval_dataset=BlockDataset(val[:64]))
     trainer.train()
     print(f"validation loss: {trainer.evaluate()['eval_loss']:.4f}")
     trainer.save_model(args.out)

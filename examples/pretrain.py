@@ -27,21 +27,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from hf_nvfp4 import NVFP4Plugin
 from hf_nvfp4.config import RECIPE_ENV, resolve_nvfp4
-from hf_nvfp4.data import byte_tokens, split_blocks, stdlib_corpus
+from hf_nvfp4.data import byte_tokens, load_text, split_blocks
 
 WARMUP_STEPS = 5  # excluded from tokens/s (kernel compilation, allocator warm-up)
-
-
-def load_text(args: argparse.Namespace) -> str:
-    """The training text: a Hub dataset, local files, or the stdlib sources."""
-    if args.dataset:
-        from datasets import load_dataset
-
-        ds = load_dataset(args.dataset, args.dataset_config, split="train")
-        return "\n\n".join(ds[args.text_column][: args.max_docs])
-    if args.text_files:
-        return "\n\n".join(Path(p).read_text(encoding="utf-8") for p in args.text_files)
-    return stdlib_corpus(args.corpus_bytes)
 
 
 def build_model(args: argparse.Namespace, vocab_size: int):
@@ -100,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         plugin.apply(accelerator)
     set_seed(args.seed)
 
-    ids = byte_tokens(load_text(args))
+    ids = byte_tokens(load_text(args.dataset, args.dataset_config, args.text_column,
+                                args.max_docs, args.text_files, args.corpus_bytes))
     train, _ = split_blocks(ids, args.seq)
     model = build_model(args, vocab_size=256)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)

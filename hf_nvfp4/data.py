@@ -90,3 +90,37 @@ def split_blocks(
     if not bool(is_val.any()):
         is_val[-1] = True
     return blocks[~is_val], blocks[is_val]
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Fixed-length token blocks ``[n, seq]`` as causal-LM examples (labels = inputs)."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        if blocks.dim() != 2:
+            raise ValueError(f"blocks must be [n, seq_len]; got shape {tuple(blocks.shape)}")
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def load_text(
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    text_column: str = "text",
+    max_docs: int = 100_000,
+    text_files: list[str] | None = None,
+    corpus_bytes: int = 2_000_000,
+) -> str:
+    """Training text: a Hub dataset's text column, local files, or the stdlib sources."""
+    if dataset:
+        from datasets import load_dataset
+
+        ds = load_dataset(dataset, dataset_config, split="train")
+        return "\n\n".join(ds[text_column][:max_docs])
+    if text_files:
+        return "\n\n".join(Path(p).read_text(encoding="utf-8") for p in text_files)
+    return stdlib_corpus(corpus_bytes)

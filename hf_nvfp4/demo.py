@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import save_packed
 from .config import NVFP4Config
-from .data import split_blocks, stdlib_corpus, train_tokenizer
+from .data import BlockDataset, split_blocks, stdlib_corpus, train_tokenizer
 from .trainer import NVFP4Trainer, NVFP4TrainingArguments
 
 
@@ -42,17 +42,6 @@ CPU = DemoSize(hidden=128, layers=4, heads=4, seq=128, batch=8, steps=200,
                corpus_bytes=1_500_000, vocab=2048)
 GPU = DemoSize(hidden=512, layers=8, heads=8, seq=256, batch=16, steps=300,
                corpus_bytes=4_000_000, vocab=8192)
-
-
-class _Blocks(torch.utils.data.Dataset):
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -84,8 +73,8 @@ def _train(name, nvfp4, size, tokenizer, train, val, out_dir, device) -> dict:
         use_cpu=device == "cpu", dataloader_num_workers=0, disable_tqdm=False,
     )
     trainer = NVFP4Trainer(
-        model=model, args=args, nvfp4=nvfp4, train_dataset=_Blocks(train),
-        eval_dataset=_Blocks(val),
+        model=model, args=args, nvfp4=nvfp4, train_dataset=BlockDataset(train),
+        eval_dataset=BlockDataset(val),
     )
     t0 = time.perf_counter()
     result = trainer.train()

@@ -15,26 +15,15 @@ from hf_nvfp4 import (
     NVFP4TrainingArguments,
     QuantTelemetryCallback,
 )
-from hf_nvfp4.data import byte_tokens, split_blocks, stdlib_corpus
+from hf_nvfp4.data import BlockDataset, byte_tokens, split_blocks, stdlib_corpus
 
 ALL_BLOCKS = {"first_bf16_blocks": 0, "last_bf16_blocks": 0, "backend": "reference"}
-
-
-class _Blocks(torch.utils.data.Dataset):
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def __len__(self):
-        return len(self.blocks)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
 
 
 @pytest.fixture(scope="module")
 def data():
     train, val = split_blocks(byte_tokens(stdlib_corpus(60_000)), 32)
-    return _Blocks(train[:256]), _Blocks(val[:16])
+    return BlockDataset(train[:256]), BlockDataset(val[:16])
 
 
 def _model():
