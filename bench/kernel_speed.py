@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import types
 from pathlib import Path
@@ -32,7 +31,7 @@ except ImportError as exc:  # the package's HF integration needs transformers; k
 
 from hf_nvfp4.backends.reference import ReferenceBackend, reference_gemm  # noqa: E402
 from hf_nvfp4.backends.triton_backend import TritonBackend  # noqa: E402
-from hf_nvfp4.kernels._tuning import choices  # noqa: E402
+from hf_nvfp4.kernels._tuning import choices, median_ms  # noqa: E402
 from hf_nvfp4.kernels.amax import amax_rowcol  # noqa: E402
 from hf_nvfp4.recipe import Recipe  # noqa: E402
 
@@ -44,18 +43,7 @@ BF16 = torch.bfloat16
 
 def bench_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` CUDA-event-timed runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, reps=reps, warmup=warmup)
 
 
 def randn(*shape: int, dtype=BF16) -> torch.Tensor:

@@ -11,8 +11,11 @@ _CHOICES: dict[tuple, str] = {}
 _TIMINGS: dict[tuple, dict[str, float | str]] = {}
 
 
-def _median_ms(fn: Callable[[], object], reps: int = 5) -> float:
-    fn()
+def median_ms(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` CUDA-event-timed runs after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -42,7 +45,7 @@ def pick(
         timed: dict[str, float | str] = {}
         for name, fn in candidates.items():
             try:
-                timed[name] = _median_ms(fn)
+                timed[name] = median_ms(fn)
             except Exception as exc:  # noqa: BLE001 - any compile/launch failure skips it
                 timed[name] = f"{type(exc).__name__}: {exc}"[:300]
         ok = {n: t for n, t in timed.items() if isinstance(t, float)}
