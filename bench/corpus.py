@@ -73,7 +73,7 @@ def build(out: Path, max_bytes: int, vocab_size: int, shared_data: Path | None =
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out / "tokenizer"))
     chunks = [text[i : i + 1_000_000] for i in range(0, len(text), 1_000_000)]
-    ids = np.concatenate([np.asarray(tok(c)["input_ids"], dtype=np.int64) for c in chunks])
+    ids = np.concatenate([np.asarray(c, dtype=np.int64) for c in tok(chunks)["input_ids"]])
     dtype = np.uint16 if len(tok) <= 65535 else np.uint32
     blocks = ids[: len(ids) // BLOCK * BLOCK].reshape(-1, BLOCK).astype(dtype)
     is_val = np.arange(len(blocks)) % VAL_EVERY == VAL_EVERY - 1

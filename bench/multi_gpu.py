@@ -61,29 +61,38 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--runs", default=None,
+                   help="comma-separated subset of run names (default: all); runs of an "
+                        "existing --out file are kept and the comparisons recomputed")
     args = p.parse_args()
     common = ["--steps", str(args.steps), "--hidden", "512", "--layers", "4", "--seq", "256"]
     tmp = Path(tempfile.mkdtemp())
-    gb = args.global_batch
-    runs = {}
-    for recipe in ("sr", "no_sr"):
-        runs[f"single_{recipe}"] = launch("single_gpu", recipe, gb, tmp / f"1_{recipe}", [], common)
-        runs[f"ddp_{recipe}"] = launch("ddp", recipe, gb // 2, tmp / f"d_{recipe}", [], common)
-    runs["fsdp2_sr"] = launch("fsdp2", "sr", gb // 2, tmp / "f_sr", [], common)
-    runs["single_no_sr_reduced"] = launch("single_gpu", "no_sr_reduced", gb, tmp / "1_nsr",
-                                          [], common)
-    runs["ddp_no_sr_reduced"] = launch("ddp", "no_sr_reduced", gb // 2, tmp / "d_nsr", [],
-                                       common)
-    half = args.steps // 2
-    first = launch("fsdp2", "sr", gb // 2, tmp / "f_half",
-                   ["--stop-at", str(half), "--save-state-at", str(half)], common)
-    resumed = launch("fsdp2", "sr", gb // 2, tmp / "f_resumed",
-                     ["--resume-from", str(tmp / "f_half" / f"state-{half}")], common)
-    runs["fsdp2_first_half"], runs["fsdp2_resumed"] = first, resumed
+    gb, half = args.global_batch, args.steps // 2
+    specs = {f"{kind}_{recipe}": (config, recipe, batch, [])
+             for recipe in RECIPES
+             for kind, config, batch in (("single", "single_gpu", gb), ("ddp", "ddp", gb // 2),
+                                         ("fsdp2", "fsdp2", gb // 2))}
+    specs["fsdp2_first_half"] = ("fsdp2", "sr", gb // 2,
+                                 ["--stop-at", str(half), "--save-state-at", str(half)])
+    specs["fsdp2_resumed"] = ("fsdp2", "sr", gb // 2,
+                              ["--resume-from", str(tmp / "fsdp2_first_half" / f"state-{half}")])
+    names = list(specs) if args.runs is None else args.runs.split(",")
+    unknown = sorted(set(names) - set(specs))
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; expected names from {list(specs)}")
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    if previous and previous.get("steps") != args.steps:
+        raise SystemExit(f"{out} holds {previous['steps']}-step runs; got --steps {args.steps}")
+    runs = dict(previous.get("runs", {}))
+    for name in names:
+        config, recipe, batch, extra = specs[name]
+        runs[name] = launch(config, recipe, batch, tmp / name, extra, common)
+    resumed = runs.get("fsdp2_resumed", {})
 
     summary: dict = {"steps": args.steps, "global_batch": gb, "runs": runs, "comparisons": {}}
-    for recipe in ("sr", "no_sr", "no_sr_reduced"):
-        single = runs[f"single_{recipe}"]
+    for recipe in RECIPES:
+        single = runs.get(f"single_{recipe}", {})
         for kind in ("ddp", "fsdp2"):
             multi = runs.get(f"{kind}_{recipe}", {})
             if "losses" in single and "losses" in multi:
@@ -94,14 +103,14 @@ def main() -> None:
                     "exact": multi["losses"] == single["losses"],
                     "throughput_scaling": multi["tokens_per_s"] / single["tokens_per_s"],
                 }
-    if "losses" in resumed and "losses" in runs["fsdp2_sr"]:
+    if "losses" in resumed and "losses" in runs.get("fsdp2_sr", {}):
         ref = runs["fsdp2_sr"]["losses"][half:]
         summary["comparisons"]["fsdp2_resume"] = {
             "exact": resumed["losses"] == ref,
             "max_rel_loss_diff": max_rel_diff(resumed["losses"], ref),
         }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary["comparisons"], indent=2))
 
 

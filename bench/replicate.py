@@ -9,6 +9,12 @@ automatic when its checkpoint exists); the resumed curve equals the uninterrupte
     python bench/corpus.py --out /tmp/corpus
     python bench/replicate.py --corpus /tmp/corpus --runs bf16,nvfp4 --tokens 50_000_000 \\
         --out eval/reports/replicate/runs --stop-after-seconds 500
+
+``--probe-steps N`` instead times N steps of each run in isolation (after warm-up steps) and
+writes ``probe/<run>.json`` (tokens/s, peak memory): runs trained concurrently on one GPU
+report their throughput from there. ``--save-models`` writes each finished run as a
+``from_pretrained`` checkpoint (its NVFP4Config in config.json, the corpus tokenizer) for the
+eval suite.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -76,6 +83,87 @@ def val_loss(model, val: torch.Tensor, device: str, amp: bool) -> float:
     return sum(losses) / len(losses)
 
 
+def make_optimizer(model: torch.nn.Module, steps: int, lr: float):
+    """AdamW and the warm-up + cosine (to 10%) schedule shared by all runs."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+    )
+    return opt, sched
+
+
+def train_step(model, opt, sched, x: torch.Tensor, device: str) -> torch.Tensor:
+    """One optimizer step on the token blocks ``x``; returns the loss."""
+    x = x.to(device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def probe(run: str, args: argparse.Namespace, train: torch.Tensor, vocab: int,
+          warmup: int = 4) -> dict:
+    """Tokens/s and peak memory of ``run`` alone on the device: ``warmup`` untimed steps, then
+    ``args.probe_steps`` timed ones; writes ``probe/<run>.json`` under ``args.out``."""
+    device = args.device
+    model, _ = build_model(args.size, vocab, train.shape[1], run, args.backend)
+    model.to(device)
+    opt, sched = make_optimizer(model, 1000, args.lr)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for i in range(warmup + args.probe_steps):
+        if i == warmup:
+            sync()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+        train_step(model, opt, sched, train[batch_indices(i, args.batch, len(train), args.seed)],
+                   device)
+    sync()
+    seconds = time.perf_counter() - t0
+    result = {"run": run, "steps": args.probe_steps, "seconds": seconds,
+              "tokens_per_s": args.probe_steps * args.batch * train.shape[1] / seconds}
+    if device == "cuda":
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    folder = Path(args.out) / "probe"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{run}.json").write_text(json.dumps(result))
+    print(f"{run}: {result['tokens_per_s']:,.0f} tokens/s", flush=True)
+    return result
+
+
+def plan(probe_dir: Path, runs: list[str], seconds: float, gpus: int, tokens_per_step: int,
+         max_tokens: int) -> dict:
+    """Tokens per run and the runs of each GPU so that all runs, trained concurrently, fit
+    in ``seconds``: runs are spread over the GPUs by their probed time per token (longest
+    first, onto the least loaded GPU) and each GPU is assumed to run its runs one after the
+    other at their isolated speed (concurrent runs of a launch-bound model finish sooner)."""
+    cost = {r: 1.0 / json.loads((probe_dir / f"{r}.json").read_text())["tokens_per_s"]
+            for r in runs}
+    lanes: list[list[str]] = [[] for _ in range(gpus)]
+    load = [0.0] * gpus
+    for r in sorted(runs, key=cost.get, reverse=True):
+        g = load.index(min(load))
+        lanes[g].append(r)
+        load[g] += cost[r]
+    tokens = min(max_tokens, int(seconds / max(load)))
+    tokens = max(tokens_per_step, tokens // tokens_per_step * tokens_per_step)
+    return {"tokens": tokens, "gpus": lanes, "seconds_per_token": cost}
+
+
+def save_model(model, config, corpus: Path, folder: Path) -> None:
+    """A ``from_pretrained`` checkpoint of ``model`` with its NVFP4Config and the tokenizer."""
+    if config is not None:
+        model.config.quantization_config = config
+    model.save_pretrained(folder)
+    for f in (corpus / "tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+
+
 def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.Tensor,
             vocab: int) -> dict:
     """Train (or continue) one run; returns and writes its JSON."""
@@ -84,11 +172,7 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
     model, config = build_model(args.size, vocab, train.shape[1], run, args.backend)
     model.to(device)
     steps = max(1, args.tokens // (args.batch * train.shape[1]))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
-    )
+    opt, sched = make_optimizer(model, steps, args.lr)
     schedule = None
     if config is not None and config.switch_to_bf16_at is not None:
         schedule = PrecisionSchedule(config.switch_to_bf16_at, steps, config.switch_mode)
@@ -113,14 +197,8 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
     while step < steps:
         if not result["val"] or (step % args.val_every == 0 and result["val"][-1][0] != step):
             result["val"].append((step, val_loss(model, val, device, amp)))
-        x = train[batch_indices(step, args.batch, len(train), args.seed)].to(device)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, sched, train[batch_indices(step, args.batch, len(train),
+                                                                 args.seed)], device)
         step += 1
         if schedule is not None:
             schedule.update(model, step)
@@ -134,6 +212,8 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
         result["tokens_per_s"] = steps * result["tokens_per_step"] / result["seconds"]
         if device == "cuda":
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if args.save_models:
+            save_model(model, config, Path(args.corpus), out / "models" / run)
         ckpt.unlink(missing_ok=True)
     else:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
@@ -162,6 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-after-seconds", type=float, default=None)
+    p.add_argument("--probe-steps", type=int, default=0,
+                   help="only time this many steps of each run alone (see the module doc)")
+    p.add_argument("--plan-seconds", type=float, default=0,
+                   help="print the plan() of --runs from OUT/probe for this many seconds")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs for --plan-seconds")
+    p.add_argument("--save-models", action="store_true",
+                   help="save each finished run under OUT/models/<run> for the eval suite")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     unknown = sorted(set(args.runs.split(",")) - set(RUNS))
@@ -172,6 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     train = torch.from_numpy(np.load(corpus / "train.npy").astype(np.int64))[:, : args.seq]
     val = torch.from_numpy(np.load(corpus / "val.npy").astype(np.int64))[: args.val_blocks,
                                                                            : args.seq]
+    if args.plan_seconds:
+        print(json.dumps(plan(Path(args.out) / "probe", args.runs.split(","), args.plan_seconds,
+                              args.gpus, args.batch * args.seq, args.tokens)))
+        return
+    if args.probe_steps:
+        for run in args.runs.split(","):
+            probe(run, args, train, vocab)
+        return
     deadline = time.perf_counter() + (args.stop_after_seconds or float("inf"))
     for run in args.runs.split(","):
         done = Path(args.out) / f"{run}.json"

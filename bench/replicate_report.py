@@ -34,6 +34,17 @@ def load_runs(folder: Path) -> dict[str, dict]:
     return runs
 
 
+def isolated_throughput(folder: Path, runs: dict[str, dict]) -> None:
+    """Replace each run's tokens/s by its ``--probe-steps`` measurement (the run alone on the
+    GPU) where one exists, and mark the run ``"throughput": "probe"``. Peak memory is the
+    run's own (per process, unaffected by runs sharing the GPU)."""
+    for name, r in runs.items():
+        path = folder / "probe" / f"{name}.json"
+        if path.exists():
+            r.update(tokens_per_s=json.loads(path.read_text())["tokens_per_s"],
+                     throughput="probe")
+
+
 def rel_gap(runs: dict[str, dict], a: str, b: str) -> float:
     """Relative final validation-loss gap of run ``a`` over run ``b``, in percent."""
     return 100 * (runs[a]["final_val_loss"] - runs[b]["final_val_loss"]) / runs[b][
@@ -84,6 +95,7 @@ def report(folder: Path, out: Path) -> str:
     runs = load_runs(folder)
     if "bf16" not in runs:
         raise SystemExit(f"no finished bf16 run in {folder}: the baseline is needed")
+    isolated_throughput(folder, runs)
     out.mkdir(parents=True, exist_ok=True)
     plot(runs, out)
     lines = [
@@ -108,10 +120,13 @@ def report(folder: Path, out: Path) -> str:
         "# Replication at small scale\n\n"
         f"Runs: `{folder}`; params {next(iter(runs.values()))['params']:,}; tokens per run "
         f"{next(iter(runs.values()))['steps'] * next(iter(runs.values()))['tokens_per_step']:,}."
+        "\n\ntokens/s: the run alone on its GPU (`--probe-steps`) where marked in results.json "
+        "(`throughput: probe`), else the run's own average."
         f"\n\n![loss](loss_curves.png)\n![gap](relative_gap.png)\n\n{md}\n"
     )
     (out / "results.json").write_text(json.dumps(
-        {n: {k: r[k] for k in ("final_val_loss", "tokens_per_s", "params", "steps")}
+        {n: {k: r.get(k) for k in ("final_val_loss", "tokens_per_s", "peak_memory_mb", "params",
+                                    "steps", "throughput")}
          for n, r in runs.items()}, indent=2))
     return md
 

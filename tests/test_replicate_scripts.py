@@ -63,3 +63,32 @@ def test_runs_resume_exactly_and_report(tiny_corpus, tmp_path, monkeypatch):
     assert "| nvfp4 |" in md and "late switch closes most of the gap" in md
     for name in ("loss_curves.png", "relative_gap.png", "README.md", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_probe_plan_and_saved_models(tiny_corpus, tmp_path, capsys):
+    from hf_nvfp4.eval.modeling import load_model
+
+    a = tiny_corpus[0]
+    out = tmp_path / "runs"
+    replicate.main(_args(a, out, "bf16,nvfp4", **{"--probe-steps": 2}))
+    probes = {r: json.loads((out / "probe" / f"{r}.json").read_text()) for r in ("bf16", "nvfp4")}
+    assert all(p["steps"] == 2 and p["tokens_per_s"] > 0 for p in probes.values())
+    assert not (out / "bf16.json").exists()  # probing trains nothing
+
+    capsys.readouterr()
+    replicate.main(_args(a, out, "bf16,nvfp4", **{"--plan-seconds": 10.0, "--gpus": 2}))
+    plan = json.loads(capsys.readouterr().out)
+    assert sorted(map(len, plan["gpus"])) == [1, 1] and plan["tokens"] % (4 * 64) == 0
+    assert plan["tokens"] <= 12 * 4 * 64  # capped by --tokens
+    slowest = max(1 / p["tokens_per_s"] for p in probes.values())
+    assert plan["tokens"] <= 10.0 / slowest + 4 * 64
+
+    replicate.main([*_args(a, out, "bf16,nvfp4"), "--save-models"])
+    model, tok = load_model(out / "models" / "nvfp4", device="cpu", dtype="float32")
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "NVFP4Linear"
+    assert len(tok) == 512
+    md = replicate_report.report(out, tmp_path / "report")
+    assert "nvfp4" in md
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert results["nvfp4"]["throughput"] == "probe"
+    assert results["nvfp4"]["tokens_per_s"] == probes["nvfp4"]["tokens_per_s"]
