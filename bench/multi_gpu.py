@@ -25,14 +25,15 @@ RECIPES = {
     "sr": CONFIGS / "nvfp4_recipe.yaml",
     "no_sr": ROOT / "bench" / "recipes" / "nvfp4_no_sr.yaml",
     "no_sr_reduced": ROOT / "bench" / "recipes" / "nvfp4_no_sr_reduce_amax.yaml",
+    "bf16": None,  # no conversion: the control for GPU summation-order effects
 }
 
 
 def launch(config: str, recipe: str, per_device_batch: int, out: Path, extra: list[str],
            common: list[str]) -> dict:
     """One ``accelerate launch`` run; returns its metrics.json (or the error)."""
-    env = {**os.environ, "HF_NVFP4_RECIPE": str(RECIPES[recipe]), "NCCL_NVLS_ENABLE": "0",
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_NVFP4_RECIPE": str(RECIPES[recipe] or "false"),
+           "NCCL_NVLS_ENABLE": "0", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(CONFIGS / f"{config}.yaml"), str(ROOT / "examples" / "pretrain.py"),
            "--batch", str(per_device_batch), "--out", str(out), *common, *extra]
@@ -72,6 +73,7 @@ def main() -> None:
              for recipe in RECIPES
              for kind, config, batch in (("single", "single_gpu", gb), ("ddp", "ddp", gb // 2),
                                          ("fsdp2", "fsdp2", gb // 2))}
+    specs["single_no_sr_reduced_repeat"] = specs["single_no_sr_reduced"]
     specs["fsdp2_first_half"] = ("fsdp2", "sr", gb // 2,
                                  ["--stop-at", str(half), "--save-state-at", str(half)])
     specs["fsdp2_resumed"] = ("fsdp2", "sr", gb // 2,
@@ -103,6 +105,13 @@ def main() -> None:
                     "exact": multi["losses"] == single["losses"],
                     "throughput_scaling": multi["tokens_per_s"] / single["tokens_per_s"],
                 }
+    single, repeat = runs.get("single_no_sr_reduced", {}), runs.get("single_no_sr_reduced_repeat",
+                                                                      {})
+    if "losses" in single and "losses" in repeat:
+        summary["comparisons"]["single_vs_itself_no_sr_reduced"] = {
+            "max_rel_loss_diff": max_rel_diff(repeat["losses"], single["losses"]),
+            "exact": repeat["losses"] == single["losses"],
+        }
     if "losses" in resumed and "losses" in runs.get("fsdp2_sr", {}):
         ref = runs["fsdp2_sr"]["losses"][half:]
         summary["comparisons"]["fsdp2_resume"] = {
