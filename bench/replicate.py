@@ -179,7 +179,8 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt, result_path = out / f"{run}.pt", out / f"{run}.json"
-    result = {"run": run, "nvfp4": None if config is None else config.to_dict(), "steps": steps,
+    result = {"run": run, "seed": args.seed,
+              "nvfp4": None if config is None else config.to_dict(), "steps": steps,
               "tokens_per_step": args.batch * train.shape[1], "train": [], "val": [],
               "params": sum(p.numel() for p in model.parameters()), "seconds": 0.0}
     step = 0

@@ -59,8 +59,16 @@ def test_runs_resume_exactly_and_report(tiny_corpus, tmp_path, monkeypatch):
     assert switched["train"][:9] == full["train"][:9]  # identical until the switch at step 10
     assert switched["train"][10:] != full["train"][10:]
 
-    md = replicate_report.report(tmp_path / "full", tmp_path / "report")
+    replicate.main(_args(a, tmp_path / "seed1", "bf16,nvfp4", **{"--seed": 1}))
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Findings\nhand-written\n")
+    md = replicate_report.report(tmp_path / "full", tmp_path / "report", [tmp_path / "seed1"],
+                                 notes)
+    assert (tmp_path / "report" / "README.md").read_text().endswith("hand-written\n")
     assert "| nvfp4 |" in md and "late switch closes most of the gap" in md
+    noise = json.loads((tmp_path / "report" / "results.json").read_text())["seed_noise"]
+    gaps = list(noise["gaps"].values())
+    assert len(gaps) == 2 and noise["sd"] == pytest.approx(abs(gaps[0] - gaps[1]) / 2**0.5)
     for name in ("loss_curves.png", "relative_gap.png", "README.md", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
@@ -89,6 +97,6 @@ def test_probe_plan_and_saved_models(tiny_corpus, tmp_path, capsys):
     assert len(tok) == 512
     md = replicate_report.report(out, tmp_path / "report")
     assert "nvfp4" in md
-    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    results = json.loads((tmp_path / "report" / "results.json").read_text())["runs"]
     assert results["nvfp4"]["throughput"] == "probe"
     assert results["nvfp4"]["tokens_per_s"] == probes["nvfp4"]["tokens_per_s"]
