@@ -141,25 +141,73 @@ def bench_module(m: int, k: int, n: int, x: torch.Tensor, dy: torch.Tensor) -> f
         return f"skipped: {type(exc).__name__}: {exc}"[:200]
 
 
-def bench_others(m: int, k: int, n: int) -> dict:
-    """torchao float8 training linear and fp-quant, where they import."""
-    out: dict = {}
+def _fp_quant_nvfp4():
+    """fp-quant's NVFP4 forward pseudo-quantization kernel (``nvfp4_forward_kernel_wrapper``).
+
+    Loaded from its file when ``import fp_quant`` fails only for the package's other needs
+    (its ``__init__`` imports scipy for Hadamard matrices; the kernel needs torch + Triton).
+    """
+    try:
+        from fp_quant.module.triton.nvfp4 import nvfp4_forward_kernel_wrapper
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.find_spec("fp_quant")
+        if spec is None:
+            raise
+        path = Path(spec.submodule_search_locations[0]) / "module" / "triton" / "nvfp4.py"
+        mod_spec = importlib.util.spec_from_file_location("_fp_quant_nvfp4", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        nvfp4_forward_kernel_wrapper = module.nvfp4_forward_kernel_wrapper
+    return nvfp4_forward_kernel_wrapper
+
+
+def bench_others(m: int, k: int, n: int, copy: dict) -> dict:
+    """Side by side at one shape, as modules: BF16 nn.Linear, NVFP4Linear (triton) and
+    torchao's float8 training linear (fwd+bwd); forward only: BF16, NVFP4Linear and fp-quant's
+    NVFP4 pseudo-quantization (x and W through its Triton kernel, then a BF16 matmul)."""
+    from hf_nvfp4.numerics.hadamard import rht_matrix
+
     x, dy = randn(m, k), randn(m, n)
+    xr = x.detach().requires_grad_()
+    out: dict = {"shape": [m, k, n]}
+    base = torch.nn.Linear(k, n, bias=False).to("cuda", BF16)
+    out["bf16_module_ms"] = bench_ms(lambda: base(xr).backward(dy), reps=10)
+    with torch.no_grad():
+        out["bf16_fwd_ms"] = bench_ms(lambda: base(x), reps=10)
+    try:
+        from hf_nvfp4.nn.linear import NVFP4Linear
+
+        layer = NVFP4Linear(k, n, recipe="nvfp4", backend="triton").to("cuda", BF16)
+        out["nvfp4linear_ms"] = bench_ms(lambda: layer(xr).backward(dy), reps=10)
+        with torch.no_grad():
+            out["nvfp4linear_fwd_ms"] = bench_ms(lambda: layer(x), reps=10)
+    except Exception as exc:  # report instead of failing the whole benchmark
+        out["nvfp4linear_ms"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
     try:
         from torchao.float8 import convert_to_float8_training
 
         lin = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)).to("cuda", BF16)
         convert_to_float8_training(lin)
-        xr = x.detach().requires_grad_()
         out["torchao_float8_ms"] = bench_ms(lambda: lin(xr).backward(dy), reps=10)
+        out["torchao_version"] = __import__("torchao").__version__
     except Exception as exc:
         out["torchao_float8_ms"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
     try:
-        import fp_quant  # noqa: F401
-
-        out["fp_quant"] = "importable; forward-only pseudo-quantization not wired in this bench"
+        pseudo = _fp_quant_nvfp4()
+        had = rht_matrix([1] * 16).to("cuda", BF16).contiguous()  # H16 / 4: no random signs
+        gs = torch.ones(1, device="cuda", dtype=torch.float32)
+        w = base.weight.detach()
+        out["fp_quant_quantize_x_ms"] = bench_ms(lambda: pseudo(x, had, gs), reps=10)
+        out["fp_quant_quantize_x_fraction_of_copy"] = (
+            x.numel() * 2 / out["fp_quant_quantize_x_ms"] / 1e6 / copy["copy_GBps"])
+        out["fp_quant_fwd_ms"] = bench_ms(lambda: pseudo(x, had, gs) @ pseudo(w, had, gs).t(),
+                                          reps=10)
     except Exception as exc:
-        out["fp_quant"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
+        out["fp_quant_fwd_ms"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
+    print(f"others {m}x{k}x{n}: " + ", ".join(
+        f"{key}={v:.3f}" for key, v in out.items() if isinstance(v, float)), flush=True)
     return out
 
 
@@ -234,6 +282,17 @@ def markdown(report: dict) -> str:
         lines.append(f"| {tuple(r['shape'])} | {r['bf16_ms']:.3f} | {r['triton_ms']:.3f} | "
                      f"{r['ratio']:.2f} | {r['quantize_ms']:.3f} | {r['gemm_ms']:.3f} | "
                      f"{r['saved_bytes_ratio']:.3f} | {ref} | {mod} |")
+    lines += ["", "| side by side (M,K,N) | BF16 module ms | NVFP4Linear ms | torchao float8 "
+              "ms | BF16 fwd ms | NVFP4Linear fwd ms | fp-quant fwd ms |",
+              "|---|---|---|---|---|---|---|"]
+
+    def cell(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else "skipped"
+
+    for r in report.get("others", []):
+        lines.append(f"| {tuple(r['shape'])} | " + " | ".join(cell(r.get(key)) for key in (
+            "bf16_module_ms", "nvfp4linear_ms", "torchao_float8_ms", "bf16_fwd_ms",
+            "nvfp4linear_fwd_ms", "fp_quant_fwd_ms")) + " |")
     return "\n".join(lines)
 
 
@@ -273,7 +332,7 @@ def main() -> None:
     report["linear"] = bench_linear(tri, args.reference_shapes)
     report["kernel_choices"] = choices()
     save()
-    report["others"] = bench_others(*LINEAR_SHAPES[0])
+    report["others"] = [bench_others(*shape, report["copy"]) for shape in LINEAR_SHAPES]
     save()
     print(markdown(report))
     print(json.dumps({"kernel_choices": report["kernel_choices"], "others": report["others"]}))

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_nvfp4.numerics.rng import draw_seed
+
 from .state import STATE_FORMATS, MomentCodec, load, packed_nbytes, restore_dtypes, store
 
 _MASK64 = (1 << 64) - 1
@@ -64,9 +66,15 @@ class QuantizedAdamW(torch.optim.Optimizer):
     blocks run over the flattened local shard, the state holds plain local tensors (each rank
     saves its own shard's packed state) and the stochastic-rounding seed mixes in the rank.
 
-    Stochastic rounding draws from a generator reseeded per parameter and step from
-    ``(seed, step, parameter index, rank)``, so a resumed run (saved ``step`` counters)
-    rounds exactly as an uninterrupted one and no RNG state needs saving.
+    Stochastic rounding draws from a CPU generator reseeded per parameter and step from
+    ``(seed, step, parameter index, rank)`` (one seed for ``m``, then one for ``v``), so a
+    resumed run (saved ``step`` counters) rounds exactly as an uninterrupted one and no RNG
+    state needs saving.
+
+    Fused step: with both moments in NVFP4 (``sqrt_second_moment``, 1x16 blocks, stochastic
+    rounding) each CUDA parameter is updated by two Triton kernels
+    (:mod:`hf_nvfp4.kernels.adamw`) instead of ~40 PyTorch ops; the numerics are the same up
+    to multiply-add contraction in the last bit of FP32 values.
 
     Args:
         params: parameters or parameter groups (groups may set ``quantize=False``).
@@ -83,6 +91,9 @@ class QuantizedAdamW(torch.optim.Optimizer):
         rounding: ``"stochastic"`` or ``"nearest"`` for the re-quantization.
         min_quantized_numel: smaller parameters keep FP32 moments.
         seed: base seed of the stochastic rounding.
+        fused: use the fused Triton step for FP32 CUDA parameters (``None``: whenever the
+            formats allow it and Triton is available; ``True``: raise if they do not;
+            CPU parameters use it only under ``TRITON_INTERPRET=1``, for tests).
     """
 
     def __init__(
@@ -100,6 +111,7 @@ class QuantizedAdamW(torch.optim.Optimizer):
         rounding: str = "stochastic",
         min_quantized_numel: int = 4096,
         seed: int = 0,
+        fused: bool | None = None,
     ) -> None:
         _check_hparams(lr, betas, eps, weight_decay)
         for name, fmt in (
@@ -128,7 +140,10 @@ class QuantizedAdamW(torch.optim.Optimizer):
         }
         self.min_quantized_numel = min_quantized_numel
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._cpu_generator = torch.Generator()
+        self.fused = _resolve_fused(fused, exp_avg_format, exp_avg_sq_format,
+                                    sqrt_second_moment, square_tiles, rounding)
+        self._interpret_fused = fused is True
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, quantize=True)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -145,13 +160,9 @@ class QuantizedAdamW(torch.optim.Optimizer):
             return None
         return self.codecs[name]
 
-    def _generator(self, device: torch.device, step: int, index: int) -> torch.Generator:
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
+    def _generator(self, step: int, index: int) -> torch.Generator:
         seed = _splitmix64(_splitmix64(_splitmix64(self.seed) ^ step) ^ index) ^ _rank()
-        gen.manual_seed(seed & ((1 << 63) - 1))
-        return gen
+        return self._cpu_generator.manual_seed(seed & ((1 << 63) - 1))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -191,6 +202,15 @@ class QuantizedAdamW(torch.optim.Optimizer):
         state["step"] += 1
         step = state["step"].item()
 
+        if self.fused and all(codecs.values()) and _fusable(param, self._interpret_fused):
+            from hf_nvfp4.kernels.adamw import fused_adamw_nvfp4_
+
+            gen = self._generator(int(step), index)
+            m_seed, v_seed = draw_seed(gen), draw_seed(gen)
+            fused_adamw_nvfp4_(param, grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                               weight_decay=wd, step=int(step), m_seed=m_seed, v_seed=v_seed)
+            return
+
         master = param if param.dtype == torch.float32 else param.float()
         grad = grad if grad.dtype == torch.float32 else grad.float()
         moments = {}
@@ -219,7 +239,7 @@ class QuantizedAdamW(torch.optim.Optimizer):
         if quantized:
             gen = None
             if any(c.rounding == "stochastic" for _, c in quantized):
-                gen = self._generator(param.device, int(step), index)
+                gen = self._generator(int(step), index)
             for name, codec in quantized:
                 store(state, name, codec, moments[name], gen)
 
@@ -255,6 +275,43 @@ class QuantizedAdamW(torch.optim.Optimizer):
     def state_nbytes(self) -> int:
         """Bytes of all stored optimizer state tensors (packed codes, scales, step counters)."""
         return sum(packed_nbytes(s) for s in self.state.values())
+
+
+def _resolve_fused(fused: bool | None, exp_avg_format: str | None,
+                   exp_avg_sq_format: str | None, sqrt_second_moment: bool, square_tiles: bool,
+                   rounding: str) -> bool:
+    """Whether the fused Triton step is used (see :class:`QuantizedAdamW`'s ``fused``)."""
+    if fused is False:
+        return False
+    supported = (exp_avg_format == exp_avg_sq_format == "nvfp4" and sqrt_second_moment
+                 and not square_tiles and rounding == "stochastic")
+    if not supported:
+        if fused:
+            raise ValueError(
+                "fused=True needs exp_avg_format = exp_avg_sq_format = 'nvfp4', "
+                "sqrt_second_moment=True, square_tiles=False and rounding='stochastic'; got "
+                f"{exp_avg_format!r}, {exp_avg_sq_format!r}, {sqrt_second_moment}, "
+                f"{square_tiles}, {rounding!r}"
+            )
+        return False
+    from hf_nvfp4.kernels import is_triton_available
+
+    available, reason = is_triton_available()
+    if fused and not available:
+        raise RuntimeError(f"fused=True needs Triton: {reason}")
+    return available
+
+
+def _fusable(param: torch.Tensor, interpret: bool) -> bool:
+    """A parameter the fused kernels can update in place: contiguous FP32 on CUDA, or on the
+    CPU under Triton's interpreter when ``interpret`` (``fused=True``, for tests)."""
+    if param.dtype != torch.float32 or not param.is_contiguous():
+        return False
+    if param.is_cuda:
+        return True
+    from hf_nvfp4.kernels._common import interpreting
+
+    return interpret and interpreting()
 
 
 def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
