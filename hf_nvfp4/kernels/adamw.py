@@ -12,6 +12,9 @@ NVFP4's global scale needs the amax of the *new* moments before any of them is e
    encodes m' and sqrt(v') in place with stochastic rounding (the counter hash of
    :mod:`hf_nvfp4.numerics.rng` over the flat index, as the reference quantizer).
 
+Two launches per parameter and step, no allocations: a small per-parameter scratch buffer
+carries the amaxes and the old global scales between the passes.
+
 Per element that is ~19.6 bytes of traffic for an FP32 parameter with FP32 gradients, against
 28 for torch's fused FP32 AdamW. The FP32 arithmetic follows ``torch.optim.AdamW`` op for op;
 the compiler may contract multiply-adds, so values can differ from the unfused optimizer in
@@ -66,12 +69,17 @@ def _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, m_gs, v_gs, start, n,
 
 
 @triton.jit
-def _moment_amax_kernel(g_ptr, m_data, m_scale, m_gs_ptr, v_data, v_scale, v_gs_ptr, amax_ptr,
-                        n, w1, beta2, one_minus_beta2, LERP_SMALL: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    m, v = _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, tl.load(m_gs_ptr),
-                        tl.load(v_gs_ptr), tl.program_id(0) * BLOCK, n, w1, beta2,
-                        one_minus_beta2, LERP_SMALL, BLOCK)
+def _moment_amax_kernel(g_ptr, m_data, m_scale, m_gs_ptr, v_data, v_scale, v_gs_ptr,
+                        scratch_ptr, parity, n, w1, beta2, one_minus_beta2,
+                        LERP_SMALL: tl.constexpr, BLOCK: tl.constexpr):
+    m_gs, v_gs = tl.load(m_gs_ptr), tl.load(v_gs_ptr)
+    if tl.program_id(0) == 0:  # the old global scales, for the second pass to decode with
+        tl.store(scratch_ptr + 4, m_gs)
+        tl.store(scratch_ptr + 5, v_gs)
+    m, v = _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, m_gs, v_gs,
+                        tl.program_id(0) * BLOCK, n, w1, beta2, one_minus_beta2, LERP_SMALL,
+                        BLOCK)
+    amax_ptr = scratch_ptr + 2 * parity
     tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(m), axis=1), axis=0))
     tl.atomic_max(amax_ptr + 1, tl.max(tl.max(tl.sqrt_rn(v), axis=1), axis=0))
 
@@ -96,29 +104,41 @@ def _encode(x, amax, gs_out_ptr, key, start, data_ptr, scale_ptr, n, FLOOR: tl.c
     tl.store(scale_ptr + sidx, byte.to(tl.uint8), mask=sidx < n16)
 
 
-@triton.jit(do_not_specialize=["m_key", "v_key"])
+@triton.jit(do_not_specialize=["m_key", "v_key", "parity"])
 def _adamw_step_kernel(p_ptr, g_ptr, m_data, m_scale, m_gs_ptr, v_data, v_scale, v_gs_ptr,
-                       amax_ptr, gs_out_ptr, n, w1, beta2, one_minus_beta2, decay, step_size,
+                       scratch_ptr, parity, n, w1, beta2, one_minus_beta2, decay, step_size,
                        bc2_sqrt, eps, m_key, v_key, LERP_SMALL: tl.constexpr,
                        BLOCK: tl.constexpr):
     start = tl.program_id(0) * BLOCK
-    m, v = _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, tl.load(m_gs_ptr),
-                        tl.load(v_gs_ptr), start, n, w1, beta2, one_minus_beta2, LERP_SMALL,
-                        BLOCK)
+    m, v = _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, tl.load(scratch_ptr + 4),
+                        tl.load(scratch_ptr + 5), start, n, w1, beta2, one_minus_beta2,
+                        LERP_SMALL, BLOCK)
     offs = start + tl.arange(0, BLOCK)
     p = tl.load(p_ptr + offs, mask=offs < n, other=0.0)
     sqrt_v = tl.sqrt_rn(v)
     update = tl.reshape(m / (sqrt_v / bc2_sqrt + eps), [BLOCK])
     tl.store(p_ptr + offs, p * decay - step_size * update, mask=offs < n)
-    _encode(m, tl.load(amax_ptr), gs_out_ptr, m_key, start, m_data, m_scale, n, False, BLOCK)
-    _encode(sqrt_v, tl.load(amax_ptr + 1), gs_out_ptr + 1, v_key, start, v_data, v_scale, n,
-            True, BLOCK)
+    amax_ptr = scratch_ptr + 2 * parity
+    _encode(m, tl.load(amax_ptr), m_gs_ptr, m_key, start, m_data, m_scale, n, False, BLOCK)
+    _encode(sqrt_v, tl.load(amax_ptr + 1), v_gs_ptr, v_key, start, v_data, v_scale, n, True,
+            BLOCK)
+    if tl.program_id(0) == 0:  # the next step folds its amaxes into the other pair
+        tl.store(scratch_ptr + 2 * (1 - parity), 0.0)
+        tl.store(scratch_ptr + 3 - 2 * parity, 0.0)
+
+
+def new_scratch(device: torch.device) -> torch.Tensor:
+    """The per-parameter work buffer of :func:`fused_adamw_nvfp4_` (FP32 [6], zeros): two
+    pairs of new-moment amaxes (used on alternate steps, each zeroed by the step before its
+    turn) and the old global scales, so that a step needs no allocation and no copy."""
+    return torch.zeros(6, dtype=torch.float32, device=device)
 
 
 def fused_adamw_nvfp4_(
     param: torch.Tensor,
     grad: torch.Tensor,
     state: dict[str, torch.Tensor],
+    scratch: torch.Tensor,
     *,
     lr: float,
     beta1: float,
@@ -132,8 +152,9 @@ def fused_adamw_nvfp4_(
     """One AdamW step on a contiguous FP32 ``param`` with NVFP4 moments, in place.
 
     ``state`` holds ``exp_avg_{data,scale,global_scale}`` and the same for ``exp_avg_sq``
-    (sqrt-stored), as :class:`hf_nvfp4.optim.QuantizedAdamW` keeps them; ``m_seed`` and
-    ``v_seed`` are the stochastic-rounding seeds of the two re-encodings.
+    (sqrt-stored), as :class:`hf_nvfp4.optim.QuantizedAdamW` keeps them; ``scratch`` is this
+    parameter's :func:`new_scratch` buffer, reused every step (``step`` picks its amax pair);
+    ``m_seed`` and ``v_seed`` are the stochastic-rounding seeds of the two re-encodings.
     """
     if param.dtype != torch.float32 or not param.is_contiguous():
         raise ValueError("the fused step needs a contiguous FP32 parameter")
@@ -141,20 +162,17 @@ def fused_adamw_nvfp4_(
     g = grad.reshape(-1)
     if not g.is_contiguous():
         g = g.contiguous()
-    amax = torch.zeros(2, dtype=torch.float32, device=param.device)
-    gs_new = torch.empty(2, dtype=torch.float32, device=param.device)
     w1 = 1.0 - beta1
     md, ms, mg = (state["exp_avg" + s] for s in ("_data", "_scale", "_global_scale"))
     vd, vs, vg = (state["exp_avg_sq" + s] for s in ("_data", "_scale", "_global_scale"))
     ms8, vs8 = ms.view(torch.uint8), vs.view(torch.uint8)
     grid = (triton.cdiv(n, _BLOCK),)
+    parity = step % 2
     common = dict(LERP_SMALL=w1 < 0.5, BLOCK=_BLOCK)
-    _moment_amax_kernel[grid](g, md, ms8, mg, vd, vs8, vg, amax, n, w1, beta2, 1.0 - beta2,
-                              **common)
+    _moment_amax_kernel[grid](g, md, ms8, mg, vd, vs8, vg, scratch, parity, n, w1, beta2,
+                              1.0 - beta2, **common)
     _adamw_step_kernel[grid](
-        param, g, md, ms8, mg, vd, vs8, vg, amax, gs_new, n, w1, beta2, 1.0 - beta2,
+        param, g, md, ms8, mg, vd, vs8, vg, scratch, parity, n, w1, beta2, 1.0 - beta2,
         1.0 - lr * weight_decay, lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5, eps,
         seed_key(m_seed), seed_key(v_seed), **common,
     )
-    mg.copy_(gs_new[0])
-    vg.copy_(gs_new[1])

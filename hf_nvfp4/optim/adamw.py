@@ -144,6 +144,8 @@ class QuantizedAdamW(torch.optim.Optimizer):
         self.fused = _resolve_fused(fused, exp_avg_format, exp_avg_sq_format,
                                     sqrt_second_moment, square_tiles, rounding)
         self._interpret_fused = fused is True
+        # Work buffers of the fused step, per parameter; not optimizer state (not saved).
+        self._scratch: dict[torch.Tensor, torch.Tensor] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, quantize=True)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -203,12 +205,16 @@ class QuantizedAdamW(torch.optim.Optimizer):
         step = state["step"].item()
 
         if self.fused and all(codecs.values()) and _fusable(param, self._interpret_fused):
-            from hf_nvfp4.kernels.adamw import fused_adamw_nvfp4_
+            from hf_nvfp4.kernels.adamw import fused_adamw_nvfp4_, new_scratch
 
             gen = self._generator(int(step), index)
             m_seed, v_seed = draw_seed(gen), draw_seed(gen)
-            fused_adamw_nvfp4_(param, grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                               weight_decay=wd, step=int(step), m_seed=m_seed, v_seed=v_seed)
+            scratch = self._scratch.get(p)
+            if scratch is None:
+                scratch = self._scratch[p] = new_scratch(param.device)
+            fused_adamw_nvfp4_(param, grad, state, scratch, lr=lr, beta1=beta1, beta2=beta2,
+                               eps=eps, weight_decay=wd, step=int(step), m_seed=m_seed,
+                               v_seed=v_seed)
             return
 
         master = param if param.dtype == torch.float32 else param.float()
@@ -248,15 +254,18 @@ class QuantizedAdamW(torch.optim.Optimizer):
 
         ``torch.optim.Optimizer`` casts floating state tensors to the parameter dtype; the
         codes and scales are cast back here (exactly: they are small integers and E4M3/FP32
-        values). Raises ``ValueError`` when a saved state does not match this optimizer's
-        formats.
+        values) as copies, so that later steps never write into ``state_dict``. Raises
+        ``ValueError`` when a saved state does not match this optimizer's formats.
         """
         super().load_state_dict(state_dict)
+        self._scratch.clear()  # its amax pairs follow the old step counters
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
                     continue
+                # torch keeps the loaded step tensor itself; the step increments it in place.
+                state["step"] = state["step"].clone()
                 for name in ("exp_avg", "exp_avg_sq"):
                     codec = self._codec(name, p, group)
                     saved_fp32 = name in state

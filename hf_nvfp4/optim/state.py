@@ -164,12 +164,14 @@ def restore_dtypes(state: dict, name: str, codec: MomentCodec) -> None:
 
     ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to the
     parameter's dtype; uint8 codes and E4M3/FP32 scales survive the FP32 round trip exactly.
+    The results are copies: the fused step writes them in place, which must not reach the
+    state dict they were loaded from.
     """
     for suffix, dtype in codec.storage_dtypes().items():
         key = name + suffix
         if key not in state:
             raise KeyError(f"optimizer state is missing {key!r} for format {codec.fmt!r}")
-        state[key] = state[key].to(dtype)
+        state[key] = state[key].to(dtype, copy=True)  # never alias the loaded state dict
 
 
 def packed_nbytes(state: dict) -> int:

@@ -104,7 +104,7 @@ def test_auto_mode_keeps_cpu_parameters_on_the_unfused_path():
     auto, off = nn.Parameter(init.clone()), nn.Parameter(init.clone())
     opt_auto = QuantizedAdamW([auto], min_quantized_numel=0)
     opt_off = QuantizedAdamW([off], min_quantized_numel=0, fused=False)
-    for t in range(3):
+    for _ in range(3):
         g = torch.randn(64, 64, generator=gen)
         auto.grad, off.grad = g.clone(), g.clone()
         opt_auto.step()
@@ -112,3 +112,26 @@ def test_auto_mode_keeps_cpu_parameters_on_the_unfused_path():
     assert torch.equal(auto, off)
     for key, t in opt_off.state[off].items():
         assert torch.equal(t, opt_auto.state[auto][key])
+
+
+def test_fused_reload_into_the_same_optimizer_mid_run():
+    # The per-parameter scratch (alternating amax pairs) must not leak across a reload.
+    a, opt_a, b, opt_b = _pair()
+    _steps(a, opt_a, b, opt_b, 2)
+    sd = opt_b.state_dict()
+    saved = {"state": {i: {k: t.clone() for k, t in s.items()} for i, s in sd["state"].items()},
+             "param_groups": sd["param_groups"]}
+    weights = [p.detach().clone() for p in b]
+    _steps(a, opt_a, b, opt_b, 1, start=5)  # a detour, then back to step 2
+    with torch.no_grad():
+        for p, w in zip(b, weights, strict=True):
+            p.copy_(w)
+    opt_b.load_state_dict(saved)
+    c = [nn.Parameter(w.clone()) for w in weights]
+    opt_c = QuantizedAdamW(c, lr=1e-2, weight_decay=0.1, min_quantized_numel=0, fused=True)
+    opt_c.load_state_dict(saved)
+    _steps(b, opt_b, c, opt_c, 2, start=2)
+    for pb, pc in zip(b, c, strict=True):
+        assert torch.equal(pb, pc)
+        for key, t in opt_b.state[pb].items():
+            assert torch.equal(t, opt_c.state[pc][key]), key
