@@ -108,6 +108,8 @@ def optimizers(cuda: bool) -> dict[str, Callable | str]:
     kw = dict(betas=(0.9, 0.95), weight_decay=0.1)
     out: dict[str, Callable | str] = {
         "adamw_fp32": lambda g, lr: torch.optim.AdamW(g, lr=lr, fused=cuda, **kw),
+        # Same algorithm, other summation order: with ours_fp32_states, the noise floor.
+        "adamw_fp32_foreach": lambda g, lr: torch.optim.AdamW(g, lr=lr, foreach=True, **kw),
     }
     ours = (
         ("ours_fp32_states", None, {}),
@@ -163,6 +165,23 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def profile_step(opt: torch.optim.Optimizer) -> dict:
+    """One ``opt.step()`` under torch.profiler: GPU kernel time and launches against wall
+    time, i.e. how much of the step is the device working and how much the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        opt.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"profiled_step_wall_ms": wall * 1e3,
+            "profiled_step_kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3,
+            "profiled_step_kernels": len(kernels)}
+
+
 def train_one(name, factory, cfg, init_state, batches, val, device, seed) -> dict:
     cuda = device.type == "cuda"
     model = build_model(cfg, seed, device)
@@ -174,7 +193,7 @@ def train_one(name, factory, cfg, init_state, batches, val, device, seed) -> dic
     peak = 2e-3
     opt = factory(groups, peak)
     warmup = min(10, cfg["steps"] // 4)
-    step_times, losses = [], []
+    step_times, losses, profile = [], [], {}
     for step, batch in enumerate(batches):
         for g in opt.param_groups:
             if torch.is_tensor(g["lr"]):  # torchao keeps lr as a tensor
@@ -185,7 +204,9 @@ def train_one(name, factory, cfg, init_state, batches, val, device, seed) -> dic
             loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:].clone()).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if cuda:
+        if cuda and step == len(batches) - 1:
+            profile, dt = profile_step(opt), None
+        elif cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             opt.step()
@@ -197,7 +218,7 @@ def train_one(name, factory, cfg, init_state, batches, val, device, seed) -> dic
             opt.step()
             dt = time.perf_counter() - t0
         opt.zero_grad(set_to_none=True)
-        if step >= warmup:
+        if step >= warmup and dt is not None:
             step_times.append(dt)
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
@@ -219,6 +240,7 @@ def train_one(name, factory, cfg, init_state, batches, val, device, seed) -> dic
         "steps_done": len(losses),
         "n_params": n_params,
         "n_params_quantized_set": n_quant,
+        **profile,
     }
 
 
