@@ -1,8 +1,9 @@
 """Fused AdamW step with NVFP4 moments: two passes over (grad, packed m, packed sqrt(v)).
 
 The layout is :class:`hf_nvfp4.optim.state.MomentCodec`'s for ``nvfp4``: the flat moment in
-1x16 blocks, ``data`` uint8 [n16 / 2], ``scale`` E4M3 bytes [n16 / 16], FP32 decode global
-scale; the second moment is stored as ``sqrt(v)`` with positive values never encoded as 0.
+blocks of 16 (or, with square tiles, 256) consecutive elements padded to whole blocks,
+``data`` uint8 [padded / 2], ``scale`` one E4M3 byte per block, FP32 decode global scale; the
+second moment is stored as ``sqrt(v)`` with positive values never encoded as 0.
 
 NVFP4's global scale needs the amax of the *new* moments before any of them is encoded, so:
 
@@ -44,21 +45,25 @@ _BLOCK = 1024  # elements per program: 64 NVFP4 blocks
 
 @triton.jit
 def _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, m_gs, v_gs, start, n,
-                 w1, beta2, one_minus_beta2, LERP_SMALL: tl.constexpr, BLOCK: tl.constexpr):
-    """FP32 ``m'``, ``v'`` [BLOCK // 16, 16] of the elements from ``start`` (0 beyond ``n``)."""
+                 w1, beta2, one_minus_beta2, LERP_SMALL: tl.constexpr, TILE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """FP32 ``m'``, ``v'`` [BLOCK // TILE, TILE] of the elements from ``start`` (0 beyond
+    ``n``); one block scale per ``TILE`` consecutive elements."""
     offs = start + tl.arange(0, BLOCK)
-    mask = tl.reshape(offs < n, [BLOCK // 16, 16])
+    mask = tl.reshape(offs < n, [BLOCK // TILE, TILE])
     g = tl.reshape(tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32),
-                   [BLOCK // 16, 16])
+                   [BLOCK // TILE, TILE])
     pidx = start // 2 + tl.arange(0, BLOCK // 2)
-    sidx = start // 16 + tl.arange(0, BLOCK // 16)
-    n16 = (n + 15) // 16
-    mc = unpack_pairs(tl.load(m_data + pidx, mask=pidx < n16 * 8, other=0)[None, :], 1, BLOCK)
-    vc = unpack_pairs(tl.load(v_data + pidx, mask=pidx < n16 * 8, other=0)[None, :], 1, BLOCK)
-    ms = e4m3_decode(tl.load(m_scale + sidx, mask=sidx < n16, other=0).to(tl.int32))
-    vs = e4m3_decode(tl.load(v_scale + sidx, mask=sidx < n16, other=0).to(tl.int32))
-    m = (tl.reshape(e2m1_decode(mc), [BLOCK // 16, 16]) * ms[:, None]) * m_gs
-    v = (tl.reshape(e2m1_decode(vc), [BLOCK // 16, 16]) * vs[:, None]) * v_gs
+    sidx = start // TILE + tl.arange(0, BLOCK // TILE)
+    tiles = (n + TILE - 1) // TILE
+    mc = unpack_pairs(tl.load(m_data + pidx, mask=pidx < tiles * (TILE // 2), other=0)[None, :],
+                      1, BLOCK)
+    vc = unpack_pairs(tl.load(v_data + pidx, mask=pidx < tiles * (TILE // 2), other=0)[None, :],
+                      1, BLOCK)
+    ms = e4m3_decode(tl.load(m_scale + sidx, mask=sidx < tiles, other=0).to(tl.int32))
+    vs = e4m3_decode(tl.load(v_scale + sidx, mask=sidx < tiles, other=0).to(tl.int32))
+    m = (tl.reshape(e2m1_decode(mc), [BLOCK // TILE, TILE]) * ms[:, None]) * m_gs
+    v = (tl.reshape(e2m1_decode(vc), [BLOCK // TILE, TILE]) * vs[:, None]) * v_gs
     v = v * v
     if LERP_SMALL:
         m = m + w1 * (g - m)
@@ -71,14 +76,14 @@ def _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, m_gs, v_gs, start, n,
 @triton.jit
 def _moment_amax_kernel(g_ptr, m_data, m_scale, m_gs_ptr, v_data, v_scale, v_gs_ptr,
                         scratch_ptr, parity, n, w1, beta2, one_minus_beta2,
-                        LERP_SMALL: tl.constexpr, BLOCK: tl.constexpr):
+                        LERP_SMALL: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
     m_gs, v_gs = tl.load(m_gs_ptr), tl.load(v_gs_ptr)
     if tl.program_id(0) == 0:  # the old global scales, for the second pass to decode with
         tl.store(scratch_ptr + 4, m_gs)
         tl.store(scratch_ptr + 5, v_gs)
     m, v = _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, m_gs, v_gs,
                         tl.program_id(0) * BLOCK, n, w1, beta2, one_minus_beta2, LERP_SMALL,
-                        BLOCK)
+                        TILE, BLOCK)
     amax_ptr = scratch_ptr + 2 * parity
     tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(m), axis=1), axis=0))
     tl.atomic_max(amax_ptr + 1, tl.max(tl.max(tl.sqrt_rn(v), axis=1), axis=0))
@@ -86,42 +91,44 @@ def _moment_amax_kernel(g_ptr, m_data, m_scale, m_gs_ptr, v_data, v_scale, v_gs_
 
 @triton.jit
 def _encode(x, amax, gs_out_ptr, key, start, data_ptr, scale_ptr, n, FLOOR: tl.constexpr,
-            BLOCK: tl.constexpr):
-    """NVFP4-encode ``x`` [BLOCK // 16, 16] (stochastic rounding) as elements from ``start``."""
+            TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """NVFP4-encode ``x`` [BLOCK // TILE, TILE] (stochastic rounding) as the elements from
+    ``start``, one E4M3 scale per row of ``x``."""
     mult6, s_dec = global_scales(amax)
     if tl.program_id(0) == 0:
         tl.store(gs_out_ptr, s_dec)
     byte, mult = block_scale(tl.max(tl.abs(x), axis=1), mult6, s_dec)
-    idx = tl.reshape(start + tl.arange(0, BLOCK), [BLOCK // 16, 16]).to(tl.uint32)
+    idx = tl.reshape(start + tl.arange(0, BLOCK), [BLOCK // TILE, TILE]).to(tl.uint32)
     codes = e2m1_stochastic(x * mult[:, None], uniform24(idx, key))
     if FLOOR:
         codes = tl.where((codes == 0) & (x > 0.0), 1, codes)
-    n16 = (n + 15) // 16
+    tiles = (n + TILE - 1) // TILE
     pidx = start // 2 + tl.arange(0, BLOCK // 2)
-    sidx = start // 16 + tl.arange(0, BLOCK // 16)
+    sidx = start // TILE + tl.arange(0, BLOCK // TILE)
     packed = tl.reshape(pack_pairs(tl.reshape(codes, [1, BLOCK]), 1, BLOCK), [BLOCK // 2])
-    tl.store(data_ptr + pidx, packed, mask=pidx < n16 * 8)
-    tl.store(scale_ptr + sidx, byte.to(tl.uint8), mask=sidx < n16)
+    tl.store(data_ptr + pidx, packed, mask=pidx < tiles * (TILE // 2))
+    tl.store(scale_ptr + sidx, byte.to(tl.uint8), mask=sidx < tiles)
 
 
 @triton.jit(do_not_specialize=["m_key", "v_key", "parity"])
 def _adamw_step_kernel(p_ptr, g_ptr, m_data, m_scale, m_gs_ptr, v_data, v_scale, v_gs_ptr,
                        scratch_ptr, parity, n, w1, beta2, one_minus_beta2, decay, step_size,
                        bc2_sqrt, eps, m_key, v_key, LERP_SMALL: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       TILE: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0) * BLOCK
     m, v = _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, tl.load(scratch_ptr + 4),
                         tl.load(scratch_ptr + 5), start, n, w1, beta2, one_minus_beta2,
-                        LERP_SMALL, BLOCK)
+                        LERP_SMALL, TILE, BLOCK)
     offs = start + tl.arange(0, BLOCK)
     p = tl.load(p_ptr + offs, mask=offs < n, other=0.0)
     sqrt_v = tl.sqrt_rn(v)
     update = tl.reshape(m / (sqrt_v / bc2_sqrt + eps), [BLOCK])
     tl.store(p_ptr + offs, p * decay - step_size * update, mask=offs < n)
     amax_ptr = scratch_ptr + 2 * parity
-    _encode(m, tl.load(amax_ptr), m_gs_ptr, m_key, start, m_data, m_scale, n, False, BLOCK)
-    _encode(sqrt_v, tl.load(amax_ptr + 1), v_gs_ptr, v_key, start, v_data, v_scale, n, True,
+    _encode(m, tl.load(amax_ptr), m_gs_ptr, m_key, start, m_data, m_scale, n, False, TILE,
             BLOCK)
+    _encode(sqrt_v, tl.load(amax_ptr + 1), v_gs_ptr, v_key, start, v_data, v_scale, n, True,
+            TILE, BLOCK)
     if tl.program_id(0) == 0:  # the next step folds its amaxes into the other pair
         tl.store(scratch_ptr + 2 * (1 - parity), 0.0)
         tl.store(scratch_ptr + 3 - 2 * parity, 0.0)
@@ -148,13 +155,16 @@ def fused_adamw_nvfp4_(
     step: int,
     m_seed: int,
     v_seed: int,
+    square_tiles: bool = False,
 ) -> None:
     """One AdamW step on a contiguous FP32 ``param`` with NVFP4 moments, in place.
 
     ``state`` holds ``exp_avg_{data,scale,global_scale}`` and the same for ``exp_avg_sq``
     (sqrt-stored), as :class:`hf_nvfp4.optim.QuantizedAdamW` keeps them; ``scratch`` is this
     parameter's :func:`new_scratch` buffer, reused every step (``step`` picks its amax pair);
-    ``m_seed`` and ``v_seed`` are the stochastic-rounding seeds of the two re-encodings.
+    ``m_seed`` and ``v_seed`` are the stochastic-rounding seeds of the two re-encodings;
+    ``square_tiles``: one scale per 256 consecutive elements (MomentCodec's 16x16 tiles of the
+    flat moment viewed as ``[-1, 16]``) instead of per 16.
     """
     if param.dtype != torch.float32 or not param.is_contiguous():
         raise ValueError("the fused step needs a contiguous FP32 parameter")
@@ -168,7 +178,7 @@ def fused_adamw_nvfp4_(
     ms8, vs8 = ms.view(torch.uint8), vs.view(torch.uint8)
     grid = (triton.cdiv(n, _BLOCK),)
     parity = step % 2
-    common = dict(LERP_SMALL=w1 < 0.5, BLOCK=_BLOCK)
+    common = dict(LERP_SMALL=w1 < 0.5, TILE=256 if square_tiles else 16, BLOCK=_BLOCK)
     _moment_amax_kernel[grid](g, md, ms8, mg, vd, vs8, vg, scratch, parity, n, w1, beta2,
                               1.0 - beta2, **common)
     _adamw_step_kernel[grid](

@@ -71,8 +71,8 @@ class QuantizedAdamW(torch.optim.Optimizer):
     resumed run (saved ``step`` counters) rounds exactly as an uninterrupted one and no RNG
     state needs saving.
 
-    Fused step: with both moments in NVFP4 (``sqrt_second_moment``, 1x16 blocks, stochastic
-    rounding) each CUDA parameter is updated by two Triton kernels
+    Fused step: with both moments in NVFP4 (``sqrt_second_moment``, stochastic rounding, 1x16
+    blocks or square tiles) each CUDA parameter is updated by two Triton kernels
     (:mod:`hf_nvfp4.kernels.adamw`) instead of ~40 PyTorch ops; the numerics are the same up
     to multiply-add contraction in the last bit of FP32 values.
 
@@ -142,7 +142,7 @@ class QuantizedAdamW(torch.optim.Optimizer):
         self.seed = seed
         self._cpu_generator = torch.Generator()
         self.fused = _resolve_fused(fused, exp_avg_format, exp_avg_sq_format,
-                                    sqrt_second_moment, square_tiles, rounding)
+                                    sqrt_second_moment, rounding)
         self._interpret_fused = fused is True
         # Work buffers of the fused step, per parameter; not optimizer state (not saved).
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}
@@ -214,7 +214,7 @@ class QuantizedAdamW(torch.optim.Optimizer):
                 scratch = self._scratch[p] = new_scratch(param.device)
             fused_adamw_nvfp4_(param, grad, state, scratch, lr=lr, beta1=beta1, beta2=beta2,
                                eps=eps, weight_decay=wd, step=int(step), m_seed=m_seed,
-                               v_seed=v_seed)
+                               v_seed=v_seed, square_tiles=codecs["exp_avg"].square_tiles)
             return
 
         master = param if param.dtype == torch.float32 else param.float()
@@ -287,20 +287,19 @@ class QuantizedAdamW(torch.optim.Optimizer):
 
 
 def _resolve_fused(fused: bool | None, exp_avg_format: str | None,
-                   exp_avg_sq_format: str | None, sqrt_second_moment: bool, square_tiles: bool,
+                   exp_avg_sq_format: str | None, sqrt_second_moment: bool,
                    rounding: str) -> bool:
     """Whether the fused Triton step is used (see :class:`QuantizedAdamW`'s ``fused``)."""
     if fused is False:
         return False
     supported = (exp_avg_format == exp_avg_sq_format == "nvfp4" and sqrt_second_moment
-                 and not square_tiles and rounding == "stochastic")
+                 and rounding == "stochastic")
     if not supported:
         if fused:
             raise ValueError(
                 "fused=True needs exp_avg_format = exp_avg_sq_format = 'nvfp4', "
-                "sqrt_second_moment=True, square_tiles=False and rounding='stochastic'; got "
-                f"{exp_avg_format!r}, {exp_avg_sq_format!r}, {sqrt_second_moment}, "
-                f"{square_tiles}, {rounding!r}"
+                "sqrt_second_moment=True and rounding='stochastic'; got "
+                f"{exp_avg_format!r}, {exp_avg_sq_format!r}, {sqrt_second_moment}, {rounding!r}"
             )
         return False
     from hf_nvfp4.kernels import is_triton_available
