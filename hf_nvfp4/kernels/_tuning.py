@@ -29,18 +29,24 @@ def median_ms(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float
 
 def pick(
     key: tuple, make_candidates: Callable[[], dict[str, Callable[[], object]]],
-    device: torch.device,
+    device: torch.device, fixed: str | None = None,
 ) -> str:
     """The name of the fastest candidate for ``key`` (timed once on CUDA, then cached).
 
-    ``make_candidates`` is called only on the first call for ``key``. Off CUDA (the
-    interpreter) the first candidate is used. A candidate that raises (e.g. too little
-    shared memory for its tile) is recorded with its error and skipped.
+    ``make_candidates`` is called only on the first call for ``key``. A candidate that
+    raises (e.g. too little shared memory for its tile) is recorded with its error and
+    skipped.
+
+    Off CUDA (the interpreter) and under ``torch.use_deterministic_algorithms(True)``
+    nothing is timed: the choice is ``fixed`` when it is a candidate, else the first one, the
+    same in every run. Timed picks can differ between runs, and GEMM variants sum in
+    different orders, so they make training runs differ in the last bits (the quantization
+    variants are bit-identical either way).
     """
     if key not in _CHOICES:
         candidates = make_candidates()
-        if device.type != "cuda":
-            _CHOICES[key] = next(iter(candidates))
+        if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+            _CHOICES[key] = fixed if fixed in candidates else next(iter(candidates))
             return _CHOICES[key]
         timed: dict[str, float | str] = {}
         for name, fn in candidates.items():

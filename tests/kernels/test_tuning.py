@@ -1,0 +1,37 @@
+"""Kernel-variant choice: timed on CUDA, fixed under torch's deterministic mode."""
+
+import pytest
+import torch
+
+from hf_nvfp4.kernels import _tuning
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def _candidates(calls):
+    def make():
+        return {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    return make
+
+
+def test_deterministic_mode_takes_the_fixed_choice_without_timing(deterministic):
+    calls = []
+    cuda = torch.device("cuda")  # nothing runs on it: no candidate is timed
+    assert _tuning.pick(("t", 1), _candidates(calls), cuda, fixed="b") == "b"
+    assert _tuning.pick(("t", 2), _candidates(calls), cuda) == "a"
+    assert _tuning.pick(("t", 3), _candidates(calls), cuda, fixed="missing") == "a"
+    assert calls == []
+    assert _tuning.pick(("t", 1), _candidates(calls), cuda, fixed="c") == "b"  # cached
+
+
+def test_off_cuda_nothing_is_timed():
+    calls = []
+    assert _tuning.pick(("t", 4), _candidates(calls), torch.device("cpu")) == "a"
+    assert _tuning.pick(("t", 5), _candidates(calls), torch.device("cpu"), fixed="c") == "c"
+    assert calls == []
