@@ -64,6 +64,8 @@ def verdict(runs: dict[str, dict], a: str, b: str, floor: float | None,
     if a == "nvfp4_late_switch":
         d, what = -rel_gap(runs, a, "nvfp4"), f"switch vs NVFP4 {rel_gap(runs, a, 'nvfp4'):+.2f}%"
         what += f", NVFP4 vs BF16 {rel_gap(runs, 'nvfp4', 'bf16'):+.2f}%"
+        if rel_gap(runs, "nvfp4", "bf16") <= 0:
+            return f"untestable: NVFP4 is not behind BF16 ({what})"
     else:
         what = f"{a} vs {b}: {d:+.2f}%"
     if floor is not None and abs(d) <= floor:
