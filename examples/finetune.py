@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"validation loss: {trainer.evaluate()['eval_loss']:.4f}")
     trainer.save_model(args.out)
     tok.save_pretrained(args.out)
+    # Under `accelerate launch`, tear the process group down before interpreter exit.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

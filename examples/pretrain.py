@@ -14,6 +14,7 @@ Model: ``--config PATH_OR_NAME`` (any causal-LM config) or a built-in small Llam
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -44,6 +45,23 @@ def build_model(args: argparse.Namespace, vocab_size: int):
             num_key_value_heads=4, max_position_embeddings=args.seq, tie_word_embeddings=False,
         )
     return AutoModelForCausalLM.from_config(cfg)
+
+
+def gather_checksums(accelerator: Accelerator, checksum: float) -> tuple[list[float], object]:
+    """Every rank's parameter checksum, and the handle of the collective that gathered them.
+
+    The caller keeps the handle until the process group is destroyed. Otherwise gloo's worker
+    thread may drop the last reference to the collective's Python tensors, which needs the GIL,
+    just as the main thread, holding the GIL, joins that thread in the group's destructor: a
+    deadlock at exit.
+    """
+    local = torch.tensor([checksum], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes == 1:
+        return [checksum], None
+    parts = [torch.empty_like(local) for _ in range(accelerator.num_processes)]
+    work = torch.distributed.all_gather(parts, local, async_op=True)
+    work.wait()
+    return [t.item() for t in parts], work
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,9 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         timed_steps, seconds = stop - start, time.perf_counter() - t0
     checksum = sum(p.detach().double().sum().item() for p in model.parameters())
-    checksums = accelerator.gather(
-        torch.tensor([checksum], dtype=torch.float64, device=accelerator.device)
-    ).tolist()
+    checksums, last_work = gather_checksums(accelerator, checksum)
     if accelerator.is_main_process:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -160,6 +176,14 @@ def main(argv: list[str] | None = None) -> None:
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(f"final loss {losses[-1]:.4f} over {accelerator.num_processes} process(es)")
+    # Tear the process group down here, not at interpreter exit (where gloo's live worker
+    # threads abort the process), and drop the DDP wrapper, whose reducer holds the group,
+    # while `last_work` is still referenced (see gather_checksums).
+    accelerator.end_training()
+    accelerator.free_memory()
+    del model, opt, loader, sched
+    gc.collect()
+    del last_work
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def test_two_process_ddp_nvfp4_training(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29517", str(ROOT / "examples" / "pretrain.py"),
            "--cpu", "--tiny", "--steps", "8", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["num_processes"] == 2 and m["distributed_type"] == "DistributedType.MULTI_CPU"
@@ -39,7 +39,7 @@ def _pretrain(tmp_path, name, recipe, nproc, batch, port):
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                      "--master_port", str(port)]
     proc = subprocess.run(launcher + script, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((tmp_path / name / "metrics.json").read_text())["losses"]
 
