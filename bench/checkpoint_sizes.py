@@ -7,8 +7,10 @@ exports are then loaded by plain transformers in a subprocess that never imports
 
     python -m bench.checkpoint_sizes [--out bench/results/checkpoint_sizes.json]
 
-(run as a module from the repository root: run as a script, bench/kernel_speed.py would shadow
-the ``kernels`` package that transformers imports)
+(run as a module from the repository root, not as a script: bench/ on sys.path would put the
+benchmark scripts ahead of installed packages; this is also why the kernel benchmark is
+bench/kernel_speed.py, not bench/kernels.py, which would shadow the ``kernels`` package that
+transformers imports)
 """
 
 from __future__ import annotations

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .config import QUANT_METHOD, RECIPE_ENV, NVFP4Config, resolve_nvfp4
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class NVFP4Plugin:
@@ -65,7 +68,7 @@ class NVFP4Plugin:
             self.summaries.append(convert(model, self.config))
         return model
 
-    def apply(self, accelerator):
+    def apply(self, accelerator: Accelerator) -> Accelerator:
         """Hook this plugin into ``accelerator.prepare`` (idempotent). Returns the accelerator."""
         if getattr(accelerator, "_hf_nvfp4_plugin", None) is not None:
             return accelerator

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .nn.linear import NVFP4Linear
 from .schedule import PrecisionSchedule, switch_to_high_precision
@@ -31,11 +32,17 @@ class LateSwitchCallback(TrainerCallback):
         self.switch_at, self.mode = switch_at, mode
         self.schedule: PrecisionSchedule | None = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: D102
+    def on_train_begin(  # noqa: D102
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        model: nn.Module | None = None, **kwargs: Any,
+    ) -> None:
         self.schedule = PrecisionSchedule(self.switch_at, max(state.max_steps, 1), self.mode)
         self._maybe_switch(model, state.global_step)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: D102
+    def on_step_end(  # noqa: D102
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        model: nn.Module | None = None, **kwargs: Any,
+    ) -> None:
         self._maybe_switch(model, state.global_step)
 
     def _maybe_switch(self, model, step: int) -> None:
@@ -84,7 +91,10 @@ class QuantTelemetryCallback(TrainerCallback):
         stride = max(1, len(layers) // self.max_layers)
         return layers[::stride][: self.max_layers]
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):  # noqa: D102
+    def on_step_begin(  # noqa: D102
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        model: nn.Module | None = None, **kwargs: Any,
+    ) -> None:
         if model is None or (state.global_step + 1) % self.every:
             return
         for layer in self._layers(model):
@@ -114,7 +124,10 @@ class QuantTelemetryCallback(TrainerCallback):
         for k, v in stats.items():
             self._acc[f"{role}_{k}"].append(v)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: D102
+    def on_step_end(  # noqa: D102
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        model: nn.Module | None = None, **kwargs: Any,
+    ) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -125,7 +138,10 @@ class QuantTelemetryCallback(TrainerCallback):
             if self.auto_switch and ratio is not None and ratio < SQRT3:
                 self._switch(model, state.global_step, f"wgrad noise ratio {ratio:.2f} < sqrt(3)")
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):  # noqa: D102
+    def on_log(  # noqa: D102
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        logs: dict[str, float] | None = None, model: nn.Module | None = None, **kwargs: Any,
+    ) -> None:
         if logs is None:
             return
         loss = logs.get("loss")

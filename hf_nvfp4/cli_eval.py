@@ -107,7 +107,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--no-progress", action="store_true", help="hide progress bars")
 
 
-def add_eval_commands(subparsers) -> None:
+def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``eval`` and ``compare`` on an ``argparse`` sub-parsers object."""
     ev = subparsers.add_parser(
         "eval",

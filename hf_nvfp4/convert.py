@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,7 +201,7 @@ def _nparams(mod: nn.Module) -> int:
     return sum(p.numel() for p in mod.parameters(recurse=False))
 
 
-def iter_nvfp4_linears(model: nn.Module):
+def iter_nvfp4_linears(model: nn.Module) -> Iterator[tuple[str, NVFP4Linear]]:
     """Yield ``(name, module)`` for every NVFP4Linear of ``model``."""
     for name, mod in model.named_modules():
         if isinstance(mod, NVFP4Linear):

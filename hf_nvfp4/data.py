@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__",
               "lib2to3", "turtledemo", "tkinter", "ensurepip"}
@@ -43,7 +47,7 @@ def stdlib_corpus(max_bytes: int = 4_000_000) -> str:
     return "".join(parts)[:max_bytes]
 
 
-def train_tokenizer(text: str, vocab_size: int = 2048):
+def train_tokenizer(text: str, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``text``, as a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

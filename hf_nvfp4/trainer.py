@@ -57,7 +57,11 @@ class NVFP4Trainer(transformers.Trainer):
     (:class:`hf_nvfp4.optim.QuantizedAdamW`).
     """
 
-    def __init__(self, model: nn.Module | None = None, args=None, *pargs, nvfp4=None, **kwargs):
+    def __init__(
+        self, model: nn.Module | None = None, args: transformers.TrainingArguments | None = None,
+        *pargs: Any, nvfp4: bool | str | dict | NVFP4Config | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
         source = nvfp4 if nvfp4 is not None else getattr(args, "nvfp4", None)
         if source is None:
             source = os.environ.get(RECIPE_ENV)

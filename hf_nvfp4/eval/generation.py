@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,9 @@ class StopOnStrings(StoppingCriteria):
     string even when a token is a single byte.
     """
 
-    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], prompt_length: int
+    ) -> None:
         self.tokenizer = tokenizer
         self.stops = tuple(stops)
         self.prompt_length = prompt_length
@@ -68,8 +74,8 @@ def _context_limit(model, max_new_tokens: int) -> int | None:
 
 @torch.inference_mode()
 def generate(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     stops: Sequence[str],
     config: GenerationConfig,

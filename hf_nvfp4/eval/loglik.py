@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from hf_nvfp4.eval.tasks.base import LoglikResult
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def split_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+
+def split_tokens(
+    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
+) -> tuple[list[int], list[int]]:
     """Token ids of ``context`` and of ``continuation`` as encoded after it."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -74,8 +80,8 @@ def _pad_id(tokenizer) -> int:
 
 @torch.inference_mode()
 def loglikelihood(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[tuple[str, str]],
     batch_size: int = 8,
     desc: str = "loglik",
@@ -125,8 +131,8 @@ def _single_tokens(tokenizer, context: str, choices: Sequence[str]) -> tuple[lis
 
 @torch.inference_mode()
 def choice_logprobs(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     contexts: Sequence[str],
     choices: Sequence[Sequence[str]],
     batch_size: int = 8,

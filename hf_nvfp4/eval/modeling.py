@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = {
     "auto": "auto",
@@ -23,7 +27,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = "auto"):
+def load_model(
+    path: str | os.PathLike, device: str | None = None, dtype: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a local directory or Hub id, in eval mode.
 
     ``hf_nvfp4`` is imported first so that its quantization method is registered with

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from hf_nvfp4.eval.modeling import load_model
 from hf_nvfp4.eval.sandbox import SandboxLimits
 from hf_nvfp4.eval.tasks import Task, make_task, resolve_tasks
 from hf_nvfp4.eval.tasks.humaneval import HumanEval
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TaskResult = dict[str, Any]
 
@@ -100,7 +103,10 @@ def _outputs(model, tokenizer, task: Task, items: list, options: EvalOptions) ->
     return generate(model, tokenizer, contexts, task.stop, config, **common)
 
 
-def run_task(model, tokenizer, name: str, options: EvalOptions, model_name: str) -> TaskResult:
+def run_task(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, options: EvalOptions,
+    model_name: str,
+) -> TaskResult:
     """Build, run and score one task on a loaded model; returns the JSON-able result."""
     task = _make(name, options)
     start = time.perf_counter()
@@ -141,7 +147,7 @@ def evaluate(
     tasks: str | Sequence[str],
     options: EvalOptions | None = None,
     *,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     output_dir: str | os.PathLike | None = None,
     model_name: str | None = None,
     reuse: bool = False,

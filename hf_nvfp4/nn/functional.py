@@ -20,7 +20,7 @@ import torch
 from ..backends.base import Backend
 from ..backends.reference import quantize_rowcol_reduced
 from ..numerics.quantize import QTensor
-from ..recipe import RoleSpecs
+from ..recipe import QuantSpec, RoleSpecs
 
 
 @dataclass
@@ -34,7 +34,10 @@ class LinearContext:
     w_dgrad_t: QTensor | None
     amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def rowcol(self, x, row, col, generator):
+    def rowcol(
+        self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None,
+        generator: torch.Generator | None,
+    ) -> tuple[QTensor | None, QTensor | None]:
         """The backend's fused row/column quantization, or the amax-reduced reference path."""
         if self.amax_reduce is None:
             return self.backend.quantize_rowcol(x, row, col, generator)

@@ -154,7 +154,9 @@ class NVFP4PackedLinear(nn.Module):
                 y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def to_linear(self, dtype: torch.dtype = torch.float32, sr_seed: int | None = None):
+    def to_linear(
+        self, dtype: torch.dtype = torch.float32, sr_seed: int | None = None
+    ) -> NVFP4Linear:
         """An :class:`NVFP4Linear` whose master weight is the dequantized weight.
 
         Lossy as a training start: the master becomes the values the format keeps, not the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -255,7 +256,9 @@ def quantize(
     )
 
 
-def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat = "nvfp4", **kwargs) -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor, fmt: str | BlockFormat = "nvfp4", **kwargs: Any
+) -> torch.Tensor:
     """``quantize(x, fmt, **kwargs).dequantize(x.dtype)``: the values the format keeps."""
     return quantize(x, fmt, **kwargs).dequantize(x.dtype)
 
