@@ -14,7 +14,9 @@ NVFP4's global scale needs the amax of the *new* moments before any of them is e
    :mod:`hf_nvfp4.numerics.rng` over the flat index, as the reference quantizer).
 
 Two launches per parameter and step, no allocations: a small per-parameter scratch buffer
-carries the amaxes and the old global scales between the passes.
+carries the amaxes and the old global scales between the passes. If any new moment is NaN or
+infinite, its amax is +inf and the second pass writes nothing: the caller reads the amaxes back
+(:func:`step_was_finite`) and reports the parameter.
 
 Per element that is ~19.6 bytes of traffic for an FP32 parameter with FP32 gradients, against
 28 for torch's fused FP32 AdamW. The FP32 arithmetic follows ``torch.optim.AdamW`` op for op;
@@ -81,22 +83,25 @@ def _moment_amax_kernel(g_ptr, m_data, m_scale, m_gs_ptr, v_data, v_scale, v_gs_
     if tl.program_id(0) == 0:  # the old global scales, for the second pass to decode with
         tl.store(scratch_ptr + 4, m_gs)
         tl.store(scratch_ptr + 5, v_gs)
-    m, v = _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, m_gs, v_gs,
-                        tl.program_id(0) * BLOCK, n, w1, beta2, one_minus_beta2, LERP_SMALL,
-                        TILE, BLOCK)
+    start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: tensors of 2^31+ elements
+    m, v = _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, m_gs, v_gs, start, n, w1,
+                        beta2, one_minus_beta2, LERP_SMALL, TILE, BLOCK)
+    # A NaN counts as +inf, so that any non-finite new moment makes its amax +inf.
+    m_abs = tl.where(m == m, tl.abs(m), float("inf"))
+    sqrt_v = tl.where(v == v, tl.sqrt_rn(v), float("inf"))
     amax_ptr = scratch_ptr + 2 * parity
-    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(m), axis=1), axis=0))
-    tl.atomic_max(amax_ptr + 1, tl.max(tl.max(tl.sqrt_rn(v), axis=1), axis=0))
+    tl.atomic_max(amax_ptr, tl.max(tl.max(m_abs, axis=1), axis=0))
+    tl.atomic_max(amax_ptr + 1, tl.max(tl.max(sqrt_v, axis=1), axis=0))
 
 
 @triton.jit
 def _encode(x, amax, gs_out_ptr, key, start, data_ptr, scale_ptr, n, FLOOR: tl.constexpr,
             TILE: tl.constexpr, BLOCK: tl.constexpr):
     """NVFP4-encode ``x`` [BLOCK // TILE, TILE] (stochastic rounding) as the elements from
-    ``start``, one E4M3 scale per row of ``x``."""
+    ``start`` of ``n``, one E4M3 scale per row of ``x``; ``n == 0`` stores nothing."""
     mult6, s_dec = global_scales(amax)
     if tl.program_id(0) == 0:
-        tl.store(gs_out_ptr, s_dec)
+        tl.store(gs_out_ptr, s_dec, mask=n > 0)
     byte, mult = block_scale(tl.max(tl.abs(x), axis=1), mult6, s_dec)
     idx = tl.reshape(start + tl.arange(0, BLOCK), [BLOCK // TILE, TILE]).to(tl.uint32)
     codes = e2m1_stochastic(x * mult[:, None], uniform24(idx, key))
@@ -115,20 +120,23 @@ def _adamw_step_kernel(p_ptr, g_ptr, m_data, m_scale, m_gs_ptr, v_data, v_scale,
                        scratch_ptr, parity, n, w1, beta2, one_minus_beta2, decay, step_size,
                        bc2_sqrt, eps, m_key, v_key, LERP_SMALL: tl.constexpr,
                        TILE: tl.constexpr, BLOCK: tl.constexpr):
-    start = tl.program_id(0) * BLOCK
+    start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: tensors of 2^31+ elements
     m, v = _new_moments(g_ptr, m_data, m_scale, v_data, v_scale, tl.load(scratch_ptr + 4),
                         tl.load(scratch_ptr + 5), start, n, w1, beta2, one_minus_beta2,
                         LERP_SMALL, TILE, BLOCK)
+    amax_ptr = scratch_ptr + 2 * parity
+    m_amax, v_amax = tl.load(amax_ptr), tl.load(amax_ptr + 1)
+    # Non-finite new moments (amax +inf, see the first pass): store nothing (n_out = 0);
+    # the optimizer reads the amaxes back and raises.
+    finite = tl.maximum(m_amax, v_amax) <= 3.4028234663852886e38
+    n_out = tl.where(finite, n, 0)
     offs = start + tl.arange(0, BLOCK)
-    p = tl.load(p_ptr + offs, mask=offs < n, other=0.0)
+    p = tl.load(p_ptr + offs, mask=offs < n_out, other=0.0)
     sqrt_v = tl.sqrt_rn(v)
     update = tl.reshape(m / (sqrt_v / bc2_sqrt + eps), [BLOCK])
-    tl.store(p_ptr + offs, p * decay - step_size * update, mask=offs < n)
-    amax_ptr = scratch_ptr + 2 * parity
-    _encode(m, tl.load(amax_ptr), m_gs_ptr, m_key, start, m_data, m_scale, n, False, TILE,
-            BLOCK)
-    _encode(sqrt_v, tl.load(amax_ptr + 1), v_gs_ptr, v_key, start, v_data, v_scale, n, True,
-            TILE, BLOCK)
+    tl.store(p_ptr + offs, p * decay - step_size * update, mask=offs < n_out)
+    _encode(m, m_amax, m_gs_ptr, m_key, start, m_data, m_scale, n_out, False, TILE, BLOCK)
+    _encode(sqrt_v, v_amax, v_gs_ptr, v_key, start, v_data, v_scale, n_out, True, TILE, BLOCK)
     if tl.program_id(0) == 0:  # the next step folds its amaxes into the other pair
         tl.store(scratch_ptr + 2 * (1 - parity), 0.0)
         tl.store(scratch_ptr + 3 - 2 * parity, 0.0)
@@ -139,6 +147,22 @@ def new_scratch(device: torch.device) -> torch.Tensor:
     pairs of new-moment amaxes (used on alternate steps, each zeroed by the step before its
     turn) and the old global scales, so that a step needs no allocation and no copy."""
     return torch.zeros(6, dtype=torch.float32, device=device)
+
+
+def step_was_finite(scratches: list[torch.Tensor], steps: list[int]) -> list[bool]:
+    """Whether each parameter's last :func:`fused_adamw_nvfp4_` call (at ``steps[i]``, with
+    scratch ``scratches[i]``) wrote its update, i.e. its new moments were finite. One device
+    synchronization for all parameters. A parameter whose step was skipped gets its amax pair
+    zeroed, ready for the same step number again."""
+    if not scratches:
+        return []
+    pairs = torch.stack([s[2 * (k % 2): 2 * (k % 2) + 2] for s, k in zip(scratches, steps,
+                                                                         strict=True)])
+    finite = torch.isfinite(pairs).all(dim=1).tolist()
+    for s, k, ok in zip(scratches, steps, finite, strict=True):
+        if not ok:
+            s[2 * (k % 2): 2 * (k % 2) + 2] = 0.0
+    return finite
 
 
 def fused_adamw_nvfp4_(
@@ -164,7 +188,8 @@ def fused_adamw_nvfp4_(
     parameter's :func:`new_scratch` buffer, reused every step (``step`` picks its amax pair);
     ``m_seed`` and ``v_seed`` are the stochastic-rounding seeds of the two re-encodings;
     ``square_tiles``: one scale per 256 consecutive elements (MomentCodec's 16x16 tiles of the
-    flat moment viewed as ``[-1, 16]``) instead of per 16.
+    flat moment viewed as ``[-1, 16]``) instead of per 16. If a new moment is not finite,
+    ``param`` and ``state`` are left unchanged (see :func:`step_was_finite`).
     """
     if param.dtype != torch.float32 or not param.is_contiguous():
         raise ValueError("the fused step needs a contiguous FP32 parameter")

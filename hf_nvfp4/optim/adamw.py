@@ -71,6 +71,13 @@ class QuantizedAdamW(torch.optim.Optimizer):
     resumed run (saved ``step`` counters) rounds exactly as an uninterrupted one and no RNG
     state needs saving.
 
+    Non-finite moments: when a gradient makes a quantized parameter's new moments NaN or
+    infinite (a NaN/Inf gradient, or ``|g|`` above ~1.8e19 so that ``g**2`` overflows), that
+    parameter, its moments and its step counter are left unchanged, the other parameters are
+    updated, and :meth:`step` raises ``ValueError`` naming the skipped ones (a block scale of
+    a non-finite moment would corrupt the whole tensor). Parameters with FP32 moments follow
+    ``torch.optim.AdamW`` and propagate NaN.
+
     Fused step: with both moments in NVFP4 (``sqrt_second_moment``, stochastic rounding, 1x16
     blocks or square tiles) each CUDA parameter is updated by two Triton kernels
     (:mod:`hf_nvfp4.kernels.adamw`) instead of ~40 PyTorch ops; the numerics are the same up
@@ -168,21 +175,49 @@ class QuantizedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimizer step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimizer step; ``closure`` re-evaluates the model and returns the loss.
+
+        Raises ``ValueError`` after the step if some parameters' moments would have become
+        non-finite; those were left unchanged (see the class docstring).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         index = 0
+        skipped: list[int] = []
+        fused: list[tuple[int, torch.Tensor, int]] = []  # (index, parameter, step)
         for group in self.param_groups:
             _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, group, index)
+                    outcome = self._update(p, group, index)
+                    if outcome == "fused":
+                        fused.append((index, p, int(self.state[p]["step"].item())))
+                    elif outcome == "skipped":
+                        skipped.append(index)
                 index += 1
+        if fused:
+            from hf_nvfp4.kernels.adamw import step_was_finite
+
+            finite = step_was_finite([self._scratch[p] for _, p, _ in fused],
+                                     [k for _, _, k in fused])
+            for (index, p, _), ok in zip(fused, finite, strict=True):
+                if not ok:
+                    self.state[p]["step"] -= 1
+                    skipped.append(index)
+        if skipped:
+            raise ValueError(
+                f"QuantizedAdamW: the gradients of parameter(s) {sorted(skipped)} (indices in "
+                "param_groups order) made their new moments NaN or infinite (a NaN/Inf "
+                "gradient, or |grad| above ~1.8e19); those parameters and their optimizer "
+                "state were left unchanged, the other parameters were updated"
+            )
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict, index: int) -> None:
+    def _update(self, p: torch.Tensor, group: dict, index: int) -> str:
+        """Update one parameter; returns ``"done"``, ``"fused"`` (launched; the caller checks
+        that its moments were finite) or ``"skipped"`` (non-finite moments, nothing changed)."""
         if p.grad.is_sparse:
             raise RuntimeError(
                 f"QuantizedAdamW does not support sparse gradients; parameter {index} "
@@ -194,6 +229,7 @@ class QuantizedAdamW(torch.optim.Optimizer):
         codecs = {n: self._codec(n, p, group) for n in ("exp_avg", "exp_avg_sq")}
         state = self.state[p]
         if not state:
+            self._scratch.pop(p, None)  # a reset state must not see the old step's amaxes
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             for name, codec in codecs.items():
                 zeros = torch.zeros_like(param, dtype=torch.float32)
@@ -215,7 +251,7 @@ class QuantizedAdamW(torch.optim.Optimizer):
             fused_adamw_nvfp4_(param, grad, state, scratch, lr=lr, beta1=beta1, beta2=beta2,
                                eps=eps, weight_decay=wd, step=int(step), m_seed=m_seed,
                                v_seed=v_seed, square_tiles=codecs["exp_avg"].square_tiles)
-            return
+            return "fused"
 
         master = param if param.dtype == torch.float32 else param.float()
         grad = grad if grad.dtype == torch.float32 else grad.float()
@@ -225,13 +261,21 @@ class QuantizedAdamW(torch.optim.Optimizer):
                 moments[name] = state[name]
             else:
                 moments[name] = load(state, name, codec, param.numel()).view_as(param)
-        exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
+        quantized = [(n, c) for n, c in codecs.items() if c is not None]
 
-        # The arithmetic of torch.optim.AdamW's single-tensor path, op for op.
+        # The arithmetic of torch.optim.AdamW's single-tensor path, op for op (the moments
+        # out of place first, so that non-finite ones can leave everything unchanged).
+        exp_avg = moments["exp_avg"].lerp(grad, 1 - beta1)
+        exp_avg_sq = moments["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        new = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        if quantized and not all(bool(torch.isfinite(new[n]).all()) for n, _ in quantized):
+            state["step"] -= 1
+            return "skipped"
+        for name, codec in codecs.items():
+            if codec is None:
+                state[name].copy_(new[name])
         if wd != 0:
             master.mul_(1 - lr * wd)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         step_size = lr / bias_correction1
@@ -241,13 +285,13 @@ class QuantizedAdamW(torch.optim.Optimizer):
         if master is not param:
             param.copy_(master)
 
-        quantized = [(n, c) for n, c in codecs.items() if c is not None]
         if quantized:
             gen = None
             if any(c.rounding == "stochastic" for _, c in quantized):
                 gen = self._generator(int(step), index)
             for name, codec in quantized:
-                store(state, name, codec, moments[name], gen)
+                store(state, name, codec, new[name], gen)
+        return "done"
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, keeping the packed dtypes.
@@ -279,7 +323,7 @@ class QuantizedAdamW(torch.optim.Optimizer):
                     if codec is None:
                         state[name] = state[name].float()
                     else:
-                        restore_dtypes(state, name, codec)
+                        restore_dtypes(state, name, codec, _local(p).numel())
 
     def state_nbytes(self) -> int:
         """Bytes of all stored optimizer state tensors (packed codes, scales, step counters)."""

@@ -114,6 +114,20 @@ class MomentCodec:
         flat = q.dequantize(torch.float32).reshape(-1)[:numel]
         return flat * flat if self.sqrt else flat
 
+    def packed_shapes(self, numel: int) -> dict[str, torch.Size]:
+        """The shape of each packed tensor :meth:`encode` returns for ``numel`` elements."""
+        f = get_format(self.fmt)
+        b, per_byte = self.block, 2 if f.packed else 1
+        if self.square_tiles:
+            padded = -(-numel // (b * b)) * b * b
+            shapes = {"_data": (padded // b, b // per_byte), "_scale": (padded // (b * b), 1)}
+        else:
+            padded = -(-numel // b) * b
+            shapes = {"_data": (padded // per_byte,), "_scale": (padded // b,)}
+        if f.global_scale:
+            shapes["_global_scale"] = ()
+        return {k: torch.Size(v) for k, v in shapes.items()}
+
     def storage_dtypes(self) -> dict[str, torch.dtype]:
         """The dtype of each packed tensor, by suffix (restored after ``load_state_dict``)."""
         f = get_format(self.fmt)
@@ -159,18 +173,27 @@ def load(state: dict, name: str, codec: MomentCodec, numel: int) -> torch.Tensor
     return codec.decode(packed, numel)
 
 
-def restore_dtypes(state: dict, name: str, codec: MomentCodec) -> None:
-    """Cast packed tensors back to their storage dtypes in place.
+def restore_dtypes(state: dict, name: str, codec: MomentCodec, numel: int) -> None:
+    """Check the packed tensors of a ``numel``-element moment and cast them back to their
+    storage dtypes in place.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to the
     parameter's dtype; uint8 codes and E4M3/FP32 scales survive the FP32 round trip exactly.
     The results are copies: the fused step writes them in place, which must not reach the
     state dict they were loaded from.
     """
+    shapes = codec.packed_shapes(numel)
     for suffix, dtype in codec.storage_dtypes().items():
         key = name + suffix
         if key not in state:
             raise KeyError(f"optimizer state is missing {key!r} for format {codec.fmt!r}")
+        if state[key].shape != shapes[suffix]:
+            raise ValueError(
+                f"saved optimizer state {key!r} has shape {tuple(state[key].shape)}, but a "
+                f"{numel}-element parameter stored as {codec.fmt!r} with square_tiles="
+                f"{codec.square_tiles} needs {tuple(shapes[suffix])}: the state was saved "
+                "with another format, square_tiles setting or parameter shape"
+            )
         state[key] = state[key].to(dtype, copy=True)  # never alias the loaded state dict
 
 

@@ -20,11 +20,14 @@ from hf_nvfp4.optim import QuantizedAdamW
 pytestmark = pytest.mark.skipif(not is_triton_available()[0], reason=is_triton_available()[1])
 
 SHAPES = ((64, 96), (5000,), (33, 275))  # 275: the flat moment ends in a partial block
+# On a GPU machine the fused path runs the compiled kernels on CUDA parameters (CPU
+# parameters would silently take the unfused path there: no interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _pair(**kw):
     gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(s, generator=gen) for s in SHAPES]
+    init = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES]
     a = [nn.Parameter(t.clone()) for t in init]
     b = [nn.Parameter(t.clone()) for t in init]
     base = dict(lr=1e-2, weight_decay=0.1, min_quantized_numel=0, **kw)
@@ -35,13 +38,14 @@ def _steps(params_a, opt_a, params_b, opt_b, n, start=0):
     for t in range(start, start + n):
         gen = torch.Generator().manual_seed(100 + t)
         for pa, pb in zip(params_a, params_b, strict=True):
-            g = torch.randn(pa.shape, generator=gen) * (0.05 + t)
+            g = (torch.randn(pa.shape, generator=gen) * (0.05 + t)).to(DEVICE)
             pa.grad, pb.grad = g.clone(), g.clone()
         opt_a.step()
         opt_b.step()
 
 
 def _compare(opt_a, params_a, opt_b, params_b):
+    assert set(opt_b._scratch) == set(params_b)  # every parameter went through the kernels
     for pa, pb in zip(params_a, params_b, strict=True):
         ulp = torch.finfo(torch.float32).eps * pa.detach().abs().max()
         assert (pa - pb).abs().max() <= 4 * ulp
@@ -142,3 +146,45 @@ def test_fused_reload_into_the_same_optimizer_mid_run():
         assert torch.equal(pb, pc)
         for key, t in opt_b.state[pb].items():
             assert torch.equal(t, opt_c.state[pc][key]), key
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e22])  # 1e22: g^2 overflows
+def test_non_finite_moments_leave_the_parameter_and_its_state_unchanged(bad):
+    a, opt_a, b, opt_b = _pair()
+    _steps(a, opt_a, b, opt_b, 2)
+    for params, opt in ((a, opt_a), (b, opt_b)):
+        before = [p.detach().clone() for p in params]
+        state0 = {k: t.clone() for k, t in opt.state[params[1]].items()}
+        gen = torch.Generator().manual_seed(7)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+        params[1].grad.view(-1)[123] = bad
+        with pytest.raises(ValueError, match=r"parameter\(s\) \[1\].*left unchanged"):
+            opt.step()
+        assert torch.equal(params[1], before[1])
+        for key, t in state0.items():
+            assert torch.equal(opt.state[params[1]][key], t), key
+        assert not torch.equal(params[0], before[0])  # the others were updated
+    _compare(opt_a, a, opt_b, b)
+    _steps(a, opt_a, b, opt_b, 2, start=2)  # and training goes on, fused == unfused
+    _compare(opt_a, a, opt_b, b)
+
+
+def test_reset_state_does_not_reuse_the_old_scratch():
+    a, opt_a, b, opt_b = _pair()
+    _steps(a, opt_a, b, opt_b, 1)
+    for params, opt in ((a, opt_a), (b, opt_b)):
+        del opt.state[params[0]]
+    _steps(a, opt_a, b, opt_b, 1, start=1)
+    _compare(opt_a, a, opt_b, b)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_loading_a_state_saved_with_other_tiles_raises(fused):
+    a, opt_a, _, _ = _pair()
+    _steps(a, opt_a, a, opt_a, 1)
+    other = QuantizedAdamW(a, lr=1e-2, weight_decay=0.1, min_quantized_numel=0,
+                           square_tiles=True, fused=fused)
+    with pytest.raises(ValueError, match="square_tiles=True needs"):
+        other.load_state_dict(opt_a.state_dict())

@@ -81,3 +81,12 @@ def test_unknown_format_and_rounding_are_rejected():
         MomentCodec("int4")
     with pytest.raises(ValueError, match="'up'"):
         MomentCodec("nvfp4", rounding="up")
+
+
+@pytest.mark.parametrize("fmt", STATE_FORMATS)
+@pytest.mark.parametrize("square_tiles", [False, True])
+def test_packed_shapes_are_the_shapes_encode_returns(fmt, square_tiles):
+    codec = MomentCodec(fmt, square_tiles=square_tiles)
+    for numel in (1, 17, 4097, 70_000):
+        encoded = codec.encode(torch.rand(numel))
+        assert {k: t.shape for k, t in encoded.items()} == codec.packed_shapes(numel)
