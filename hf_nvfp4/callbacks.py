@@ -58,6 +58,9 @@ class QuantTelemetryCallback(TrainerCallback):
     switches to BF16 when that ratio falls below sqrt(3) or the loss exceeds
     ``spike_factor`` times its running mean.
 
+    Under data parallelism each rank measures its own batch shard and the logged values are
+    the means over ranks, so every rank takes the same switching decision.
+
     Args:
         every: telemetry period in optimizer steps (measurement costs a few reference
             quantizations of the sampled layers).
@@ -132,7 +135,9 @@ class QuantTelemetryCallback(TrainerCallback):
             h.remove()
         self._handles = []
         if self._acc:
-            self.pending = {f"nvfp4/{k}": sum(v) / len(v) for k, v in self._acc.items()}
+            keys = sorted(self._acc)
+            means = _mean_over_ranks([sum(self._acc[k]) / len(self._acc[k]) for k in keys], model)
+            self.pending = {f"nvfp4/{k}": v for k, v in zip(keys, means, strict=True)}
             self._acc = defaultdict(list)
             ratio = self.pending.get("nvfp4/wgrad_noise_ratio")
             if self.auto_switch and ratio is not None and ratio < SQRT3:
@@ -167,3 +172,15 @@ class QuantTelemetryCallback(TrainerCallback):
         self.switched_at = step
         self.pending["nvfp4/switched_to_bf16"] = float(step)
         logger.warning("hf_nvfp4: switched to BF16 at step %d: %s", step, why)
+
+
+def _mean_over_ranks(values: list[float], model: nn.Module | None) -> list[float]:
+    """``values`` averaged over the ranks of the default process group (as they are without
+    one): the statistics every rank logs and switches on."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    device = next(_unwrap(model).parameters()).device if model is not None else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()

@@ -59,7 +59,8 @@ class NVFP4Config(QuantizationConfigMixin):
         switch_to_bf16_at: fraction of training steps after which quantized layers switch
             to BF16 (the paper's late switch; None disables it).
         switch_mode: ``"forward"`` (only the forward GEMM switches) or ``"all"``.
-        sr_seed: base seed of stochastic rounding (layer ``i`` uses ``sr_seed + i``).
+        sr_seed: base seed of stochastic rounding (layer ``i`` uses ``sr_seed + i``;
+            data-parallel ranks mix their rank in, for independent rounding noise).
         optimizer_moments: optional block format of AdamW's moments for Trainer
             (``None`` keeps FP32 moments; see :mod:`hf_nvfp4.optim`).
         checkpoint_format: what the checkpoint holds: ``"master"`` (high-precision master
@@ -68,7 +69,9 @@ class NVFP4Config(QuantizationConfigMixin):
         reduce_amax: under data parallelism, all-reduce (max) each NVFP4 tensor's global
             amax across ranks, so every rank quantizes its shard of the batch with the scale
             of the whole batch (a 2-GPU run then matches a 1-GPU run with the same global
-            batch up to summation order). Runs the quantization on the reference code.
+            batch up to summation order). Runs the quantization on the reference code, in
+            training mode only (``model.eval()`` forwards stay local), and lets NaN/Inf
+            through rather than raise on one rank while the others wait.
     """
 
     def __init__(

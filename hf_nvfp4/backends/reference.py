@@ -17,7 +17,11 @@ def quantize_spec(
     generator: torch.Generator | None = None,
     amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> QTensor:
-    """``numerics.quantize`` with the arguments of a QuantSpec."""
+    """``numerics.quantize`` with the arguments of a QuantSpec.
+
+    With ``amax_reduce`` NaN/Inf propagate instead of raising: a rank that raised between
+    collectives would leave the others waiting in theirs.
+    """
     return quantize(
         x,
         spec.fmt,
@@ -27,6 +31,7 @@ def quantize_spec(
         rht_sign=spec.rht_sign,
         generator=generator,
         amax_reduce=amax_reduce if spec.fmt == "nvfp4" else None,
+        allow_nonfinite=amax_reduce is not None,
     )
 
 

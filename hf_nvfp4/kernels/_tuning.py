@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-_CHOICES: dict[tuple, str] = {}
+_CHOICES: dict[tuple, str] = {}  # timed picks
+_FIXED: dict[tuple, str] = {}  # untimed picks (off CUDA, deterministic mode): never mixed
 _TIMINGS: dict[tuple, dict[str, float | str]] = {}
 
 
@@ -39,15 +40,18 @@ def pick(
 
     Off CUDA (the interpreter) and under ``torch.use_deterministic_algorithms(True)``
     nothing is timed: the choice is ``fixed`` when it is a candidate, else the first one, the
-    same in every run. Timed picks can differ between runs, and GEMM variants sum in
-    different orders, so they make training runs differ in the last bits (the quantization
-    variants are bit-identical either way).
+    same in every run, even for a shape timed before deterministic mode was turned on. Timed
+    picks can differ between runs, and GEMM variants sum in different orders, so they make
+    training runs differ in the last bits (the quantization variants are bit-identical
+    either way).
     """
+    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        if key not in _FIXED:
+            candidates = make_candidates()
+            _FIXED[key] = fixed if fixed in candidates else next(iter(candidates))
+        return _FIXED[key]
     if key not in _CHOICES:
         candidates = make_candidates()
-        if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
-            _CHOICES[key] = fixed if fixed in candidates else next(iter(candidates))
-            return _CHOICES[key]
         timed: dict[str, float | str] = {}
         for name, fn in candidates.items():
             try:
@@ -63,10 +67,11 @@ def pick(
 
 
 def choices() -> dict[str, dict]:
-    """Every shape measured so far: the variant chosen and each candidate's ms (or error)."""
-    return {
-        ":".join(str(p).removeprefix("torch.") for p in key[:-1]): {
-            "choice": name, "ms": _TIMINGS.get(key, {})
-        }
-        for key, name in _CHOICES.items()
-    }
+    """Every shape seen so far: the variant chosen and each candidate's ms (or error);
+    untimed (fixed) choices are listed under their key with a ``:fixed`` suffix."""
+    out = {}
+    for cache, suffix in ((_CHOICES, ""), (_FIXED, ":fixed")):
+        for key, name in cache.items():
+            label = ":".join(str(p).removeprefix("torch.") for p in key[:-1]) + suffix
+            out[label] = {"choice": name, "ms": _TIMINGS.get(key, {}) if not suffix else {}}
+    return out

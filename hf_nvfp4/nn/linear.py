@@ -14,7 +14,22 @@ from ..recipe import Recipe, RoleSpecs, get_recipe
 from .functional import LinearContext, quantized_linear
 
 _SEED_MIX = 0x9E3779B97F4A7C15
+_RANK_MIX = 0xD1B54A32D192ED03
 _MASK63 = (1 << 63) - 1
+
+
+def _sr_generator_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a layer's stochastic-rounding generator at ``step`` on ``rank``.
+
+    Data-parallel ranks draw independent rounding noise (averaging their gradients then
+    averages it down); rank 0, and every single-process run, is unaffected by the rank term.
+    """
+    return ((seed * _SEED_MIX + step) ^ (rank * _RANK_MIX)) & _MASK63
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -29,9 +44,15 @@ def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
 
 
 def _amax_reduce(layer: NVFP4Linear):
-    """The cross-rank amax reduction when the layer asks for it and ranks exist."""
+    """The cross-rank amax reduction when the layer asks for it, trains and ranks exist.
+
+    Only in training mode: evaluation and generation forwards, which ranks may run a
+    different number of times (or on one rank only), must not issue collectives. Not
+    ``torch.is_grad_enabled()``: reentrant activation checkpointing runs the first forward
+    without grad and would then reduce in the recomputation only.
+    """
     dist = torch.distributed
-    if layer.reduce_amax and dist.is_available() and dist.is_initialized():
+    if layer.training and layer.reduce_amax and dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             return _all_reduce_max
     return None
@@ -117,7 +138,7 @@ class NVFP4Linear(nn.Linear):
         if not self.sr_state.is_meta:
             self.sr_state[1].fill_(self._sr_step)
         g = torch.Generator()
-        g.manual_seed((self._sr_seed * _SEED_MIX + self._sr_step) & _MASK63)
+        g.manual_seed(_sr_generator_seed(self._sr_seed, self._sr_step, _rank()))
         return g
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D102

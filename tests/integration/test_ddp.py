@@ -59,3 +59,20 @@ def test_reduced_amax_makes_two_ranks_match_one_with_the_same_global_batch(tmp_p
     assert max(abs(a - b) / b for a, b in zip(reduced, single, strict=True)) < 2e-6
     # Each rank's own amax quantizes differently (measured 3.9e-4).
     assert max(abs(a - b) / b for a, b in zip(local, single, strict=True)) > 2e-5
+
+
+def test_reduce_amax_layer_semantics_on_two_ranks(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29520", str(Path(__file__).with_name("reduce_amax_worker.py")),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["equals_single_process"] and r["nan_forward_completed"]
+    # Rank 1's shard holds the batch amax (x100); rank 0 quantizes with it, not its own.
+    assert ranks[0]["differs_from_local_amax"] and not ranks[1]["differs_from_local_amax"]
+    assert ranks[0]["telemetry_mean"] == ranks[1]["telemetry_mean"] == [0.5, 5.0]
+    seeds = ranks[0]["sr_seeds"]
+    assert seeds == ranks[1]["sr_seeds"] and seeds[0] != seeds[1]

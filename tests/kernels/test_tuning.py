@@ -35,3 +35,12 @@ def test_off_cuda_nothing_is_timed():
     assert _tuning.pick(("t", 4), _candidates(calls), torch.device("cpu")) == "a"
     assert _tuning.pick(("t", 5), _candidates(calls), torch.device("cpu"), fixed="c") == "c"
     assert calls == []
+
+
+def test_deterministic_mode_ignores_a_choice_timed_before_it(monkeypatch, deterministic):
+    calls = []
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(_tuning._CHOICES, ("u", 6), "c")  # as if timed before the switch
+    assert _tuning.pick(("u", 6), _candidates(calls), cuda, fixed="b") == "b"
+    assert _tuning.choices()["u:fixed"]["choice"] == "b"
+    assert calls == []
