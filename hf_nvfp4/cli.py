@@ -122,8 +122,6 @@ def write(model: Any, dst: str, tokenizer: Any, args: argparse.Namespace) -> Pat
               "progress": True}
     if args.format == "native":
         return save_packed(model, dst, masters=args.masters, **common)
-    if args.masters:
-        raise ValueError("--masters applies to --format native only")
     amax = None if args.weight_only else _calibration(model, tokenizer, args)
     export = export_compressed_tensors if args.format == "compressed-tensors" else export_modelopt
     return export(model, dst, input_amax=amax, weight_only=args.weight_only,
@@ -136,8 +134,14 @@ def run_export(args: argparse.Namespace) -> int:
 
     from .checkpoint.integrity import require_hf_nvfp4
 
-    require_hf_nvfp4(args.src)
-    model = AutoModelForCausalLM.from_pretrained(args.src)
+    qc = require_hf_nvfp4(args.src)
+    if args.masters and qc.get("checkpoint_format") == "packed":
+        from .checkpoint import load_packed
+
+        # The masters saved beside the packed weights (CheckpointError when there are none).
+        model = load_packed(args.src, mode="train", masters=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.src)
     out = write(model, args.dst, _tokenizer(args.src), args)
     print(f"hf-nvfp4: wrote {args.format} checkpoint to {out}")
     return 0
@@ -177,11 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-nvfp4``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "masters", False) and args.format != "native":
+        parser.error("--masters applies to --format native only")
     from .checkpoint.errors import CheckpointError
 
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"hf-nvfp4: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,6 +30,7 @@ class NVFP4HfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.summary = None
         self.packed_infos = None
+        self.saved_sr_states: set[str] | None = None
 
     @property
     def loads_packed(self) -> bool:
@@ -55,7 +56,7 @@ class NVFP4HfQuantizer(HfQuantizer):
         if self.pre_quantized:
             from .checkpoint.load import check_master_checkpoint
 
-            check_master_checkpoint(model, kwargs.get("checkpoint_files"))
+            self.saved_sr_states = check_master_checkpoint(model, kwargs.get("checkpoint_files"))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
@@ -65,9 +66,11 @@ class NVFP4HfQuantizer(HfQuantizer):
             finalize_packed_model(model, self.packed_infos)
             return model
         # A checkpoint saved by us carries each layer's stochastic-rounding state; a plain
-        # checkpoint does not, and the buffer must be (re)initialized from the seeds.
-        for _, mod in iter_nvfp4_linears(model):
-            if self.pre_quantized and not mod.sr_state.is_meta:
+        # checkpoint does not, and the buffer must be (re)initialized from the seeds (a
+        # missing buffer holds uninitialized memory, not a meta tensor, after loading).
+        for name, mod in iter_nvfp4_linears(model):
+            saved = self.saved_sr_states is None or name in self.saved_sr_states
+            if self.pre_quantized and saved and not mod.sr_state.is_meta:
                 mod._sr_seed, mod._sr_step = (int(v) for v in mod.sr_state.tolist())
             else:
                 mod.sr_state = torch.tensor(

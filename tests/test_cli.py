@@ -80,9 +80,22 @@ def test_errors_exit_nonzero(plain, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 2
 
 
-def test_masters_only_for_native(native, tmp_path):
-    with pytest.raises(ValueError, match="--masters applies to --format native"):
+def test_masters_only_for_native(native, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # refused before anything is loaded
         main(["export", str(native), str(tmp_path / "m"), "--format", "modelopt", "--masters"])
+    assert exit_info.value.code == 2
+    assert "--masters applies to --format native only" in capsys.readouterr().err
+
+
+def test_export_native_with_masters_from_a_packed_source_keeps_them(native, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "again"
+    assert main(["export", str(native), str(out), "--format", "native", "--masters"]) == 0
+    before = load_file(native / "masters.safetensors")
+    after = load_file(out / "masters.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_eval_commands_registered():

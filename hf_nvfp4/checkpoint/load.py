@@ -128,11 +128,15 @@ def finalize_packed_model(model: nn.Module, infos: dict[str, TensorInfo]) -> Non
                         else value)
 
 
-def check_master_checkpoint(model: nn.Module, files: list[str] | None) -> None:
-    """A master-format hf_nvfp4 checkpoint holds a ``weight`` for every NVFP4Linear."""
+def check_master_checkpoint(model: nn.Module, files: list[str] | None) -> set[str] | None:
+    """A master-format hf_nvfp4 checkpoint holds a ``weight`` for every NVFP4Linear.
+
+    Returns the names of the NVFP4Linear layers whose ``sr_state`` (stochastic-rounding
+    stream) the checkpoint holds, or None when its files cannot be found.
+    """
     paths = resolve_checkpoint_files(model, files, required=False)
     if not paths:
-        return
+        return None
     infos = read_headers(paths)
     expected = []
     for name, mod in model.named_modules():
@@ -144,12 +148,23 @@ def check_master_checkpoint(model: nn.Module, files: list[str] | None) -> None:
                 )
             expected.append(f"{name}.weight")
     check_all_present(expected, infos, str(paths[0].parent), set())
+    return {name for name, mod in model.named_modules()
+            if isinstance(mod, NVFP4Linear) and f"{name}.sr_state" in infos}
 
 
 def pack_model(model: nn.Module) -> nn.Module:
-    """Replace every NVFP4Linear of ``model`` by its NVFP4PackedLinear, in place (inference)."""
+    """Replace every NVFP4Linear of ``model`` by its NVFP4PackedLinear, in place (inference).
+
+    Raises ``ValueError`` when no layer runs NVFP4 (nothing to pack: e.g. an MXFP4 or FP8
+    recipe, or layers switched to BF16), rather than mark the model packed.
+    """
     swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, NVFP4Linear)
              and m.recipe.fprop_format == "nvfp4"]
+    if not swaps:
+        raise ValueError(
+            "pack_model: no layer runs NVFP4 (fprop_format 'nvfp4'); only NVFP4 layers can be "
+            "packed (MXFP4/FP8 recipes and layers switched to BF16 keep master weights)"
+        )
     for name, mod in swaps:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
@@ -191,11 +206,12 @@ def to_trainable(
     """
     qc = getattr(model.config, "quantization_config", None)
     base_seed = qc.sr_seed if isinstance(qc, NVFP4Config) else 0
+    reduce_amax = qc.reduce_amax if isinstance(qc, NVFP4Config) else False
     swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, NVFP4PackedLinear)]
     for i, (name, mod) in enumerate(swaps):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                mod.to_linear(dtype, sr_seed=base_seed + i))
+                mod.to_linear(dtype, sr_seed=base_seed + i, reduce_amax=reduce_amax))
     if masters is not None:
         result = model.load_state_dict(masters, strict=False)
         missing = [k for k in result.missing_keys if k not in tied_keys(model)]
@@ -222,7 +238,8 @@ def load_packed(
     Args:
         path: a local checkpoint directory.
         mode: ``"inference"``: NVFP4PackedLinear layers, weights packed in memory (a master
-            checkpoint is packed after loading); ``"train"``: NVFP4Linear layers with FP32
+            checkpoint is packed after loading when its recipe is NVFP4; MXFP4/FP8 recipes
+            keep their master weights); ``"train"``: NVFP4Linear layers with FP32
             master weights.
         masters: ``mode="train"`` only: use the saved masters (True: required, None: when
             present, False: never; dequantize instead, a lossy start).
@@ -239,7 +256,9 @@ def load_packed(
         dtype = torch.float32 if mode == "train" else "auto"
     model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
     if qc.get("checkpoint_format", "master") != PACKED_FORMAT:
-        return pack_model(model) if mode == "inference" else model
+        nvfp4 = any(isinstance(m, NVFP4Linear) and m.recipe.fprop_format == "nvfp4"
+                    for m in model.modules())
+        return pack_model(model) if mode == "inference" and nvfp4 else model
     if mode == "inference":
         return model
     state = load_masters(path) if masters is not False else None

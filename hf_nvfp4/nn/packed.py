@@ -155,7 +155,8 @@ class NVFP4PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_linear(
-        self, dtype: torch.dtype = torch.float32, sr_seed: int | None = None
+        self, dtype: torch.dtype = torch.float32, sr_seed: int | None = None,
+        reduce_amax: bool = False,
     ) -> NVFP4Linear:
         """An :class:`NVFP4Linear` whose master weight is the dequantized weight.
 
@@ -167,6 +168,7 @@ class NVFP4PackedLinear(nn.Module):
         new = NVFP4Linear(
             self.in_features, self.out_features, bias=self.bias is not None, device="meta",
             recipe=self.recipe, backend=self.backend_name, sr_seed=sr_seed,
+            reduce_amax=reduce_amax,
         )
         new.weight = nn.Parameter(self.dequantize_weight(dtype).to(dev))
         if self.bias is not None:

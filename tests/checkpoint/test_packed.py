@@ -9,11 +9,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+import hf_nvfp4
 from hf_nvfp4 import NVFP4Linear
-from hf_nvfp4.checkpoint import load_packed, save_packed
+from hf_nvfp4.checkpoint import load_packed, pack_model, save_packed
 from hf_nvfp4.checkpoint.layers import iter_packed_layers
 from hf_nvfp4.checkpoint.shards import checkpoint_files
 from hf_nvfp4.nn.packed import NVFP4PackedLinear
+
+from .conftest import tiny_llama
 
 
 def _file_tensors(path) -> dict[str, torch.Tensor]:
@@ -132,3 +135,40 @@ def test_packed_linear_matches_nvfp4_linear():
         assert torch.equal(packed(x), lin(x))
     back = packed.to_linear()
     assert torch.equal(back.weight.detach(), packed.dequantize_weight())
+
+
+def test_train_mode_without_masters_keeps_reduce_amax(tmp_path):
+    model = tiny_llama()
+    hf_nvfp4.prepare_model(model, {"backend": "reference", "first_bf16_blocks": 0,
+                                   "last_bf16_blocks": 1, "reduce_amax": True})
+    save_packed(model, tmp_path / "ckpt")
+    trained = load_packed(tmp_path / "ckpt", mode="train")
+    layers = [m for m in trained.modules() if isinstance(m, NVFP4Linear)]
+    assert layers and all(m.reduce_amax for m in layers)
+
+
+def test_master_checkpoint_of_a_non_nvfp4_recipe_loads_unpacked(tokens, tmp_path):
+    model = tiny_llama()
+    hf_nvfp4.prepare_model(model, {"recipe": "mxfp4", "backend": "reference",
+                                   "first_bf16_blocks": 0, "last_bf16_blocks": 0})
+    model.save_pretrained(tmp_path / "master")
+    loaded = load_packed(tmp_path / "master")  # nothing to pack: stays MXFP4 NVFP4Linear
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, NVFP4Linear)
+    assert loaded.config.quantization_config.checkpoint_format == "master"
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model.eval()(tokens).logits)
+    with pytest.raises(ValueError, match="no layer runs NVFP4"):
+        pack_model(loaded)
+
+
+def test_master_checkpoint_without_sr_state_reseeds_from_the_config(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path / "master")
+    path = tmp_path / "master" / "model.safetensors"
+    tensors = {k: v for k, v in load_file(path).items() if not k.endswith(".sr_state")}
+    save_file(tensors, path, metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "master")
+    got = [m.sr_state.tolist() for m in loaded.modules() if isinstance(m, NVFP4Linear)]
+    want = [[m._sr_seed, 0] for m in model.modules() if isinstance(m, NVFP4Linear)]
+    assert got == want
