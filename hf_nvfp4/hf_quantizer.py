@@ -9,6 +9,7 @@ training, not only PEFT), which Trainer checks.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -17,8 +18,11 @@ from transformers.quantizers import register_quantization_config, register_quant
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer, _assign_is_quantized
 
+from .backends import unavailable_reason
 from .config import QUANT_METHOD, NVFP4Config
 from .convert import convert, iter_nvfp4_linears
+
+logger = logging.getLogger(__name__)
 
 
 class NVFP4HfQuantizer(HfQuantizer):
@@ -41,6 +45,13 @@ class NVFP4HfQuantizer(HfQuantizer):
         """Any device works (reference numerics on CPU, Triton emulation on CUDA)."""
 
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        backend = self.quantization_config.backend
+        why = unavailable_reason(backend) if self.pre_quantized else None
+        if why is not None:
+            # The checkpoint names the backend of the machine that saved it.
+            logger.warning("hf_nvfp4: the checkpoint's backend %r cannot run here (%s); "
+                           "using 'auto' instead", backend, why)
+            self.quantization_config.backend = "auto"
         if self.loads_packed:
             from .checkpoint.load import prepare_packed_model
 

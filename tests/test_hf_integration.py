@@ -113,6 +113,23 @@ def test_save_pretrained_and_reload_round_trip(plain_checkpoint, tmp_path):
         assert torch.equal(grads[name], grads_reloaded[name]), name
 
 
+def test_a_checkpoint_whose_backend_cannot_run_here_loads_with_auto(plain_checkpoint, tmp_path,
+                                                                    caplog):
+    path, _ = plain_checkpoint
+    # Saved on a Blackwell machine: the native FP4 backend never runs on this CPU.
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=NVFP4Config(**{**QCFG, "backend": "native"}))
+    model.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="hf_nvfp4.hf_quantizer"):
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert "backend 'native' cannot run here" in caplog.text
+    assert reloaded.hf_quantizer.quantization_config.backend == "auto"
+    layers = [m for m in reloaded.modules() if isinstance(m, NVFP4Linear)]
+    assert layers and {m.backend_name for m in layers} == {"auto"}
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(input_ids=_ids()).logits).all()
+
+
 def test_from_config_builds_an_nvfp4_model():
     torch.manual_seed(0)
     model = hf_nvfp4.from_config(LLAMA, NVFP4Config(backend="reference"))

@@ -37,6 +37,29 @@ def get_backend(name: str, device: object = None) -> Backend:
     return TEBackend()
 
 
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine at all (None when it can, or may).
+
+    ``auto`` and ``reference`` always run; ``triton`` needs Triton and a CUDA device (or
+    ``TRITON_INTERPRET=1``); ``native`` a Blackwell GPU; ``te`` Transformer Engine.
+    """
+    if name in ("auto", "reference"):
+        return None
+    if name == "triton":
+        from ..kernels import is_triton_available
+
+        ok, why = is_triton_available()
+    elif name == "native":
+        from .native import is_native_fp4_available
+
+        ok, why = is_native_fp4_available()
+    else:
+        from .te import is_te_available
+
+        ok, why = is_te_available()
+    return None if ok else why
+
+
 def _auto(device: object) -> str:
     import torch
 
@@ -53,4 +76,4 @@ def _auto(device: object) -> str:
     return "reference"
 
 
-__all__ = ["BACKENDS", "Backend", "ReferenceBackend", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "ReferenceBackend", "get_backend", "unavailable_reason"]
