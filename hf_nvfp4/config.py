@@ -72,6 +72,9 @@ class NVFP4Config(QuantizationConfigMixin):
             batch up to summation order). Runs the quantization on the reference code, in
             training mode only (``model.eval()`` forwards stay local), and lets NaN/Inf
             through rather than raise on one rank while the others wait.
+        switched: set by :func:`hf_nvfp4.switch_to_high_precision` (the late switch): the
+            mode the quantized layers run in now (None: quantized). A saved model loads
+            switched, as it was trained last.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class NVFP4Config(QuantizationConfigMixin):
         optimizer_moments: str | None = None,
         checkpoint_format: str = "master",
         reduce_amax: bool = False,
+        switched: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -108,6 +112,7 @@ class NVFP4Config(QuantizationConfigMixin):
         self.optimizer_moments = optimizer_moments
         self.checkpoint_format = checkpoint_format
         self.reduce_amax = reduce_amax
+        self.switched = switched
         self.post_init()
 
     def post_init(self) -> None:
@@ -127,6 +132,10 @@ class NVFP4Config(QuantizationConfigMixin):
             raise ValueError(
                 "optimizer_moments must be None, 'nvfp4', 'fp8_block' or 'mxfp8'; "
                 f"got {self.optimizer_moments!r}"
+            )
+        if self.switched not in (None, *SWITCH_MODES):
+            raise ValueError(
+                f"switched must be None or one of {SWITCH_MODES}; got {self.switched!r}"
             )
         if not isinstance(self.reduce_amax, bool):
             raise TypeError(f"reduce_amax must be a bool; got {self.reduce_amax!r}")

@@ -87,6 +87,10 @@ class NVFP4HfQuantizer(HfQuantizer):
                 mod.sr_state = torch.tensor(
                     [mod._sr_seed, mod._sr_step], dtype=torch.int64, device=mod.weight.device
                 )
+        if self.quantization_config.switched is not None:
+            from .schedule import switch_to_high_precision
+
+            switch_to_high_precision(model, self.quantization_config.switched)
         if self.summary is not None:
             print(self.summary.table())
         return model

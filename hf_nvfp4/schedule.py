@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from .config import NVFP4Config
 from .convert import iter_nvfp4_linears
 from .recipe import HIGH_PRECISION, PRESETS, Recipe
 
@@ -21,11 +22,24 @@ def _switched(recipe: Recipe, mode: str) -> Recipe:
     raise ValueError(f"switch mode must be 'forward' or 'all'; got {mode!r}")
 
 
+def _config(model: nn.Module) -> NVFP4Config | None:
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    return qc if isinstance(qc, NVFP4Config) else None
+
+
+def _record_switch(model: nn.Module, mode: str | None) -> None:
+    """Note the switch in the model's NVFP4Config, so that a saved model reloads switched."""
+    qc = _config(model)
+    if qc is not None:
+        qc.switched = mode
+
+
 def switch_to_high_precision(model: nn.Module, mode: str = "all") -> int:
     """Run the quantized layers' forward (``"forward"``) or every GEMM (``"all"``) in BF16.
 
-    The quantized recipe is remembered, so :func:`restore_quantization` undoes it. Returns
-    the number of layers switched.
+    The quantized recipe is remembered, so :func:`restore_quantization` undoes it. A
+    transformers model records the switch in its NVFP4Config (``switched``): saved with
+    ``save_pretrained``, it loads switched. Returns the number of layers switched.
     """
     n = 0
     for _, mod in iter_nvfp4_linears(model):
@@ -33,7 +47,13 @@ def switch_to_high_precision(model: nn.Module, mode: str = "all") -> int:
             setattr(mod, _SAVED_RECIPE, mod.recipe)
         mod.recipe = _switched(getattr(mod, _SAVED_RECIPE), mode)
         n += 1
+    _record_switch(model, mode)
     return n
+
+
+def is_switched(model: nn.Module) -> bool:
+    """True when some NVFP4 layer of ``model`` runs switched to BF16."""
+    return any(hasattr(mod, _SAVED_RECIPE) for _, mod in iter_nvfp4_linears(model))
 
 
 def restore_quantization(model: nn.Module) -> int:
@@ -44,6 +64,7 @@ def restore_quantization(model: nn.Module) -> int:
             mod.recipe = getattr(mod, _SAVED_RECIPE)
             delattr(mod, _SAVED_RECIPE)
             n += 1
+    _record_switch(model, None)
     return n
 
 
@@ -56,10 +77,12 @@ def quantization_disabled(model: nn.Module, mode: str = "all") -> Iterator[nn.Mo
     already = {
         name: mod.recipe for name, mod in iter_nvfp4_linears(model) if hasattr(mod, _SAVED_RECIPE)
     }
+    recorded = _config(model).switched if _config(model) is not None else None
     switch_to_high_precision(model, mode)
     try:
         yield model
     finally:
+        _record_switch(model, recorded)
         for name, mod in iter_nvfp4_linears(model):
             if name in already:
                 mod.recipe = already[name]

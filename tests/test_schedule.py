@@ -134,3 +134,33 @@ def test_fully_switched_model_equals_high_precision_model():
     restore_quantization(quantized)
     with torch.no_grad():
         assert not torch.equal(quantized(input_ids=ids).logits, out_p.logits)
+
+
+@pytest.mark.parametrize("mode", ["forward", "all"])
+def test_a_switched_model_reloads_switched(mode, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import hf_nvfp4
+    from hf_nvfp4.checkpoint import save_packed
+
+    plain, _ = _models()
+    model = hf_nvfp4.prepare_model(plain, {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
+                                           "backend": "reference"})
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with quantization_disabled(model):  # a temporary switch is not recorded
+        pass
+    assert model.config.quantization_config.switched is None
+    switch_to_high_precision(model, mode)
+    assert model.config.quantization_config.switched == mode
+    model.save_pretrained(tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    layers = [m for m in reloaded.modules() if isinstance(m, NVFP4Linear)]
+    assert layers and all(m.recipe.fprop_format == "bf16" for m in layers)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    if mode == "all":
+        with pytest.raises(ValueError, match="switched to BF16"):
+            save_packed(model, tmp_path / "packed")
+    restore_quantization(reloaded)
+    assert reloaded.config.quantization_config.switched is None
+    assert all(m.recipe == NVFP4 for m in layers)

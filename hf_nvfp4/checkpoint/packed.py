@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import NVFP4Config
+from ..schedule import is_switched
 from .atomic import atomic_directory
 from .layers import high_precision_state, iter_packed_layers
 from .shards import DEFAULT_MAX_SHARD_SIZE, write_sharded
@@ -70,6 +71,12 @@ def packed_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The tensors of the native packed format (see the module docstring), in model order."""
     layers = list(iter_packed_layers(model))
+    if not layers and is_switched(model):
+        raise ValueError(
+            f"{type(model).__name__}'s NVFP4 layers are switched to BF16 (late switch): there "
+            "is nothing 4-bit to pack; save the master weights with save_pretrained, or call "
+            "hf_nvfp4.restore_quantization(model) first to pack the NVFP4 form"
+        )
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no NVFP4 layers to pack; convert it first "
