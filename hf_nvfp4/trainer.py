@@ -9,8 +9,10 @@ model's ``sr_state`` buffers, so a resumed run reproduces the uninterrupted one)
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,7 +83,10 @@ class NVFP4Trainer(transformers.Trainer):
         method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
         if method == QUANT_METHOD:
             loaded = quantizer.quantization_config
-            if config is not None and config.to_dict() != loaded.to_dict():
+            # ``switched`` is the model's state (a reloaded late switch), not a choice.
+            if config is not None and {**config.to_dict(), "switched": None} != {
+                **loaded.to_dict(), "switched": None
+            }:
                 raise ValueError(
                     "the model was loaded with an hf_nvfp4 quantization_config that differs "
                     "from the nvfp4= argument; pass only one of them"
@@ -96,6 +101,21 @@ class NVFP4Trainer(transformers.Trainer):
 
             convert(model, config)
         return config
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        """Trainer's resume, plus the late switch the checkpoint was saved in (one taken by
+        QuantTelemetryCallback's auto switch has no schedule that would redo it)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / "config.json"
+        if self.nvfp4_config is None or not path.is_file():
+            return
+        saved = json.loads(path.read_text()).get("quantization_config") or {}
+        if saved.get("quant_method") == QUANT_METHOD and saved.get("switched") is not None:
+            from .schedule import switch_to_high_precision
+
+            switch_to_high_precision(self.model, saved["switched"])
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Trainer.log with the telemetry callback's pending statistics merged in."""

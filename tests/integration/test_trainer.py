@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from hf_nvfp4 import (
     LateSwitchCallback,
@@ -14,6 +14,7 @@ from hf_nvfp4 import (
     NVFP4Trainer,
     NVFP4TrainingArguments,
     QuantTelemetryCallback,
+    switch_to_high_precision,
 )
 from hf_nvfp4.data import BlockDataset, byte_tokens, split_blocks, stdlib_corpus
 
@@ -114,6 +115,30 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, data):
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
     assert len(ref) == 6
     assert _losses(resumed)[-3:] == ref[3:]
+
+
+class _SwitchAfterStep2(TrainerCallback):
+    """A switch no schedule re-derives on resume (like the telemetry's auto switch)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 2:
+            switch_to_high_precision(model, "all")
+
+
+def test_resume_keeps_a_switch_taken_before_the_checkpoint(tmp_path, data):
+    full = NVFP4Trainer(model=_model(), args=_args(tmp_path / "a"), nvfp4=ALL_BLOCKS,
+                        train_dataset=data[0], callbacks=[_SwitchAfterStep2()])
+    full.train()
+    first = NVFP4Trainer(model=_model(), args=_args(tmp_path / "b", save_strategy="steps",
+                                                     save_steps=3), nvfp4=ALL_BLOCKS,
+                         train_dataset=data[0], callbacks=[_SwitchAfterStep2()])
+    first.train()
+    resumed = NVFP4Trainer(model=_model(), args=_args(tmp_path / "b"), nvfp4=ALL_BLOCKS,
+                           train_dataset=data[0])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    layers = [m for m in resumed.model.modules() if isinstance(m, NVFP4Linear)]
+    assert layers and all(m.recipe.fprop_format == "bf16" for m in layers)
+    assert _losses(resumed)[-3:] == _losses(full)[3:]
 
 
 def test_grad_accumulation_checkpointing_and_late_switch(tmp_path, data):
