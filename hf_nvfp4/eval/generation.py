@@ -8,6 +8,7 @@ prompt's own ``Question:`` lines do not count), and the returned text is cut bef
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -67,9 +70,11 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _context_limit(model, max_new_tokens: int) -> int | None:
+def _prompt_budget(model, max_new_tokens: int) -> int | None:
+    """Prompt tokens kept: the context minus ``max_new_tokens``, but at least half of it
+    (generation is cut instead, see :func:`generate`); None when the context is unknown."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    return None if limit is None else max(limit - max_new_tokens, 1)
+    return None if limit is None else max(limit - max_new_tokens, limit // 2, 1)
 
 
 @torch.inference_mode()
@@ -85,7 +90,11 @@ def generate(
 ) -> list[list[str]]:
     """Complete every prompt; returns ``config.num_samples`` texts per prompt, in order.
 
-    Prompts longer than the model's context minus ``max_new_tokens`` keep their last tokens.
+    Within the model's context (``max_position_embeddings``): a prompt keeps its last
+    ``max(context - max_new_tokens, context // 2)`` tokens, and a batch generates at most
+    what fits after its longest prompt; both are logged as warnings when they happen.
+    The completions are decoded together with their prompts and the prompt text removed,
+    so tokenizers that strip a leading space when decoding (SentencePiece) keep it.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive; got {batch_size}")
@@ -99,10 +108,17 @@ def generate(
     if sampling:
         torch.manual_seed(config.seed)
         decoding = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
-    max_context = _context_limit(model, config.max_new_tokens)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    budget = _prompt_budget(model, config.max_new_tokens)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    if max_context is not None:
-        encoded = [ids[-max_context:] for ids in encoded]
+    if budget is not None:
+        cut = sum(len(ids) > budget for ids in encoded)
+        if cut:
+            logger.warning("%s: %d of %d prompts longer than %d tokens keep their last %d "
+                           "(context %d, max_new_tokens %d)", desc, cut, len(encoded), budget,
+                           budget, limit, config.max_new_tokens)
+        encoded = [ids[-budget:] for ids in encoded]
+    capped = 0
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[list[str]] = [[] for _ in prompts]
     device = next(model.parameters()).device
@@ -114,19 +130,36 @@ def generate(
         criteria = StoppingCriteriaList()
         if stops:
             criteria.append(StopOnStrings(tokenizer, stops, input_ids.shape[1]))
+        new_tokens = config.max_new_tokens
+        if limit is not None and input_ids.shape[1] + new_tokens > limit:
+            new_tokens = limit - input_ids.shape[1]
+            capped += len(batch)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=padded["attention_mask"].to(device),
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=new_tokens,
             num_return_sequences=config.num_samples,
             stopping_criteria=criteria,
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
             **decoding,
         )
-        texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-        for j, text in enumerate(texts):
+        for j, text in enumerate(_completions(tokenizer, out, input_ids.shape[1])):
             results[batch[j // config.num_samples]].append(truncate_at_stop(text, stops))
         bar.update(len(batch))
     bar.close()
+    if capped:
+        logger.warning("%s: %d of %d prompts could generate fewer than max_new_tokens=%d "
+                       "tokens (context %d)", desc, capped, len(prompts), config.max_new_tokens,
+                       limit)
     return results
+
+
+def _completions(tokenizer: PreTrainedTokenizerBase, out: torch.Tensor,
+                 prompt_width: int) -> list[str]:
+    """The generated text of each row of ``out`` (left-padded prompt + generation)."""
+    full = tokenizer.batch_decode(out, skip_special_tokens=True)
+    prompts = tokenizer.batch_decode(out[:, :prompt_width], skip_special_tokens=True)
+    alone = tokenizer.batch_decode(out[:, prompt_width:], skip_special_tokens=True)
+    return [f[len(p):] if f.startswith(p) else a
+            for f, p, a in zip(full, prompts, alone, strict=True)]

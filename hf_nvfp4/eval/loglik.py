@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from hf_nvfp4.eval.tasks.base import LoglikResult
+from hf_nvfp4.eval.tasks.base import LoglikResult, scored_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,10 +28,10 @@ if TYPE_CHECKING:
 def split_tokens(
     tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
 ) -> tuple[list[int], list[int]]:
-    """Token ids of ``context`` and of ``continuation`` as encoded after it."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    """Token ids of ``context`` and of ``continuation`` as encoded after it (the context's
+    trailing whitespace goes with the continuation: see :func:`scored_text`)."""
+    continuation = scored_text(context, continuation)
+    context = context.rstrip()
     whole = tokenizer(context + continuation)["input_ids"]
     ctx = tokenizer(context)["input_ids"]
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):

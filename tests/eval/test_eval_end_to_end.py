@@ -195,3 +195,52 @@ def test_choice_fast_path_matches_general_path(loaded):
     ]
     general = [r.logprob for r in loglikelihood(model, tokenizer, pairs, progress=False)]
     assert [x for row in single for x in row] == pytest.approx(general, abs=1e-4)
+
+
+def _sentencepiece_style_tokenizer(texts):
+    """A WordLevel tokenizer with Llama-2's decoder chain (its Strip drops one leading
+    space of whatever is decoded on its own)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tk.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "</s>"]))
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(),
+                                    decoders.Strip(content=" ", left=1, right=0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>")
+
+
+def test_completions_keep_their_leading_space_with_sentencepiece_decoders():
+    from hf_nvfp4.eval.generation import _completions
+
+    prompt, body = "def f ( x ) :", " return x + 1"
+    tok = _sentencepiece_style_tokenizer([prompt + body])
+    ctx = tok(prompt)["input_ids"]
+    full = tok(prompt + body)["input_ids"]
+    assert full[: len(ctx)] == ctx
+    out = torch.tensor([full])
+    assert tok.decode(full[len(ctx):]) == body.lstrip()  # decoded alone: the space is lost
+    assert _completions(tok, out, len(ctx)) == [body]
+
+
+def test_long_prompts_keep_half_the_context_and_generation_is_cut(loaded, caplog):
+    model, tokenizer = loaded  # max_position_embeddings 512, byte tokens
+    prompt = "x" * 2000
+    config = GenerationConfig(max_new_tokens=1000)
+    with caplog.at_level("WARNING", logger="hf_nvfp4.eval.generation"):
+        out = generate(model, tokenizer, [prompt], (), config, progress=False)
+    assert "keep their last 256" in caplog.text  # not 1 token: at least half the context
+    assert "fewer than max_new_tokens=1000" in caplog.text
+    assert len(out[0]) == 1
+
+
+def test_per_byte_score_counts_the_bytes_it_scores():
+    from hf_nvfp4.eval.tasks.base import LoglikResult, scored_text
+    from hf_nvfp4.eval.tasks.humaneval import HumanEvalLoglik
+
+    # HumanEval prompts end in a newline, which the tokenizer scores with the solution.
+    item = {"id": "t/0", "context": "def f():\n", "continuation": "    return 1\n"}
+    assert scored_text(item["context"], item["continuation"]) == "\n    return 1\n"
+    records = HumanEvalLoglik().score([item], [LoglikResult(-14.0, 5, False)])
+    assert records[0]["num_bytes"] == 14 and records[0]["value"] == -1.0

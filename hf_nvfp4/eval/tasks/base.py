@@ -35,6 +35,13 @@ class TaskData:
     notes: list[str] = field(default_factory=list)
 
 
+def scored_text(context: str, continuation: str) -> str:
+    """The text whose log-probability is scored for ``(context, continuation)``: the
+    continuation with the context's trailing whitespace moved in front of it (tokenizers
+    attach leading whitespace to the next word)."""
+    return context[len(context.rstrip()):] + continuation
+
+
 @dataclass(frozen=True)
 class LoglikResult:
     """Log-probability of a continuation: summed over its tokens, and whether greedy."""
@@ -100,7 +107,7 @@ class LoglikTask(Task):
         """Records with the log-prob, token and byte counts of each reference."""
         records = []
         for item, out in zip(items, outputs, strict=True):
-            num_bytes = len(item["continuation"].encode("utf-8"))
+            num_bytes = len(scored_text(item["context"], item["continuation"]).encode("utf-8"))
             records.append(
                 {
                     "id": item["id"],
