@@ -95,6 +95,11 @@ class NVFP4Linear(nn.Linear):
         self.reduce_amax = reduce_amax
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if backend == "te" and reduce_amax:
+            raise ValueError(
+                "reduce_amax is not implemented for the te backend (Transformer Engine takes "
+                "its amaxes inside its own kernels); use reduce_amax=False or another backend"
+            )
         if sr_seed is None:
             sr_seed = int(torch.randint(0, 2**62, (1,)))
         self.register_buffer(

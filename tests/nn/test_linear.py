@@ -195,3 +195,10 @@ def test_leading_dims_and_bf16_autocast():
 def test_bad_configs_fail_clearly(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         NVFP4Linear(32, 32, **kwargs)
+
+
+def test_bad_backend_arguments_are_refused():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        NVFP4Linear(32, 16, backend="cuda")
+    with pytest.raises(ValueError, match="reduce_amax is not implemented for the te backend"):
+        NVFP4Linear(32, 16, backend="te", reduce_amax=True)
