@@ -55,9 +55,9 @@ def gather_checksums(accelerator: Accelerator, checksum: float) -> tuple[list[fl
     just as the main thread, holding the GIL, joins that thread in the group's destructor: a
     deadlock at exit.
     """
-    local = torch.tensor([checksum], dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes == 1:
         return [checksum], None
+    local = torch.tensor([checksum], dtype=torch.float64, device=accelerator.device)
     parts = [torch.empty_like(local) for _ in range(accelerator.num_processes)]
     work = torch.distributed.all_gather(parts, local, async_op=True)
     work.wait()

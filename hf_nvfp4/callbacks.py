@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .distributed import world_size
 from .nn.linear import NVFP4Linear
 from .schedule import PrecisionSchedule, switch_to_high_precision
 from .telemetry import SQRT3, role_stats, wgrad_noise_ratio
@@ -177,10 +178,10 @@ class QuantTelemetryCallback(TrainerCallback):
 def _mean_over_ranks(values: list[float], model: nn.Module | None) -> list[float]:
     """``values`` averaged over the ranks of the default process group (as they are without
     one): the statistics every rank logs and switches on."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    ranks = world_size()
+    if ranks == 1:
         return values
     device = next(_unwrap(model).parameters()).device if model is not None else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    torch.distributed.all_reduce(t)
+    return (t / ranks).tolist()

@@ -77,7 +77,8 @@ def quantization_disabled(model: nn.Module, mode: str = "all") -> Iterator[nn.Mo
     already = {
         name: mod.recipe for name, mod in iter_nvfp4_linears(model) if hasattr(mod, _SAVED_RECIPE)
     }
-    recorded = _config(model).switched if _config(model) is not None else None
+    qc = _config(model)
+    recorded = qc.switched if qc is not None else None
     switch_to_high_precision(model, mode)
     try:
         yield model

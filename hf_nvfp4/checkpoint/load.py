@@ -152,14 +152,19 @@ def check_master_checkpoint(model: nn.Module, files: list[str] | None) -> set[st
             if isinstance(mod, NVFP4Linear) and f"{name}.sr_state" in infos}
 
 
+def _nvfp4_layers(model: nn.Module) -> list[tuple[str, NVFP4Linear]]:
+    """The NVFP4Linear layers whose forward runs NVFP4: those :func:`pack_model` packs."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, NVFP4Linear)
+            and m.recipe.fprop_format == "nvfp4"]
+
+
 def pack_model(model: nn.Module) -> nn.Module:
     """Replace every NVFP4Linear of ``model`` by its NVFP4PackedLinear, in place (inference).
 
     Raises ``ValueError`` when no layer runs NVFP4 (nothing to pack: e.g. an MXFP4 or FP8
     recipe, or layers switched to BF16), rather than mark the model packed.
     """
-    swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, NVFP4Linear)
-             and m.recipe.fprop_format == "nvfp4"]
+    swaps = _nvfp4_layers(model)
     if not swaps:
         raise ValueError(
             "pack_model: no layer runs NVFP4 (fprop_format 'nvfp4'); only NVFP4 layers can be "
@@ -256,9 +261,7 @@ def load_packed(
         dtype = torch.float32 if mode == "train" else "auto"
     model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
     if qc.get("checkpoint_format", "master") != PACKED_FORMAT:
-        nvfp4 = any(isinstance(m, NVFP4Linear) and m.recipe.fprop_format == "nvfp4"
-                    for m in model.modules())
-        return pack_model(model) if mode == "inference" and nvfp4 else model
+        return pack_model(model) if mode == "inference" and _nvfp4_layers(model) else model
     if mode == "inference":
         return model
     state = load_masters(path) if masters is not False else None

@@ -71,13 +71,13 @@ def packed_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The tensors of the native packed format (see the module docstring), in model order."""
     layers = list(iter_packed_layers(model))
-    if not layers and is_switched(model):
-        raise ValueError(
-            f"{type(model).__name__}'s NVFP4 layers are switched to BF16 (late switch): there "
-            "is nothing 4-bit to pack; save the master weights with save_pretrained, or call "
-            "hf_nvfp4.restore_quantization(model) first to pack the NVFP4 form"
-        )
     if not layers:
+        if is_switched(model):
+            raise ValueError(
+                f"{type(model).__name__}'s NVFP4 layers are switched to BF16 (late switch): "
+                "there is nothing 4-bit to pack; save the master weights with save_pretrained, "
+                "or call hf_nvfp4.restore_quantization(model) first to pack the NVFP4 form"
+            )
         raise ValueError(
             f"{type(model).__name__} has no NVFP4 layers to pack; convert it first "
             "(hf_nvfp4.prepare_model or from_pretrained with NVFP4Config)"

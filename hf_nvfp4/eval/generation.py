@@ -70,10 +70,10 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _prompt_budget(model, max_new_tokens: int) -> int | None:
-    """Prompt tokens kept: the context minus ``max_new_tokens``, but at least half of it
-    (generation is cut instead, see :func:`generate`); None when the context is unknown."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+def _prompt_budget(limit: int | None, max_new_tokens: int) -> int | None:
+    """Prompt tokens kept in a context of ``limit``: the context minus ``max_new_tokens``, but
+    at least half of it (generation is cut instead, see :func:`generate`); None when the
+    context is unknown."""
     return None if limit is None else max(limit - max_new_tokens, limit // 2, 1)
 
 
@@ -109,7 +109,7 @@ def generate(
         torch.manual_seed(config.seed)
         decoding = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
     limit = getattr(model.config, "max_position_embeddings", None)
-    budget = _prompt_budget(model, config.max_new_tokens)
+    budget = _prompt_budget(limit, config.max_new_tokens)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     if budget is not None:
         cut = sum(len(ids) > budget for ids in encoded)
@@ -157,9 +157,11 @@ def generate(
 
 def _completions(tokenizer: PreTrainedTokenizerBase, out: torch.Tensor,
                  prompt_width: int) -> list[str]:
-    """The generated text of each row of ``out`` (left-padded prompt + generation)."""
+    """The generated text of each row of ``out`` (left-padded prompt + generation): the
+    whole row decoded minus its decoded prompt, or, where the decoded prompt is not a prefix
+    of the whole, the generated tokens decoded alone."""
     full = tokenizer.batch_decode(out, skip_special_tokens=True)
     prompts = tokenizer.batch_decode(out[:, :prompt_width], skip_special_tokens=True)
-    alone = tokenizer.batch_decode(out[:, prompt_width:], skip_special_tokens=True)
-    return [f[len(p):] if f.startswith(p) else a
-            for f, p, a in zip(full, prompts, alone, strict=True)]
+    return [f[len(p):] if f.startswith(p)
+            else tokenizer.decode(row[prompt_width:], skip_special_tokens=True)
+            for f, p, row in zip(full, prompts, out, strict=True)]

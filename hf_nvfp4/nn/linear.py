@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..backends import BACKENDS, Backend, get_backend
+from ..distributed import rank, world_size
 from ..numerics.quantize import QTensor
 from ..recipe import Recipe, RoleSpecs, get_recipe
 from .functional import LinearContext, quantized_linear
@@ -25,11 +26,6 @@ def _sr_generator_seed(seed: int, step: int, rank: int) -> int:
     averages it down); rank 0, and every single-process run, is unaffected by the rank term.
     """
     return ((seed * _SEED_MIX + step) ^ (rank * _RANK_MIX)) & _MASK63
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -51,10 +47,8 @@ def _amax_reduce(layer: NVFP4Linear):
     ``torch.is_grad_enabled()``: reentrant activation checkpointing runs the first forward
     without grad and would then reduce in the recomputation only.
     """
-    dist = torch.distributed
-    if layer.training and layer.reduce_amax and dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            return _all_reduce_max
+    if layer.training and layer.reduce_amax and world_size() > 1:
+        return _all_reduce_max
     return None
 
 
@@ -143,7 +137,7 @@ class NVFP4Linear(nn.Linear):
         if not self.sr_state.is_meta:
             self.sr_state[1].fill_(self._sr_step)
         g = torch.Generator()
-        g.manual_seed(_sr_generator_seed(self._sr_seed, self._sr_step, _rank()))
+        g.manual_seed(_sr_generator_seed(self._sr_seed, self._sr_step, rank()))
         return g
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D102

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_nvfp4.distributed import rank
 from hf_nvfp4.numerics.rng import draw_seed
 
 from .state import STATE_FORMATS, MomentCodec, load, packed_nbytes, restore_dtypes, store
@@ -26,11 +27,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2 parameters and gradients), else ``t`` itself."""
     local = getattr(t, "_local_tensor", None)
     return t if local is None else local
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class QuantizedAdamW(torch.optim.Optimizer):
@@ -170,7 +166,7 @@ class QuantizedAdamW(torch.optim.Optimizer):
         return self.codecs[name]
 
     def _generator(self, step: int, index: int) -> torch.Generator:
-        seed = _splitmix64(_splitmix64(_splitmix64(self.seed) ^ step) ^ index) ^ _rank()
+        seed = _splitmix64(_splitmix64(_splitmix64(self.seed) ^ step) ^ index) ^ rank()
         return self._cpu_generator.manual_seed(seed & ((1 << 63) - 1))
 
     @torch.no_grad()

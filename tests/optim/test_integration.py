@@ -1,7 +1,5 @@
 """QuantizedAdamW with DTensor (FSDP2-style sharded) parameters and the HF Trainer."""
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -15,9 +13,8 @@ def gloo_world():
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # An in-memory store: no TCP port that the multi-process tests' launchers could collide with.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
