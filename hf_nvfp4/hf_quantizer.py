@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
@@ -21,6 +20,7 @@ from transformers.quantizers.base import HfQuantizer, _assign_is_quantized
 from .backends import unavailable_reason
 from .config import QUANT_METHOD, NVFP4Config
 from .convert import convert, iter_nvfp4_linears
+from .quant.sr import new_state
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +81,8 @@ class NVFP4HfQuantizer(HfQuantizer):
         # missing buffer holds uninitialized memory, not a meta tensor, after loading).
         for name, mod in iter_nvfp4_linears(model):
             saved = self.saved_sr_states is None or name in self.saved_sr_states
-            if self.pre_quantized and saved and not mod.sr_state.is_meta:
-                mod._sr_seed, mod._sr_step = (int(v) for v in mod.sr_state.tolist())
-            else:
-                mod.sr_state = torch.tensor(
-                    [mod._sr_seed, mod._sr_step], dtype=torch.int64, device=mod.weight.device
-                )
+            if not (self.pre_quantized and saved and not mod.sr_state.is_meta):
+                mod.sr_state = new_state(mod._sr_seed, mod.weight.device)
         if self.quantization_config.switched is not None:
             from .schedule import switch_to_high_precision
 

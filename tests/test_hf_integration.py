@@ -69,7 +69,7 @@ def test_from_pretrained_swaps_linears_and_keeps_checkpoint_weights(plain_checkp
     # A plain checkpoint has no SR state: each layer is seeded from sr_seed, step 0.
     seeds = sorted(int(m.sr_state[0]) for m in nvfp4.values())
     assert seeds == list(range(5, 19))
-    assert all(int(m.sr_state[1]) == 0 and m._sr_step == 0 for m in nvfp4.values())
+    assert all(m.sr_step == 0 for m in nvfp4.values())
 
     with torch.no_grad():
         quantized = model(input_ids=_ids()).logits
@@ -100,8 +100,8 @@ def test_save_pretrained_and_reload_round_trip(plain_checkpoint, tmp_path):
         assert torch.equal(value, reloaded.state_dict()[name]), name
     for name in names:
         mod = reloaded.get_submodule(name)
-        assert mod.sr_state.tolist() == [mod._sr_seed, mod._sr_step]
-        assert mod._sr_step == 1
+        assert mod.sr_state.tolist() == [mod._sr_seed, 1]
+        assert mod.sr_step == 1
 
     model.eval()
     reloaded.eval()
@@ -159,7 +159,7 @@ def test_trainer_trains_the_full_model(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
     for name, param in model.named_parameters():
         assert not torch.equal(param, before[name]), f"{name} did not change"
-    assert all(m._sr_step == 3 for m in model.modules() if isinstance(m, NVFP4Linear))
+    assert all(m.sr_step == 3 for m in model.modules() if isinstance(m, NVFP4Linear))
 
 
 def test_prepare_model_rejects_a_model_quantized_by_another_method():

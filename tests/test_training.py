@@ -46,7 +46,7 @@ def _train(data, quantized: bool) -> tuple[float, float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if quantized:
-        assert all(m._sr_step == STEPS for m in model.modules() if isinstance(m, NVFP4Linear))
+        assert all(m.sr_step == STEPS for m in model.modules() if isinstance(m, NVFP4Linear))
     model.eval()
     with torch.no_grad():
         val_loss = torch.stack([model(input_ids=v, labels=v).loss for v in val.split(32)]).mean()

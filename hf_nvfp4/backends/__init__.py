@@ -8,17 +8,41 @@ from .reference import ReferenceBackend
 BACKENDS = ("auto", "reference", "triton", "te", "native")
 
 
-def get_backend(name: str, device: object = None) -> Backend:
-    """The backend called ``name``; ``"auto"`` picks the fastest one that runs on ``device``.
+_INSTANCES: dict[str, Backend] = {}
+
+
+def resolve_backend(name: str, device: object = None) -> str:
+    """The name of the backend that ``name`` runs on ``device`` (``"auto"`` resolved).
 
     ``auto``: ``native`` on Blackwell when torch's FP4 ``_scaled_mm`` is usable, else
     ``triton`` on CUDA devices when Triton imports, else ``reference``. ``te`` is opt-in.
-    ``native`` and ``te`` were written against the documented APIs and not run on hardware.
+    The one place this decision is made; layers call it at construction and on ``.to()``.
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    if name == "auto":
-        name = _auto(device)
+    return _auto(device) if name == "auto" else name
+
+
+def backend_instance(name: str) -> Backend:
+    """The shared instance of the resolved backend ``name`` (built on first use)."""
+    backend = _INSTANCES.get(name)
+    if backend is None:
+        backend = _INSTANCES[name] = _build(name, None)
+    return backend
+
+
+def get_backend(name: str, device: object = None) -> Backend:
+    """The backend called ``name``; ``"auto"`` picks the fastest one that runs on ``device``.
+
+    ``native`` and ``te`` were written against the documented APIs and not run on hardware.
+    """
+    resolved = resolve_backend(name, device)
+    if resolved == "native":
+        _build(resolved, device)  # raises with the reason when it cannot run on `device`
+    return backend_instance(resolved)
+
+
+def _build(name: str, device: object) -> Backend:
     if name == "reference":
         return ReferenceBackend()
     if name == "triton":
@@ -76,4 +100,12 @@ def _auto(device: object) -> str:
     return "reference"
 
 
-__all__ = ["BACKENDS", "Backend", "ReferenceBackend", "get_backend", "unavailable_reason"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "ReferenceBackend",
+    "backend_instance",
+    "get_backend",
+    "resolve_backend",
+    "unavailable_reason",
+]

@@ -6,12 +6,47 @@ outputs equal up to the summation order of the FP32 accumulation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from ..numerics.quantize import QTensor
+from ..numerics.rng import generator_keys
 from ..recipe import QuantSpec
+
+#: Stochastic-rounding source: a generator (functional API, tests), int32 [2] keys
+#: (training: :func:`hf_nvfp4.quant.sr.advance_keys`; [0] row copy, [1] column copy) or None.
+Rng = torch.Generator | torch.Tensor | None
+AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BlockValues:
+    """An NVFP4 operand as block values (E2M1 value x E4M3 scale, exact in BF16).
+
+    What a backend may hand its own GEMM instead of a packed :class:`QTensor` for a copy that
+    is consumed at once and never saved: the GEMM then reads it without a dequantize pass.
+
+    Attributes:
+        values: BF16 [rows, padded cols] block values, without the global scale.
+        global_scale: FP32 decode scale ``S_dec`` of the tensor.
+    """
+
+    values: torch.Tensor
+    global_scale: torch.Tensor
+
+
+Operand = QTensor | BlockValues
+
+
+def as_keys(rng: Rng, device: torch.device) -> torch.Tensor | None:
+    """int32 [2] keys on ``device`` from an :data:`Rng` (a generator is split as the
+    reference does: :func:`hf_nvfp4.numerics.rng.generator_keys`)."""
+    if isinstance(rng, torch.Generator):
+        rng = generator_keys(rng)
+    return rng.to(device) if rng is not None else None
 
 
 class Backend(Protocol):
@@ -24,13 +59,18 @@ class Backend(Protocol):
         x: torch.Tensor,
         row: QuantSpec | None,
         col: QuantSpec | None,
-        generator: torch.Generator | None,
-    ) -> tuple[QTensor | None, QTensor | None]:
+        rng: Rng = None,
+        *,
+        amax_reduce: AmaxReduce | None = None,
+        values: tuple[bool, bool] = (False, False),
+    ) -> tuple[Operand | None, Operand | None]:
         """Quantize a 2D ``x`` [M, K] row-wise (along K) and ``x^T`` [K, M] along M.
 
-        Either spec may be None (that copy is skipped). ``numerics.rng.split_generator``
-        turns ``generator`` into one child generator per copy (row, then column), whether or
-        not each copy is requested; each copy's ``quantize`` draws its seed from its child.
+        Either spec may be None (that copy is skipped). Stochastic copies draw with key
+        ``keys[0]`` (row) and ``keys[1]`` (column) of :func:`as_keys` ``(rng)``, whether or
+        not the other copy is requested. ``amax_reduce`` maps each copy's local global amax
+        to the one used (data-parallel all-reduce). ``values`` (row, column) asks for
+        :class:`BlockValues` where the backend has them, for copies only its GEMM reads.
         """
         ...
 
@@ -42,7 +82,7 @@ class Backend(Protocol):
         """
         ...
 
-    def gemm(self, a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def gemm(self, a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
         """``a @ b^T`` for a [M, K] and b [N, K], both quantized along K, in ``out_dtype``.
 
         Block values are exact in BF16; accumulation is FP32 and the global scales multiply

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..numerics.quantize import QTensor
 from ..recipe import QuantSpec
+from .base import AmaxReduce, Rng
 
 _TILE_ROWS, _TILE_COLS = 128, 4
 
@@ -74,10 +75,14 @@ class NativeFP4Backend:
         x: torch.Tensor,
         row: QuantSpec | None,
         col: QuantSpec | None,
-        generator: torch.Generator | None,
+        rng: Rng = None,
+        *,
+        amax_reduce: AmaxReduce | None = None,
+        values: tuple[bool, bool] = (False, False),
     ) -> tuple[QTensor | None, QTensor | None]:
-        """See :meth:`Backend.quantize_rowcol` (the Triton kernels)."""
-        return self._quantizer.quantize_rowcol(x, row, col, generator)
+        """See :meth:`Backend.quantize_rowcol` (the Triton kernels; always packed: the FP4
+        GEMM reads codes)."""
+        return self._quantizer.quantize_rowcol(x, row, col, rng, amax_reduce=amax_reduce)
 
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight` (the Triton kernels)."""

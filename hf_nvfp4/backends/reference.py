@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from ..numerics.quantize import QTensor, quantize
-from ..numerics.rng import split_generator
 from ..recipe import QuantSpec
+from .base import AmaxReduce, Rng, as_keys
 
 
 def quantize_spec(
     x: torch.Tensor,
     spec: QuantSpec,
-    generator: torch.Generator | None = None,
-    amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rng: torch.Generator | torch.Tensor | None = None,
+    amax_reduce: AmaxReduce | None = None,
 ) -> QTensor:
     """``numerics.quantize`` with the arguments of a QuantSpec.
+
+    ``rng``: a generator, or one 32-bit key (0-dim integer tensor), for stochastic rounding.
 
     With ``amax_reduce`` NaN/Inf propagate instead of raising: a rank that raised between
     collectives would leave the others waiting in theirs.
@@ -29,31 +29,11 @@ def quantize_spec(
         rounding=spec.rounding,
         rht=spec.rht,
         rht_sign=spec.rht_sign,
-        generator=generator,
+        generator=rng if isinstance(rng, torch.Generator) else None,
+        sr_key=rng if isinstance(rng, torch.Tensor) and spec.rounding == "stochastic" else None,
         amax_reduce=amax_reduce if spec.fmt == "nvfp4" else None,
         allow_nonfinite=amax_reduce is not None,
     )
-
-
-def quantize_rowcol_reduced(
-    x: torch.Tensor,
-    row: QuantSpec | None,
-    col: QuantSpec | None,
-    generator: torch.Generator | None,
-    amax_reduce: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[QTensor | None, QTensor | None]:
-    """:meth:`ReferenceBackend.quantize_rowcol` with each copy's global amax reduced.
-
-    The data-parallel path: every rank quantizes its shard with the amax of the whole
-    batch. Runs on the reference code whatever the layer's backend (the fused kernels take
-    their amax inside one call).
-    """
-    g_row, g_col = split_generator(generator)
-    q_row = quantize_spec(x, row, g_row, amax_reduce) if row is not None else None
-    q_col = (
-        quantize_spec(x.t().contiguous(), col, g_col, amax_reduce) if col is not None else None
-    )
-    return q_row, q_col
 
 
 def reference_gemm(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -83,12 +63,19 @@ class ReferenceBackend:
         x: torch.Tensor,
         row: QuantSpec | None,
         col: QuantSpec | None,
-        generator: torch.Generator | None,
+        rng: Rng = None,
+        *,
+        amax_reduce: AmaxReduce | None = None,
+        values: tuple[bool, bool] = (False, False),
     ) -> tuple[QTensor | None, QTensor | None]:
-        """See :meth:`Backend.quantize_rowcol`."""
-        g_row, g_col = split_generator(generator)
-        q_row = quantize_spec(x, row, g_row) if row is not None else None
-        q_col = quantize_spec(x.t().contiguous(), col, g_col) if col is not None else None
+        """See :meth:`Backend.quantize_rowcol` (always packed QTensors)."""
+        keys = as_keys(rng, x.device)
+        k_row, k_col = (None, None) if keys is None else (keys[0], keys[1])
+        q_row = quantize_spec(x, row, k_row, amax_reduce) if row is not None else None
+        q_col = (
+            quantize_spec(x.t().contiguous(), col, k_col, amax_reduce)
+            if col is not None else None
+        )
         return q_row, q_col
 
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:

@@ -18,8 +18,9 @@ import torch
 from ..kernels import require_triton
 from ..kernels._common import interpreting
 from ..numerics.quantize import QTensor
-from ..numerics.rng import draw_seed, split_generator
+from ..numerics.rng import draw_seed
 from ..recipe import QuantSpec
+from .base import AmaxReduce, BlockValues, Operand, Rng, as_keys
 from .reference import ReferenceBackend, reference_gemm
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -39,8 +40,12 @@ def _is_nvfp4_1x16(spec: QuantSpec) -> bool:
     return spec.fmt == "nvfp4" and tuple(spec.tile) == (1, 16)
 
 
-def _seed(spec: QuantSpec, generator: torch.Generator | None) -> int | None:
-    return draw_seed(generator) if spec.rounding == "stochastic" else None
+def _fresh_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(draw_seed())
+
+
+def _sr(spec: QuantSpec | None) -> bool:
+    return spec is not None and spec.rounding == "stochastic"
 
 
 class TritonBackend:
@@ -64,29 +69,41 @@ class TritonBackend:
         x: torch.Tensor,
         row: QuantSpec | None,
         col: QuantSpec | None,
-        generator: torch.Generator | None,
-    ) -> tuple[QTensor | None, QTensor | None]:
-        """See :meth:`Backend.quantize_rowcol` (one child generator per copy, as the reference)."""
+        rng: Rng = None,
+        *,
+        amax_reduce: AmaxReduce | None = None,
+        values: tuple[bool, bool] = (False, False),
+    ) -> tuple[Operand | None, Operand | None]:
+        """See :meth:`Backend.quantize_rowcol`: one amax pass (then ``amax_reduce``, if any)
+        and one encode pass for both copies; ``values`` copies come back as BlockValues."""
         ok_row = row is None or (_is_nvfp4_1x16(row) and not row.rht)
         ok_col = col is None or _is_nvfp4_1x16(col)
         if not (ok_row and ok_col and self._runs_here(x)) or (row is None and col is None):
-            return self._reference.quantize_rowcol(x, row, col, generator)
-        g_row, g_col = split_generator(generator)
-        row_seed = _seed(row, g_row) if row is not None else None
-        col_seed = _seed(col, g_col) if col is not None else None
+            return self._reference.quantize_rowcol(x, row, col, rng, amax_reduce=amax_reduce)
+        keys = None
+        if _sr(row) or _sr(col):  # no keys given: fresh ones from torch's default generator
+            keys = as_keys(rng if rng is not None else _fresh_generator(), x.device)
         sign = list(col.rht_sign) if col is not None and col.rht else None
+        amax = None
+        if amax_reduce is not None:
+            amax = amax_reduce(self._ops.amax_rowcol(x, row is not None, col is not None, sign))
+        want_row, want_col = values
         rd, rs, cd, cs, gs = self._ops.quantize_rowcol(
-            x, row is not None, col is not None, sign, row_seed, col_seed
+            x, row is not None, col is not None, sign, _sr(row), _sr(col), keys, amax,
+            want_row, want_col,
         )
         m, k = x.shape
         q_row = q_col = None
         if row is not None:
-            q_row = QTensor(rd, rs.view(_E4M3), gs[0], "nvfp4", torch.Size((m, k)), x.dtype,
-                            (1, 16), False)
+            q_row = BlockValues(rd, gs[0]) if want_row else QTensor(
+                rd, rs, gs[0], "nvfp4", torch.Size((m, k)), x.dtype, (1, 16), False
+            )
         if col is not None:
             cols = -(-m // 16) * 16 if col.rht else m
-            q_col = QTensor(cd, cs.view(_E4M3), gs[1], "nvfp4", torch.Size((k, cols)), x.dtype,
-                            (1, 16), col.rht)
+            q_col = BlockValues(cd, gs[1]) if want_col else QTensor(
+                cd, cs, gs[1], "nvfp4", torch.Size((k, cols)), x.dtype, (1, 16),
+                col.rht,
+            )
         return q_row, q_col
 
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
@@ -94,36 +111,40 @@ class TritonBackend:
         if spec.fmt != "nvfp4" or spec.rht or spec.rounding != "nearest" or not self._runs_here(w):
             return self._reference.quantize_weight(w, spec)
         if tuple(spec.tile) == (1, 16):
-            q_w, q_wt = self.quantize_rowcol(w, spec, spec, None)
-            return q_w, q_wt
+            return self.quantize_rowcol(w, spec, spec)
         n, k = w.shape
         data, scale, data_t, scale_t, gs = self._ops.quantize_2d(w)
         s_dec = gs[0]
-        q_w = QTensor(data, scale.view(_E4M3), s_dec, "nvfp4", torch.Size((n, k)), w.dtype,
+        q_w = QTensor(data, scale, s_dec, "nvfp4", torch.Size((n, k)), w.dtype,
                       (16, 16), False)
-        q_wt = QTensor(data_t, scale_t.view(_E4M3), s_dec, "nvfp4", torch.Size((k, n)),
+        q_wt = QTensor(data_t, scale_t, s_dec, "nvfp4", torch.Size((k, n)),
                        w.dtype, (16, 16), False)
         return q_w, q_wt
 
-    def gemm(self, a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """See :meth:`Backend.gemm`."""
-        fused = (
-            a.fmt == b.fmt == "nvfp4"
-            and a.global_scale is not None
-            and b.global_scale is not None
-            and a.data.dim() == b.data.dim() == 2
-            and a.shape[0] > 0
-            and b.shape[0] > 0
-            and self._on_device(a.data)
-        )
-        if not fused:
+    def gemm(self, a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
+        """See :meth:`Backend.gemm`: dequantize packed operands to BF16 block values, then
+        one Triton GEMM that applies both global scales in its epilogue."""
+        if not (self._fused(a) and self._fused(b)):
             return reference_gemm(a, b, out_dtype)
-        if a.data.shape[1] != b.data.shape[1]:
+        av, bv = self._values(a), self._values(b)
+        if av.shape[1] != bv.shape[1]:
             raise ValueError(
                 f"gemm operands disagree on the padded reduction dimension: "
-                f"{a.data.shape[1] * 2} vs {b.data.shape[1] * 2}"
+                f"{av.shape[1]} vs {bv.shape[1]}"
             )
-        return self._ops.gemm(
-            a.data, a.scale.view(torch.uint8), a.global_scale, a.shape[0],
-            b.data, b.scale.view(torch.uint8), b.global_scale, b.shape[0], out_dtype,
+        if av.shape[0] == 0 or bv.shape[0] == 0:
+            return av.new_zeros((av.shape[0], bv.shape[0]), dtype=out_dtype)
+        return self._ops.gemm_scaled_op(av, bv, a.global_scale, b.global_scale, out_dtype)
+
+    def _fused(self, q: Operand) -> bool:
+        if isinstance(q, BlockValues):
+            return True
+        return (
+            q.fmt == "nvfp4" and q.global_scale is not None and q.data.dim() == 2
+            and self._on_device(q.data)
         )
+
+    def _values(self, q: Operand) -> torch.Tensor:
+        if isinstance(q, BlockValues):
+            return q.values
+        return self._ops.dequantize(q.data, q.scale, None, q.shape[0], torch.bfloat16)

@@ -2,7 +2,7 @@
 
 Fake (meta) implementations give output shapes without running anything, so the ops trace
 under torch.compile and work on meta tensors. Scales come out as uint8 E4M3 bytes and are
-viewed as ``float8_e4m3fn`` by the backend.
+returned as ``float8_e4m3fn`` (ops taking scales accept either 1-byte dtype).
 """
 
 from typing import Optional
@@ -10,12 +10,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .amax import amax_rowcol as _amax_rowcol
 from .dequantize import dequantize_nvfp4
-from .gemm import gemm_nvfp4
+from .gemm import gemm_nvfp4, gemm_scaled
 from .quantize_2d import quantize_2d_nvfp4
 from .quantize_rowcol import quantize_rowcol_nvfp4
 
 _U8 = torch.uint8
+_E4M3 = torch.float8_e4m3fn
+
+
+def _e4m3(scale: Tensor) -> Tensor:
+    """The kernels write E4M3 scale bytes into uint8 buffers; ops return them typed."""
+    return scale.view(_E4M3)
 
 
 def _pad16(n: int) -> int:
@@ -28,32 +35,59 @@ def quantize_rowcol(
     row: bool,
     col: bool,
     col_rht_sign: Optional[list[int]],  # noqa: UP045 (custom_op schema inference)
-    row_seed: Optional[int],  # noqa: UP045
-    col_seed: Optional[int],  # noqa: UP045
+    row_sr: bool,
+    col_sr: bool,
+    keys: Optional[Tensor],  # noqa: UP045
+    amax: Optional[Tensor],  # noqa: UP045
+    row_values: bool,
+    col_values: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`.quantize_rowcol.quantize_rowcol_nvfp4`."""
     sign = tuple(col_rht_sign) if col_rht_sign is not None else None
-    return quantize_rowcol_nvfp4(x.contiguous(), row, col, sign, row_seed, col_seed)
+    rd, rs, cd, cs, gs = quantize_rowcol_nvfp4(
+        x.contiguous(), row, col, sign, row_sr, col_sr, keys,
+        amax=amax, row_values=row_values, col_values=col_values,
+    )
+    return rd, _e4m3(rs), cd, _e4m3(cs), gs
 
 
 @quantize_rowcol.register_fake
-def _(x, row, col, col_rht_sign, row_seed, col_seed):
+def _(x, row, col, col_rht_sign, row_sr, col_sr, keys, amax, row_values, col_values):
     m, k = x.shape
     new = x.new_empty
-    empty = new(0, dtype=_U8)
+
+    def copy(rows: int, cols: int, keep: bool, values: bool) -> tuple[Tensor, Tensor]:
+        if not keep:
+            return new(0, dtype=_U8), new(0, dtype=_E4M3)
+        if values:
+            return new((rows, cols), dtype=torch.bfloat16), new(0, dtype=_E4M3)
+        return new((rows, cols // 2), dtype=_U8), new((rows, cols // 16), dtype=_E4M3)
+
     return (
-        new((m, _pad16(k) // 2), dtype=_U8) if row else empty,
-        new((m, _pad16(k) // 16), dtype=_U8) if row else empty.clone(),
-        new((k, _pad16(m) // 2), dtype=_U8) if col else empty.clone(),
-        new((k, _pad16(m) // 16), dtype=_U8) if col else empty.clone(),
+        *copy(m, _pad16(k), row, row_values),
+        *copy(k, _pad16(m), col, col_values),
         new(2, dtype=torch.float32),
     )
+
+
+@torch.library.custom_op("hf_nvfp4::amax_rowcol", mutates_args=())
+def amax_rowcol(x: Tensor, row: bool, col: bool,
+                col_rht_sign: Optional[list[int]]) -> Tensor:  # noqa: UP045
+    """See :func:`.amax.amax_rowcol`."""
+    sign = tuple(col_rht_sign) if col_rht_sign is not None else None
+    return _amax_rowcol(x.contiguous(), row, col, sign)
+
+
+@amax_rowcol.register_fake
+def _(x, row, col, col_rht_sign):
+    return x.new_empty(2, dtype=torch.float32)
 
 
 @torch.library.custom_op("hf_nvfp4::quantize_2d", mutates_args=())
 def quantize_2d(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`.quantize_2d.quantize_2d_nvfp4`."""
-    return quantize_2d_nvfp4(w.contiguous())
+    data, scale, data_t, scale_t, gs = quantize_2d_nvfp4(w.contiguous())
+    return data, _e4m3(scale), data_t, _e4m3(scale_t), gs
 
 
 @quantize_2d.register_fake
@@ -62,9 +96,9 @@ def _(w):
     new = w.new_empty
     return (
         new((n16, k16 // 2), dtype=_U8),
-        new((n16, k16 // 16), dtype=_U8),
+        new((n16, k16 // 16), dtype=_E4M3),
         new((k16, n16 // 2), dtype=_U8),
-        new((k16, n16 // 16), dtype=_U8),
+        new((k16, n16 // 16), dtype=_E4M3),
         new(1, dtype=torch.float32),
     )
 
@@ -78,7 +112,7 @@ def dequantize(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """See :func:`.dequantize.dequantize_nvfp4`."""
-    return dequantize_nvfp4(data, scale, global_scale, rows, out_dtype)
+    return dequantize_nvfp4(data, scale.view(_U8), global_scale, rows, out_dtype)
 
 
 @dequantize.register_fake
@@ -100,10 +134,25 @@ def gemm(
 ) -> Tensor:
     """See :func:`.gemm.gemm_nvfp4`."""
     return gemm_nvfp4(
-        (a_data, a_scale, a_global, a_rows), (b_data, b_scale, b_global, b_rows), out_dtype
+        (a_data, a_scale.view(_U8), a_global, a_rows),
+        (b_data, b_scale.view(_U8), b_global, b_rows),
+        out_dtype,
     )
 
 
 @gemm.register_fake
 def _(a_data, a_scale, a_global, a_rows, b_data, b_scale, b_global, b_rows, out_dtype):
     return a_data.new_empty((a_rows, b_rows), dtype=out_dtype)
+
+
+@torch.library.custom_op("hf_nvfp4::gemm_scaled", mutates_args=())
+def gemm_scaled_op(
+    a: Tensor, b: Tensor, gsa: Tensor, gsb: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    """See :func:`.gemm.gemm_scaled`."""
+    return gemm_scaled(a, b, gsa, gsb, out_dtype)
+
+
+@gemm_scaled_op.register_fake
+def _(a, b, gsa, gsb, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)

@@ -1,44 +1,76 @@
 """Fused NVFP4 quantization of activations/gradients: x row-wise and x^T (optionally RHT).
 
-One pass over ``x`` [M, K] (after the amax pass of :mod:`.amax`) writes both copies:
+One pass over ``x`` [M, K] (after the amax pass of :mod:`.amax`, or with the caller's amax)
+writes both copies:
 
 * row copy: ``x`` along K in 1x16 blocks, ``data`` [M, K16/2], ``scale`` [M, K16/16];
 * column copy: ``x^T`` along M in 1x16 blocks, after the 16-point RHT of each 16-token
   group when requested, ``data`` [K, M16/2], ``scale`` [K, M16/16] (M16: M padded to 16).
 
 Each copy has its own global scale, and nearest or stochastic rounding. Stochastic draws
-hash the element's row-major index in the padded copy, as :func:`numerics.rng.counter_uniform`.
+hash the element's row-major index in the padded copy with a 32-bit key read from device
+memory, as :func:`numerics.rng.counter_uniform` with ``key = fmix32(seed)``. Either copy
+can instead be written as BF16 block values (E2M1 value times E4M3 block scale, without the
+global scale), the operands of the emulated GEMM.
+
+Layout: a program loads one [BM, BK] tile. The row copy is encoded in the load layout (16
+consecutive elements of a row span two threads). The column copy is computed as
+``x^T @ blockdiag(D H / 4)`` on the tensor cores (an identity-free transposed load when there
+is no RHT), so each thread holds adjacent token pairs of a row of x^T: packing is in-thread
+and the 16-token block amax takes two shuffles.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ._common import (
     block_scale,
-    e2m1_nearest,
+    e2m1_decode,
+    e2m1_nearest_fast,
     e2m1_stochastic,
+    e4m3_decode,
     global_scales,
     interpreting,
     pack_pairs,
     rht_blockdiag,
-    rht_columns,
-    seed_key,
+    rht_rows,
     uniform24,
 )
 from ._tuning import pick
 from .amax import amax_rowcol
 
-_BM = 64  # as amax.py: the RHT block-diagonal size
-_CONFIGS = ((64, 8), (128, 8), (64, 4), (32, 4))  # (BK, num_warps), measured per shape
+# (BM, BK, num_warps, TLOAD): BM tokens (the RHT block-diagonal size) x BK features per
+# program; TLOAD: the column path loads x^T itself instead of transposing the row path's tile.
+_CONFIGS = (
+    (32, 128, 4, False), (64, 64, 4, False), (64, 128, 8, False), (64, 128, 4, True),
+    (64, 128, 4, False),
+)
 
 
-@triton.jit(do_not_specialize=["row_key", "col_key"])
+@triton.jit
+def _encode(v, idx, key, SR: tl.constexpr):
+    """E2M1 codes of scaled values ``v``: nearest, or stochastic with draws hashed from idx."""
+    if SR:
+        return e2m1_stochastic(v, uniform24(idx, key))
+    return e2m1_nearest_fast(v)
+
+
+@triton.jit
+def _values(codes, byte, R: tl.constexpr, C: tl.constexpr):
+    """BF16 block values [R, C]: E2M1 value of each code times its block's E4M3 scale."""
+    val = tl.reshape(e2m1_decode(codes), [R, C // 16, 16]) * e4m3_decode(byte)[:, :, None]
+    return tl.reshape(val, [R, C]).to(tl.bfloat16)
+
+
+@triton.jit
 def _rowcol_kernel(
     x_ptr,
     amax_ptr,
+    keys_ptr,
     bd_ptr,
     gs_ptr,
     row_data_ptr,
@@ -48,18 +80,18 @@ def _rowcol_kernel(
     M,
     K,
     stride_m,
-    K16,
     M16,
-    row_key,
-    col_key,
     DO_ROW: tl.constexpr,
     DO_COL: tl.constexpr,
     COL_RHT: tl.constexpr,
     INTERPRET: tl.constexpr,
     ROW_SR: tl.constexpr,
     COL_SR: tl.constexpr,
+    ROW_VALUES: tl.constexpr,
+    COL_VALUES: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
+    TLOAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -67,66 +99,80 @@ def _rowcol_kernel(
     k0 = pid_k * BK
     rows = m0 + tl.arange(0, BM)
     cols = k0 + tl.arange(0, BK)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :], mask=mask, other=0.0)
+    first = (pid_m == 0) & (pid_k == 0)
+    if first:  # a copy not produced keeps global scale 1
+        if not DO_ROW:
+            tl.store(gs_ptr, 1.0)
+        if not DO_COL:
+            tl.store(gs_ptr + 1, 1.0)
 
     if DO_ROW:
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :], mask=mask,
+                    other=0.0)
         mult6, s_dec = global_scales(tl.load(amax_ptr))
-        if (pid_m == 0) & (pid_k == 0):
+        if first:
             tl.store(gs_ptr, s_dec)
         x3 = tl.reshape(x.to(tl.float32), [BM, BK // 16, 16])
         byte, mult = block_scale(tl.max(tl.abs(x3), axis=2), mult6, s_dec)
-        v = x3 * mult[:, :, None]
-        if ROW_SR:
-            idx = rows[:, None].to(tl.uint32) * K16 + cols[None, :].to(tl.uint32)
-            r24 = tl.reshape(uniform24(idx, row_key), [BM, BK // 16, 16])
-            codes = e2m1_stochastic(v, r24)
+        v = tl.reshape(x3 * mult[:, :, None], [BM, BK])
+        key = tl.load(keys_ptr)
+        idx = rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)
+        codes = _encode(v, idx, key, ROW_SR)
+        if ROW_VALUES:
+            tl.store(row_data_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                     _values(codes, byte, BM, BK), mask=mask)
         else:
-            codes = e2m1_nearest(v)
-        packed = pack_pairs(tl.reshape(codes, [BM, BK]), BM, BK)
-        bcols = k0 // 2 + tl.arange(0, BK // 2)
-        tl.store(
-            row_data_ptr + rows[:, None].to(tl.int64) * (K16 // 2) + bcols[None, :],
-            packed,
-            mask=(rows[:, None] < M) & (bcols[None, :] < K16 // 2),
-        )
-        scols = k0 // 16 + tl.arange(0, BK // 16)
-        tl.store(
-            row_scale_ptr + rows[:, None].to(tl.int64) * (K16 // 16) + scols[None, :],
-            byte.to(tl.uint8),
-            mask=(rows[:, None] < M) & (scols[None, :] < K16 // 16),
-        )
+            bcols = k0 // 2 + tl.arange(0, BK // 2)
+            tl.store(
+                row_data_ptr + rows[:, None].to(tl.int64) * (K // 2) + bcols[None, :],
+                pack_pairs(codes, BM, BK),
+                mask=(rows[:, None] < M) & (bcols[None, :] < K // 2),
+            )
+            scols = k0 // 16 + tl.arange(0, BK // 16)
+            tl.store(
+                row_scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + scols[None, :],
+                byte.to(tl.uint8),
+                mask=(rows[:, None] < M) & (scols[None, :] < K // 16),
+            )
 
     if DO_COL:
+        if DO_ROW and not TLOAD:
+            xt = tl.trans(x)
+        else:  # x^T [BK, BM] loaded transposed (rows past M are the zero padding to M16)
+            tmask = (cols[:, None] < K) & (rows[None, :] < M)
+            xt = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_m + cols[:, None],
+                         mask=tmask, other=0.0)
         mult6c, s_decc = global_scales(tl.load(amax_ptr + 1))
-        if (pid_m == 0) & (pid_k == 0):
+        if first:
             tl.store(gs_ptr + 1, s_decc)
         if COL_RHT:
-            y = rht_columns(x, bd_ptr, BM, INTERPRET)
+            y = rht_rows(xt, bd_ptr, BM, INTERPRET)
         else:
-            y = x.to(tl.float32)
-        y3 = tl.reshape(y, [BM // 16, 16, BK])
-        cbyte, cmult = block_scale(tl.max(tl.abs(y3), axis=1), mult6c, s_decc)
-        w = y3 * cmult[:, None, :]
-        if COL_SR:
-            cidx = cols[None, :].to(tl.uint32) * M16 + rows[:, None].to(tl.uint32)
-            r24c = tl.reshape(uniform24(cidx, col_key), [BM // 16, 16, BK])
-            ccodes = e2m1_stochastic(w, r24c)
+            y = xt.to(tl.float32)
+        y3 = tl.reshape(y, [BK, BM // 16, 16])
+        cbyte, cmult = block_scale(tl.max(tl.abs(y3), axis=2), mult6c, s_decc)
+        w = tl.reshape(y3 * cmult[:, :, None], [BK, BM])
+        ckey = tl.load(keys_ptr + 1)
+        cidx = cols[:, None].to(tl.uint32) * M16 + rows[None, :].to(tl.uint32)
+        ccodes = _encode(w, cidx, ckey, COL_SR)
+        if COL_VALUES:
+            tl.store(col_data_ptr + cols[:, None].to(tl.int64) * M16 + rows[None, :],
+                     _values(ccodes, cbyte, BK, BM),
+                     mask=(cols[:, None] < K) & (rows[None, :] < M16))
         else:
-            ccodes = e2m1_nearest(w)
-        cpacked = pack_pairs(tl.trans(tl.reshape(ccodes, [BM, BK])), BK, BM)
-        brows = m0 // 2 + tl.arange(0, BM // 2)
-        tl.store(
-            col_data_ptr + cols[:, None].to(tl.int64) * (M16 // 2) + brows[None, :],
-            cpacked,
-            mask=(cols[:, None] < K) & (brows[None, :] < M16 // 2),
-        )
-        srows = m0 // 16 + tl.arange(0, BM // 16)
-        tl.store(
-            col_scale_ptr + cols[:, None].to(tl.int64) * (M16 // 16) + srows[None, :],
-            tl.trans(cbyte).to(tl.uint8),
-            mask=(cols[:, None] < K) & (srows[None, :] < M16 // 16),
-        )
+            brows = m0 // 2 + tl.arange(0, BM // 2)
+            tl.store(
+                col_data_ptr + cols[:, None].to(tl.int64) * (M16 // 2) + brows[None, :],
+                pack_pairs(ccodes, BK, BM),
+                mask=(cols[:, None] < K) & (brows[None, :] < M16 // 2),
+            )
+            srows = m0 // 16 + tl.arange(0, BM // 16)
+            tl.store(
+                col_scale_ptr + cols[:, None].to(tl.int64) * (M16 // 16) + srows[None, :],
+                cbyte.to(tl.uint8),
+                mask=(cols[:, None] < K) & (srows[None, :] < M16 // 16),
+            )
 
 
 def quantize_rowcol_nvfp4(
@@ -134,47 +180,83 @@ def quantize_rowcol_nvfp4(
     row: bool,
     col: bool,
     col_rht_sign: tuple[int, ...] | None,
-    row_seed: int | None,
-    col_seed: int | None,
+    row_sr: bool,
+    col_sr: bool,
+    keys: torch.Tensor | None,
+    *,
+    amax: torch.Tensor | None = None,
+    row_values: bool = False,
+    col_values: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """NVFP4 row and column copies of a contiguous 2D ``x`` [M, K] (two launches).
+    """NVFP4 row and column copies of a contiguous 2D ``x`` [M, K] (bf16, fp16 or fp32).
 
     Args:
         row / col: which copies to produce (the other's outputs are empty tensors).
         col_rht_sign: the RHT sign vector for the column copy, or None for no RHT.
-        row_seed / col_seed: stochastic-rounding seeds (``rng.draw_seed``), None = nearest.
+        row_sr / col_sr: stochastic rounding of the row / column copy (else nearest).
+        keys: int32 [2] on x's device, the SR keys of the row and column copies
+            (``_common.seed_key(seed)`` reproduces ``counter_uniform(seed, ...)``); None when
+            neither copy is stochastic.
+        amax: FP32 [2] ``[max|x|, max|RHT(x^T)|]`` to use (e.g. all-reduced across ranks),
+            as :func:`.amax.amax_rowcol` computes; None computes it here (one more pass).
+        row_values / col_values: write that copy as BF16 block values (E2M1 value x E4M3
+            scale, no global scale) at its padded shape, [M, K16] / [K, M16], instead of
+            packed codes; its scale output is then empty.
 
     Returns:
         ``(row_data, row_scale, col_data, col_scale, global_scales)``; scales are uint8
-        E4M3 bytes, ``global_scales`` is FP32 [2] (row S_dec, column S_dec).
+        E4M3 bytes, ``global_scales`` is FP32 [2] (row S_dec, column S_dec; 1 for a copy
+        not produced).
     """
+    if (row and row_sr) or (col and col_sr):
+        if keys is None or keys.numel() < 2 or keys.dtype != torch.int32:
+            raise ValueError("stochastic rounding needs keys: an int32 tensor [2] on x's device")
     m, k = x.shape
     k16, m16 = -(-k // 16) * 16, -(-m // 16) * 16
     dev = x.device
-    amax = amax_rowcol(x, row, col, col_rht_sign)
-    gs = torch.ones(2, dtype=torch.float32, device=dev)
+    if amax is None:
+        amax = amax_rowcol(x, row, col, col_rht_sign)
+    amax = amax.to(device=dev, dtype=torch.float32).contiguous()
+    if k != k16:  # the zero padding of the row blocks, as the reference pads
+        out = quantize_rowcol_nvfp4(
+            F.pad(x, (0, k16 - k)), row, col, col_rht_sign, row_sr, col_sr, keys,
+            amax=amax, row_values=row_values, col_values=col_values,
+        )
+        return out[0], out[1], out[2][:k], out[3][:k], out[4]
+    x = x.contiguous()
+    gs = torch.empty(2, dtype=torch.float32, device=dev)
 
-    def buf(rows: int, cols: int, keep: bool) -> torch.Tensor:
-        return torch.empty((rows, cols) if keep else 0, dtype=torch.uint8, device=dev)
+    def copy(rows: int, cols: int, keep: bool, values: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not keep:
+            return torch.empty(0, dtype=torch.uint8, device=dev), torch.empty(
+                0, dtype=torch.uint8, device=dev)
+        if values:
+            return torch.empty((rows, cols), dtype=torch.bfloat16, device=dev), torch.empty(
+                0, dtype=torch.uint8, device=dev)
+        return (torch.empty((rows, cols // 2), dtype=torch.uint8, device=dev),
+                torch.empty((rows, cols // 16), dtype=torch.uint8, device=dev))
 
-    row_data, row_scale = buf(m, k16 // 2, row), buf(m, k16 // 16, row)
-    col_data, col_scale = buf(k, m16 // 2, col), buf(k, m16 // 16, col)
-    bd = rht_blockdiag(col_rht_sign, _BM, x.dtype, dev) if col_rht_sign is not None else gs
+    row_data, row_scale = copy(m, k16, row, row_values)
+    col_data, col_scale = copy(k, m16, col, col_values)
+    if keys is None:  # never read: any int32 [2] on the device will do
+        keys = amax.view(torch.int32)
 
-    def launch(bk: int, warps: int) -> None:  # rewrites the same outputs each time
-        _rowcol_kernel[(triton.cdiv(m16, _BM), triton.cdiv(k16, bk))](
-            x, amax, bd, gs, row_data, row_scale, col_data, col_scale,
-            m, k, x.stride(0), k16, m16,
-            seed_key(row_seed or 0), seed_key(col_seed or 0),
+    def launch(bm: int, bk: int, warps: int, tload: bool) -> None:  # idempotent
+        bd = rht_blockdiag(col_rht_sign, bm, x.dtype, dev) if col_rht_sign is not None else gs
+        _rowcol_kernel[(triton.cdiv(m16, bm), triton.cdiv(k16, bk))](
+            x, amax, keys, bd, gs, row_data, row_scale, col_data, col_scale,
+            m, k, x.stride(0), m16,
             DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None, INTERPRET=interpreting(),
-            ROW_SR=row_seed is not None, COL_SR=col_seed is not None,
-            BM=_BM, BK=bk, num_warps=warps,
+            ROW_SR=row and row_sr, COL_SR=col and col_sr,
+            ROW_VALUES=row_values, COL_VALUES=col_values,
+            BM=bm, BK=bk, TLOAD=tload, num_warps=warps,
         )
 
-    key = ("rowcol", m, k, x.dtype, row, col, col_rht_sign is not None,
-           row_seed is not None, col_seed is not None, dev)
-    names = [f"BK={bk},warps={w}" for bk, w in _CONFIGS]
+    if not (row or col):
+        return row_data, row_scale, col_data, col_scale, gs.fill_(1.0)
+    key = ("rowcol2", m, k, x.dtype, row, col, col_rht_sign is not None,
+           row and row_sr, col and col_sr, row_values, col_values, dev)
+    names = [f"BM={bm},BK={bk},warps={w},tload={t}" for bm, bk, w, t in _CONFIGS]
     cands = lambda: {n: (lambda c=c: launch(*c)) for n, c in zip(names, _CONFIGS, strict=True)}
-    bk, warps = _CONFIGS[names.index(pick(key, cands, dev))]
-    launch(bk, warps)
+    launch(*_CONFIGS[names.index(pick(key, cands, dev))])
     return row_data, row_scale, col_data, col_scale, gs

@@ -7,41 +7,50 @@ Three GEMMs, each operand quantized per its role (see :mod:`hf_nvfp4.recipe`):
 * wgrad:   ``dW = dy_t @ x_t^T``         dy^T [N, M] and x^T [K, M] after the RHT along M
 
 Only codes, scales and global scales are saved for backward, never high-precision
-activations (unless the wgrad GEMM itself runs in high precision).
+activations (unless the wgrad GEMM itself runs in high precision). Copies that a GEMM reads
+at once (x_row, dy_row, dy_t) may come from the backend as BF16 block values, which its
+GEMM reads without a dequantize pass.
+
+Everything the op needs besides tensors is a hashable :class:`LinearPlan` decided once per
+layer, and the stochastic-rounding keys are a device tensor: the op traces under
+``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..backends.base import Backend
-from ..backends.reference import quantize_rowcol_reduced
+from ..backends import backend_instance
+from ..backends.base import Backend, Operand
 from ..numerics.quantize import QTensor
-from ..recipe import QuantSpec, RoleSpecs
+from ..quant.shared import quantize_input
+from ..recipe import RoleSpecs
 
 
-@dataclass
-class LinearContext:
-    """What the functional op needs besides tensors: specs, backend, RNG, cached weight."""
+@dataclass(frozen=True)
+class LinearPlan:
+    """The per-layer decisions of a quantized linear (hashable, compile-constant).
+
+    Attributes:
+        specs: the QuantSpec of every tensor role.
+        backend: the resolved backend name (never ``"auto"``).
+        reduce_amax: all-reduce (max) each activation/gradient amax across ranks.
+        share_input: reuse the quantized input of the previous layer that read the same
+            tensor (:mod:`hf_nvfp4.quant.shared`).
+    """
 
     specs: RoleSpecs
-    backend: Backend
-    generator: torch.Generator | None
-    w_q: tuple[QTensor, QTensor] | None
-    w_dgrad_t: QTensor | None
-    amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    backend: str
+    reduce_amax: bool = False
+    share_input: bool = True
 
-    def rowcol(
-        self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None,
-        generator: torch.Generator | None,
-    ) -> tuple[QTensor | None, QTensor | None]:
-        """The backend's fused row/column quantization, or the amax-reduced reference path."""
-        if self.amax_reduce is None:
-            return self.backend.quantize_rowcol(x, row, col, generator)
-        return quantize_rowcol_reduced(x, row, col, generator, self.amax_reduce)
+
+def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
+    amax = amax.clone()
+    torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
+    return amax
 
 
 _QT_FIELDS = ("data", "scale", "global_scale")
@@ -52,7 +61,13 @@ def _pack_qtensor(q: QTensor | None) -> tuple[list[torch.Tensor | None], object]
     if q is None:
         return [None, None, None], None
     meta = (q.fmt, q.shape, q.dtype, q.tile, q.rht)
-    return [getattr(q, f) for f in _QT_FIELDS], meta
+    tensors = [getattr(q, f) for f in _QT_FIELDS]
+    gs = tensors[2]
+    if gs is not None and gs._base is not None:
+        # An element of a kernel's [2] output: saved as a view, it would keep the whole
+        # buffer and cannot leave a torch.compile'd autograd.Function (views of outputs).
+        tensors[2] = gs.clone()
+    return tensors, meta
 
 
 def _unpack_qtensor(tensors: list[torch.Tensor | None], meta: object) -> QTensor | None:
@@ -63,54 +78,83 @@ def _unpack_qtensor(tensors: list[torch.Tensor | None], meta: object) -> QTensor
     return QTensor(data, scale, global_scale, fmt, shape, dtype, tile, rht)
 
 
+def _quantize_weight(
+    backend: Backend, weight: torch.Tensor, specs: RoleSpecs
+) -> tuple[QTensor | None, QTensor | None]:
+    """W for fprop and W^T for dgrad; with equal specs both from the same tiles."""
+    if specs.w is None:
+        w_q = None
+        w_t = backend.quantize_weight(weight, specs.w_dgrad)[1] if specs.w_dgrad else None
+        return w_q, w_t
+    w_q, w_t = backend.quantize_weight(weight, specs.w)
+    if specs.w_dgrad is None:
+        return w_q, None
+    if specs.w_dgrad != specs.w:
+        w_t = backend.quantize_weight(weight, specs.w_dgrad)[1]
+    return w_q, w_t
+
+
 class QuantizedLinearFunction(torch.autograd.Function):
-    """``y = x W^T + b`` with every GEMM executed by ``backend`` on quantized operands."""
+    """``y = x W^T + b`` with every GEMM executed by the plan's backend on quantized operands."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lctx: LinearContext):  # noqa: D102
-        specs, backend = lctx.specs, lctx.backend
+    def forward(ctx, x, weight, bias, keys, plan: LinearPlan):  # noqa: D102
+        specs, backend = plan.specs, backend_instance(plan.backend)
+        reduce = _all_reduce_max if plan.reduce_amax else None
         out_shape = (*x.shape[:-1], weight.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
+        w_q, w_t = _quantize_weight(backend, weight.detach(), specs)
+        col = specs.x_t if ctx.needs_input_grad[1] else None
 
-        # forward: y = x_row @ W^T   (activations always round to nearest: no generator)
-        q_x, q_x_t = lctx.rowcol(x2, specs.x, specs.x_t, None)
+        # forward: y = x_row @ W^T   (activations round to nearest: no keys)
+        def quantize_x() -> tuple[Operand | None, Operand | None]:
+            return backend.quantize_rowcol(
+                x2, specs.x, col, None, amax_reduce=reduce, values=(True, False)
+            )
+
+        q_x, q_x_t = quantize_input(x, (plan, col), quantize_x, plan.share_input)
         if specs.x is None:
             y = x2 @ weight.t().to(x2.dtype)
         else:
-            y = backend.gemm(q_x, lctx.w_q[0], x.dtype)
+            y = backend.gemm(q_x, w_q, x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
 
         saved_x = x2 if specs.x_t is None else None
         saved_w = weight if specs.w_dgrad is None else None
         x_t_tensors, ctx.x_t_meta = _pack_qtensor(q_x_t)
-        w_t_tensors, ctx.w_t_meta = _pack_qtensor(lctx.w_dgrad_t)
-        ctx.save_for_backward(saved_x, saved_w, *x_t_tensors, *w_t_tensors)
-        ctx.lctx = LinearContext(specs, backend, lctx.generator, None, None, lctx.amax_reduce)
+        w_t_tensors, ctx.w_t_meta = _pack_qtensor(w_t)
+        ctx.save_for_backward(saved_x, saved_w, keys, *x_t_tensors, *w_t_tensors)
+        ctx.plan = plan
         ctx.has_bias = bias is not None
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
-        ctx.in_features = weight.shape[1]
         return y.reshape(out_shape)
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
         saved = ctx.saved_tensors
-        x2, weight = saved[0], saved[1]
-        q_x_t = _unpack_qtensor(list(saved[2:5]), ctx.x_t_meta)
-        q_w_t = _unpack_qtensor(list(saved[5:8]), ctx.w_t_meta)
-        specs, backend = ctx.lctx.specs, ctx.lctx.backend
+        x2, weight, keys = saved[0], saved[1], saved[2]
+        q_x_t = _unpack_qtensor(list(saved[3:6]), ctx.x_t_meta)
+        q_w_t = _unpack_qtensor(list(saved[6:9]), ctx.w_t_meta)
+        plan = ctx.plan
+        specs, backend = plan.specs, backend_instance(plan.backend)
+        reduce = _all_reduce_max if plan.reduce_amax else None
         dy2 = dy.reshape(-1, dy.shape[-1])
-        q_dy, q_dy_t = ctx.lctx.rowcol(dy2, specs.dy, specs.dy_t, ctx.lctx.generator)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        q_dy, q_dy_t = backend.quantize_rowcol(
+            dy2, specs.dy if need_dx else None, specs.dy_t if need_dw else None, keys,
+            amax_reduce=reduce, values=(True, True),
+        )
 
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        if need_dx:
             # dgrad: dx = dy_row @ (W^T)^T
             if specs.dy is None:
                 dx = dy2 @ weight.to(dy2.dtype)
             else:
                 dx = backend.gemm(q_dy, q_w_t, ctx.x_dtype)
             dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
+        if need_dw:
             # wgrad: dW = dy_t @ x_t^T
             if specs.dy_t is None:
                 dw = dy2.t().float() @ x2.float()
@@ -119,11 +163,20 @@ class QuantizedLinearFunction(torch.autograd.Function):
             dw = dw.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(ctx.w_dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 def quantized_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lctx: LinearContext
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: LinearPlan,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Functional form of :class:`QuantizedLinearFunction`."""
-    return QuantizedLinearFunction.apply(x, weight, bias, lctx)
+    """Functional form of :class:`QuantizedLinearFunction`.
+
+    ``keys``: int32 [2] stochastic-rounding keys of this call on x's device (row copy of dy,
+    column copy of dy^T), e.g. from :func:`hf_nvfp4.quant.sr.advance_keys`; None rounds the
+    gradients to nearest whatever the recipe says (inference).
+    """
+    return QuantizedLinearFunction.apply(x, weight, bias, keys, plan)

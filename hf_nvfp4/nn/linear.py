@@ -8,48 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backends import BACKENDS, Backend, get_backend
+from ..backends import BACKENDS, backend_instance, resolve_backend
 from ..distributed import rank, world_size
-from ..numerics.quantize import QTensor
+from ..quant.sr import advance_keys, new_state
 from ..recipe import Recipe, RoleSpecs, get_recipe
-from .functional import LinearContext, quantized_linear
-
-_SEED_MIX = 0x9E3779B97F4A7C15
-_RANK_MIX = 0xD1B54A32D192ED03
-_MASK63 = (1 << 63) - 1
-
-
-def _sr_generator_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of a layer's stochastic-rounding generator at ``step`` on ``rank``.
-
-    Data-parallel ranks draw independent rounding noise (averaging their gradients then
-    averages it down); rank 0, and every single-process run, is unaffected by the rank term.
-    """
-    return ((seed * _SEED_MIX + step) ^ (rank * _RANK_MIX)) & _MASK63
+from .functional import LinearPlan, quantized_linear
 
 
 @functools.lru_cache(maxsize=64)
 def _role_specs(recipe: Recipe) -> RoleSpecs:
     return recipe.role_specs()
-
-
-def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
-    amax = amax.clone()
-    torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
-    return amax
-
-
-def _amax_reduce(layer: NVFP4Linear):
-    """The cross-rank amax reduction when the layer asks for it, trains and ranks exist.
-
-    Only in training mode: evaluation and generation forwards, which ranks may run a
-    different number of times (or on one rank only), must not issue collectives. Not
-    ``torch.is_grad_enabled()``: reentrant activation checkpointing runs the first forward
-    without grad and would then reduce in the recomputation only.
-    """
-    if layer.training and layer.reduce_amax and world_size() > 1:
-        return _all_reduce_max
-    return None
 
 
 class NVFP4Linear(nn.Linear):
@@ -96,10 +64,10 @@ class NVFP4Linear(nn.Linear):
             )
         if sr_seed is None:
             sr_seed = int(torch.randint(0, 2**62, (1,)))
-        self.register_buffer(
-            "sr_state", torch.tensor([sr_seed, 0], dtype=torch.int64, device=device)
-        )
-        self._sr_seed, self._sr_step = int(sr_seed), 0
+        self.register_buffer("sr_state", new_state(sr_seed, device))
+        self._sr_seed = int(sr_seed)  # re-initializes a buffer left on meta by a lazy load
+        self.share_input = True
+        self._plans: dict[tuple, LinearPlan] = {}
 
     @classmethod
     def from_linear(
@@ -125,41 +93,47 @@ class NVFP4Linear(nn.Linear):
             )
         new.weight = linear.weight
         new.bias = linear.bias
-        new.sr_state = torch.tensor(
-            [new._sr_seed, 0], dtype=torch.int64, device=linear.weight.device
-        )
+        new.sr_state = new_state(sr_seed, linear.weight.device)
         return new
 
-    # ---- stochastic-rounding stream ------------------------------------------------------
-    def _next_generator(self) -> torch.Generator:
-        """A CPU generator for this call's SR seeds; advances the step counter."""
-        self._sr_step += 1
-        if not self.sr_state.is_meta:
-            self.sr_state[1].fill_(self._sr_step)
-        g = torch.Generator()
-        g.manual_seed(_sr_generator_seed(self._sr_seed, self._sr_step, rank()))
-        return g
+    # ---- decisions made once per device, not per forward ------------------------------
+    def plan(self, device: torch.device | str | None = None) -> LinearPlan:
+        """The :class:`~hf_nvfp4.nn.functional.LinearPlan` this layer runs on ``device``
+        (default: the weight's): specs, resolved backend, amax reduction. Cached."""
+        dev = torch.device(device) if device is not None else self.weight.device
+        reduce = self.reduce_amax and world_size() > 1
+        key = (str(dev), reduce, self.share_input, self.recipe)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = LinearPlan(
+                _role_specs(self.recipe), resolve_backend(self.backend_name, dev), reduce,
+                self.share_input,
+            )
+            if plan.backend != "te":
+                backend_instance(plan.backend)  # built now, not inside a traced forward
+            self._plans[key] = plan
+        return plan
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D102
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        key = prefix + "sr_state"
-        if key in state_dict:
-            seed, step = (int(v) for v in state_dict[key].tolist())
-            self._sr_seed, self._sr_step = seed, step
+    def _apply(self, fn, recurse=True):  # noqa: D102 - a move or cast re-decides the plan
+        self._plans = {}
+        return super()._apply(fn, recurse)
 
-    # ---- weight quantization, once per forward, reused by the dgrad GEMM -----------------
-    # No cache across calls: fused optimizers and ``.data`` updates change a weight without
-    # bumping its version counter, so a cache keyed on it would serve stale weights.
-    def _quantized_weight(
-        self, backend: Backend, specs: RoleSpecs
-    ) -> tuple[tuple[QTensor, QTensor] | None, QTensor | None]:
-        wd = self.weight.detach()
-        w_q = backend.quantize_weight(wd, specs.w) if specs.w is not None else None
-        if specs.w_dgrad is None:
-            return w_q, None
-        if specs.w_dgrad == specs.w:
-            return w_q, w_q[1]
-        return w_q, backend.quantize_weight(wd, specs.w_dgrad)[1]
+    @property
+    def sr_step(self) -> int:
+        """Training forwards run so far (the stochastic-rounding step; reads the device)."""
+        return int(self.sr_state[1])
+
+    def _sr_keys(self) -> torch.Tensor | None:
+        """This call's stochastic-rounding keys; advances the step (training forwards only).
+
+        Not ``torch.is_grad_enabled()`` alone: evaluation forwards, which ranks may run a
+        different number of times, leave the stream where it is.
+        """
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        if not self.recipe.stochastic_rounding:
+            return None
+        return advance_keys(self.sr_state, rank())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantized ``x W^T + b`` per the recipe (plain ``F.linear`` for the BF16 recipe)."""
@@ -168,15 +142,15 @@ class NVFP4Linear(nn.Linear):
         dev_type = x.device.type
         if torch.is_autocast_enabled(dev_type):
             x = x.to(torch.get_autocast_dtype(dev_type))
-        backend = get_backend(self.backend_name, x.device)
-        if backend.name == "te":
-            return backend.linear(self, x, self.recipe)
-        specs = _role_specs(self.recipe)
+        plan = self.plan(x.device)
+        if plan.backend == "te":
+            return backend_instance("te").linear(self, x, self.recipe)
+        # Reduction only in training: evaluation and generation forwards, which ranks may
+        # run a different number of times (or on one rank only), must not issue collectives.
+        if plan.reduce_amax and not self.training:
+            plan = LinearPlan(plan.specs, plan.backend, False, plan.share_input)
         with torch.autocast(dev_type, enabled=False):
-            w_q, w_dgrad_t = self._quantized_weight(backend, specs)
-            gen = self._next_generator() if self.training and torch.is_grad_enabled() else None
-            lctx = LinearContext(specs, backend, gen, w_q, w_dgrad_t, _amax_reduce(self))
-            return quantized_linear(x, self.weight, self.bias, lctx)
+            return quantized_linear(x, self.weight, self.bias, plan, self._sr_keys())
 
     def extra_repr(self) -> str:  # noqa: D102
         r = self.recipe

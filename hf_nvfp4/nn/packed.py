@@ -21,6 +21,7 @@ from torch import nn
 
 from ..backends import BACKENDS, get_backend
 from ..numerics.quantize import QTensor
+from ..quant.sr import new_state
 from ..recipe import Recipe, get_recipe
 from .linear import NVFP4Linear, _role_specs
 
@@ -173,7 +174,7 @@ class NVFP4PackedLinear(nn.Module):
         new.weight = nn.Parameter(self.dequantize_weight(dtype).to(dev))
         if self.bias is not None:
             new.bias = nn.Parameter(self.bias.detach().to(device=dev, dtype=dtype).clone())
-        new.sr_state = torch.tensor([new._sr_seed, 0], dtype=torch.int64, device=dev)
+        new.sr_state = new_state(new._sr_seed, dev)
         return new
 
     def extra_repr(self) -> str:  # noqa: D102

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import e2m1, e4m3
 from .formats import BlockFormat, get_format
 from .hadamard import RHT_SIZE, hadamard_transform
-from .rng import counter_uniform, draw_seed
+from .rng import counter_uniform, draw_seed, keyed_uniform
 from .scales import (
     exp2_int,
     fp8_block_encode,
@@ -166,6 +166,7 @@ def quantize(
     generator: torch.Generator | None = None,
     allow_nonfinite: bool = False,
     amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sr_key: torch.Tensor | None = None,
 ) -> QTensor:
     """Quantize ``x`` along its last dimension into a block-scaled format.
 
@@ -180,6 +181,9 @@ def quantize(
         rht_sign: the RHT sign vector (default: Transformer Engine's).
         generator: the torch.Generator that seeds stochastic rounding; the draw for each
             element is a hash of (seed, padded row-major index): see :mod:`.rng`.
+        sr_key: instead of ``generator``, the 32-bit key of the draws as an integer tensor
+            (0-dim, any device): ``rng.keyed_uniform(sr_key, ...)``; what the training
+            path's device-side RNG state produces.
         allow_nonfinite: propagate NaN/Inf instead of raising.
         amax_reduce: NVFP4 only: maps the local per-tensor amax (FP32, 0-dim, taken after
             the RHT) to the one to use, e.g. a max all-reduce over data-parallel ranks so
@@ -234,7 +238,10 @@ def quantize(
 
     v = (blocks * mult).clamp(-f.element_max, f.element_max).reshape(xf.shape)
     if rounding == "stochastic":
-        u = counter_uniform(draw_seed(generator), v.shape, v.device)
+        if sr_key is not None:
+            u = keyed_uniform(sr_key, v.shape, v.device)
+        else:
+            u = counter_uniform(draw_seed(generator), v.shape, v.device)
         codes = (e2m1 if f.packed else e4m3).round_stochastic(v, u)
     else:
         codes = (e2m1 if f.packed else e4m3).round_nearest(v)

@@ -88,7 +88,7 @@ def test_train_mode_uses_masters_exactly(model, tmp_path):
     got = trained.state_dict()
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
-    assert trained.model.layers[0].mlp.up_proj._sr_step == 7
+    assert trained.model.layers[0].mlp.up_proj.sr_step == 7
     assert trained.config.quantization_config.checkpoint_format == "master"
     assert trained.hf_quantizer.is_qat_trainable
 

@@ -10,7 +10,11 @@ import torch
 import torch.distributed as dist
 
 from hf_nvfp4 import NVFP4Linear
+from hf_nvfp4.backends import backend_instance
 from hf_nvfp4.callbacks import _mean_over_ranks
+from hf_nvfp4.nn.functional import _all_reduce_max
+from hf_nvfp4.numerics.testing import assert_qtensor_equal
+from hf_nvfp4.recipe import Recipe
 
 RECIPE = {"preset": "nvfp4", "stochastic_rounding": False}
 
@@ -56,11 +60,29 @@ def main() -> None:
         bad[0, 0] = float("nan")
     result["nan_forward_completed"] = bool(layer(bad).shape == (16, 32))
 
+    # The Triton path (amax kernel -> all-reduce -> encode kernel) quantizes exactly as the
+    # reference reduced path: codes, scales and global scales, with and without SR.
+    specs = Recipe().role_specs()
+    keys = torch.tensor([11, -22], dtype=torch.int32)
+    same = []
+    for row, col in ((specs.x, specs.x_t), (specs.dy, specs.dy_t)):
+        got = backend_instance("triton").quantize_rowcol(
+            shards[rank], row, col, keys, amax_reduce=_all_reduce_max)
+        want = backend_instance("reference").quantize_rowcol(
+            shards[rank], row, col, keys, amax_reduce=_all_reduce_max)
+        for g, w in zip(got, want, strict=True):
+            try:
+                assert_qtensor_equal(g, w)
+                same.append(True)
+            except AssertionError:
+                same.append(False)
+    result["triton_reduced_equals_reference"] = all(same) and len(same) == 4
+
     # Stochastic rounding: ranks draw from different streams.
     sr = _layer(False, {"preset": "nvfp4"})
-    seeds = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
-    dist.all_gather(seeds, torch.tensor([sr._next_generator().initial_seed()]))
-    result["sr_seeds"] = [int(s) for s in seeds]
+    seeds = [torch.zeros(2, dtype=torch.int32) for _ in range(2)]
+    dist.all_gather(seeds, sr._sr_keys())
+    result["sr_seeds"] = [s.tolist() for s in seeds]
     # Telemetry statistics (and the auto-switch decision on them) are means over ranks.
     result["telemetry_mean"] = _mean_over_ranks([float(rank), 10.0 * rank], layer)
     dist.barrier()

@@ -71,6 +71,7 @@ def test_reduce_amax_layer_semantics_on_two_ranks(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         assert r["equals_single_process"] and r["nan_forward_completed"]
+        assert r["triton_reduced_equals_reference"]
     # Rank 1's shard holds the batch amax (x100); rank 0 quantizes with it, not its own.
     assert ranks[0]["differs_from_local_amax"] and not ranks[1]["differs_from_local_amax"]
     assert ranks[0]["telemetry_mean"] == ranks[1]["telemetry_mean"] == [0.5, 5.0]

@@ -1,16 +1,13 @@
-"""Emulated NVFP4 GEMMs vs the reference GEMM, in Triton's CPU interpreter."""
+"""Emulated NVFP4 GEMMs vs the reference GEMM: compiled on a GPU, else in Triton's CPU
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no nvidia-smi)."""
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from hf_nvfp4.backends import get_backend  # noqa: E402
-from hf_nvfp4.backends.reference import ReferenceBackend, reference_gemm  # noqa: E402
-from hf_nvfp4.kernels import is_triton_available  # noqa: E402
-from hf_nvfp4.recipe import Recipe  # noqa: E402
+from hf_nvfp4.backends import get_backend
+from hf_nvfp4.backends.reference import ReferenceBackend, reference_gemm
+from hf_nvfp4.kernels import is_triton_available
+from hf_nvfp4.recipe import Recipe
 
 _OK, _REASON = is_triton_available()
 pytestmark = [
@@ -19,6 +16,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
 ]
 SPECS = Recipe().role_specs()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _rand(m: int, k: int, seed: int) -> torch.Tensor:
@@ -30,7 +28,7 @@ def operands():
     """The three GEMMs of a linear layer with ragged M (40 tokens), quantized by reference."""
     ref = ReferenceBackend()
     m, k, n = 40, 64, 48
-    x, w, dy = _rand(m, k, 0), _rand(n, k, 1), _rand(m, n, 2)
+    x, w, dy = (_rand(*s, i).to(DEVICE) for i, s in enumerate(((m, k), (n, k), (m, n))))
     x_row, x_col = ref.quantize_rowcol(x, SPECS.x, SPECS.x_t, None)
     w_q, w_t = ref.quantize_weight(w, SPECS.w)
     dy_row, dy_col = ref.quantize_rowcol(dy, SPECS.dy, SPECS.dy_t, torch.Generator())
@@ -39,7 +37,8 @@ def operands():
 
 @pytest.mark.parametrize("role", ["fprop", "dgrad", "wgrad"])
 @pytest.mark.parametrize(
-    "strategy", [pytest.param("dequant+triton", id="dequant"), pytest.param("fused", id="fused")]
+    "strategy",
+    [pytest.param("dequant+triton", id="dequant"), pytest.param("fused", id="fused")],
 )
 @pytest.mark.parametrize(
     "out_dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
@@ -62,9 +61,54 @@ def test_gemm_matches_reference(operands, role, strategy, out_dtype):
     assert float(rel.max()) <= tol, float(rel.max())
 
 
+def test_gemm_timed_choice_matches_reference(operands):
+    from hf_nvfp4.kernels.gemm import gemm_nvfp4
+
+    a, b = operands["fprop"]
+    got = gemm_nvfp4((a.data, a.scale.view(torch.uint8), a.global_scale, a.shape[0]),
+                     (b.data, b.scale.view(torch.uint8), b.global_scale, b.shape[0]),
+                     torch.float32)
+    torch.testing.assert_close(got, reference_gemm(a, b, torch.float32), rtol=1e-5, atol=1e-6)
+
+
 def test_backend_gemm_and_registry(operands):
     backend = get_backend("triton")
     assert backend.name == "triton"
     a, b = operands["fprop"]
     got = backend.gemm(a, b, torch.float32)
     torch.testing.assert_close(got, reference_gemm(a, b, torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def _poison_allocator(m: int, n: int, dtype: torch.dtype) -> None:
+    """Free a NaN block of the output's size: CUDA's caching allocator hands it out next."""
+    torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("mkn", [(40, 64, 48), (130, 96, 72), (33, 48, 17)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "out_dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+)
+def test_gemm_scaled_matches_fp32_reference(mkn, out_dtype):
+    from hf_nvfp4.kernels.gemm import gemm_scaled, gemm_scaled_configs
+
+    m, k, n = mkn
+    a, b = _rand(m, k, 3).to(DEVICE), _rand(n, k, 4).to(DEVICE)
+    gsa = torch.tensor(0.37, device=DEVICE)
+    gsb = torch.tensor([1.9], device=DEVICE)
+    want = (a.float() @ b.float().T) * (gsa * gsb)
+    # FP32 sums of K products in any order: |err| <= K * 2^-24 * sum |a b| (plus one BF16
+    # rounding of a value that may sit on the other side of a rounding boundary).
+    bound = k * 2.0**-24 * (a.float().abs() @ b.float().abs().T) * (gsa * gsb) + 1e-30
+    if out_dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * want.abs()
+    configs = list(gemm_scaled_configs(a, b))
+    # Every config (and the timed choice) on one shape; the others take the first config,
+    # which keeps the number of compiled variants small on a GPU.
+    for config in [None, *configs] if mkn == (130, 96, 72) else configs[:1]:
+        _poison_allocator(m, n, out_dtype)
+        got = gemm_scaled(a, b, gsa, gsb, out_dtype, config=config)
+        assert got.shape == (m, n) and got.dtype == out_dtype, config
+        err = (got.float() - want).abs()
+        assert bool(torch.isfinite(got).all()), config
+        assert bool((err <= bound).all()), (config, float(err.max()))

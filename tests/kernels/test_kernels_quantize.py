@@ -1,18 +1,23 @@
-"""Triton quantization kernels vs the reference, bit for bit, in Triton's CPU interpreter."""
+"""Triton quantization kernels vs the reference, bit for bit.
 
-import os
+Run compiled on a GPU, or in Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 when there is no GPU). The row/column kernel is called directly with the
+SR keys of the reference's generators (``seed_key(draw_seed(child))`` of
+``split_generator``), against ``numerics.quantize`` itself.
+"""
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+import importlib.util
 
-import importlib.util  # noqa: E402
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from hf_nvfp4.backends.reference import ReferenceBackend  # noqa: E402
-from hf_nvfp4.kernels import is_triton_available  # noqa: E402
-from hf_nvfp4.numerics.testing import assert_qtensor_equal  # noqa: E402
-from hf_nvfp4.recipe import QuantSpec, Recipe  # noqa: E402
+from hf_nvfp4.backends.reference import ReferenceBackend
+from hf_nvfp4.kernels import is_triton_available
+from hf_nvfp4.numerics.hadamard import hadamard_transform
+from hf_nvfp4.numerics.quantize import quantize
+from hf_nvfp4.numerics.rng import draw_seed, split_generator
+from hf_nvfp4.numerics.testing import assert_qtensor_equal
+from hf_nvfp4.recipe import QuantSpec, Recipe
 
 _OK, _REASON = is_triton_available()
 pytestmark = [
@@ -20,10 +25,19 @@ pytestmark = [
     # div_rn(1, 0) of zero blocks: the interpreter's numpy warns, the GPU gives inf silently.
     pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
 ]
-
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SPECS = Recipe().role_specs()
 NO_RHT = Recipe(rht=False, stochastic_rounding=False).role_specs()
 MXFP4 = Recipe("mxfp4", "mxfp4", "mxfp4").role_specs()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _untimed_picks():
+    """Every kernel runs its first config (no timing of all candidates on a GPU)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +53,70 @@ def _x(m: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     return x.to(dtype)
 
 
-def _check_rowcol(backends, x, row, col, seed=7):
-    tri, ref = backends
-    got = tri.quantize_rowcol(x, row, col, torch.Generator().manual_seed(seed))
-    want = ref.quantize_rowcol(x, row, col, torch.Generator().manual_seed(seed))
-    for name, g, w in zip(("row", "col"), got, want, strict=True):
-        if w is None:
-            assert g is None
-        else:
-            assert_qtensor_equal(g, w, name=name)
+def _keys(seed: int) -> torch.Tensor:
+    """The int32 SR keys of the reference's two child generators of ``seed``."""
+    from hf_nvfp4.kernels._common import seed_key
+
+    g_row, g_col = split_generator(torch.Generator().manual_seed(seed))
+    return torch.tensor([seed_key(draw_seed(g_row)), seed_key(draw_seed(g_col))],
+                        dtype=torch.int32, device=DEV)
+
+
+def _kernel(x, row, col, seed=7, **kw):
+    """quantize_rowcol_nvfp4 with the arguments a backend derives from two QuantSpecs."""
+    from hf_nvfp4.kernels.quantize_rowcol import quantize_rowcol_nvfp4
+
+    sign = tuple(col.rht_sign) if col is not None and col.rht else None
+    sr = [s is not None and s.rounding == "stochastic" for s in (row, col)]
+    return quantize_rowcol_nvfp4(x.to(DEV), row is not None, col is not None, sign, *sr,
+                                 _keys(seed) if any(sr) else None, **kw)
+
+
+def _reference(x, row, col, seed, amax_reduce=None):
+    """The row copy of x and the column copy of x^T, one child generator per copy."""
+    gens = split_generator(torch.Generator().manual_seed(seed))
+    out = []
+    for t, spec, gen in ((x, row, gens[0]), (x.t().contiguous(), col, gens[1])):
+        out.append(None if spec is None else quantize(
+            t, spec.fmt, tile=spec.tile, rounding=spec.rounding, rht=spec.rht,
+            rht_sign=spec.rht_sign, generator=gen, amax_reduce=amax_reduce))
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.cpu().view(torch.int16)
+
+
+def _check_rowcol(x, row, col, seed=7, amax_reduce=None):
+    """Codes, scales, global scales and BF16 block values of both copies vs the reference."""
+    want = _reference(x, row, col, seed, amax_reduce)
+    amax = None
+    if amax_reduce is not None:
+        amax = torch.stack([amax_reduce(t) for t in _local_amax(x, col)]).to(DEV)
+    rd, rs, cd, cs, gs = _kernel(x, row, col, seed, amax=amax)
+    rv, rvs, cv, cvs, gsv = _kernel(x, row, col, seed, amax=amax, row_values=True,
+                                    col_values=True)
+    assert torch.equal(gs.cpu(), gsv.cpu())
+    for i, (q, data, scale, vals, vscale) in enumerate(
+        ((want[0], rd, rs, rv, rvs), (want[1], cd, cs, cv, cvs))
+    ):
+        if q is None:
+            assert data.numel() == scale.numel() == vals.numel() == 0
+            continue
+        assert torch.equal(data.cpu(), q.data), f"copy {i} codes"
+        assert torch.equal(scale.cpu(), q.scale.view(torch.uint8)), f"copy {i} scales"
+        assert float(gs[i]) == float(q.global_scale), f"copy {i} global scale"
+        assert torch.equal(_bits(vals), _bits(q.block_values().to(torch.bfloat16))), i
+        assert vscale.numel() == 0
+
+
+def _local_amax(x, col):
+    """The reference's per-copy amaxes (column: after the RHT, at the padded shape)."""
+    xt = x.t().float()
+    if col is not None and col.rht:
+        pad = -xt.shape[1] % 16
+        xt = hadamard_transform(torch.nn.functional.pad(x.t(), (0, pad)), col.rht_sign).float()
+    return x.float().abs().amax(), xt.abs().amax()
 
 
 DTYPES = [
@@ -59,6 +128,7 @@ SHAPES = [
     pytest.param((64, 64), id="64x64"),
     pytest.param((50, 96), id="ragged_m50"),
     pytest.param((37, 40), id="ragged_m37_k40"),
+    pytest.param((200, 336), id="200x336"),
 ]
 ROLES = [
     pytest.param(SPECS.x, SPECS.x_t, id="x_rtn_rht"),
@@ -70,8 +140,8 @@ ROLES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("row", "col"), ROLES)
-def test_rowcol_bitwise(backends, dtype, shape, row, col):
-    _check_rowcol(backends, _x(*shape, dtype), row, col)
+def test_rowcol_bitwise(dtype, shape, row, col):
+    _check_rowcol(_x(*shape, dtype), row, col)
 
 
 @pytest.mark.parametrize(
@@ -79,37 +149,95 @@ def test_rowcol_bitwise(backends, dtype, shape, row, col):
     [
         pytest.param(SPECS.dy, None, id="row_only_sr"),
         pytest.param(None, SPECS.dy_t, id="col_only_sr"),
-        pytest.param(MXFP4.x, MXFP4.x_t, id="mxfp4_fallback"),
+        pytest.param(None, NO_RHT.x_t, id="col_only_no_rht"),
     ],
 )
-def test_rowcol_partial_and_fallback(backends, row, col):
-    _check_rowcol(backends, _x(48, 80, torch.bfloat16, seed=1), row, col)
+def test_rowcol_partial(row, col):
+    _check_rowcol(_x(48, 80, torch.bfloat16, seed=1), row, col)
 
 
-@pytest.mark.parametrize(
-    "kind", [pytest.param("blocks", id="zero_blocks"), pytest.param("all", id="all_zero")]
-)
-def test_zero_blocks(backends, kind):
+@pytest.mark.parametrize("scale", [pytest.param(1.0, id="local"), pytest.param(3.0, id="x3")])
+@pytest.mark.parametrize(("row", "col"), ROLES[:2])
+def test_rowcol_given_amax(row, col, scale):
+    """A caller's amax (data-parallel: all-reduced) replaces the amax pass."""
+    _check_rowcol(_x(50, 64, torch.bfloat16, seed=5), row, col, amax_reduce=lambda a: a * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rht", [pytest.param(True, id="rht"), pytest.param(False, id="no_rht")])
+def test_amax_rowcol(dtype, rht):
+    from hf_nvfp4.kernels.amax import amax_rowcol
+
+    x = _x(77, 528, dtype, seed=6)
+    col = SPECS.x_t if rht else NO_RHT.x_t
+    got = amax_rowcol(x.to(DEV), True, True, tuple(col.rht_sign) if rht else None).cpu()
+    assert torch.equal(got, torch.stack(_local_amax(x, col)))
+
+
+def test_all_configs(monkeypatch):
+    """Every tuning candidate of the row/column kernel gives the same bits."""
+    from hf_nvfp4.kernels import quantize_rowcol as qr
+
+    x = _x(200, 272, torch.bfloat16, seed=8)
+    for bm, bk, warps, tload in qr._CONFIGS:
+        name = f"BM={bm},BK={bk},warps={warps},tload={tload}"
+        monkeypatch.setattr(qr, "pick", lambda *a, name=name, **k: name)
+        _check_rowcol(x, SPECS.dy, SPECS.dy_t)
+
+
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    from hf_nvfp4.kernels._common import e2m1_nearest, e2m1_nearest_fast
+
+    @triton.jit
+    def _both_encoders(v_ptr, a_ptr, b_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(v_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(a_ptr + offs, e2m1_nearest(v), mask=offs < n)
+        tl.store(b_ptr + offs, e2m1_nearest_fast(v), mask=offs < n)
+
+
+def test_e2m1_nearest_fast():
+    """The fast nearest-even encoder equals e2m1_nearest on ties, neighbours and saturation."""
+    ties = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0,
+                         5.0, 6.0, 7.0, 1e30, 1e-45, 1e-40, 3.0e38])
+    near = torch.cat([ties, torch.nextafter(ties, torch.full_like(ties, 1e38)),
+                      torch.nextafter(ties, torch.zeros_like(ties)),
+                      torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 7])
+    v = torch.cat([near, -near]).to(DEV)
+    a = torch.empty(v.shape, dtype=torch.int32, device=DEV)
+    b = torch.empty_like(a)
+    _both_encoders[(-(-v.numel() // 1024),)](v, a, b, v.numel(), BLOCK=1024)
+    assert torch.equal(a, b)
+
+
+def test_zero_blocks_rowcol():
     x = _x(40, 64, torch.bfloat16, seed=2)
-    if kind == "all":
-        x.zero_()
-    else:
-        x[:16, :32] = 0
-        x[:, 48:] = 0
-        x[5, 3] = -0.0
-    _check_rowcol(backends, x, SPECS.x, SPECS.x_t)
-    _check_rowcol(backends, x, SPECS.dy, SPECS.dy_t)
+    x[:16, :32] = 0
+    x[:, 48:] = 0
+    x[5, 3] = -0.0
+    for xx in (x, torch.zeros_like(x)):
+        _check_rowcol(xx, SPECS.x, SPECS.x_t)
+        _check_rowcol(xx, SPECS.dy, SPECS.dy_t)
+
+
+def test_zero_blocks_weight(backends):
+    x = _x(40, 64, torch.bfloat16, seed=2)
+    x[:16, :32] = 0
+    x[:, 48:] = 0
     tri, ref = backends
     for g, w in zip(tri.quantize_weight(x, SPECS.w), ref.quantize_weight(x, SPECS.w), strict=True):
-        assert_qtensor_equal(g, w, name=kind)
+        assert_qtensor_equal(g, w, name="2d")
 
 
-def test_extreme_scales(backends):
+def test_extreme_scales():
     """Block amaxes spanning the E4M3 subnormals and the saturation at 448."""
     x = _x(32, 256, torch.float32, seed=3)
     x[:, :16] *= 1e6
     x[:, 16:64] *= 1e-7
-    _check_rowcol(backends, x, SPECS.x, SPECS.x_t)
+    _check_rowcol(x, SPECS.x, SPECS.x_t)
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:2])
@@ -132,34 +260,33 @@ def test_weight_bitwise(backends, dtype, shape, spec):
         assert_qtensor_equal(g, r, name=name)
 
 
-def test_stochastic_rounding_statistics(backends):
+def test_stochastic_rounding_statistics():
     """E[dequantize] = x for stochastic rounding, and the kernel's draws are the reference's."""
-    tri, ref = backends
     m, k = 64, 256
     levels = torch.linspace(-5.9, 5.9, k - 16)
     x = torch.cat([torch.full((m, 16), 6.0), levels.expand(m, -1)], dim=1)  # scale fixed
     spec = QuantSpec("nvfp4", (1, 16), "stochastic")
     means = []
     for seed in range(4):
-        got, _ = tri.quantize_rowcol(x, spec, None, torch.Generator().manual_seed(seed))
-        want, _ = ref.quantize_rowcol(x, spec, None, torch.Generator().manual_seed(seed))
-        assert torch.equal(got.data, want.data)
-        means.append(got.dequantize()[:, 16:].mean(0))
+        want = _reference(x, spec, None, seed)[0]
+        got = _kernel(x, spec, None, seed)[0]
+        assert torch.equal(got.cpu(), want.data)
+        means.append(want.dequantize()[:, 16:].mean(0))
     mean = torch.stack(means).mean(0)
     # per level: 256 draws of a Bernoulli over a grid step <= 2: std of the mean <= 1/16
     err = (mean - levels).abs()
     assert float(err.max()) < 0.3, float(err.max())
     assert float(err.mean()) < 0.08, float(err.mean())
-    nearest = tri.quantize_rowcol(x, QuantSpec("nvfp4", (1, 16)), None, None)[0]
+    nearest = _reference(x, QuantSpec("nvfp4", (1, 16)), None, 0)[0]
     assert float((nearest.dequantize()[:, 16:].mean(0) - levels).abs().mean()) > float(
         err.mean()
     )
 
 
-def test_dequantize_op(backends):
+def test_dequantize_op():
     from hf_nvfp4.kernels.ops import dequantize
 
-    q = backends[1].quantize_rowcol(_x(37, 48, torch.bfloat16), SPECS.x, None, None)[0]
+    q = _reference(_x(37, 48, torch.bfloat16).to(DEV), SPECS.x, None, 0)[0]
     got = dequantize(q.data, q.scale.view(torch.uint8), q.global_scale, 37, torch.float32)
     assert torch.equal(got, q.dequantize(torch.float32))
     vals = dequantize(q.data, q.scale.view(torch.uint8), None, 37, torch.bfloat16)
@@ -170,10 +297,15 @@ def test_fake_shapes():
     from hf_nvfp4.kernels import ops
 
     x = torch.empty(40, 72, device="meta", dtype=torch.bfloat16)
-    rd, rs, cd, cs, gs = ops.quantize_rowcol(x, True, True, [1] * 16, None, 3)
+    keys = torch.empty(2, device="meta", dtype=torch.int32)
+    rd, rs, cd, cs, gs = ops.quantize_rowcol(x, True, True, [1] * 16, False, True, keys, None,
+                                             False, False)
     assert [t.shape for t in (rd, rs, cd, cs, gs)] == [
         (40, 40), (40, 5), (72, 24), (72, 3), (2,)
     ]
+    rv, rs, cv, cs, _ = ops.quantize_rowcol(x, True, True, None, False, False, None, None,
+                                            True, True)
+    assert [t.shape for t in (rv, rs, cv, cs)] == [(40, 80), (0,), (72, 48), (0,)]
     assert [t.shape for t in ops.quantize_2d(x)[:4]] == [(48, 40), (48, 5), (80, 24), (80, 3)]
 
 

@@ -1,0 +1,323 @@
+"""End-to-end training throughput of a Llama, NVFP4 vs BF16: the project's headline figure.
+
+For each precision mode (``bf16_params``: BF16 parameters, no autocast; ``fp32_masters``: FP32
+parameters with a BF16 autocast forward, as ``Trainer(bf16=True)`` runs) and each column
+(BF16 eager, BF16 with every decoder layer ``torch.compile``d, NVFP4 eager with every block
+converted, NVFP4 compiled per layer), a fresh ``transformers.LlamaForCausalLM`` built from the
+same seed trains on random token batches with AdamW (fused on CUDA, lr 1e-4): ``--warmup``
+untimed steps (compilation happens there), then ``--steps`` steps timed by wall clock between
+device synchronizations. Reports tokens/s, ms/step, peak allocated memory (CUDA only), the
+losses, and each column's throughput relative to BF16 eager and BF16 compiled of the same mode.
+
+    python bench/e2e.py --size 953m --out bench/results/e2e_953m_h200.json     # the headline
+    python bench/e2e.py --size tiny --device cpu --steps 2 --warmup 1 --compile-backend aot_eager
+
+With ``--out``, entries already in the file are skipped (one whose run raised is retried) and
+the file is rewritten after every entry, so a run cut off by a time limit resumes where it
+stopped when the same command is run again. The markdown table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hf_nvfp4  # noqa: E402
+from hf_nvfp4.backends import BACKENDS, get_backend  # noqa: E402
+from hf_nvfp4.kernels._tuning import choices  # noqa: E402
+
+SIZES: dict[str, dict[str, int]] = {
+    "953m": dict(hidden=2048, inter=5632, layers=16, heads=16, vocab=32000, batch=8, seq=2048),
+    "124m": dict(hidden=768, inter=2048, layers=12, heads=12, vocab=32000, batch=32, seq=1024),
+    "tiny": dict(hidden=64, inter=128, layers=2, heads=4, vocab=256, batch=2, seq=32),
+}
+MODES = ("bf16_params", "fp32_masters")
+COLUMNS = ("bf16_eager", "bf16_compiled", "nvfp4_eager", "nvfp4_compiled")
+SEED = 0
+LR = 1e-4
+GIB = 2**30
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (``argv`` None: ``sys.argv``)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=tuple(SIZES), required=True)
+    p.add_argument("--out", type=Path, help="JSON report; entries already in it are skipped")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
+    p.add_argument("--columns", default=",".join(COLUMNS), help=f"comma list of {COLUMNS}")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="NVFP4 backend")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled columns (aot_eager: no toolchain)")
+    args = p.parse_args(argv)
+    args.modes = _comma_list(p, args.modes, MODES, "--modes")
+    args.columns = _comma_list(p, args.columns, COLUMNS, "--columns")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def _comma_list(
+    parser: argparse.ArgumentParser, value: str, allowed: tuple[str, ...], flag: str
+) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        parser.error(f"{flag}: expected a comma list of {allowed}; got {value!r}")
+    return items
+
+
+def llama_config(size: str) -> LlamaConfig:
+    """The ``transformers.LlamaConfig`` of ``size`` (SDPA attention, no KV cache)."""
+    s = SIZES[size]
+    return LlamaConfig(
+        vocab_size=s["vocab"],
+        hidden_size=s["hidden"],
+        intermediate_size=s["inter"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["heads"],
+        max_position_embeddings=s["seq"],
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+
+
+def count_params(size: str) -> int:
+    """Parameters of the Llama of ``size`` (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(llama_config(size)).parameters())
+
+
+def build_model(size: str, mode: str, device: torch.device) -> torch.nn.Module:
+    """A freshly initialized Llama of ``size`` (seed ``SEED``), in ``mode``'s parameter dtype."""
+    torch.manual_seed(SEED)
+    with device:
+        model = LlamaForCausalLM(llama_config(size))
+    if mode == "bf16_params":
+        model.to(torch.bfloat16)
+    return model.train()
+
+
+def make_batches(size: str, n: int, device: torch.device) -> torch.Tensor:
+    """``n`` random token batches (fixed seed), shape ``(n, batch, seq)``, on ``device``."""
+    s = SIZES[size]
+    gen = torch.Generator().manual_seed(SEED)
+    return torch.randint(0, s["vocab"], (n, s["batch"], s["seq"]), generator=gen).to(device)
+
+
+def prepare(model: torch.nn.Module, column: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Convert (NVFP4 columns) and compile each decoder layer (compiled columns), in place."""
+    info: dict[str, Any] = {}
+    if column.startswith("nvfp4"):
+        summary = hf_nvfp4.convert(
+            model, {"first_bf16_blocks": 0, "last_bf16_blocks": 0, "backend": args.backend},
+            verbose=False,
+        )
+        info["quantized_layers"] = len(summary.quantized_layers)
+        info["quantized_params"] = summary.quantized_params
+    if column.endswith("compiled"):
+        for layer in model.model.layers:
+            layer.compile(backend=args.compile_backend)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(mode: str, column: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one fresh model for ``--warmup`` + ``--steps`` steps; the timed figures."""
+    device = torch.device(args.device)
+    s = SIZES[args.size]
+    model = build_model(args.size, mode, device)
+    entry = prepare(model, column, args)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=device.type == "cuda")
+    batches = make_batches(args.size, args.warmup + args.steps, device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if mode == "fp32_masters"
+        else contextlib.nullcontext()
+    )
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i in range(args.warmup):
+        step(batches[i])
+    synchronize(device)
+    timed_start = time.perf_counter()
+    losses = [step(batches[args.warmup + i]) for i in range(args.steps)]
+    synchronize(device)
+    elapsed = time.perf_counter() - timed_start
+    losses_f = torch.stack(losses).float().tolist()
+    entry.update(
+        tokens_per_s=s["batch"] * s["seq"] * args.steps / elapsed,
+        ms_per_step=1000 * elapsed / args.steps,
+        warmup_s=timed_start - start,
+        peak_gib=torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+        final_loss=losses_f[-1],
+        losses=losses_f,
+    )
+    return entry
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop compiled graphs and cached device memory between runs."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def environment(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """Device, library versions, date and command line of this invocation."""
+    import transformers
+
+    device = torch.device(args.device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "command": " ".join(["python", "bench/e2e.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "nvfp4_backend": get_backend(args.backend, device).name,
+        "compile_backend": args.compile_backend,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "transformers": transformers.__version__,
+        },
+    }
+
+
+def add_ratios(runs: dict[str, dict[str, Any]]) -> None:
+    """Each entry's tokens/s over BF16 eager's and BF16 compiled's of the same mode."""
+    for key, entry in runs.items():
+        mode = key.split("/")[0]
+        for base in ("bf16_eager", "bf16_compiled"):
+            ref = runs.get(f"{mode}/{base}", {}).get("tokens_per_s")
+            tps = entry.get("tokens_per_s")
+            entry[f"vs_{base}"] = tps / ref if tps is not None and ref else None
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown table, rows mode x column in the canonical order."""
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [
+        f"size {report['size']} ({report['model']['params']:,} parameters), batch "
+        f"{report['model']['batch']} x seq {report['model']['seq']}",
+        "",
+        "| mode | column | tok/s | ms/step | vs BF16 eager | vs BF16 compiled | peak GiB | loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        for column in COLUMNS:
+            e = report["runs"].get(f"{mode}/{column}")
+            if e is None:
+                continue
+            if "error" in e:
+                lines.append(f"| {mode} | {column} | error: {e['error'][:120]} | | | | | |")
+                continue
+            lines.append(
+                f"| {mode} | {column} | {e['tokens_per_s']:,.0f} | {e['ms_per_step']:.1f} | "
+                f"{num(e['vs_bf16_eager'], '.2f')} | {num(e['vs_bf16_compiled'], '.2f')} | "
+                f"{num(e['peak_gib'], '.2f')} | {e['final_loss']:.4f} |"
+            )
+    return "\n".join(lines)
+
+
+def save(report: dict[str, Any], path: Path | None) -> None:
+    """Write the report atomically (a run cut off mid-write keeps the previous file)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; return (and with ``--out`` write) the report."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    report: dict[str, Any] = {"size": args.size,
+                              "model": {**SIZES[args.size], "params": count_params(args.size)},
+                              "runs": {},
+                              "invocations": [], "kernel_choices": {}}
+    if args.out is not None and args.out.exists():
+        report = json.loads(args.out.read_text())
+        if report["size"] != args.size:
+            raise SystemExit(f"{args.out} holds size {report['size']}, not {args.size}")
+    report["invocations"].append(environment(args, argv))
+    todo = [(m, c) for m in args.modes for c in args.columns]
+    for i, (mode, column) in enumerate(todo, 1):
+        key = f"{mode}/{column}"
+        done = report["runs"].get(key)
+        if done is not None and "error" not in done:
+            print(f"[{i}/{len(todo)}] {key}: already in {args.out}, skipped", flush=True)
+            continue
+        try:
+            entry = run_one(mode, column, args)
+        except Exception as exc:  # noqa: BLE001 - one failing run must not stop the others
+            entry = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        free_memory(device)
+        entry["invocation"] = len(report["invocations"]) - 1
+        report["runs"][key] = entry
+        add_ratios(report["runs"])
+        report["kernel_choices"].update(choices())
+        save(report, args.out)
+        if "error" in entry:
+            print(f"[{i}/{len(todo)}] {key}: {entry['error'][:300]}", flush=True)
+        else:
+            peak = "-" if entry["peak_gib"] is None else f"{entry['peak_gib']:.2f}"
+            print(
+                f"[{i}/{len(todo)}] {key}: {entry['tokens_per_s']:,.0f} tok/s, "
+                f"{entry['ms_per_step']:.1f} ms/step, peak {peak} GiB, "
+                f"loss {entry['final_loss']:.4f} (warmup {entry['warmup_s']:.1f} s)",
+                flush=True,
+            )
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

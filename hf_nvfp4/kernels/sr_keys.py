@@ -1,0 +1,44 @@
+"""Advance a layer's stochastic-rounding state and derive the call's keys, in one launch.
+
+Computes exactly :func:`hf_nvfp4.numerics.rng.derive_keys` of ``[seed, step + 1]`` on
+32-bit words (uint32 arithmetic wraps mod 2^32 as the reference's masks do).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..numerics.rng import FMIX_C1, FMIX_C2, GOLDEN
+
+
+@triton.jit
+def _fmix(h):
+    h = h ^ (h >> 16)
+    h = h * FMIX_C1
+    h = h ^ (h >> 13)
+    h = h * FMIX_C2
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _advance_kernel(state_ptr, keys_ptr, rank, N: tl.constexpr):
+    seed = tl.load(state_ptr)
+    step = tl.load(state_ptr + 1) + 1
+    tl.store(state_ptr + 1, step)
+    lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    h = _fmix(hi)
+    h = _fmix(h * GOLDEN + lo)
+    h = _fmix(h * GOLDEN + (step & 0xFFFFFFFF).to(tl.uint32))
+    h = _fmix(h * GOLDEN + rank.to(tl.uint32))
+    for i in tl.static_range(N):
+        tl.store(keys_ptr + i, _fmix(h * GOLDEN + (i + 1)).to(tl.int32, bitcast=True))
+
+
+def advance_keys_triton(state: torch.Tensor, rank: int, n: int) -> torch.Tensor:
+    """``state[1] += 1`` in place; the int32 [n] keys of the new state on ``rank``."""
+    keys = torch.empty(n, dtype=torch.int32, device=state.device)
+    _advance_kernel[(1,)](state, keys, rank, N=n)
+    return keys

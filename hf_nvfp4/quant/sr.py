@@ -1,0 +1,49 @@
+"""Stochastic-rounding state on the device: ``[seed, step]`` in, this call's keys out.
+
+:func:`advance_keys` is one ``torch.library`` custom op that increments a layer's step
+counter in place and returns the int32 keys of the call (one per quantized copy, see
+:func:`hf_nvfp4.numerics.rng.derive_keys`). It needs no host generator and no host sync, so
+training forwards trace under ``torch.compile(fullgraph=True)`` and replay in CUDA graphs.
+On CUDA one Triton launch does it; elsewhere the reference torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..numerics.rng import derive_keys
+
+N_KEYS = 2  # row copy (dgrad operand), column copy (wgrad operand)
+
+
+def _use_triton(state: Tensor) -> bool:
+    if state.device.type != "cuda":
+        return False
+    from ..kernels import is_triton_available
+
+    return is_triton_available()[0]
+
+
+@torch.library.custom_op("hf_nvfp4::advance_keys", mutates_args=("state",))
+def advance_keys(state: Tensor, rank: int) -> Tensor:
+    """``state[1] += 1``, then the int32 [2] keys of ``(state, rank)`` (see module docstring)."""
+    if _use_triton(state):
+        from ..kernels.sr_keys import advance_keys_triton
+
+        return advance_keys_triton(state, rank, N_KEYS)
+    state[1] += 1
+    return derive_keys(state, rank, N_KEYS)
+
+
+@advance_keys.register_fake
+def _(state, rank):
+    return state.new_empty(N_KEYS, dtype=torch.int32)
+
+
+def new_state(seed: int, device: torch.device | str | None = None) -> Tensor:
+    """A fresh ``[seed, 0]`` int64 state."""
+    return torch.tensor([seed, 0], dtype=torch.int64, device=device)
+
+
+__all__ = ["N_KEYS", "advance_keys", "new_state"]

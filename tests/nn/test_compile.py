@@ -1,0 +1,66 @@
+"""torch.compile(fullgraph=True) of HF Llama decoder blocks with NVFP4 layers, in training.
+
+The Triton backend runs its custom ops (the interpreter on a CPU machine, compiled kernels
+on a GPU); ``aot_eager`` traces forward and backward exactly as inductor would receive them
+but runs the same ops, so compiled and eager training are compared bit for bit.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import hf_nvfp4
+from hf_nvfp4.kernels import is_triton_available
+from hf_nvfp4.nn import NVFP4Linear
+
+transformers = pytest.importorskip("transformers")
+_OK, _WHY = is_triton_available()
+pytestmark = [
+    pytest.mark.skipif(not _OK, reason=_WHY),
+    pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`"),
+]
+
+
+def _model(device: str) -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(device)
+    hf_nvfp4.convert(model, {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
+                             "backend": "triton"}, verbose=False)
+    return model
+
+
+def _train(model, ids, steps: int):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def test_compiled_blocks_train_like_eager_fullgraph():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eager = _model(device)
+    compiled = copy.deepcopy(eager)
+    assert sum(isinstance(m, NVFP4Linear) for m in eager.modules()) == 14
+    torch._dynamo.reset()
+    for layer in compiled.model.layers:
+        layer.compile(fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    want = _train(eager, ids, 2)
+    got = _train(compiled, ids, 2)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    steps = {m.sr_step for m in compiled.modules() if isinstance(m, NVFP4Linear)}
+    assert steps == {2}

@@ -1,0 +1,65 @@
+"""bench/e2e.py (end-to-end tokens/s, NVFP4 vs BF16) at tiny size on the CPU, and its resume."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import e2e  # noqa: E402
+
+COMMON = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
+          "--compile-backend", "aot_eager"]
+
+
+def _check_finite(runs: dict, keys: list[str]) -> None:
+    for key in keys:
+        entry = runs[key]
+        assert "error" not in entry, (key, entry.get("error"))
+        assert math.isfinite(entry["tokens_per_s"]) and entry["tokens_per_s"] > 0, key
+        assert all(math.isfinite(v) for v in entry["losses"]), key
+        assert len(entry["losses"]) == 2 and entry["final_loss"] == entry["losses"][-1]
+        assert entry["peak_gib"] is None  # no CUDA memory figure on the CPU
+
+
+def test_e2e_tiny_cpu_runs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    e2e.main([*COMMON, "--columns", "bf16_eager,nvfp4_eager", "--out", str(out)])
+    first = json.loads(out.read_text())
+    eager = [f"{m}/{c}" for m in e2e.MODES for c in ("bf16_eager", "nvfp4_eager")]
+    assert sorted(first["runs"]) == sorted(eager)
+    _check_finite(first["runs"], eager)
+    for mode in e2e.MODES:
+        run = first["runs"][f"{mode}/nvfp4_eager"]
+        assert run["quantized_layers"] == 14  # 7 linears x 2 blocks, none kept BF16
+        assert run["vs_bf16_eager"] > 0 and run["vs_bf16_compiled"] is None
+        # Same seed and data: NVFP4 starts from the BF16 run's weights and stays close.
+        bf16 = first["runs"][f"{mode}/bf16_eager"]["final_loss"]
+        assert abs(run["final_loss"] - bf16) < 0.1 * bf16
+    assert first["model"]["params"] > 0 and len(first["invocations"]) == 1
+
+    # Resume: the same --out skips the four entries done and runs only the new columns.
+    capsys.readouterr()
+    e2e.main([*COMMON, "--modes", "fp32_masters", "--out", str(out),
+              "--columns", "bf16_eager,bf16_compiled,nvfp4_eager,nvfp4_compiled"])
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == 2
+    second = json.loads(out.read_text())
+    assert len(second["invocations"]) == 2
+    for key in eager:
+        assert second["runs"][key]["tokens_per_s"] == first["runs"][key]["tokens_per_s"]
+        assert second["runs"][key]["invocation"] == 0
+    compiled = ["fp32_masters/bf16_compiled", "fp32_masters/nvfp4_compiled"]
+    _check_finite(second["runs"], compiled)
+    assert all(second["runs"][k]["invocation"] == 1 for k in compiled)
+    # torch.compile does not change the numerics of these CPU runs.
+    for column in ("bf16", "nvfp4"):
+        eager_loss = second["runs"][f"fp32_masters/{column}_eager"]["losses"]
+        compiled_loss = second["runs"][f"fp32_masters/{column}_compiled"]["losses"]
+        assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
+    assert second["runs"]["fp32_masters/nvfp4_eager"]["vs_bf16_compiled"] > 0
+    assert printed.rstrip().splitlines()[-1].startswith("| fp32_masters | nvfp4_compiled |")
