@@ -10,15 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..numerics.rng import FMIX_C1, FMIX_C2, GOLDEN
 
 
 @triton.jit
 def _fmix(h):
+    # numerics.rng's FMIX_C1 / FMIX_C2 as literals: jitted code reads no plain globals.
     h = h ^ (h >> 16)
-    h = h * FMIX_C1
+    h = h * 0x85EBCA6B
     h = h ^ (h >> 13)
-    h = h * FMIX_C2
+    h = h * 0xC2B2AE35
     return h ^ (h >> 16)
 
 
@@ -30,11 +30,11 @@ def _advance_kernel(state_ptr, keys_ptr, rank, N: tl.constexpr):
     lo = (seed & 0xFFFFFFFF).to(tl.uint32)
     hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     h = _fmix(hi)
-    h = _fmix(h * GOLDEN + lo)
-    h = _fmix(h * GOLDEN + (step & 0xFFFFFFFF).to(tl.uint32))
-    h = _fmix(h * GOLDEN + rank.to(tl.uint32))
+    h = _fmix(h * 0x9E3779B9 + lo)
+    h = _fmix(h * 0x9E3779B9 + (step & 0xFFFFFFFF).to(tl.uint32))
+    h = _fmix(h * 0x9E3779B9 + rank.to(tl.uint32))
     for i in tl.static_range(N):
-        tl.store(keys_ptr + i, _fmix(h * GOLDEN + (i + 1)).to(tl.int32, bitcast=True))
+        tl.store(keys_ptr + i, _fmix(h * 0x9E3779B9 + (i + 1)).to(tl.int32, bitcast=True))
 
 
 def advance_keys_triton(state: torch.Tensor, rank: int, n: int) -> torch.Tensor:
