@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--columns", default=",".join(COLUMNS), help=f"comma list of {COLUMNS}")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="NVFP4 backend")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile two steps per run and store the kernel table")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compiled columns (aot_eager: no toolchain)")
     args = p.parse_args(argv)
@@ -176,6 +178,9 @@ def run_one(mode: str, column: str, args: argparse.Namespace) -> dict[str, Any]:
     losses = [step(batches[args.warmup + i]) for i in range(args.steps)]
     synchronize(device)
     elapsed = time.perf_counter() - timed_start
+    if args.profile:
+        entry["profile"] = profile_steps(step, batches[-1], device)
+        print(entry["profile"])
     losses_f = torch.stack(losses).float().tolist()
     entry.update(
         tokens_per_s=s["batch"] * s["seq"] * args.steps / elapsed,
@@ -186,6 +191,19 @@ def run_one(mode: str, column: str, args: argparse.Namespace) -> dict[str, Any]:
         losses=losses_f,
     )
     return entry
+
+
+def profile_steps(step: Any, batch: torch.Tensor, device: torch.device, n: int = 2) -> str:
+    """torch.profiler's table of the ``n`` steps after the timed ones, by device time."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(n):
+            step(batch)
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
 
 
 def free_memory(device: torch.device) -> None:

@@ -9,6 +9,7 @@ BACKENDS = ("auto", "reference", "triton", "te", "native")
 
 
 _INSTANCES: dict[str, Backend] = {}
+_RESOLVED: dict[tuple[str, str], str] = {}
 
 
 def resolve_backend(name: str, device: object = None) -> str:
@@ -20,7 +21,13 @@ def resolve_backend(name: str, device: object = None) -> str:
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    return _auto(device) if name == "auto" else name
+    if name != "auto":
+        return name
+    key = (name, str(device))
+    resolved = _RESOLVED.get(key)
+    if resolved is None:  # probes the device and imports: once, never inside a traced forward
+        resolved = _RESOLVED[key] = _auto(device)
+    return resolved
 
 
 def backend_instance(name: str) -> Backend:

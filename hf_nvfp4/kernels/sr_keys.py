@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _fmix(h):
     # numerics.rng's FMIX_C1 / FMIX_C2 as literals: jitted code reads no plain globals.
@@ -22,7 +21,7 @@ def _fmix(h):
     return h ^ (h >> 16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])  # a specialized rank == 1 hashes as a signed int
 def _advance_kernel(state_ptr, keys_ptr, rank, N: tl.constexpr):
     seed = tl.load(state_ptr)
     step = tl.load(state_ptr + 1) + 1

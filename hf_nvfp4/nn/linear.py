@@ -68,6 +68,7 @@ class NVFP4Linear(nn.Linear):
         self._sr_seed = int(sr_seed)  # re-initializes a buffer left on meta by a lazy load
         self.share_input = True
         self._plans: dict[tuple, LinearPlan] = {}
+        self._warm_plan()
 
     @classmethod
     def from_linear(
@@ -94,6 +95,7 @@ class NVFP4Linear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new.sr_state = new_state(sr_seed, linear.weight.device)
+        new._warm_plan()
         return new
 
     # ---- decisions made once per device, not per forward ------------------------------
@@ -116,7 +118,15 @@ class NVFP4Linear(nn.Linear):
 
     def _apply(self, fn, recurse=True):  # noqa: D102 - a move or cast re-decides the plan
         self._plans = {}
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._warm_plan()
+        return out
+
+    def _warm_plan(self) -> None:
+        """Decide the plan for the weight's device now (eagerly): resolving ``auto`` probes
+        the device and imports modules, which must not happen inside a compiled forward."""
+        if not self.weight.is_meta:
+            self.plan()
 
     @property
     def sr_step(self) -> int:
