@@ -101,7 +101,6 @@ class QuantizedLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, keys, plan: LinearPlan):  # noqa: D102
         specs, backend = plan.specs, backend_instance(plan.backend)
         reduce = _all_reduce_max if plan.reduce_amax else None
-        out_shape = (*x.shape[:-1], weight.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
         w_q, w_t = _quantize_weight(backend, weight.detach(), specs)
         col = specs.x_t if ctx.needs_input_grad[1] else None
@@ -128,7 +127,9 @@ class QuantizedLinearFunction(torch.autograd.Function):
         ctx.plan = plan
         ctx.has_bias = bias is not None
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
-        return y.reshape(out_shape)
+        # 2D and not a view: a view made in here could not be modified in place by the
+        # caller (Falcon adds into its MLP output); :func:`quantized_linear` reshapes outside.
+        return y.clone() if y._base is not None else y
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
@@ -179,4 +180,5 @@ def quantized_linear(
     column copy of dy^T), e.g. from :func:`hf_nvfp4.quant.sr.advance_keys`; None rounds the
     gradients to nearest whatever the recipe says (inference).
     """
-    return QuantizedLinearFunction.apply(x, weight, bias, keys, plan)
+    y = QuantizedLinearFunction.apply(x, weight, bias, keys, plan)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

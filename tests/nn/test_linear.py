@@ -1,5 +1,7 @@
 """NVFP4Linear against a hand-built composition of numerics.quantize and matmuls."""
 
+import copy
+
 import pytest
 import torch
 
@@ -203,3 +205,18 @@ def test_bad_backend_arguments_are_refused():
         NVFP4Linear(32, 16, backend="cuda")
     with pytest.raises(ValueError, match="reduce_amax is not implemented for the te backend"):
         NVFP4Linear(32, 16, backend="te", reduce_amax=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_can_be_modified_in_place(bias):
+    """Models that add into a linear's output in place (Falcon: mlp_output += attn) train."""
+    torch.manual_seed(0)
+    mod = NVFP4Linear(32, 16, bias=bias, backend="reference", sr_seed=1)
+    ref = copy.deepcopy(mod)
+    x = torch.randn(2, 5, 32)
+    r = torch.randn(2, 5, 16)
+    y = mod(x)
+    y += r  # in place on the layer's output
+    y.square().sum().backward()
+    (ref(x) + r).square().sum().backward()
+    assert torch.equal(mod.weight.grad, ref.weight.grad)
