@@ -21,6 +21,7 @@ from ..numerics.quantize import QTensor
 from ..numerics.rng import draw_seed
 from ..recipe import QuantSpec
 from .base import AmaxReduce, BlockValues, Operand, Rng, as_keys
+from .fp8_gemm import fp8_block_gemm
 from .reference import ReferenceBackend, reference_gemm
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -125,6 +126,10 @@ class TritonBackend:
         """See :meth:`Backend.gemm`: dequantize packed operands to BF16 block values, then
         one Triton GEMM that applies both global scales in its epilogue."""
         if not (self._fused(a) and self._fused(b)):
+            if isinstance(a, QTensor) and isinstance(b, QTensor):
+                out = fp8_block_gemm(a, b, out_dtype)  # FP8 tensor cores where they run
+                if out is not None:
+                    return out
             return reference_gemm(a, b, out_dtype)
         av, bv = self._values(a), self._values(b)
         if av.shape[1] != bv.shape[1]:

@@ -1,0 +1,54 @@
+"""FP8 block-scaled GEMMs through torch._scaled_mm (GPU) and the layouts they read (CPU)."""
+
+import pytest
+import torch
+
+from hf_nvfp4.backends.fp8_gemm import block_scaled_mm_available, fp8_block_gemm, tile_scales
+from hf_nvfp4.backends.reference import reference_gemm
+from hf_nvfp4.numerics.quantize import quantize
+
+CUDA = torch.cuda.is_available()
+
+
+def test_tile_scales_take_one_scale_per_tile():
+    w = torch.randn(256, 384) * torch.arange(1, 385)
+    q = quantize(w, "fp8_block", tile=(128, 128))
+    s = tile_scales(q)
+    assert s.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            amax = w[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)].abs().amax()
+            assert s[i, j] == q.scale[128 * i + 5, j]  # every row of a tile repeats it
+            assert torch.allclose(s[i, j], amax / 448, rtol=1e-6)
+    row = quantize(w, "fp8_block", tile=(1, 128))
+    assert tile_scales(row) is row.scale
+
+
+def test_refuses_what_it_cannot_run():
+    x = quantize(torch.randn(32, 128), "fp8_block", tile=(1, 128))
+    w = quantize(torch.randn(16, 128), "fp8_block", tile=(128, 128))
+    if not CUDA:
+        assert not block_scaled_mm_available(torch.device("cpu"))[0]
+        assert fp8_block_gemm(x, w, torch.float32) is None
+    assert fp8_block_gemm(x, x, torch.float32) is None  # 1x128 x 1x128 (wgrad): reference
+    nv = quantize(torch.randn(32, 128), "nvfp4")
+    assert fp8_block_gemm(nv, nv, torch.float32) is None
+
+
+@pytest.mark.skipif(not CUDA, reason="FP8 tensor cores need a CUDA GPU (sm_90+)")
+@pytest.mark.parametrize("m, k, n", [(256, 512, 384), (4096, 1024, 2048), (208, 640, 200)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference_up_to_summation_order(m, k, n, out_dtype):
+    ok, why = block_scaled_mm_available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = quantize(torch.randn(m, k, device="cuda", generator=g), "fp8_block", tile=(1, 128))
+    w = quantize(torch.randn(n, k, device="cuda", generator=g) * 0.02, "fp8_block",
+                 tile=(128, 128))
+    got = fp8_block_gemm(x, w, out_dtype)
+    assert got is not None, "the block-scaled path did not run (self-check or layout)"
+    want = reference_gemm(x, w, torch.float32)
+    tol = 1e-5 if out_dtype == torch.float32 else 2**-8
+    assert got.shape == (m, n)
+    assert ((got.float() - want).abs() <= tol * want.abs() + 1e-5 * want.abs().max()).all()
