@@ -3,9 +3,14 @@
 Fake (meta) implementations give output shapes without running anything, so the ops trace
 under torch.compile and work on meta tensors. Scales come out as uint8 E4M3 bytes and are
 returned as ``float8_e4m3fn`` (ops taking scales accept either 1-byte dtype).
+
+Outside torch.compile a call runs the Python implementation directly: the dispatcher round
+trip of a Python custom op costs ~10-20 us per call, and an NVFP4 linear makes about a dozen
+calls per training step (host time that small layers do not hide behind GPU work).
 """
 
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -25,11 +30,35 @@ def _e4m3(scale: Tensor) -> Tensor:
     return scale.view(_E4M3)
 
 
+class _EagerOp:
+    """A ``torch.library`` custom op that eager calls bypass (see the module docstring)."""
+
+    def __init__(self, name: str, impl: Callable[..., Any]) -> None:
+        self.op = torch.library.custom_op(name, mutates_args=())(impl)
+        self.impl = impl
+        self.__doc__ = impl.__doc__
+
+    def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Register the op's fake (meta) implementation."""
+        return self.op.register_fake(fn)
+
+    def __call__(self, *args: Any) -> Any:
+        if torch.compiler.is_compiling() or any(
+            isinstance(a, Tensor) and a.is_meta for a in args
+        ):
+            return self.op(*args)
+        return self.impl(*args)
+
+
+def _custom_op(name: str) -> Callable[[Callable[..., Any]], _EagerOp]:
+    return lambda impl: _EagerOp(name, impl)
+
+
 def _pad16(n: int) -> int:
     return -(-n // 16) * 16
 
 
-@torch.library.custom_op("hf_nvfp4::quantize_rowcol", mutates_args=())
+@_custom_op("hf_nvfp4::quantize_rowcol")
 def quantize_rowcol(
     x: Tensor,
     row: bool,
@@ -70,7 +99,7 @@ def _(x, row, col, col_rht_sign, row_sr, col_sr, keys, amax, row_values, col_val
     )
 
 
-@torch.library.custom_op("hf_nvfp4::amax_rowcol", mutates_args=())
+@_custom_op("hf_nvfp4::amax_rowcol")
 def amax_rowcol(x: Tensor, row: bool, col: bool,
                 col_rht_sign: Optional[list[int]]) -> Tensor:  # noqa: UP045
     """See :func:`.amax.amax_rowcol`."""
@@ -83,7 +112,7 @@ def _(x, row, col, col_rht_sign):
     return x.new_empty(2, dtype=torch.float32)
 
 
-@torch.library.custom_op("hf_nvfp4::quantize_2d", mutates_args=())
+@_custom_op("hf_nvfp4::quantize_2d")
 def quantize_2d(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`.quantize_2d.quantize_2d_nvfp4`."""
     data, scale, data_t, scale_t, gs = quantize_2d_nvfp4(w.contiguous())
@@ -103,7 +132,7 @@ def _(w):
     )
 
 
-@torch.library.custom_op("hf_nvfp4::dequantize", mutates_args=())
+@_custom_op("hf_nvfp4::dequantize")
 def dequantize(
     data: Tensor,
     scale: Tensor,
@@ -120,7 +149,7 @@ def _(data, scale, global_scale, rows, out_dtype):
     return data.new_empty((rows, data.shape[1] * 2), dtype=out_dtype)
 
 
-@torch.library.custom_op("hf_nvfp4::gemm", mutates_args=())
+@_custom_op("hf_nvfp4::gemm")
 def gemm(
     a_data: Tensor,
     a_scale: Tensor,
@@ -145,7 +174,7 @@ def _(a_data, a_scale, a_global, a_rows, b_data, b_scale, b_global, b_rows, out_
     return a_data.new_empty((a_rows, b_rows), dtype=out_dtype)
 
 
-@torch.library.custom_op("hf_nvfp4::gemm_scaled", mutates_args=())
+@_custom_op("hf_nvfp4::gemm_scaled")
 def gemm_scaled_op(
     a: Tensor, b: Tensor, gsa: Tensor, gsb: Tensor, out_dtype: torch.dtype
 ) -> Tensor:

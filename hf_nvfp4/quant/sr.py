@@ -25,9 +25,7 @@ def _use_triton(state: Tensor) -> bool:
     return is_triton_available()[0]
 
 
-@torch.library.custom_op("hf_nvfp4::advance_keys", mutates_args=("state",))
-def advance_keys(state: Tensor, rank: int) -> Tensor:
-    """``state[1] += 1``, then the int32 [2] keys of ``(state, rank)`` (see module docstring)."""
+def _advance(state: Tensor, rank: int) -> Tensor:
     if _use_triton(state):
         from ..kernels.sr_keys import advance_keys_triton
 
@@ -36,9 +34,24 @@ def advance_keys(state: Tensor, rank: int) -> Tensor:
     return derive_keys(state, rank, N_KEYS)
 
 
-@advance_keys.register_fake
+@torch.library.custom_op("hf_nvfp4::advance_keys", mutates_args=("state",))
+def _advance_op(state: Tensor, rank: int) -> Tensor:
+    return _advance(state, rank)
+
+
+@_advance_op.register_fake
 def _(state, rank):
     return state.new_empty(N_KEYS, dtype=torch.int32)
+
+
+def advance_keys(state: Tensor, rank: int) -> Tensor:
+    """``state[1] += 1``, then the int32 [2] keys of ``(state, rank)`` (see module docstring).
+
+    A custom op under torch.compile; eager calls skip the dispatcher (~10-20 us a call).
+    """
+    if torch.compiler.is_compiling() or state.is_meta:
+        return _advance_op(state, rank)
+    return _advance(state, rank)
 
 
 def new_state(seed: int, device: torch.device | str | None = None) -> Tensor:
