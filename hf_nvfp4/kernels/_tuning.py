@@ -55,7 +55,7 @@ def pick(
         timed: dict[str, float | str] = {}
         for name, fn in candidates.items():
             try:
-                timed[name] = median_ms(fn)
+                timed[name] = median_ms(fn, reps=9, warmup=2)
             except Exception as exc:  # noqa: BLE001 - any compile/launch failure skips it
                 timed[name] = f"{type(exc).__name__}: {exc}"[:300]
         ok = {n: t for n, t in timed.items() if isinstance(t, float)}
