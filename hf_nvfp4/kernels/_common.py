@@ -221,3 +221,75 @@ def rht_rows(xt, bd_ptr, BM: tl.constexpr, INTERPRET: tl.constexpr):
     if INTERPRET and xt.dtype == tl.bfloat16:
         return round_bf16(y)
     return y.to(xt.dtype).to(tl.float32)
+
+
+@triton.jit
+def sr_offsets(idx, key):
+    """``2^26 + 2^24 - 1 - r24`` of the draws of :func:`uniform24` (uint32), for
+    :func:`e2m1_stochastic_fast`: the complement folded into the last xor-shift."""
+    h = idx * 0x9E3779B9 + key.to(tl.uint32, bitcast=True)
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    h = h ^ (h >> 16)
+    return (~(h >> 8)) & 0x04FFFFFF
+
+
+@triton.jit
+def e2m1_stochastic_fast(v, t):
+    """:func:`e2m1_stochastic` with ``t = sr_offsets(...)``: the same codes in fewer instructions.
+
+    Rounding up when ``r24 < p * 2^24`` is a carry into bit 24 of ``X + 2^24 - 1 - r24``,
+    where ``X`` is the magnitude in fixed point with the code above bit 24 and the fraction
+    ``ceil(p * 2^24)`` below. From 2 up (steps 1 and 2: one mantissa bit) ``X`` is the
+    magnitude's bits times 4, less the exponent bias (the ``2^26`` of ``t``); below 2 (step
+    0.5) it is ``ceil(|v| * 2^25)``.
+    """
+    m = tl.minimum(tl.abs(v), 6.0)
+    big = m.to(tl.uint32, bitcast=True) * 4 + t
+    small = tl.math.ceil(m * 33554432.0).to(tl.uint32) + (t - 0x04000000)
+    code = (tl.where(m < 2.0, small, big) >> 24).to(tl.int32)
+    return code | ((v.to(tl.int32, bitcast=True) >> 28) & 8)
+
+
+@triton.jit
+def e2m1_nearest_fma(v):
+    """:func:`e2m1_nearest` as one rounding FMA: the same codes for every input.
+
+    ``|v|`` (saturated at 6) times the inverse grid step ``s`` (2 below 2, then 1, then 1/2:
+    ``2^(128 - max(e, 127))``, e the biased exponent) plus ``2^23`` rounds to the nearest
+    integer, ties to even; the code is that integer plus ``2 * (max(e, 127) - 127)``.
+    """
+    m = tl.minimum(tl.abs(v), 6.0)
+    e = tl.maximum(m, 1.0).to(tl.int32, bitcast=True) & 0x7F800000
+    r = (m * (0x7F800000 - e).to(tl.float32, bitcast=True) + 8388608.0).to(tl.int32,
+                                                                            bitcast=True)
+    return (r + (e >> 22) - (0x4B000000 + 254)) | ((v.to(tl.int32, bitcast=True) >> 28) & 8)
+
+
+@triton.jit
+def e2m1_decode_scaled(c, scale):
+    """FP32 ``e2m1_value(c) * scale`` for int32 codes, exact when the product is a BF16.
+
+    ``(c & 7) << 22`` read as FP32 is the E2M1 magnitude times 2^-126 (subnormal below
+    code 2), so two multiplications replace the decode.
+    """
+    bits = ((c & 7) << 22) | ((c & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37 * scale
+
+
+@triton.jit
+def bf16_exact(y):
+    """FP32 ``y`` that is exactly a BF16 value, as BF16 (its high 16 bits, no rounding)."""
+    return (y.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def pack_words(codes, R: tl.constexpr, C: tl.constexpr):
+    """int32 codes [R, C, 8] to int32 words [R, C]: code j in nibble j (the byte layout of
+    :func:`pack_pairs`, read little-endian), by shift-adds within each thread."""
+    lo, hi = tl.split(tl.reshape(codes, [R, C, 4, 2]))
+    lo, hi = tl.split(tl.reshape(lo + (hi << 4), [R, C, 2, 2]))
+    lo, hi = tl.split(lo + (hi << 8))
+    return lo + (hi << 16)

@@ -2,7 +2,8 @@
 
 The first phase of two-phase quantization: the global encode scale must be known before any
 element is encoded. Each program walks a strip of ``TILES`` row tiles of one column block,
-keeps elementwise running maxima, and folds them in with one atomic max per output.
+keeps elementwise running maxima (``max|x|`` in x's dtype: exact, two per register for 16-bit
+inputs), and folds them in with one atomic max per output.
 
 The RHT output is rounded to ``x.dtype`` before its amax in the reference; rounding is
 monotone, so the kernel rounds the FP32 maximum once instead of every element.
@@ -46,7 +47,7 @@ def _amax_kernel(
         bd = tl.load(bd_ptr + offs[:, None] * BM + offs[None, :])
         if INTERPRET or x_ptr.dtype.element_ty == tl.float32:
             bd = bd.to(tl.float32)
-    acc_row = tl.zeros([BM, BK], dtype=tl.float32)
+    acc_row = tl.zeros([BM, BK], dtype=x_ptr.dtype.element_ty)
     acc_col = tl.zeros([BM, BK], dtype=tl.float32)
     for t in range(TILES):
         rows = (pid_m * TILES + t) * BM + offs
@@ -54,7 +55,7 @@ def _amax_kernel(
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :], mask=mask,
                     other=0.0)
         if DO_ROW:
-            acc_row = tl.maximum(acc_row, tl.abs(x.to(tl.float32)))
+            acc_row = tl.maximum(acc_row, tl.abs(x))
         if DO_COL:
             if COL_RHT:
                 if INTERPRET or x.dtype == tl.float32:
@@ -65,7 +66,7 @@ def _amax_kernel(
                 y = x.to(tl.float32)
             acc_col = tl.maximum(acc_col, tl.abs(y))
     if DO_ROW:
-        tl.atomic_max(out_ptr, tl.max(tl.max(acc_row, axis=1), axis=0))
+        tl.atomic_max(out_ptr, tl.max(tl.max(acc_row.to(tl.float32), axis=1), axis=0))
     if DO_COL:
         cmax = tl.max(tl.max(acc_col, axis=1), axis=0)
         if COL_RHT:

@@ -13,11 +13,12 @@ memory, as :func:`numerics.rng.counter_uniform` with ``key = fmix32(seed)``. Eit
 can instead be written as BF16 block values (E2M1 value times E4M3 block scale, without the
 global scale), the operands of the emulated GEMM.
 
-Layout: a program loads one [BM, BK] tile. The row copy is encoded in the load layout (16
-consecutive elements of a row span two threads). The column copy is computed as
-``x^T @ blockdiag(D H / 4)`` on the tensor cores (an identity-free transposed load when there
-is no RHT), so each thread holds adjacent token pairs of a row of x^T: packing is in-thread
-and the 16-token block amax takes two shuffles.
+Layout: a program covers one [BM, BK] tile. The row copy loads it as two [BM, BK/16, 8]
+halves (the first and last 8 elements of each 1x16 block), so each thread holds whole
+blocks: the block amax, scale and packing into two int32 words per block are in-thread. The
+column copy loads x^T [BK, BM] itself (an L2 hit) and computes ``x^T @ blockdiag(D H / 4)``
+on the tensor cores, so each thread holds adjacent token pairs of a row of x^T: packing is
+in-thread and the 16-token block amax takes two shuffles.
 """
 
 from __future__ import annotations
@@ -28,42 +29,40 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    bf16_exact,
     block_scale,
-    e2m1_decode,
-    e2m1_nearest_fast,
-    e2m1_stochastic,
+    e2m1_decode_scaled,
+    e2m1_nearest_fma,
+    e2m1_stochastic_fast,
     e4m3_decode,
     global_scales,
     interpreting,
     pack_pairs,
+    pack_words,
     rht_blockdiag,
     rht_rows,
-    uniform24,
+    sr_offsets,
 )
 from ._tuning import pick
 from .amax import amax_rowcol
 
-# (BM, BK, num_warps, TLOAD): BM tokens (the RHT block-diagonal size) x BK features per
-# program; TLOAD: the column path loads x^T itself instead of transposing the row path's tile.
-_CONFIGS = (
-    (32, 128, 4, False), (64, 64, 4, False), (64, 128, 8, False), (64, 128, 4, True),
-    (64, 128, 4, False),
-)
+# (BM, BK, num_warps): BM tokens (the RHT block-diagonal size) x BK features per program
+_CONFIGS = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8))
 
 
 @triton.jit
 def _encode(v, idx, key, SR: tl.constexpr):
     """E2M1 codes of scaled values ``v``: nearest, or stochastic with draws hashed from idx."""
     if SR:
-        return e2m1_stochastic(v, uniform24(idx, key))
-    return e2m1_nearest_fast(v)
+        return e2m1_stochastic_fast(v, sr_offsets(idx, key))
+    return e2m1_nearest_fma(v)
 
 
 @triton.jit
 def _values(codes, byte, R: tl.constexpr, C: tl.constexpr):
     """BF16 block values [R, C]: E2M1 value of each code times its block's E4M3 scale."""
-    val = tl.reshape(e2m1_decode(codes), [R, C // 16, 16]) * e4m3_decode(byte)[:, :, None]
-    return tl.reshape(val, [R, C]).to(tl.bfloat16)
+    val = e2m1_decode_scaled(tl.reshape(codes, [R, C // 16, 16]), e4m3_decode(byte)[:, :, None])
+    return bf16_exact(tl.reshape(val, [R, C]))
 
 
 @triton.jit
@@ -91,7 +90,6 @@ def _rowcol_kernel(
     COL_VALUES: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
-    TLOAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -107,42 +105,42 @@ def _rowcol_kernel(
             tl.store(gs_ptr + 1, 1.0)
 
     if DO_ROW:
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :], mask=mask,
-                    other=0.0)
+        # Two loads of [BM, BK/16, 8]: the low and high halves of each 16-element block, so
+        # a thread holds whole blocks (no shuffles, one block scale per block and thread).
+        blk = k0 // 16 + tl.arange(0, BK // 16)
+        c3 = blk[None, :, None] * 16 + tl.arange(0, 8)[None, None, :]
+        r3 = rows[:, None, None]
+        mask3 = (r3 < M) & (c3 < K)
+        p = x_ptr + r3.to(tl.int64) * stride_m + c3
+        xa = tl.load(p, mask=mask3, other=0.0).to(tl.float32)
+        xb = tl.load(p + 8, mask=mask3, other=0.0).to(tl.float32)
         mult6, s_dec = global_scales(tl.load(amax_ptr))
         if first:
             tl.store(gs_ptr, s_dec)
-        x3 = tl.reshape(x.to(tl.float32), [BM, BK // 16, 16])
-        byte, mult = block_scale(tl.max(tl.abs(x3), axis=2), mult6, s_dec)
-        v = tl.reshape(x3 * mult[:, :, None], [BM, BK])
+        byte, mult = block_scale(tl.max(tl.maximum(tl.abs(xa), tl.abs(xb)), axis=2), mult6,
+                                 s_dec)
         key = tl.load(keys_ptr)
-        idx = rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)
-        codes = _encode(v, idx, key, ROW_SR)
+        idx = r3.to(tl.uint32) * K + c3.to(tl.uint32)
+        ca = _encode(xa * mult[:, :, None], idx, key, ROW_SR)
+        cb = _encode(xb * mult[:, :, None], idx + 8, key, ROW_SR)
+        bmask = (rows[:, None] < M) & (blk[None, :] < K // 16)
         if ROW_VALUES:
-            tl.store(row_data_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                     _values(codes, byte, BM, BK), mask=mask)
-        else:
-            bcols = k0 // 2 + tl.arange(0, BK // 2)
-            tl.store(
-                row_data_ptr + rows[:, None].to(tl.int64) * (K // 2) + bcols[None, :],
-                pack_pairs(codes, BM, BK),
-                mask=(rows[:, None] < M) & (bcols[None, :] < K // 2),
-            )
-            scols = k0 // 16 + tl.arange(0, BK // 16)
-            tl.store(
-                row_scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + scols[None, :],
-                byte.to(tl.uint8),
-                mask=(rows[:, None] < M) & (scols[None, :] < K // 16),
-            )
+            s3 = e4m3_decode(byte)[:, :, None]
+            q = row_data_ptr + r3.to(tl.int64) * K + c3
+            tl.store(q, bf16_exact(e2m1_decode_scaled(ca, s3)), mask=mask3)
+            tl.store(q + 8, bf16_exact(e2m1_decode_scaled(cb, s3)), mask=mask3)
+        else:  # row_data_ptr: int32 words, two per block
+            words = tl.join(pack_words(ca, BM, BK // 16), pack_words(cb, BM, BK // 16))
+            w3 = blk[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+            tl.store(row_data_ptr + r3.to(tl.int64) * (K // 8) + w3, words, mask=bmask[:, :, None])
+            tl.store(row_scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + blk[None, :],
+                     byte.to(tl.uint8), mask=bmask)
 
     if DO_COL:
-        if DO_ROW and not TLOAD:
-            xt = tl.trans(x)
-        else:  # x^T [BK, BM] loaded transposed (rows past M are the zero padding to M16)
-            tmask = (cols[:, None] < K) & (rows[None, :] < M)
-            xt = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_m + cols[:, None],
-                         mask=tmask, other=0.0)
+        # x^T [BK, BM] loaded transposed (rows past M are the zero padding to M16)
+        tmask = (cols[:, None] < K) & (rows[None, :] < M)
+        xt = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_m + cols[:, None], mask=tmask,
+                     other=0.0)
         mult6c, s_decc = global_scales(tl.load(amax_ptr + 1))
         if first:
             tl.store(gs_ptr + 1, s_decc)
@@ -241,22 +239,24 @@ def quantize_rowcol_nvfp4(
     if keys is None:  # never read: any int32 [2] on the device will do
         keys = amax.view(torch.int32)
 
-    def launch(bm: int, bk: int, warps: int, tload: bool) -> None:  # idempotent
+    row_out = row_data.view(torch.int32) if row and not row_values else row_data
+
+    def launch(bm: int, bk: int, warps: int) -> None:  # idempotent
         bd = rht_blockdiag(col_rht_sign, bm, x.dtype, dev) if col_rht_sign is not None else gs
         _rowcol_kernel[(triton.cdiv(m16, bm), triton.cdiv(k16, bk))](
-            x, amax, keys, bd, gs, row_data, row_scale, col_data, col_scale,
+            x, amax, keys, bd, gs, row_out, row_scale, col_data, col_scale,
             m, k, x.stride(0), m16,
             DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None, INTERPRET=interpreting(),
             ROW_SR=row and row_sr, COL_SR=col and col_sr,
             ROW_VALUES=row_values, COL_VALUES=col_values,
-            BM=bm, BK=bk, TLOAD=tload, num_warps=warps,
+            BM=bm, BK=bk, num_warps=warps,
         )
 
     if not (row or col):
         return row_data, row_scale, col_data, col_scale, gs.fill_(1.0)
     key = ("rowcol2", m, k, x.dtype, row, col, col_rht_sign is not None,
            row and row_sr, col and col_sr, row_values, col_values, dev)
-    names = [f"BM={bm},BK={bk},warps={w},tload={t}" for bm, bk, w, t in _CONFIGS]
+    names = [f"BM={bm},BK={bk},warps={w}" for bm, bk, w in _CONFIGS]
     cands = lambda: {n: (lambda c=c: launch(*c)) for n, c in zip(names, _CONFIGS, strict=True)}
     launch(*_CONFIGS[names.index(pick(key, cands, dev))])
     return row_data, row_scale, col_data, col_scale, gs

@@ -179,8 +179,8 @@ def test_all_configs(monkeypatch):
     from hf_nvfp4.kernels import quantize_rowcol as qr
 
     x = _x(200, 272, torch.bfloat16, seed=8)
-    for bm, bk, warps, tload in qr._CONFIGS:
-        name = f"BM={bm},BK={bk},warps={warps},tload={tload}"
+    for bm, bk, warps in qr._CONFIGS:
+        name = f"BM={bm},BK={bk},warps={warps}"
         monkeypatch.setattr(qr, "pick", lambda *a, name=name, **k: name)
         _check_rowcol(x, SPECS.dy, SPECS.dy_t)
 
@@ -189,7 +189,18 @@ if importlib.util.find_spec("triton") is not None:
     import triton
     import triton.language as tl
 
-    from hf_nvfp4.kernels._common import e2m1_nearest, e2m1_nearest_fast
+    from hf_nvfp4.kernels._common import (
+        e2m1_decode,
+        e2m1_decode_scaled,
+        e2m1_nearest,
+        e2m1_nearest_fast,
+        e2m1_nearest_fma,
+        e2m1_stochastic,
+        e2m1_stochastic_fast,
+        e4m3_decode,
+        sr_offsets,
+        uniform24,
+    )
 
     @triton.jit
     def _both_encoders(v_ptr, a_ptr, b_ptr, n, BLOCK: tl.constexpr):
@@ -197,6 +208,29 @@ if importlib.util.find_spec("triton") is not None:
         v = tl.load(v_ptr + offs, mask=offs < n, other=0.0)
         tl.store(a_ptr + offs, e2m1_nearest(v), mask=offs < n)
         tl.store(b_ptr + offs, e2m1_nearest_fast(v), mask=offs < n)
+
+    @triton.jit
+    def _fast_helpers(v_ptr, key_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        """Columns of out: nearest, nearest_fma, stochastic, stochastic_fast, the draw."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(v_ptr + offs, mask=offs < n, other=0.0)
+        key = tl.load(key_ptr)
+        idx = offs.to(tl.uint32)
+        o = out_ptr + offs * 5
+        tl.store(o, e2m1_nearest(v), mask=offs < n)
+        tl.store(o + 1, e2m1_nearest_fma(v), mask=offs < n)
+        tl.store(o + 2, e2m1_stochastic(v, uniform24(idx, key)), mask=offs < n)
+        tl.store(o + 3, e2m1_stochastic_fast(v, sr_offsets(idx, key)), mask=offs < n)
+        tl.store(o + 4, uniform24(idx, key), mask=offs < n)
+
+    @triton.jit
+    def _decoders(out_ptr, BLOCK: tl.constexpr):
+        """Every (code, E4M3 byte) pair: decode times scale, and the fused decode."""
+        offs = tl.arange(0, BLOCK)
+        code = offs & 15
+        s = e4m3_decode((offs >> 4) & 127)
+        tl.store(out_ptr + offs * 2, e2m1_decode(code) * s)
+        tl.store(out_ptr + offs * 2 + 1, e2m1_decode_scaled(code, s))
 
 
 def test_e2m1_nearest_fast():
@@ -211,6 +245,52 @@ def test_e2m1_nearest_fast():
     b = torch.empty_like(a)
     _both_encoders[(-(-v.numel() // 1024),)](v, a, b, v.numel(), BLOCK=1024)
     assert torch.equal(a, b)
+
+
+def _sr_edge_values(n: int, key: int) -> torch.Tensor:
+    """Magnitudes on every E2M1 interval whose fraction ``p * 2^24`` is the element's draw
+    ``r24`` (and one step either side, and half-way below 0.25), plus random ones."""
+    from hf_nvfp4.numerics.rng import keyed_uniform
+
+    r24 = (keyed_uniform(torch.tensor(key), (n,), "cpu").double() * 2**24)
+    g = torch.Generator().manual_seed(1)
+    lo_step = [(0.0, 0.5), (0.5, 0.5), (1.0, 0.5), (1.5, 0.5), (2.0, 1.0), (3.0, 1.0),
+               (4.0, 2.0)]
+    pick = torch.randint(0, len(lo_step), (n,), generator=g)
+    lo = torch.tensor([lo_step[i][0] for i in pick], dtype=torch.float64)
+    step = torch.tensor([lo_step[i][1] for i in pick], dtype=torch.float64)
+    delta = torch.randint(-1, 2, (n,), generator=g).double()
+    kind = torch.randint(0, 4, (n,), generator=g)
+    m = lo + (r24 + delta) / 2**24 * step
+    m = torch.where(kind == 1, (r24 + 0.5) * 2.0**-26 * torch.rand(n, generator=g).double()
+                    .lt(0.5).double().add(1.0), m)
+    m = torch.where(kind == 2, torch.rand(n, generator=g).double() * 7, m)
+    m = torch.where(kind == 3, torch.rand(n, generator=g).double() * 2.0**-20, m)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    return (m * sign).float()
+
+
+def test_fast_encoders():
+    """The fused SR / nearest encoders give the codes of the reference-shaped encoders on
+    ties, saturation, subnormals and fractions equal to the draw."""
+    key = 0xA545F491 - (1 << 32)
+    v = _sr_edge_values(60000, key)
+    v[:8] = torch.tensor([0.0, -0.0, 6.0, -6.0, 7.5, 1e30, 1e-45, -3e-39])
+    v = v.to(DEV)
+    out = torch.empty(v.numel(), 5, dtype=torch.int32, device=DEV)
+    keys = torch.tensor([key], dtype=torch.int32, device=DEV)
+    _fast_helpers[(-(-v.numel() // 1024),)](v, keys, out, v.numel(), BLOCK=1024)
+    out = out.cpu()
+    assert torch.equal(out[:, 0], out[:, 1])
+    assert torch.equal(out[:, 2], out[:, 3])
+    assert (out[:, 2] != out[:, 0]).any()  # the draws decide some elements
+
+
+def test_decode_scaled():
+    out = torch.empty(16 * 128, 2, dtype=torch.float32, device=DEV)
+    _decoders[(1,)](out, BLOCK=16 * 128)
+    out = out.cpu()
+    assert torch.equal(out[:, 0].view(torch.int32), out[:, 1].view(torch.int32))
 
 
 def test_zero_blocks_rowcol():

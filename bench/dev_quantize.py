@@ -1,0 +1,319 @@
+"""Row/column NVFP4 quantization: bit-exactness vs the reference and speed (GPU), or the
+compiled kernels' registers and instruction counts (no GPU needed).
+
+    python bench/dev_quantize.py            # check + time; JSON to $OUT/quantize.json if set
+    python bench/dev_quantize.py --quick    # 8192x4096 checked + one training shape (< 2 min)
+    python bench/dev_quantize.py --ncu      # one x and one dy call at 8192x4096 (for ncu)
+    python bench/dev_quantize.py --offline [--base REV]   # sm_90 compile stats, no GPU
+
+GPU: checks codes, scales, global scales and BF16 block values against the reference
+(``numerics.quantize`` of x and x^T, one child generator each) computed on the GPU (x: RTN
+row + RHT RTN column; dy: SR row + RHT SR column; bf16) and counts mismatches. Times the
+whole call (amax pass included), the encode pass alone (amax given), the amax pass and the
+single-copy variants. Throughput is bytes of input per second over the copy bandwidth: a
+``clone`` of a 1 GiB tensor, counted as bytes copied per second.
+
+Offline: compiles every config of the row/column and amax kernels for sm_90 on the CPU and
+prints registers, local memory (spills), the static SASS count and thread-instructions per
+input element (warp instructions x 32 / elements of a program's tile; a loop body counts
+once per iteration), plus the TTGIR layout conversions and shared-memory allocations.
+``--base REV`` adds the same table for the kernels as committed at git revision REV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+try:
+    import hf_nvfp4  # noqa: F401
+except ImportError as exc:  # the kernels need only torch + triton
+    print(f"note: `import hf_nvfp4` failed ({exc}); loading its subpackages directly")
+    _pkg = types.ModuleType("hf_nvfp4")
+    _pkg.__path__ = [str(ROOT / "hf_nvfp4")]
+    sys.modules["hf_nvfp4"] = _pkg
+
+from hf_nvfp4.kernels._common import seed_key  # noqa: E402
+from hf_nvfp4.kernels._tuning import choices, median_ms  # noqa: E402
+from hf_nvfp4.kernels.amax import amax_rowcol  # noqa: E402
+from hf_nvfp4.kernels.quantize_rowcol import quantize_rowcol_nvfp4  # noqa: E402
+from hf_nvfp4.numerics.quantize import quantize  # noqa: E402
+from hf_nvfp4.numerics.rng import draw_seed, split_generator  # noqa: E402
+from hf_nvfp4.recipe import Recipe  # noqa: E402
+
+SPECS = Recipe().role_specs()
+SIGN = tuple(SPECS.x_t.rht_sign)
+CHECK_SHAPES = ((8192, 4096), (16384, 14336))
+TRAIN_SHAPES = ((16384, 2048), (16384, 5632), (32768, 768), (32768, 2048))
+ROLES = {"x": (SPECS.x, SPECS.x_t, False), "dy": (SPECS.dy, SPECS.dy_t, True)}
+
+
+def keys_for(seed: int) -> tuple[torch.Tensor, int, int]:
+    """Device keys and the two child seeds the reference draws from ``Generator(seed)``."""
+    g_row, g_col = split_generator(torch.Generator().manual_seed(seed))
+    rs, cs = draw_seed(g_row), draw_seed(g_col)
+    return torch.tensor([seed_key(rs), seed_key(cs)], dtype=torch.int32, device="cuda"), rs, cs
+
+
+def new_call(x, sr, keys, **kw):
+    return quantize_rowcol_nvfp4(x, True, True, SIGN, sr, sr, keys, **kw)
+
+
+def mismatches(x: torch.Tensor, role: str, seed: int = 11) -> dict:
+    """Mismatching bytes / values of the kernel vs the reference on the GPU."""
+    row, col, sr = ROLES[role]
+    keys = keys_for(seed)[0]
+    gens = split_generator(torch.Generator().manual_seed(seed))
+    want = [quantize(t, "nvfp4", rounding=s.rounding, rht=s.rht, rht_sign=s.rht_sign,
+                     generator=g)
+            for t, s, g in ((x, row, gens[0]), (x.t().contiguous(), col, gens[1]))]
+    got = new_call(x, sr, keys)
+    vals = new_call(x, sr, keys, row_values=True, col_values=True)
+    out = {}
+    for i, (q, name) in enumerate(((want[0], "row"), (want[1], "col"))):
+        data, scale = got[2 * i], got[2 * i + 1]
+        out[f"{name}_codes"] = int((data != q.data).sum())
+        out[f"{name}_scales"] = int((scale != q.scale.view(torch.uint8)).sum())
+        out[f"{name}_global"] = int(float(got[4][i]) != float(q.global_scale))
+        ref_vals = q.block_values().to(torch.bfloat16).view(torch.int16)
+        out[f"{name}_values"] = int((vals[2 * i].view(torch.int16) != ref_vals).sum())
+        del ref_vals
+    del want, got, vals
+    torch.cuda.empty_cache()
+    return out
+
+
+def time_shape(m: int, k: int, copy_gbps: float, check: bool) -> list[dict]:
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    in_bytes = x.numel() * 2
+    amax = amax_rowcol(x, True, True, SIGN)
+    rows = []
+
+    def frac(ms: float) -> float:
+        return in_bytes / ms / 1e6 / copy_gbps
+
+    amax_ms = median_ms(lambda: amax_rowcol(x, True, True, SIGN), reps=20, warmup=3)
+    for role, (_row, _col, sr) in ROLES.items():
+        keys, rs, cs = keys_for(5)
+        new_call(x, sr, keys)  # tuning happens here
+        r = {"shape": f"{m}x{k}", "role": role}
+        r["new_ms"] = median_ms(lambda sr=sr, keys=keys: new_call(x, sr, keys), reps=20, warmup=3)
+        new_call(x, sr, keys, amax=amax)
+        r["encode_ms"] = median_ms(lambda sr=sr, keys=keys: new_call(x, sr, keys, amax=amax),
+                                   reps=20, warmup=3)
+        new_call(x, sr, keys, amax=amax, row_values=True, col_values=True)
+        r["values_encode_ms"] = median_ms(
+            lambda sr=sr, keys=keys: new_call(x, sr, keys, amax=amax, row_values=True,
+                                              col_values=True), reps=20, warmup=3)
+        r["amax_ms"] = amax_ms
+        for name, rw, cl in (("row_only_ms", True, False), ("col_only_ms", False, True)):
+            def one(rw=rw, cl=cl, sr=sr, keys=keys):
+                return quantize_rowcol_nvfp4(x, rw, cl, SIGN, sr, sr, keys, amax=amax)
+            one()
+            r[name] = median_ms(one, reps=20, warmup=3)
+        r["new_frac"] = frac(r["new_ms"])
+        r["encode_frac"] = frac(r["encode_ms"])
+        if check:
+            r["mismatches"] = mismatches(x, role)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    return rows
+
+
+def copy_bandwidth() -> float:
+    """GB/s of ``clone`` of a 1 GiB tensor, bytes copied per second."""
+    src = torch.empty(2**29, dtype=torch.int16, device="cuda").random_()
+    return src.numel() * 2 / median_ms(lambda: src.clone(), reps=20, warmup=3) / 1e6
+
+
+# ----------------------------------------------------------------------------- offline
+D16 = [["tt.divisibility", 16]]  # what the launcher infers for 16-aligned pointers/ints
+OFFLINE_ROLES = {  # role: (row SR, col SR, values outputs)
+    "x": (False, False, False), "x_values": (False, False, True),
+    "dy": (True, True, False), "dy_values": (True, True, True),
+}
+
+
+def load_module(name: str, rev: str | None) -> types.ModuleType:
+    """``hf_nvfp4.kernels.<name>`` as in the working tree, or as committed at git ``rev``."""
+    if rev is None:
+        return importlib.import_module(f"hf_nvfp4.kernels.{name}")
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:hf_nvfp4/kernels/{name}.py"],
+                         capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(src)
+    full = f"hf_nvfp4.kernels._base_{name}"
+    spec = importlib.util.spec_from_file_location(full, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[full] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def compile_sm90(fn, types_: dict, consts: dict, warps: int, stages: int = 3):
+    """``triton.compile`` of ``fn`` for sm_90 with ``types_`` for its runtime arguments."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    consts = {k: v for k, v in consts.items() if k in names}
+    sig = {n: types_[n] if n in types_ else "constexpr" for n in names}
+    attrs = {(names.index(n),): D16 for n in names if n in types_ and n != "M"}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def sass_stats(kernel) -> dict:
+    """REG, LOCAL bytes, SASS instruction count (NOPs excluded), the loop body's count and
+    opcode histogram of a compiled kernel, from cuobjdump; TTGIR layout conversions."""
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        res = subprocess.run([tools / "cuobjdump", "-res-usage", cubin], capture_output=True,
+                             text=True, check=True).stdout
+        sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True,
+                              text=True, check=True).stdout
+    lines = [ln for ln in sass.splitlines()
+             if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", ln) and " NOP" not in ln]
+    addr = [int(re.search(r"/\*([0-9a-f]{4,})\*/", ln).group(1), 16) for ln in lines]
+    body = 0
+    for i, ln in enumerate(lines):  # the longest backward branch = the main loop
+        m = re.search(r"BRA\s+0x([0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < addr[i]:
+            body = max(body, sum(1 for a in addr if int(m.group(1), 16) <= a <= addr[i]))
+    ops = collections.Counter(
+        re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln).group(1) for ln in lines)
+    ttgir = kernel.asm["ttgir"]
+    return {"reg": int(re.search(r"REG:(\d+)", res).group(1)),
+            "local": int(re.search(r"LOCAL:(\d+)", res).group(1)),
+            "sass": len(lines), "loop_body": body, "ops": dict(ops.most_common(8)),
+            "convert_layout": ttgir.count("ttg.convert_layout"),
+            "local_alloc": ttgir.count("ttg.local_alloc")}
+
+
+def offline_rowcol(rev: str | None) -> list[dict]:
+    """Stats of every row/column kernel config for each role (bf16 x, RHT column)."""
+    qr = load_module("quantize_rowcol", rev)
+    rows = []
+    for role, (row_sr, col_sr, values) in OFFLINE_ROLES.items():
+        for cfg in qr._CONFIGS:
+            bm, bk, warps = cfg[:3]
+            row_packed = "*u8" if "TLOAD" in qr._rowcol_kernel.arg_names else "*i32"
+            types_ = {"x_ptr": "*bf16", "amax_ptr": "*fp32", "keys_ptr": "*i32",
+                      "bd_ptr": "*bf16", "gs_ptr": "*fp32",
+                      "row_data_ptr": "*bf16" if values else row_packed,
+                      "row_scale_ptr": "*u8", "col_data_ptr": "*bf16" if values else "*u8",
+                      "col_scale_ptr": "*u8", "M": "i32", "K": "i32", "stride_m": "i32",
+                      "M16": "i32"}
+            consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, INTERPRET=False,
+                          ROW_SR=row_sr, COL_SR=col_sr, ROW_VALUES=values, COL_VALUES=values,
+                          BM=bm, BK=bk, TLOAD=cfg[3] if len(cfg) > 3 else False)
+            st = sass_stats(compile_sm90(qr._rowcol_kernel, types_, consts, warps))
+            st.update(kernel="rowcol", role=role, config=str(cfg),
+                      instr_per_elem=round(st["sass"] * warps * 32 / (bm * bk), 1))
+            rows.append(st)
+            print(json.dumps(st), flush=True)
+    return rows
+
+
+def offline_amax(rev: str | None) -> list[dict]:
+    """Stats of every amax kernel config (row amax + RHT column amax, bf16)."""
+    am = load_module("amax", rev)
+    rows = []
+    for cfg in am._CONFIGS:
+        bk, tiles, warps, stages = cfg
+        types_ = {"x_ptr": "*bf16", "out_ptr": "*fp32", "bd_ptr": "*bf16", "M": "i32",
+                  "K": "i32", "stride_m": "i32"}
+        consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, INTERPRET=False, BM=am._BM,
+                      BK=bk, TILES=tiles)
+        st = sass_stats(compile_sm90(am._amax_kernel, types_, consts, warps, stages))
+        executed = st["sass"] + st["loop_body"] * (tiles - 1)
+        st.update(kernel="amax", role="row+rht col", config=str(cfg),
+                  instr_per_elem=round(executed * warps * 32 / (am._BM * bk * tiles), 1))
+        rows.append(st)
+        print(json.dumps(st), flush=True)
+    return rows
+
+
+def offline(base: str | None) -> None:
+    """Print the offline table of the working tree (and of ``base``, when given)."""
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launcher's default
+    tables = {"working tree": None} | ({f"git {base}": base} if base else {})
+    out = {}
+    for label, rev in tables.items():
+        out[label] = offline_rowcol(rev) + offline_amax(rev)
+    for label, rows in out.items():
+        print(f"\n{label}\n{'kernel':>6} {'role':>9} {'config':>22} {'REG':>4} {'LOCAL':>5} "
+              f"{'SASS':>5} {'loop':>5} {'instr/el':>8} {'cvt':>3} {'smem':>4}")
+        for r in rows:
+            print(f"{r['kernel']:>6} {r['role']:>9} {r['config']:>22} {r['reg']:>4} "
+                  f"{r['local']:>5} {r['sass']:>5} {r['loop_body']:>5} "
+                  f"{r['instr_per_elem']:>8} {r['convert_layout']:>3} {r['local_alloc']:>4}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "quantize_offline.json").write_text(json.dumps(out, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ncu", action="store_true", help="x, dy and row-only calls at 8192x4096")
+    ap.add_argument("--quick", action="store_true",
+                    help="8192x4096 checked and one training shape timed")
+    ap.add_argument("--offline", action="store_true",
+                    help="sm_90 registers / instruction counts of every config, no GPU")
+    ap.add_argument("--base", default=None, help="with --offline: also the kernels at this rev")
+    args = ap.parse_args()
+    if args.offline:
+        offline(args.base)
+        return
+    if args.ncu:
+        torch.use_deterministic_algorithms(True)  # the first config, no tuning launches
+        x = torch.randn(8192, 4096, device="cuda").to(torch.bfloat16)
+        keys = keys_for(5)[0]
+        for sr in (False, True):
+            new_call(x, sr, keys)
+        quantize_rowcol_nvfp4(x, True, False, None, False, False, None)
+        torch.cuda.synchronize()
+        return
+    copy_gbps = copy_bandwidth()
+    print(f"copy: {copy_gbps:.0f} GB/s (bytes copied per second)", flush=True)
+    rows = []
+    checked = CHECK_SHAPES[:1] if args.quick else CHECK_SHAPES
+    for m, k in checked:
+        rows += time_shape(m, k, copy_gbps, check=True)
+    for m, k in TRAIN_SHAPES[:1] if args.quick else TRAIN_SHAPES:
+        rows += time_shape(m, k, copy_gbps, check=False)
+    picks = {key: v["choice"] for key, v in choices().items()}
+    print(json.dumps(picks, indent=0))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "quantize.json").write_text(json.dumps(
+            {"copy_GBps": copy_gbps, "rows": rows, "choices": choices()}, indent=1))
+    print(f"\n{'shape':>12} {'role':>3} {'new ms':>7} {'new':>5} "
+          f"{'enc ms':>7} {'enc':>5} {'amax':>6} {'row':>6} {'col':>6} {'vals':>6}  mismatches")
+    for r in rows:
+        bad = sum(r["mismatches"].values()) if "mismatches" in r else "-"
+        print(f"{r['shape']:>12} {r['role']:>3} {r['new_ms']:7.3f} {r['new_frac']:5.2f} "
+              f"{r['encode_ms']:7.3f} {r['encode_frac']:5.2f} {r['amax_ms']:6.3f} "
+              f"{r['row_only_ms']:6.3f} {r['col_only_ms']:6.3f} {r['values_encode_ms']:6.3f}"
+              f"  {bad}")
+
+
+if __name__ == "__main__":
+    main()
