@@ -6,6 +6,9 @@ Examples::
     hf-nvfp4 export out/run/checkpoint-1000 out/ct --format compressed-tensors
     hf-nvfp4 export out/run/checkpoint-1000 out/mo --format modelopt --weight-only
     hf-nvfp4 inspect out/ct
+
+Building the parser imports neither torch nor transformers (``hf-nvfp4 --help`` stays fast);
+each sub-command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -77,10 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(qu)
     qu.set_defaults(func=run_quantize)
 
-    from . import cli_eval
+    from .cli_eval import add_eval_commands
 
-    if hasattr(cli_eval, "add_eval_commands"):
-        cli_eval.add_eval_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 
@@ -187,8 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"hf-nvfp4: error: {e}", file=sys.stderr)
+    except (CheckpointError, OSError, TypeError, ValueError) as e:
+        # One line, no traceback: the message names the flag, file or tensor to fix.
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"hf-nvfp4: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -10,17 +10,25 @@ training, not only PEFT), which Trainer checks.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.quantizers import register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+# Only modules that are fully executed when hf_nvfp4._registration imports this one, from
+# inside transformers' own import of transformers.quantizers.auto (see that module).
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
 from transformers.quantizers.base import HfQuantizer, _assign_is_quantized
 
 from .backends import unavailable_reason
 from .config import QUANT_METHOD, NVFP4Config
 from .convert import convert, iter_nvfp4_linears
 from .quant.sr import new_state
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
