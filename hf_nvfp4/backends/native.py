@@ -19,6 +19,7 @@ from ..recipe import QuantSpec
 from .base import AmaxReduce, Rng
 
 _TILE_ROWS, _TILE_COLS = 128, 4
+_K_MULTIPLE, _ROW_MULTIPLE = 32, 16  # cuBLAS FP4 GEMM: K in 32s, M and N in 16s
 
 
 def is_native_fp4_available(device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -89,22 +90,42 @@ class NativeFP4Backend:
         return self._quantizer.quantize_weight(w, spec)
 
     def gemm(self, a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """``a @ b^T`` on FP4 tensor cores; other formats use the Triton GEMM."""
+        """``a @ b^T`` on FP4 tensor cores; other formats use the Triton GEMM.
+
+        cuBLAS's FP4 GEMM needs the reduction dimension in multiples of 32 and the outer ones
+        in multiples of 16: operands are zero-padded (zero codes with zero block scales add
+        nothing) and the output is cropped, so a 1,000-token micro-batch works.
+        """
         if a.fmt != "nvfp4" or b.fmt != "nvfp4":
             return self._quantizer.gemm(a, b, out_dtype)
-        k2 = a.data.shape[-1]
-        if b.data.shape[-1] != k2 or (2 * k2) % 32:
+        if a.data.shape[-1] != b.data.shape[-1]:
             raise ValueError(
-                f"FP4 scaled_mm needs equal reduction dims that are multiples of 32; got "
-                f"{2 * k2} and {2 * b.data.shape[-1]}"
+                f"gemm operands disagree on the padded reduction dimension: "
+                f"{2 * a.data.shape[-1]} vs {2 * b.data.shape[-1]}"
             )
+        a_data, a_scale = pad_operand(a.data, a.scale)
+        b_data, b_scale = pad_operand(b.data, b.scale)
         fp4 = torch.float4_e2m1fn_x2
         out = torch._scaled_mm(
-            a.data.view(fp4),
-            b.data.view(fp4).t(),
-            scale_a=to_blocked(a.scale),
-            scale_b=to_blocked(b.scale),
+            a_data.view(fp4),
+            b_data.view(fp4).t(),
+            scale_a=to_blocked(a_scale),
+            scale_b=to_blocked(b_scale),
             out_dtype=torch.float32,
         )
         out = out * (a.global_scale * b.global_scale)
         return out[: a.shape[0], : b.shape[0]].to(out_dtype)
+
+
+def pad_operand(
+    data: torch.Tensor, scale: torch.Tensor, rows: int = _ROW_MULTIPLE, k: int = _K_MULTIPLE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes [R, K/2] and block scales [R, K/16] zero-padded to rows a multiple of
+    ``rows`` and K a multiple of ``k`` (no copy when already aligned)."""
+    pad_r = -data.shape[0] % rows
+    pad_k = -(2 * data.shape[1]) % k
+    if not (pad_r or pad_k):
+        return data, scale
+    data = F.pad(data, (0, pad_k // 2, 0, pad_r))
+    scale = F.pad(scale.view(torch.uint8), (0, pad_k // 16, 0, pad_r)).view(scale.dtype)
+    return data, scale

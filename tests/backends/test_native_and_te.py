@@ -57,3 +57,48 @@ def test_te_recipe_mapping():
     with pytest.raises(ValueError, match="rht_sign"):
         te_recipe_kwargs(Recipe(rht_sign=(1,) * 16))
     assert "transformer_engine[pytorch]" in INSTALL
+
+
+def _emulated_fp4_scaled_mm(a, b_t, scale_a, scale_b, out_dtype):
+    """What cuBLAS computes, from the operands as the native backend hands them over:
+    refuses unaligned shapes as cuBLAS does, reads the scales in the blocked layout."""
+    from hf_nvfp4.numerics import e2m1
+
+    b = b_t.t()
+    (m, k2), n = a.shape, b.shape[0]
+    if (2 * k2) % 32 or m % 16 or n % 16:
+        raise RuntimeError(f"unaligned FP4 GEMM {m}x{2 * k2}x{n}")
+
+    def values(data, blocked, rows):
+        codes = e2m1.decode(e2m1.unpack(data.view(torch.uint8)))
+        scales = from_blocked(blocked, rows, 2 * k2 // 16).to(torch.float32)
+        return codes * scales.repeat_interleave(16, dim=1)
+
+    return (values(a, scale_a, m) @ values(b, scale_b, n).t()).to(out_dtype)
+
+
+@pytest.mark.parametrize("m, k, n", [(1000, 64, 48), (40, 1008, 24), (64, 32, 16)])
+def test_native_gemm_pads_ragged_shapes(monkeypatch, m, k, n):
+    """A 1,000-token micro-batch: K = 1008 in wgrad is not a multiple of 32 (it used to raise)."""
+    from hf_nvfp4.backends.native import NativeFP4Backend, pad_operand
+    from hf_nvfp4.backends.reference import ReferenceBackend, reference_gemm
+    from hf_nvfp4.recipe import QuantSpec
+
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        pytest.skip(f"torch {torch.__version__} has no float4_e2m1fn_x2")
+    monkeypatch.setattr(torch, "_scaled_mm", _emulated_fp4_scaled_mm)
+    g = torch.Generator().manual_seed(m + k)
+    spec = QuantSpec("nvfp4", (1, 16))
+    ref = ReferenceBackend()
+    qa, _ = ref.quantize_rowcol(torch.randn(m, k, generator=g), spec, None)
+    qb, _ = ref.quantize_rowcol(torch.randn(n, k, generator=g), spec, None)
+    backend = NativeFP4Backend.__new__(NativeFP4Backend)  # no Triton quantizer needed here
+    got = backend.gemm(qa, qb, torch.float32)
+    want = reference_gemm(qa, qb, torch.float32)
+    assert got.shape == (m, n)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    data, scale = pad_operand(qa.data, qa.scale)
+    assert data.shape[0] % 16 == 0 and (2 * data.shape[1]) % 32 == 0
+    assert scale.dtype == qa.scale.dtype and scale.shape == (data.shape[0], 2 * data.shape[1] // 16)
+    assert torch.equal(data[:m, : qa.data.shape[1]], qa.data)
+    assert int(data.sum()) == int(qa.data.sum())  # the padding is zero codes
