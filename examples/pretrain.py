@@ -1,6 +1,6 @@
 """Pretrain a causal LM from scratch in NVFP4 with Accelerate (any config, any text).
 
-Single process:   python examples/pretrain.py --nvfp4 nvfp4 --steps 200
+Single process:   python examples/pretrain.py --steps 200     (--nvfp4 false: the baseline)
 With accelerate:  HF_NVFP4_RECIPE=integrations/accelerate/nvfp4_recipe.yaml \\
                   accelerate launch --config_file integrations/accelerate/ddp.yaml \\
                   examples/pretrain.py --steps 1000
@@ -9,6 +9,9 @@ CPU, 2 processes: torchrun --nproc_per_node 2 examples/pretrain.py --cpu --tiny
 Data: ``--dataset NAME`` (a Hub dataset with a ``text`` column, via ``datasets``),
 ``--text-files a.txt b.txt``, or by default the Python standard library's sources.
 Model: ``--config PATH_OR_NAME`` (any causal-LM config) or a built-in small Llama.
+Training is NVFP4 unless ``--nvfp4 false`` (or ``HF_NVFP4_RECIPE=false``); the trained model
+is saved to ``<out>/model`` (FP32 masters with its NVFP4Config; ``--no-save`` skips it) and
+the metrics to ``<out>/metrics.json``.
 """
 
 from __future__ import annotations
@@ -82,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--nvfp4", default=None,
-                   help="true | preset | recipe file (default: $HF_NVFP4_RECIPE, else off)")
+                   help="true | false | preset | recipe file (default: $HF_NVFP4_RECIPE, "
+                   "else true: the paper's NVFP4 recipe)")
+    p.add_argument("--no-save", action="store_true", help="do not save the trained model")
     p.add_argument("--tiny", action="store_true", help="a 2-layer hidden-64 model, 64 tokens")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         args.batch = 4 if args.tiny else 8
 
     accelerator = Accelerator(cpu=args.cpu)
-    config = resolve_nvfp4(args.nvfp4 if args.nvfp4 is not None else os.environ.get(RECIPE_ENV))
+    config = resolve_nvfp4(args.nvfp4 or os.environ.get(RECIPE_ENV) or True)
     plugin = NVFP4Plugin(config) if config is not None else None
     if plugin is not None:
         plugin.apply(accelerator)
@@ -160,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         timed_steps, seconds = stop - start, time.perf_counter() - t0
     checksum = sum(p.detach().double().sum().item() for p in model.parameters())
     checksums, last_work = gather_checksums(accelerator, checksum)
+    # Every rank takes part (a collective under FSDP); the main process writes.
+    state = None if args.no_save else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -175,13 +182,17 @@ def main(argv: list[str] | None = None) -> None:
             "quantized_layers": len(plugin.summaries[0].quantized_layers) if plugin else 0,
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(f"final loss {losses[-1]:.4f} over {accelerator.num_processes} process(es)")
+        print(f"final loss {losses[-1]:.4f} over {accelerator.num_processes} process(es), "
+              f"{'NVFP4' if plugin else 'high precision (--nvfp4 false)'}")
+        if state is not None:
+            accelerator.unwrap_model(model).save_pretrained(out / "model", state_dict=state)
+            print(f"saved the trained model to {out / 'model'}")
     # Tear the process group down here, not at interpreter exit (where gloo's live worker
     # threads abort the process), and drop the DDP wrapper, whose reducer holds the group,
     # while `last_work` is still referenced (see gather_checksums).
     accelerator.end_training()
     accelerator.free_memory()
-    del model, opt, loader, sched
+    del model, opt, loader, sched, state
     gc.collect()
     del last_work
 

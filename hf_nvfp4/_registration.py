@@ -39,6 +39,11 @@ TARGET = "transformers.quantizers.auto"
 
 
 def _register() -> None:
+    module = sys.modules.get(f"{__package__}.hf_quantizer")
+    if module is not None and not hasattr(module, "register"):
+        # hf_quantizer is mid-import (its own transformers import ran the target): it
+        # registers at its end.
+        return
     from .hf_quantizer import register
 
     register()

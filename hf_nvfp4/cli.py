@@ -14,6 +14,7 @@ each sub-command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,8 +127,19 @@ def write(model: Any, dst: str, tokenizer: Any, args: argparse.Namespace) -> Pat
         return save_packed(model, dst, masters=args.masters, **common)
     amax = None if args.weight_only else _calibration(model, tokenizer, args)
     export = export_compressed_tensors if args.format == "compressed-tensors" else export_modelopt
-    return export(model, dst, input_amax=amax, weight_only=args.weight_only,
-                  fuse_global_scales=not args.no_fuse_global_scales, **common)
+    # Print the per-layer report of the fused global scales (how much each weight changed).
+    report = logging.getLogger("hf_nvfp4.checkpoint.fusion")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("hf-nvfp4: %(message)s"))
+    level = report.level
+    report.addHandler(handler)
+    report.setLevel(logging.INFO)
+    try:
+        return export(model, dst, input_amax=amax, weight_only=args.weight_only,
+                      fuse_global_scales=not args.no_fuse_global_scales, **common)
+    finally:
+        report.removeHandler(handler)
+        report.setLevel(level)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -189,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, OSError, TypeError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:
         # One line, no traceback: the message names the flag, file or tensor to fix.
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"hf-nvfp4: error: {message}", file=sys.stderr)

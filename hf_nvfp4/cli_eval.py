@@ -7,7 +7,9 @@ its handler in ``func`` (``args.func(args)`` runs it and returns an exit status)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -44,17 +46,32 @@ def parse_models(specs: list[str]) -> dict[str, str]:
     return models
 
 
+@contextlib.contextmanager
+def _data_errors_name_the_flags() -> Iterator[None]:
+    """Missing benchmark data becomes a ValueError naming the flags that provide it."""
+    from hf_nvfp4.eval.data import DataUnavailableError
+
+    try:
+        yield
+    except DataUnavailableError as e:
+        raise ValueError(
+            f"{e}; give --data-dir DIR (DIR/gsm8k/test.jsonl, DIR/mmlu_pro/test.jsonl, "
+            "DIR/humaneval/test.jsonl) or allow downloads from the Hub (no --offline)"
+        ) from e
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``hf-nvfp4 eval``: evaluate one model, print its metrics."""
     from hf_nvfp4.eval.runner import evaluate
 
-    results = evaluate(
-        args.model,
-        args.tasks,
-        _options(args),
-        output_dir=args.output_dir,
-        reuse=args.reuse,
-    )
+    with _data_errors_name_the_flags():
+        results = evaluate(
+            args.model,
+            args.tasks,
+            _options(args),
+            output_dir=args.output_dir,
+            reuse=args.reuse,
+        )
     print(json.dumps({task: r["metrics"] for task, r in results.items()}, indent=1))
     print(f"per-item results in {Path(args.output_dir).resolve()}")
     return 0
@@ -64,14 +81,15 @@ def run_compare(args: argparse.Namespace) -> int:
     """Handler of ``hf-nvfp4 compare``: evaluate several models, write the report."""
     from hf_nvfp4.eval.compare import compare
 
-    summary = compare(
-        parse_models(args.models),
-        args.tasks,
-        baseline=args.baseline,
-        options=_options(args),
-        output_dir=args.output_dir,
-        reuse=args.reuse,
-    )
+    with _data_errors_name_the_flags():
+        summary = compare(
+            parse_models(args.models),
+            args.tasks,
+            baseline=args.baseline,
+            options=_options(args),
+            output_dir=args.output_dir,
+            reuse=args.reuse,
+        )
     print(Path(summary["files"]["markdown"]).read_text(encoding="utf-8"))
     print("\n".join(f"{kind}: {path}" for kind, path in summary["files"].items()))
     return 0

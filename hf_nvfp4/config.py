@@ -37,9 +37,21 @@ def _check_count_or_fraction(name: str, value: int | float) -> None:
         raise ValueError(f"{name} must be a block count >= 0 or a fraction in [0, 1]; got {value}")
 
 
-def _as_list(value: str | list[str] | None) -> list[str]:
-    # A lone string is one pattern, not a list of one-character patterns.
-    return [value] if isinstance(value, str) else list(value or [])
+def _as_list(name: str, value: str | list[str] | None) -> list[str]:
+    """``value`` as a list of strings; a lone string is one pattern, not one per character."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a string or a list of strings; got {value!r}")
+    return list(value)
+
+
+def _check_type(name: str, value: Any, types: tuple[type, ...], what: str) -> None:
+    """TypeError naming the field when ``value`` is not one of ``types`` (bools excluded)."""
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise TypeError(f"{name} must be {what}; got {value!r} ({type(value).__name__})")
 
 
 class NVFP4Config(QuantizationConfigMixin):
@@ -103,9 +115,9 @@ class NVFP4Config(QuantizationConfigMixin):
         self.backend = backend
         self.first_bf16_blocks = first_bf16_blocks
         self.last_bf16_blocks = last_bf16_blocks
-        self.include = _as_list(include)
-        self.exclude = _as_list(exclude)
-        self.modules_to_not_convert = _as_list(modules_to_not_convert)
+        self.include = _as_list("include", include)
+        self.exclude = _as_list("exclude", exclude)
+        self.modules_to_not_convert = _as_list("modules_to_not_convert", modules_to_not_convert)
         self.switch_to_bf16_at = switch_to_bf16_at
         self.switch_mode = switch_mode
         self.sr_seed = sr_seed
@@ -116,7 +128,19 @@ class NVFP4Config(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self) -> None:
-        """Validate every field; errors name the field and the value."""
+        """Validate every field's type and value; errors name the field and the value."""
+        for name, types, what in (
+            ("backend", (str,), "a string"),
+            ("switch_to_bf16_at", (int, float, type(None)), "a float fraction or None"),
+            ("switch_mode", (str,), "a string"),
+            ("sr_seed", (int,), "an int"),
+            ("optimizer_moments", (str, type(None)), "a string or None"),
+            ("checkpoint_format", (str,), "a string"),
+            ("switched", (str, type(None)), "a string or None"),
+        ):
+            _check_type(name, getattr(self, name), types, what)
+        for name in ("include", "exclude", "modules_to_not_convert"):
+            _as_list(name, getattr(self, name))
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
         _check_count_or_fraction("first_bf16_blocks", self.first_bf16_blocks)

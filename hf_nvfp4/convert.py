@@ -192,9 +192,26 @@ def convert(
             "high precision: %s",
             sorted({d.reason for d in summary.layers if d.reason.startswith("unsupported")}),
         )
+    _warn_ragged(summary)
     if verbose:
         print(summary.table())
     return summary
+
+
+def _warn_ragged(summary: ConversionSummary) -> None:
+    """Warn, naming them, about block layers kept high precision for their ragged sizes."""
+    ragged = [d.name for d in summary.layers if d.reason == "dimensions not multiples of 16"]
+    if not ragged:
+        return
+    shown = ", ".join(ragged[:6]) + (f" and {len(ragged) - 6} more" if len(ragged) > 6 else "")
+    logger.warning(
+        "hf_nvfp4.convert: %d of %d linear layers stay in HIGH PRECISION because their "
+        "in/out features are not multiples of 16 (NVFP4Linear needs 16-element blocks): %s. "
+        "%s",
+        len(ragged), len(summary.layers), shown,
+        "No layer is quantized: this model trains entirely in high precision."
+        if not summary.quantized_layers else "The other layers train in NVFP4.",
+    )
 
 
 def _nparams(mod: nn.Module) -> int:

@@ -159,3 +159,9 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(NVFP4Config)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(NVFP4HfQuantizer)
+
+
+# When this module is imported before transformers' quantizer registry, its own import above
+# runs the registry, whose hook (hf_nvfp4._registration) finds this module half-executed and
+# leaves the registration to this line.
+register()

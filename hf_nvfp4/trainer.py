@@ -10,6 +10,7 @@ model's ``sr_state`` buffers, so a resumed run reproduces the uninterrupted one)
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from torch import nn
 from .callbacks import LateSwitchCallback, QuantTelemetryCallback
 from .config import QUANT_METHOD, RECIPE_ENV, NVFP4Config, resolve_nvfp4
 from .hf_quantizer import prepare_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,11 +74,30 @@ class NVFP4Trainer(transformers.Trainer):
         if model is not None:
             config = self._convert(model, config)
         self.nvfp4_config = config
+        self._announce(config, chosen=source is not None)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if config is not None and config.switch_to_bf16_at is not None:
             if not any(isinstance(c, LateSwitchCallback) for c in callbacks):
                 callbacks.append(LateSwitchCallback(config.switch_to_bf16_at, config.switch_mode))
         super().__init__(model, args, *pargs, callbacks=callbacks, **kwargs)
+
+    @staticmethod
+    def _announce(config: NVFP4Config | None, chosen: bool) -> None:
+        """One line saying whether this Trainer trains NVFP4 (a warning when nothing chose)."""
+        if config is None and chosen:
+            print("hf_nvfp4.Trainer: NVFP4 is off (nvfp4=False): training in high precision")
+            return
+        if config is None:
+            logger.warning(
+                "hf_nvfp4.Trainer: no NVFP4 config (nvfp4=, args.nvfp4 and $%s are unset): "
+                "training in high precision like transformers.Trainer; pass nvfp4=True for "
+                "NVFP4", RECIPE_ENV,
+            )
+            return
+        recipe = config.get_recipe()
+        print(f"hf_nvfp4.Trainer: training with NVFP4Config(recipe fprop/dgrad/wgrad = "
+              f"{recipe.fprop_format}/{recipe.dgrad_format}/{recipe.wgrad_format}, "
+              f"backend {config.backend!r})")
 
     @staticmethod
     def _convert(model: nn.Module, config: NVFP4Config | None) -> NVFP4Config | None:

@@ -64,6 +64,7 @@ def test_inspect_table_and_json(native, capsys):
     assert main(["inspect", str(native)]) == 0
     table = capsys.readouterr().out
     assert "model.layers.0.mlp.up_proj" in table and "nvfp4" in table and "vs" in table
+    assert "for an NVFP4 row, the packed weight against its FP32 master, '-' when" in table
     assert main(["inspect", str(native), "--json", "--no-snr"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "hf_nvfp4-packed"

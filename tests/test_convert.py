@@ -183,8 +183,11 @@ def test_modules_to_not_convert_matches_whole_name_components():
     assert "model.layers.0.mlp.up_proj" in summary.quantized_layers
 
 
-def test_dims_not_multiple_of_16_are_skipped_with_reason():
-    summary = convert(_llama(intermediate_size=72), _cfg(), verbose=False)
+def test_dims_not_multiple_of_16_are_skipped_with_reason(caplog):
+    with caplog.at_level("WARNING", logger="hf_nvfp4.convert"):
+        summary = convert(_llama(intermediate_size=72), _cfg(), verbose=False)
+    assert "6 of 15 linear layers stay in HIGH PRECISION" in caplog.text
+    assert "model.layers.0.mlp.down_proj" in caplog.text and "not multiples of 16" in caplog.text
     skipped = sorted(d.name for d in summary.layers if d.reason == "dimensions not multiples of 16")
     assert skipped == [f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("down", "gate",
                                                                                   "up")]

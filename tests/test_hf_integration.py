@@ -252,6 +252,15 @@ def test_config_load_errors(tmp_path):
         (dict(switch_mode="backward"), ValueError, "switch_mode must be one of"),
         (dict(optimizer_moments="int8"), ValueError, "optimizer_moments must be"),
         (dict(checkpoint_format="gguf"), ValueError, "checkpoint_format must be one of"),
+        (dict(switch_to_bf16_at="0.8"), TypeError, "switch_to_bf16_at must be a float .*'0.8'"),
+        (dict(exclude=5), TypeError, "exclude must be a string or a list of strings; got 5"),
+        (dict(include=["mlp", 3]), TypeError, "include must be a string or a list of strings"),
+        (dict(modules_to_not_convert=7), TypeError, "modules_to_not_convert must be a string"),
+        (dict(sr_seed="abc"), TypeError, "sr_seed must be an int; got 'abc'"),
+        (dict(sr_seed=True), TypeError, "sr_seed must be an int; got True"),
+        (dict(backend=3), TypeError, "backend must be a string; got 3"),
+        (dict(optimizer_moments=4), TypeError, "optimizer_moments must be a string or None"),
+        (dict(reduce_amax="yes"), TypeError, "reduce_amax must be a bool"),
     ],
 )
 def test_config_rejects_bad_values(kw, error, match):

@@ -10,6 +10,7 @@
 
 from .atomic import atomic_directory
 from .calibrate import calibrate_input_amax, calibration_batches
+from .checksums import checksum_verification
 from .errors import CheckpointError
 from .export_compressed_tensors import export_compressed_tensors
 from .export_modelopt import export_modelopt
@@ -22,6 +23,7 @@ __all__ = [
     "atomic_directory",
     "calibrate_input_amax",
     "calibration_batches",
+    "checksum_verification",
     "export_compressed_tensors",
     "export_modelopt",
     "inspect_checkpoint",

@@ -4,7 +4,9 @@ Everything is written into a temporary sibling directory (same parent, so same f
 each file and the directory are fsync'ed, and only then is the temporary directory renamed
 onto the target. Replacing an existing checkpoint takes two renames (old -> ``.<name>.old-*``,
 new -> name); a crash between them leaves the previous checkpoint complete under the
-``.old`` name, never a half-written one under the real name.
+``.old`` name, never a half-written one under the real name. Directories and files get the
+permissions of ``mkdir`` and ``open`` under the user's umask (as ``save_pretrained``'s), not
+the owner-only modes of a temporary directory or of safetensors' writer.
 """
 
 from __future__ import annotations
@@ -32,6 +34,22 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    """The process umask (reading it means setting it; it is restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give ``root``'s directories mode 0o777 and its files 0o666, less the umask."""
+    mask = _current_umask()
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            os.chmod(Path(dirpath) / name, 0o666 & ~mask)
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file under ``root``, then the directories bottom-up."""
     for dirpath, _, filenames in os.walk(root, topdown=False):
@@ -54,6 +72,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _apply_umask(tmp)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,12 +1,23 @@
 """Export to NVIDIA ModelOpt's NVFP4 checkpoint format (vLLM, TensorRT-LLM, SGLang).
 
-Per quantized linear ``<name>`` (what vLLM's ``ModelOptNvFp4LinearMethod`` creates):
+Per quantized linear ``<name>`` (what vLLM's ``ModelOptNvFp4LinearMethod`` and
+``ModelOptNvFp4W4A16LinearMethod`` create and load):
 
-* ``weight``          uint8 [out, in/2]   our packed codes
+* ``weight``          uint8 [out, in/2]   our packed codes, the even element in the low
+  nibble (ModelOpt's packing)
 * ``weight_scale``    float8_e4m3fn [out, in/16]   our block decode scales
-* ``weight_scale_2``  float32 scalar   the DECODE global scale ``amax / (6 * 448)``
-* ``input_scale``     float32 scalar   activation DECODE scale ``amax(x) / (6 * 448)`` from
-  calibration (W4A4 ``quant_algo: "NVFP4"``; absent for ``"W4A16_NVFP4"``, weight-only)
+* ``weight_scale_2``  float32 scalar   our global DECODE scale ``S_dec = fp32(1 / S_enc)``,
+  ``S_enc = fp32(448 * 6 / amax)`` (Transformer Engine's order). vLLM multiplies with it
+  as stored (``alpha = input_scale * weight_scale_2``; Marlin for W4A16), so our weights
+  decode exactly. ModelOpt itself computes ``fp32(amax / (6 * 448))`` and its block scales
+  against that; the two differ in the last bit for some amax, and ours is the one our block
+  scales were computed with.
+* ``input_scale``     float32 scalar   activation DECODE scale ``fp32(amax(x) / (6 * 448))``
+  from calibration, as ModelOpt computes it (vLLM quantizes activations with
+  ``1 / input_scale``); W4A4 ``quant_algo: "NVFP4"`` only, absent for ``"W4A16_NVFP4"``
+
+Fused q/k/v and gate/up members share one ``weight_scale_2`` and one ``input_scale`` (vLLM
+keeps the max of each and warns when they differ; see :mod:`.fusion`).
 
 ``hf_quant_config.json`` holds ``producer`` and ``quantization`` {``quant_algo``,
 ``kv_cache_quant_algo``, ``group_size``, ``exclude_modules``} (vLLM requires the last three).
@@ -30,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_directory
 from .calibrate import input_amax_or_fail
-from .fusion import share_global_scales
+from .fusion import export_fusion
 from .layers import high_precision_state, iter_packed_layers
 from .packed import save_config_files
 from .shards import DEFAULT_MAX_SHARD_SIZE, write_sharded
@@ -73,14 +84,14 @@ def export_modelopt(
         input_amax: per-layer input amax from :func:`calibrate_input_amax` (W4A4).
         weight_only: write ``W4A16_NVFP4`` without input scales.
         fuse_global_scales: share one global scale within q/k/v and gate/up (see
-            :mod:`.fusion`); False writes each layer's own quantization bit for bit.
+            :mod:`.fusion`; each re-quantized layer's change is logged at INFO); False
+            writes each layer's own quantization bit for bit.
         dtype, max_shard_size, tokenizer, progress: as :func:`save_packed`.
     """
     layers = list(iter_packed_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no NVFP4 layers to export")
-    if fuse_global_scales:
-        layers = share_global_scales(layers)
+    layers = export_fusion(layers, fuse=fuse_global_scales).layers
     names = [layer.name for layer in layers]
     if not weight_only:
         input_amax = input_amax_or_fail(input_amax, names)

@@ -85,7 +85,15 @@ class CheckpointReport:
             f"total {self.total_bytes:,} bytes vs {self.bf16_bytes:,} in BF16 "
             f"({ratio:.3f}x); {sum(r.format == 'nvfp4' for r in self.layers)} NVFP4 layers"
         )
+        lines.append(SNR_NOTE)
         return "\n".join(lines)
+
+
+SNR_NOTE = (
+    "SNR dB: for a high-precision row, the SNR NVFP4 quantization (16x16 tiles) would give it; "
+    "for an NVFP4 row, the packed weight against its FP32 master, '-' when the checkpoint "
+    "saved no masters (save_packed(..., masters=True), --masters)"
+)
 
 
 def detect_format(directory: Path) -> str:

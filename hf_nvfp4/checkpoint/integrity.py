@@ -8,9 +8,12 @@ quantization method (compressed-tensors, ModelOpt), or a config.json of another 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .errors import CheckpointError
 from .shards import TensorInfo
@@ -128,6 +131,31 @@ def validate_packed_tensors(infos: dict[str, TensorInfo]) -> dict[str, tuple[int
     return layers
 
 
+def check_packed_values(
+    layer: str, scale: torch.Tensor, global_scale: torch.Tensor, file: str | os.PathLike
+) -> None:
+    """A packed layer's decode scales are finite and non-negative, or a CheckpointError.
+
+    NaN block scales would otherwise load silently and surface as a non-finite forward pass
+    far from their cause; a corrupted byte in a scale usually lands here too.
+    """
+    bits = scale.view(torch.uint8)
+    for what, bad in (("NaN", (bits & 0x7F) == 0x7F), ("negative", (bits & 0x80) != 0)):
+        count = int(bad.sum())
+        if count:
+            where = [int(i) for i in bad.nonzero()[0]]
+            raise CheckpointError(
+                f"layer {layer!r}: tensor {layer + '.weight_scale'!r} in {file} has {count} "
+                f"{what} block scale(s) (first at {where}); the checkpoint is corrupted"
+            )
+    value = float(global_scale.float().reshape(()))
+    if not math.isfinite(value) or value < 0:
+        raise CheckpointError(
+            f"layer {layer!r}: tensor {layer + '.weight_global_scale'!r} in {file} is {value}; "
+            "a decode global scale must be finite and >= 0 (the checkpoint is corrupted)"
+        )
+
+
 def check_all_present(
     expected: list[str], infos: dict[str, TensorInfo], where: str, tied: set[str]
 ) -> None:
@@ -145,6 +173,7 @@ def check_all_present(
 __all__ = [
     "FOREIGN_SUFFIXES",
     "check_all_present",
+    "check_packed_values",
     "read_quantization_config",
     "require_hf_nvfp4",
     "validate_packed_tensors",

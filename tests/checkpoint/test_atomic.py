@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -48,3 +50,16 @@ def test_refuses_a_file_path(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"), atomic_directory(tmp_path / "f"):
         pass
+
+
+def test_checkpoint_directory_follows_the_umask(model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_packed(model, tmp_path / "a")
+        os.umask(0o027)
+        save_packed(model, tmp_path / "b")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "a" / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -1,9 +1,14 @@
 """compressed-tensors export: decompresses through compressed-tensors and loads in plain
-transformers (no hf_nvfp4 import) with our dequantized weights and logits."""
+transformers (no hf_nvfp4 import) with our dequantized weights and logits.
+
+Conventions checked against compressed-tensors 0.20.1 (``ModelCompressor.update_config``,
+``NVFP4PackedCompressor``, ``generate_gparam``) and Transformer Engine's S_enc = 2688 / amax.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -16,12 +21,18 @@ from hf_nvfp4.checkpoint import (
     calibrate_input_amax,
     calibration_batches,
     export_compressed_tensors,
+    load_packed,
+    save_packed,
 )
+from hf_nvfp4.checkpoint.export_compressed_tensors import compressed_tensors_config, encode_scale
+from hf_nvfp4.checkpoint.fusion import fuse_global_scales, fused_groups
 from hf_nvfp4.checkpoint.layers import iter_packed_layers
 
 from .conftest import VOCAB, tiny_llama
 
 ct = pytest.importorskip("compressed_tensors")
+
+FP4_FP8 = torch.tensor(448.0 * 6.0)
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
@@ -59,6 +70,31 @@ def test_config_is_what_compressed_tensors_parses(exports):
     assert qc16["config_groups"]["group_0"]["input_activations"] is None
 
 
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_config_is_what_the_library_writes(exports, tmp_path, weight_only):
+    """config.json's entry equals ModelCompressor.update_config's for the preset scheme."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+
+    _, root, _ = exports
+    ours = json.loads((root / ("w4a16" if weight_only else "w4a4") / "config.json")
+                      .read_text())["quantization_config"]
+    scheme = preset_name_to_scheme("NVFP4A16" if weight_only else "NVFP4", ["Linear"])
+    scheme.format = "nvfp4-pack-quantized"
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=scheme.format,
+                                quantization_status="compressed", ignore=ours["ignore"])
+    (tmp_path / "config.json").write_text("{}")
+    ModelCompressor(quantization_config=config).update_config(str(tmp_path))
+    theirs = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert ours == theirs
+    for old in ("actorder", "block_structure", "observer_kwargs"):
+        assert old not in json.dumps(ours)
+    assert "transform_config" in ours and "moe_sparsity_config" in ours
+    # The fallback written without compressed-tensors is the same (but for the version).
+    fallback = compressed_tensors_config(ours["ignore"], weight_only, use_library=False)
+    assert {**fallback, "version": ours["version"]} == ours
+
+
 def test_tensors_and_decompression_match_ours(exports):
     from compressed_tensors.compressors import NVFP4PackedCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -73,14 +109,100 @@ def test_tensors_and_decompression_match_ours(exports):
         assert torch.equal(t[f"{n}.weight_packed"], q.data)
         assert t[f"{n}.weight_scale"].dtype == torch.float8_e4m3fn
         assert t[f"{n}.weight_global_scale"].shape == (1,)
-        # ENCODE scale: the reciprocal of our decode scale.
-        torch.testing.assert_close(t[f"{n}.weight_global_scale"] * q.global_scale,
-                                   torch.ones(1), rtol=1e-6, atol=0)
-        torch.testing.assert_close(t[f"{n}.input_global_scale"],
-                                   torch.tensor([2688.0 / amax[n]]), rtol=1e-6, atol=0)
+        # ENCODE scales as TE computes them: one FP32 division 2688 / amax (a tensor
+        # quotient: ``2688.0 / tensor`` is reciprocal-then-multiply in torch), bit for bit;
+        # the weight's decodes to our S_dec exactly (vLLM's 1 / weight_global_scale).
+        w_amax = layer.module.weight.detach().float().abs().amax()
+        assert torch.equal(t[f"{n}.weight_global_scale"], (FP4_FP8 / w_amax).reshape(1))
+        assert torch.equal(1.0 / t[f"{n}.weight_global_scale"], q.global_scale.reshape(1))
+        x_amax = torch.tensor([amax[n]], dtype=torch.float32)
+        assert torch.equal(t[f"{n}.input_global_scale"], FP4_FP8 / x_amax)
         local = {k.rpartition(".")[2]: v for k, v in t.items() if k.rpartition(".")[0] == n}
         dense = NVFP4PackedCompressor.decompress(local, scheme)["weight"]
         torch.testing.assert_close(dense.float(), q.dequantize(), rtol=2**-8, atol=0)
+
+
+def test_model_compressor_reads_our_bytes(exports):
+    """compressed-tensors' own load path: apply the config to a fresh model, compress it,
+    load our tensors (names, dtypes and shapes must be the ones it creates), decompress."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import apply_quantization_config
+    from transformers import CompressedTensorsConfig
+
+    model, root, _ = exports
+    qc = json.loads((root / "w4a16" / "config.json").read_text())["quantization_config"]
+    compressor = ModelCompressor.from_compression_config(CompressedTensorsConfig.from_dict(qc))
+    ref = tiny_llama().to(torch.bfloat16)
+    apply_quantization_config(ref, compressor.quantization_config)
+    compressor.compress_model(ref)
+    expected = ref.state_dict()
+    ours = _tensors(root / "w4a16")
+    assert set(expected) == set(ours)
+    for key, value in ours.items():
+        assert (value.dtype, value.shape) == (expected[key].dtype, expected[key].shape), key
+    ref.load_state_dict(ours)
+    for key, value in ref.state_dict().items():  # the bytes as loaded are ours
+        assert torch.equal(value.view(torch.uint8), ours[key].view(torch.uint8)), key
+    compressor.decompress_model(ref)
+    for layer in iter_packed_layers(model):
+        dense = ref.get_submodule(layer.name).weight
+        torch.testing.assert_close(dense.float(), layer.weight.dequantize(), rtol=2**-8, atol=0)
+
+
+def test_packed_model_encode_scale_inverts_exactly(model, tmp_path):
+    """A packed checkpoint keeps S_dec only: the exported S_enc decodes to it bit for bit,
+    and is TE's own value wherever fp32(1 / S_dec) is (most layers)."""
+    save_packed(model, tmp_path / "packed", dtype=None)
+    packed = load_packed(tmp_path / "packed")
+    export_compressed_tensors(packed, tmp_path / "ct", weight_only=True,
+                              fuse_global_scales=False)
+    t = _tensors(tmp_path / "ct")
+    for layer in iter_packed_layers(model):
+        n, s_dec = layer.name, layer.weight.global_scale.reshape(1)
+        assert torch.equal(1.0 / t[f"{n}.weight_global_scale"], s_dec)
+        te = encode_scale(s_dec, float(layer.module.weight.detach().abs().amax()))
+        if torch.equal(1.0 / s_dec, te):
+            assert torch.equal(t[f"{n}.weight_global_scale"], te)
+
+
+def test_encode_scale_refuses_an_amax_it_did_not_come_from():
+    s_enc = torch.tensor(2688.0) / torch.tensor(0.5)
+    assert torch.equal(encode_scale(1.0 / s_enc, 0.5), s_enc.reshape(1))
+    with pytest.raises(ValueError, match="does not invert"):
+        encode_scale(1.0 / s_enc, 0.25)
+
+
+def test_fusion_reports_each_weight_change(exports, caplog):
+    model, root, _ = exports
+    layers = list(iter_packed_layers(model))
+    own = {layer.name: layer.weight for layer in layers}
+    fusion = fuse_global_scales(layers)
+    groups = fused_groups([layer.name for layer in layers])
+    assert {c.name for c in fusion.changes} == {n for g in groups for n in g}
+    t = _tensors(root / "fused")
+    for change in fusion.changes:
+        # The figure is the largest change of the exported weight against the trained one.
+        n = change.name
+        new = next(x.weight for x in fusion.layers if x.name == n)
+        assert torch.equal(t[f"{n}.weight_packed"], new.data)
+        assert torch.equal(t[f"{n}.weight_scale"].view(torch.uint8), new.scale.view(torch.uint8))
+        diff = (new.dequantize() - own[n].dequantize()).abs()
+        assert change.max_abs_diff == float(diff.max())
+        assert change.changed == int((diff != 0).sum()) and change.numel == diff.numel()
+        assert change.shared_decode == float(new.global_scale)
+        # The member holding the group's amax keeps its weights exactly; the others change.
+        assert (change.max_abs_diff == 0) == (change.own_decode == change.shared_decode)
+    assert max(c.max_abs_diff for c in fusion.changes) > 0
+    with caplog.at_level(logging.INFO, logger="hf_nvfp4.checkpoint.fusion"):
+        export_compressed_tensors(model, root / "again", weight_only=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hf_nvfp4.checkpoint.fusion"]
+    assert lines[:-1] == [c.line() for c in fusion.changes]
+    assert lines[-1].startswith("fused global scales:") and "max |dW|" in lines[-1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_nvfp4.checkpoint.fusion"):
+        export_compressed_tensors(model, root / "unfused", weight_only=True,
+                                  fuse_global_scales=False)
+    assert not [r for r in caplog.records if r.name == "hf_nvfp4.checkpoint.fusion"]
 
 
 def test_fused_groups_share_one_global_scale(exports):

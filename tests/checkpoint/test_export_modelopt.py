@@ -128,7 +128,13 @@ def test_values_are_ours(exported):
                * t[f"{n}.weight_scale"].float().repeat_interleave(16, -1)
                * t[f"{n}.weight_scale_2"])
         assert torch.equal(deq, q.dequantize())
-        assert float(t[f"{n}.input_scale"]) == pytest.approx(amax[n] / 2688.0, rel=1e-7)
+        # weight_scale_2: our decode scale 1 / S_enc, S_enc = 2688 / amax (TE), bit for bit.
+        s_enc = torch.tensor(2688.0) / layer.module.weight.detach().float().abs().amax()
+        assert t[f"{n}.weight_scale_2"].shape == () and torch.equal(
+            t[f"{n}.weight_scale_2"], torch.tensor(1.0) / s_enc)
+        # input_scale: ModelOpt's decode scale fp32(amax / 2688), bit for bit.
+        assert torch.equal(t[f"{n}.input_scale"],
+                           torch.tensor(amax[n], dtype=torch.float32) / 2688.0)
         assert torch.equal(fused[f"{n}.weight"], shared[n].data)
 
 

@@ -133,3 +133,52 @@ def test_master_checkpoint_missing_weight(model, tmp_path):
     tensors.pop(f"{LAYER}.weight")
     save_file(tensors, str(file), metadata={"format": "pt"})
     _load_fails(tmp_path / "m", f"{LAYER}.weight", "missing")
+
+
+def test_flipped_bytes_in_codes_fail_the_checksum(ckpt):
+    from hf_nvfp4.checkpoint.shards import read_header
+
+    info = read_header(ckpt / "model.safetensors")[f"{LAYER}.weight_packed"]
+    file = ckpt / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[info.offsets[0] + 10] ^= 0xFF
+    file.write_bytes(bytes(data))
+    _load_fails(ckpt, f"{LAYER}.weight_packed", f"layer {LAYER!r}", "checksum", "corrupted")
+
+
+def test_nan_block_scale_is_refused_naming_layer_and_tensor(ckpt):
+    def poison(t):
+        scale = t[f"{LAYER}.weight_scale"].view(torch.uint8).clone()
+        scale[3, 1] = 0x7F
+        t[f"{LAYER}.weight_scale"] = scale.view(torch.float8_e4m3fn)
+
+    _edit(ckpt, poison)
+    _load_fails(ckpt, f"{LAYER}.weight_scale", "checksum")  # the manifest catches it first
+    with pytest.raises(CheckpointError) as err:
+        load_packed(ckpt, verify_checksums=False)  # and the value check without it
+    msg = str(err.value)
+    assert f"layer {LAYER!r}" in msg and f"{LAYER}.weight_scale" in msg and "1 NaN" in msg
+    assert "[3, 1]" in msg and "model.safetensors" in msg
+
+
+def test_nan_global_scale_is_refused(ckpt):
+    _edit(ckpt, lambda t: t.update({f"{LAYER}.weight_global_scale": torch.tensor(float("nan"))}))
+    with pytest.raises(CheckpointError, match=rf"'{LAYER}.weight_global_scale'.* is nan"):
+        load_packed(ckpt, verify_checksums=False)
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(ckpt, caplog):
+    (ckpt / "hf_nvfp4_checksums.json").unlink()
+    with caplog.at_level("WARNING", logger="hf_nvfp4.checkpoint.checksums"):
+        load_packed(ckpt)
+    assert "not verified" in caplog.text
+
+
+def test_save_packed_says_when_it_rounds_to_bf16(model, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="hf_nvfp4.checkpoint.packed"):
+        save_packed(model, tmp_path / "bf16")
+    assert "(float32) are stored as bfloat16" in caplog.text and "dtype=None" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_nvfp4.checkpoint.packed"):
+        save_packed(model, tmp_path / "exact", dtype=None)
+    assert "stored as" not in caplog.text

@@ -244,3 +244,20 @@ def test_per_byte_score_counts_the_bytes_it_scores():
     assert scored_text(item["context"], item["continuation"]) == "\n    return 1\n"
     records = HumanEvalLoglik().score([item], [LoglikResult(-14.0, 5, False)])
     assert records[0]["num_bytes"] == 14 and records[0]["value"] == -1.0
+
+
+def test_cli_eval_without_data_is_one_line_naming_the_flags(tiny_models, tmp_path, capsys):
+    from hf_nvfp4.cli import main
+
+    argv = ["eval", "--model", str(tiny_models["base"]), "--tasks", "gsm8k", "--offline",
+            "--limit", "1", "--device", "cpu", "--output-dir", str(tmp_path / "out"),
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # after the weight-loading bar
+    assert line.startswith("hf-nvfp4: error: no data for gsm8k")
+    assert "--data-dir" in line and "--offline" in line
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--tasks", "gsm8k"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("hf-nvfp4: error:") and "Traceback" not in err

@@ -218,3 +218,64 @@ def test_root_runs_programs_as_nobody_where_possible():
         pytest.skip("not root, or the interpreter is not readable by nobody: guard only")
     result = run_program("import os\nprint(os.getuid())\n", FAST)
     assert result.passed and result.stdout.strip() == str(uid)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import _io\n_io.open({p!r}, 'w').write('gone')\n",
+        "import gc\nreal = [o.cell_contents for o in gc.get_objects()\n"
+        "        if type(o).__name__ == 'cell' and o.cell_contents is not None\n"
+        "        and getattr(o.cell_contents, '__name__', '') == 'open'\n"
+        "        and type(o.cell_contents).__name__ == 'builtin_function_or_method'][0]\n"
+        "real({p!r}, 'w').write('gone')\n",
+        "import gc\nfor o in gc.get_objects():\n"
+        "    if callable(o) and getattr(o, '__name__', '') == 'open' and"
+        " getattr(o, '__module__', '') in ('posix', 'io', '_io'):\n"
+        "        try:\n            o({p!r}, 'w')\n        except TypeError:\n"
+        "            o({p!r}, 1)\n",
+    ],
+    ids=["_io.open", "gc-builtins-open", "gc-any-open"],
+)
+def test_audit_hook_blocks_recovered_open_even_as_root(tmp_path, monkeypatch, code):
+    """The issue's two escapes, with the privilege drop off: only the audit hook stands."""
+    import hf_nvfp4.eval.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "_child_uid", lambda: (None, None))
+    sentinel = _sentinel(tmp_path)
+    result = run_program(code.format(p=str(sentinel)), FAST)
+    assert not result.passed and "writing outside the sandbox is disabled" in result.reason
+    assert sentinel.read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        ("import sys\ndel sys.modules['posix']\nimport posix\nposix.system('true')\n",
+         "os.system is disabled"),
+        ("import os\nfd = os.open('/', os.O_RDONLY)\n", "opening a directory outside"),
+        ("import os\nos.mkdir({d!r} + '/new')\n", "os.mkdir outside the sandbox"),
+        ("import socket\nsocket.socket.__mro__[2]()\n", "socket.__new__ is disabled"),
+    ],
+    ids=["reimported-posix-system", "dir-fd", "mkdir", "recovered-socket"],
+)
+def test_audit_hook_blocks_processes_directories_and_sockets(tmp_path, monkeypatch, code,
+                                                             reason):
+    import hf_nvfp4.eval.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "_child_uid", lambda: (None, None))
+    result = run_program(code.format(d=str(tmp_path)), FAST)
+    assert not result.passed and reason in result.reason
+    assert not (tmp_path / "new").exists()
+
+
+def test_root_that_cannot_drop_privileges_is_reported_once(monkeypatch, caplog):
+    import hf_nvfp4.eval.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "root_kept_reason", lambda: "the interpreter is under /root")
+    monkeypatch.setattr(sandbox, "_NOTICE_SHOWN", [])
+    with caplog.at_level("WARNING", logger="hf_nvfp4.eval.sandbox"):
+        sandbox.notify_privileges_once()
+        sandbox.notify_privileges_once()
+    notes = [r.getMessage() for r in caplog.records if "cannot drop" in r.getMessage()]
+    assert len(notes) == 1 and "the interpreter is under /root" in notes[0]

@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_two_process_ddp_nvfp4_training(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "HF_NVFP4_RECIPE": str(ROOT / "integrations" / "accelerate" / "nvfp4_recipe.yaml")}
+    """The README's CPU command: NVFP4 by default (no recipe given), and the model is saved."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("HF_NVFP4_RECIPE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29517", str(ROOT / "examples" / "pretrain.py"),
            "--cpu", "--tiny", "--steps", "8", "--out", str(tmp_path)]
@@ -20,7 +21,10 @@ def test_two_process_ddp_nvfp4_training(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["num_processes"] == 2 and m["distributed_type"] == "DistributedType.MULTI_CPU"
-    assert m["quantized_layers"] == 14  # 2 blocks x 7 linears, the recipe file's split
+    assert m["quantized_layers"] == 14  # 2 blocks x 7 linears, the default split
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["quantization_config"]["quant_method"] == "hf_nvfp4"
+    assert (tmp_path / "model" / "model.safetensors").is_file()
     assert m["nvfp4"]["recipe"]["fprop_format"] == "nvfp4"
     # DDP keeps the replicas identical: both ranks end with the same parameters.
     a, b = m["param_checksums"]

@@ -93,11 +93,17 @@ def test_nvfp4_argument_forms(tmp_path, data, monkeypatch, how):
     assert trainer.nvfp4_config.quant_method == "hf_nvfp4"
 
 
-def test_no_nvfp4_is_plain_trainer(tmp_path, data, monkeypatch):
+def test_no_nvfp4_is_plain_trainer(tmp_path, data, monkeypatch, caplog, capsys):
     monkeypatch.delenv("HF_NVFP4_RECIPE", raising=False)
     model = _model()
-    NVFP4Trainer(model=model, args=_args(tmp_path), train_dataset=data[0])
+    with caplog.at_level("WARNING", logger="hf_nvfp4.trainer"):
+        NVFP4Trainer(model=model, args=_args(tmp_path), train_dataset=data[0])
     assert not any(isinstance(m, NVFP4Linear) for m in model.modules())
+    assert "no NVFP4 config" in caplog.text and "training in high precision" in caplog.text
+    NVFP4Trainer(model=_model(), args=_args(tmp_path), train_dataset=data[0], nvfp4=False)
+    assert "NVFP4 is off (nvfp4=False)" in capsys.readouterr().out
+    NVFP4Trainer(model=_model(), args=_args(tmp_path), train_dataset=data[0], nvfp4=True)
+    assert "hf_nvfp4.Trainer: training with NVFP4Config" in capsys.readouterr().out
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, data):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from hf_nvfp4.eval.data import DataSource, Record, load_split
-from hf_nvfp4.eval.sandbox import SandboxLimits, run_programs
+from hf_nvfp4.eval.sandbox import SandboxLimits, notify_privileges_once, run_programs
 from hf_nvfp4.eval.tasks.base import Item, LoglikTask, Task, TaskData, first_n
 
 PASS_AT_K = (1, 10, 100)
@@ -75,7 +75,11 @@ class HumanEval(Task):
         self.max_workers = max_workers
 
     def build(self, source: DataSource, limit: int | None, num_fewshot: int | None) -> TaskData:
-        """The problems (the first ``limit``), prompts as given."""
+        """The problems (the first ``limit``), prompts as given.
+
+        Says once, here at the start, when the sandbox cannot drop root (and why).
+        """
+        notify_privileges_once()
         return TaskData(_items(source, limit), _zero_shot_note(num_fewshot))
 
     def score(self, items: Sequence[Item], outputs: Sequence[list[str]]) -> list[Record]:
