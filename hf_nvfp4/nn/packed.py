@@ -5,7 +5,8 @@ The weight lives as the three tensors of a packed NVFP4 checkpoint, as buffers:
 * ``weight_packed``       uint8 ``[out, in/2]``: E2M1 codes, the even element in the low nibble
 * ``weight_scale``        float8_e4m3fn ``[out, in/16]``: block DECODE scales (16x16 weight
   tiles repeat their scale on each of their 16 rows)
-* ``weight_global_scale`` float32 0-dim: the DECODE global scale ``amax / (6 * 448)``
+* ``weight_global_scale`` float32 0-dim: the DECODE global scale
+  ``S_dec = 1 / fp32(2688 / amax)``
 
 That is 0.5625 bytes per weight (0.28x of BF16). Each forward quantizes the input 1x16 as
 NVFP4Linear does and multiplies on exact block values with FP32 accumulation (the backend's

@@ -44,8 +44,8 @@ class QTensor:
             use). NVFP4: float8_e4m3fn decode scales; MX formats: uint8 biased exponents
             (UE8M0, value ``2**(byte - 127)``, 0xFF is NaN); FP8 block: float32 decode
             scales.
-        global_scale: NVFP4's FP32 per-tensor decode scale ``amax / (6 * 448)`` (0-dim);
-            ``None`` for formats without one.
+        global_scale: NVFP4's FP32 per-tensor decode scale ``S_dec = 1 / fp32(2688 / amax)``
+            (0-dim); ``None`` for formats without one.
         fmt: the format name.
         shape: the logical shape (the input's; with ``rht=True`` the last dimension is
             padded to 16, since the transform mixes the padding into the data).
