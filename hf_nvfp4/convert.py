@@ -22,6 +22,16 @@ logger = logging.getLogger(__name__)
 
 # Module types that do the work of a Linear but that we cannot swap (GPT-2's Conv1D, ...).
 _UNSUPPORTED_LINEAR_LIKE = ("Conv1D", "Linear8bitLt", "Linear4bit", "QuantLinear")
+# Reasons that are the user's or the recipe's choice, not a layer convert could not handle.
+_INTENDED = (
+    "already NVFP4Linear",
+    "listed in modules_to_not_convert",
+    "not matched by include patterns",
+    "matched an exclude pattern",
+    "outside the decoder blocks (embeddings, head, projections)",
+)
+_SPLIT_REASONS = ("in the first ", "in the last ")
+_WARN_SHARE = 0.10  # warn when more than this share of the NVFP4 blocks' matrices stays
 
 
 @dataclass
@@ -42,6 +52,20 @@ class ConversionSummary:
     num_blocks: int = 0
     bf16_blocks: tuple[int, int] = (0, 0)
     total_params: int = 0
+    #: Matrix parameters inside the decoder blocks that are not Linear weights (MoE experts
+    #: stored as fused 3D tensors, routers kept as bare parameters, ...): all high precision.
+    other_matmuls: list[LayerDecision] = field(default_factory=list)
+
+    def block_matmul_share(self) -> tuple[int, int]:
+        """``(NVFP4, total)`` matrix-parameter counts of the blocks that the split puts in
+        NVFP4 (user choices such as ``exclude`` count as intended and are left out)."""
+        total = quantized = 0
+        for d in [*self.layers, *self.other_matmuls]:
+            if d.reason in _INTENDED or d.reason.startswith(_SPLIT_REASONS):
+                continue
+            total += d.params
+            quantized += d.params if d.quantized else 0
+        return quantized, total
 
     @property
     def quantized_layers(self) -> list[str]:
@@ -70,6 +94,17 @@ class ConversionSummary:
                 reasons[d.reason] = reasons.get(d.reason, 0) + 1
         for reason, n in sorted(reasons.items()):
             lines.append(f"  kept: {n} x {reason}")
+        other: dict[str, list[int]] = {}
+        for d in self.other_matmuls:
+            other.setdefault(d.reason, []).append(d.params)
+        for reason, params in sorted(other.items()):
+            lines.append(f"  kept: {len(params)} x {reason} ({sum(params):,} parameters)")
+        quantized, total = self.block_matmul_share()
+        if total:
+            lines.append(
+                f"  matrix parameters of the NVFP4 blocks in NVFP4: {quantized:,} of {total:,} "
+                f"({100 * quantized / total:.1f}%)"
+            )
         return "\n".join(lines)
 
 
@@ -192,7 +227,9 @@ def convert(
             "high precision: %s",
             sorted({d.reason for d in summary.layers if d.reason.startswith("unsupported")}),
         )
+    summary.other_matmuls = _other_matmuls(model, prefix, n_blocks, split)
     _warn_ragged(summary)
+    _warn_high_precision_share(summary)
     if verbose:
         print(summary.table())
     return summary
@@ -211,6 +248,52 @@ def _warn_ragged(summary: ConversionSummary) -> None:
         len(ragged), len(summary.layers), shown,
         "No layer is quantized: this model trains entirely in high precision."
         if not summary.quantized_layers else "The other layers train in NVFP4.",
+    )
+
+
+def _other_matmuls(
+    model: nn.Module, prefix: str, n_blocks: int, split: tuple[int, int]
+) -> list[LayerDecision]:
+    """Matrix parameters (2D and up) in the blocks that no Linear-like module owns."""
+    out = []
+    for mod_name, mod in model.named_modules():
+        if _is_linear_like(mod):
+            continue
+        block = _block_of(mod_name, prefix)
+        if block is None:
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() < 2:
+                continue
+            if block < split[0]:
+                reason = f"in the first {split[0]} blocks (kept BF16)"
+            elif block >= n_blocks - split[1]:
+                reason = f"in the last {split[1]} blocks (kept BF16)"
+            elif p.dim() == 3:
+                reason = (f"fused 3D expert weights of {type(mod).__name__} "
+                          "(MoE experts are not NVFP4 yet)")
+            else:
+                reason = f"a bare matrix parameter of {type(mod).__name__}, not a Linear"
+            out.append(LayerDecision(f"{mod_name}.{pname}", False, reason, p.numel()))
+    return out
+
+
+def _warn_high_precision_share(summary: ConversionSummary) -> None:
+    """Warn when much of what should be NVFP4 stays high precision, saying why."""
+    quantized, total = summary.block_matmul_share()
+    if not total or (total - quantized) <= _WARN_SHARE * total:
+        return
+    kept: dict[str, int] = {}
+    for d in [*summary.layers, *summary.other_matmuls]:
+        if not d.quantized and d.reason not in _INTENDED and not d.reason.startswith(
+            _SPLIT_REASONS
+        ):
+            kept[d.reason] = kept.get(d.reason, 0) + d.params
+    top = "; ".join(f"{n:,} parameters: {r}" for r, n in sorted(kept.items(), key=lambda x: -x[1]))
+    logger.warning(
+        "hf_nvfp4.convert: only %.1f%% of the matrix parameters of the blocks meant for NVFP4 "
+        "are NVFP4; %.1f%% stay in high precision (%s)",
+        100 * quantized / total, 100 * (total - quantized) / total, top,
     )
 
 

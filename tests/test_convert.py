@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -214,3 +215,36 @@ def test_summary_table(capsys):
     assert "14 of 15 linear layers quantized (2 blocks; first 0 and last 0 kept in BF16)" in table
     q = 2 * _llama_block_params()
     assert f"parameters in quantized layers: {q:,}" in table
+
+
+def test_summary_counts_every_block_matrix_and_warns_when_much_stays_high_precision(caplog):
+    """MoE experts stored as fused 3D parameters (not Linears) are listed and counted."""
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, head_dim=16,
+    )
+    model = transformers.Qwen3MoeForCausalLM(cfg)
+    with caplog.at_level(logging.WARNING, logger="hf_nvfp4.convert"):
+        summary = convert(model, {"first_bf16_blocks": 0, "last_bf16_blocks": 0},
+                          verbose=False)
+    experts = [d for d in summary.other_matmuls if "expert" in d.reason]
+    assert sorted(d.name for d in experts) == [
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")
+    ]
+    assert sum(d.params for d in experts) == 2 * 4 * (64 * 64 + 64 * 32)
+    quantized, total = summary.block_matmul_share()
+    assert quantized == summary.quantized_params == 2 * (64 * 64 * 2 + 32 * 64 * 2)
+    assert total == quantized + sum(d.params for d in summary.other_matmuls)
+    assert "stay in high precision" in caplog.text and "expert weights" in caplog.text
+    assert "matrix parameters of the NVFP4 blocks in NVFP4" in summary.table()
+
+
+def test_no_share_warning_when_the_blocks_are_fully_nvfp4(caplog):
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=128))
+    with caplog.at_level(logging.WARNING, logger="hf_nvfp4.convert"):
+        summary = convert(model, {"first_bf16_blocks": 1, "last_bf16_blocks": 1}, verbose=False)
+    assert summary.block_matmul_share() == (summary.quantized_params,) * 2
+    assert "stay in high precision" not in caplog.text
