@@ -46,7 +46,7 @@ except ImportError as exc:  # the kernels need only torch + triton
     _pkg.__path__ = [str(ROOT / "hf_nvfp4")]
     sys.modules["hf_nvfp4"] = _pkg
 
-from hf_nvfp4.kernels._common import seed_key  # noqa: E402
+from hf_nvfp4.kernels._common import seed_key, sign_mask  # noqa: E402
 from hf_nvfp4.kernels._tuning import choices, median_ms  # noqa: E402
 from hf_nvfp4.kernels.amax import amax_rowcol  # noqa: E402
 from hf_nvfp4.kernels.quantize_rowcol import quantize_rowcol_nvfp4  # noqa: E402
@@ -141,21 +141,28 @@ def copy_bandwidth() -> float:
 
 # ----------------------------------------------------------------------------- offline
 D16 = [["tt.divisibility", 16]]  # what the launcher infers for 16-aligned pointers/ints
-OFFLINE_ROLES = {  # role: (row SR, col SR, values outputs)
-    "x": (False, False, False), "x_values": (False, False, True),
-    "dy": (True, True, False), "dy_values": (True, True, True),
+OFFLINE_ROLES = {  # role: (row SR, col SR, row values, column values)
+    "x": (False, False, False, False), "x_values": (False, False, True, True),
+    "x_train": (False, False, True, False),  # the forward's call: BF16 row values
+    "dy": (True, True, False, False), "dy_values": (True, True, True, True),
 }
 
 
 def load_module(name: str, rev: str | None) -> types.ModuleType:
-    """``hf_nvfp4.kernels.<name>`` as in the working tree, or as committed at git ``rev``."""
+    """``hf_nvfp4.kernels.<name>`` as in the working tree, or as committed at git ``rev``
+    (with ``_common`` from the same revision)."""
     if rev is None:
         return importlib.import_module(f"hf_nvfp4.kernels.{name}")
+    full = f"hf_nvfp4.kernels._base_{name}"
+    if full in sys.modules:
+        return sys.modules[full]
     src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:hf_nvfp4/kernels/{name}.py"],
                          capture_output=True, text=True, check=True).stdout
+    if name != "_common":
+        load_module("_common", rev)
+        src = src.replace("from ._common import", "from ._base__common import")
     path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(src)
-    full = f"hf_nvfp4.kernels._base_{name}"
     spec = importlib.util.spec_from_file_location(full, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[full] = mod
@@ -213,18 +220,22 @@ def offline_rowcol(rev: str | None) -> list[dict]:
     """Stats of every row/column kernel config for each role (bf16 x, RHT column)."""
     qr = load_module("quantize_rowcol", rev)
     rows = []
-    for role, (row_sr, col_sr, values) in OFFLINE_ROLES.items():
+    for role, (row_sr, col_sr, row_values, col_values) in OFFLINE_ROLES.items():
         for cfg in qr._CONFIGS:
             bm, bk, warps = cfg[:3]
             row_packed = "*u8" if "TLOAD" in qr._rowcol_kernel.arg_names else "*i32"
+            col_words = hasattr(qr, "_join8")  # the column copy written as int32 words
+            col_type = "*i32" if col_words else "*bf16" if col_values else "*u8"
             types_ = {"x_ptr": "*bf16", "amax_ptr": "*fp32", "keys_ptr": "*i32",
                       "bd_ptr": "*bf16", "gs_ptr": "*fp32",
-                      "row_data_ptr": "*bf16" if values else row_packed,
-                      "row_scale_ptr": "*u8", "col_data_ptr": "*bf16" if values else "*u8",
+                      "row_data_ptr": "*bf16" if row_values else row_packed,
+                      "row_scale_ptr": "*u8", "col_data_ptr": col_type,
                       "col_scale_ptr": "*u8", "M": "i32", "K": "i32", "stride_m": "i32",
                       "M16": "i32"}
-            consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, INTERPRET=False,
-                          ROW_SR=row_sr, COL_SR=col_sr, ROW_VALUES=values, COL_VALUES=values,
+            consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, RHT_SIGN=sign_mask(SIGN),
+                          INTERPRET=False,
+                          ROW_SR=row_sr, COL_SR=col_sr, ROW_VALUES=row_values,
+                          COL_VALUES=col_values,
                           BM=bm, BK=bk, TLOAD=cfg[3] if len(cfg) > 3 else False)
             st = sass_stats(compile_sm90(qr._rowcol_kernel, types_, consts, warps))
             st.update(kernel="rowcol", role=role, config=str(cfg),

@@ -206,24 +206,6 @@ def e2m1_nearest_fast(v):
 
 
 @triton.jit
-def rht_rows(xt, bd_ptr, BM: tl.constexpr, INTERPRET: tl.constexpr):
-    """RHT of each 16-column group of each row of ``xt`` [BK, BM], rounded to xt's dtype.
-
-    ``xt @ blockdiag(D H / 4)`` (``bd_ptr``: :func:`rht_blockdiag`, read transposed), the
-    transposed form of :func:`rht_columns` with the same arithmetic. Returns FP32.
-    """
-    offs = tl.arange(0, BM)
-    bdt = tl.load(bd_ptr + offs[None, :] * BM + offs[:, None])
-    if INTERPRET or xt.dtype == tl.float32:
-        y = tl.dot(xt.to(tl.float32), bdt.to(tl.float32), input_precision="ieee")
-    else:
-        y = tl.dot(xt, bdt)
-    if INTERPRET and xt.dtype == tl.bfloat16:
-        return round_bf16(y)
-    return y.to(xt.dtype).to(tl.float32)
-
-
-@triton.jit
 def sr_offsets(idx, key):
     """``2^26 + 2^24 - 1 - r24`` of the draws of :func:`uniform24` (uint32), for
     :func:`e2m1_stochastic_fast`: the complement folded into the last xor-shift."""
@@ -293,3 +275,95 @@ def pack_words(codes, R: tl.constexpr, C: tl.constexpr):
     lo, hi = tl.split(tl.reshape(lo + (hi << 4), [R, C, 2, 2]))
     lo, hi = tl.split(lo + (hi << 8))
     return lo + (hi << 16)
+
+
+def sign_mask(sign: tuple[int, ...]) -> int:
+    """The RHT sign vector (16 entries +-1) as the bit mask :func:`rht16` takes."""
+    return sum(1 << i for i, d in enumerate(sign) if d < 0)
+
+
+@triton.jit
+def round_bf16_pair(a, b):
+    """FP32 ``a`` and ``b`` rounded to BF16 (nearest even), returned as FP32: one packed
+    conversion (``cvt.rn.bf16x2.f32``, an ALU instruction) for two elements instead of two
+    ``F2F`` on the quarter-rate conversion pipe. Compiled code only (inline PTX)."""
+    w = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [a, b],
+                                  dtype=tl.int32, is_pure=True, pack=1)
+    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def rht16(v, SIGN: tl.constexpr, INTERPRET: tl.constexpr):
+    """16-point RHT of the tuple ``v`` of 16 tensors (the 16 tokens of each block), element by
+    element, rounded to their dtype: ``y_j = sum_i v_i * (D H / 4)[i, j]``. Returns FP32.
+
+    ``SIGN``: the diagonal of D as a bit mask (bit i set: ``d_i = -1``, :func:`sign_mask`);
+    ``(D H / 4)[i, j] = d_i / 4 * (-1)^popcount(i & j)``, so every factor is a compile-time
+    +-1/4. Each thread holds whole blocks: no shuffles and no tensor cores.
+
+    16-bit inputs: the products are exact in FP32, summed by a 4-stage butterfly. The
+    reference (a sequential FP32 sum from +0, like the tensor cores' sum) gives the same bits
+    whenever every partial sum is exact, i.e. when the 16 products' bits span at most 24
+    binary places: for BF16 (8-bit significands) when their exponents lie within 12 binades
+    of each other (a zero product does not count), in any summation order. FP32 inputs: the
+    reference's own order, one fused multiply-add per term (FP32 sums are rarely exact).
+    Term 0 enters every output with a plus sign and carries a ``+ 0``, so an all-zero block
+    gives +0 as the reference's sum from +0 does (never -0).
+    """
+    c = ()
+    for i in tl.static_range(16):
+        c = c + (0.25 - 0.5 * ((SIGN >> i) % 2),)
+    t0 = v[0].to(tl.float32) * c[0] + 0.0
+    y = ()
+    if v[0].dtype == tl.float32:
+        for j in tl.static_range(16):
+            acc = t0
+            for i in tl.static_range(1, 16):
+                p = i & j
+                if (p ^ (p >> 1) ^ (p >> 2) ^ (p >> 3)) % 2 == 0:
+                    acc = acc + v[i] * c[i]
+                else:
+                    acc = acc - v[i] * c[i]
+            y = y + (acc,)
+    else:
+        t = (t0,)
+        for i in tl.static_range(1, 16):
+            t = t + (v[i].to(tl.float32) * c[i],)
+        for s in tl.static_range(4):
+            u = ()
+            for i in tl.static_range(16):
+                if (i >> s) % 2 == 0:
+                    u = u + (t[i] + t[i + (1 << s)],)
+                else:
+                    u = u + (t[i - (1 << s)] - t[i],)
+            t = u
+        for j in tl.static_range(0, 16, 2):
+            if v[0].dtype != tl.bfloat16:
+                y = y + (t[j].to(v[0].dtype).to(tl.float32),
+                         t[j + 1].to(v[0].dtype).to(tl.float32))
+            elif INTERPRET:
+                y = y + (round_bf16(t[j]), round_bf16(t[j + 1]))
+            else:
+                y = y + round_bf16_pair(t[j], t[j + 1])
+    return y
+
+
+@triton.jit
+def e2m1_nearest_word(v, o: tl.constexpr):
+    """The codes of :func:`e2m1_nearest_fma` of the 8 FP32 tensors ``v[o:o + 8]`` (a tuple)
+    packed into an int32 word, code j in nibble j (the byte layout of :func:`pack_pairs`,
+    read little-endian), with the packing fused into the encode: each code is added at its
+    nibble (the bias of all 8 codes folds into one constant) and its sign bit shifted there.
+    """
+    w = tl.zeros(v[o].shape, tl.int32)
+    for j in tl.static_range(8):
+        x = v[o + j]
+        m = tl.minimum(tl.abs(x), 6.0)
+        e = tl.maximum(m, 1.0).to(tl.int32, bitcast=True) & 0x7F800000
+        r = (m * (0x7F800000 - e).to(tl.float32, bitcast=True) + 8388608.0).to(tl.int32,
+                                                                                bitcast=True)
+        # code bits 0-2 and the sign bit 3 of nibble j are disjoint: added, not or-ed
+        w = w + ((r + (e >> 22)) << (4 * j)) + ((x.to(tl.int32, bitcast=True) >> (28 - 4 * j))
+                                                & ((8 << (4 * j)) - ((j // 7) << 32)))
+    # 0x16111122 = -sum_j (0x4B000000 + 254) << 4j mod 2^32: the 8 codes' biases
+    return w + 0x16111122

@@ -16,9 +16,10 @@ global scale), the operands of the emulated GEMM.
 Layout: a program covers one [BM, BK] tile. The row copy loads it as two [BM, BK/16, 8]
 halves (the first and last 8 elements of each 1x16 block), so each thread holds whole
 blocks: the block amax, scale and packing into two int32 words per block are in-thread. The
-column copy loads x^T [BK, BM] itself (an L2 hit) and computes ``x^T @ blockdiag(D H / 4)``
-on the tensor cores, so each thread holds adjacent token pairs of a row of x^T: packing is
-in-thread and the 16-token block amax takes two shuffles.
+column copy loads the tile again (an L2 hit) as 16 tensors [BM/16, BK], token j of every
+16-token block, so each thread holds whole column blocks too: the RHT is an in-register
+butterfly (:func:`._common.rht16`), and the block amax, E4M3 scale and reciprocal are computed
+once per block, without shuffles. It is written as int32 words (8 codes, or 2 BF16 values).
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ from ._common import (
     block_scale,
     e2m1_decode_scaled,
     e2m1_nearest_fma,
+    e2m1_nearest_word,
     e2m1_stochastic_fast,
     e4m3_decode,
     global_scales,
     interpreting,
-    pack_pairs,
     pack_words,
-    rht_blockdiag,
-    rht_rows,
+    rht16,
+    sign_mask,
     sr_offsets,
 )
 from ._tuning import pick
@@ -59,10 +60,36 @@ def _encode(v, idx, key, SR: tl.constexpr):
 
 
 @triton.jit
-def _values(codes, byte, R: tl.constexpr, C: tl.constexpr):
-    """BF16 block values [R, C]: E2M1 value of each code times its block's E4M3 scale."""
-    val = e2m1_decode_scaled(tl.reshape(codes, [R, C // 16, 16]), e4m3_decode(byte)[:, :, None])
-    return bf16_exact(tl.reshape(val, [R, C]))
+def _pack8(codes, o: tl.constexpr):
+    """int32 word of the 8 codes ``codes[o:o + 8]`` (a tuple), code ``o + j`` in nibble j:
+    the byte layout of :func:`pack_pairs`, read little-endian."""
+    w = codes[o]
+    for j in tl.static_range(1, 8):
+        w = w | (codes[o + j] << (4 * j))
+    return w
+
+
+@triton.jit
+def _split8(t, R: tl.constexpr, C: tl.constexpr):
+    """[R, C, 8] as a tuple of 8 tensors [R, C], element j at index j (in-thread when the
+    last dimension is)."""
+    a, b = tl.split(tl.reshape(t, [R, C, 4, 2]))
+    a0, a1 = tl.split(tl.reshape(a, [R, C, 2, 2]))
+    b0, b1 = tl.split(tl.reshape(b, [R, C, 2, 2]))
+    a00, a01 = tl.split(a0)
+    a10, a11 = tl.split(a1)
+    b00, b01 = tl.split(b0)
+    b10, b11 = tl.split(b1)
+    return a00, b00, a10, b10, a01, b01, a11, b11
+
+
+@triton.jit
+def _join8(w, R: tl.constexpr, C: tl.constexpr):
+    """The tuple of 8 tensors [R, C] ``w`` as one [R, C, 8], ``w[j]`` at index j (each
+    join appends the faster axis, so the first joins pair the tensors 4 apart)."""
+    a = tl.join(tl.join(w[0], w[4]), tl.join(w[2], w[6]))
+    b = tl.join(tl.join(w[1], w[5]), tl.join(w[3], w[7]))
+    return tl.reshape(tl.join(a, b), [R, C, 8])
 
 
 @triton.jit
@@ -70,7 +97,6 @@ def _rowcol_kernel(
     x_ptr,
     amax_ptr,
     keys_ptr,
-    bd_ptr,
     gs_ptr,
     row_data_ptr,
     row_scale_ptr,
@@ -83,6 +109,7 @@ def _rowcol_kernel(
     DO_ROW: tl.constexpr,
     DO_COL: tl.constexpr,
     COL_RHT: tl.constexpr,
+    RHT_SIGN: tl.constexpr,
     INTERPRET: tl.constexpr,
     ROW_SR: tl.constexpr,
     COL_SR: tl.constexpr,
@@ -121,56 +148,82 @@ def _rowcol_kernel(
                                  s_dec)
         key = tl.load(keys_ptr)
         idx = r3.to(tl.uint32) * K + c3.to(tl.uint32)
-        ca = _encode(xa * mult[:, :, None], idx, key, ROW_SR)
-        cb = _encode(xb * mult[:, :, None], idx + 8, key, ROW_SR)
+        wa = xa * mult[:, :, None]
+        wb = xb * mult[:, :, None]
         bmask = (rows[:, None] < M) & (blk[None, :] < K // 16)
         if ROW_VALUES:
             s3 = e4m3_decode(byte)[:, :, None]
             q = row_data_ptr + r3.to(tl.int64) * K + c3
-            tl.store(q, bf16_exact(e2m1_decode_scaled(ca, s3)), mask=mask3)
-            tl.store(q + 8, bf16_exact(e2m1_decode_scaled(cb, s3)), mask=mask3)
+            tl.store(q, bf16_exact(e2m1_decode_scaled(_encode(wa, idx, key, ROW_SR), s3)),
+                     mask=mask3)
+            tl.store(q + 8, bf16_exact(e2m1_decode_scaled(_encode(wb, idx + 8, key, ROW_SR),
+                                                          s3)), mask=mask3)
         else:  # row_data_ptr: int32 words, two per block
-            words = tl.join(pack_words(ca, BM, BK // 16), pack_words(cb, BM, BK // 16))
+            if ROW_SR:
+                words = tl.join(pack_words(_encode(wa, idx, key, ROW_SR), BM, BK // 16),
+                                pack_words(_encode(wb, idx + 8, key, ROW_SR), BM, BK // 16))
+            else:  # the encode and packing fused
+                words = tl.join(e2m1_nearest_word(_split8(wa, BM, BK // 16), 0),
+                                e2m1_nearest_word(_split8(wb, BM, BK // 16), 0))
             w3 = blk[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
             tl.store(row_data_ptr + r3.to(tl.int64) * (K // 8) + w3, words, mask=bmask[:, :, None])
             tl.store(row_scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + blk[None, :],
                      byte.to(tl.uint8), mask=bmask)
 
     if DO_COL:
-        # x^T [BK, BM] loaded transposed (rows past M are the zero padding to M16)
-        tmask = (cols[:, None] < K) & (rows[None, :] < M)
-        xt = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_m + cols[:, None], mask=tmask,
-                     other=0.0)
+        # 16 loads of [BM/16, BK]: token j of every 16-token block, so a thread holds whole
+        # column blocks (rows past M are the zero padding to M16)
+        brow = m0 + 16 * tl.arange(0, BM // 16)
+        kin = cols[None, :] < K
+        p = x_ptr + brow[:, None].to(tl.int64) * stride_m + cols[None, :]
+        v = ()
+        for j in tl.static_range(16):
+            v = v + (tl.load(p + j * stride_m, mask=kin & (brow[:, None] + j < M), other=0.0),)
         mult6c, s_decc = global_scales(tl.load(amax_ptr + 1))
         if first:
             tl.store(gs_ptr + 1, s_decc)
         if COL_RHT:
-            y = rht_rows(xt, bd_ptr, BM, INTERPRET)
+            y = rht16(v, RHT_SIGN, INTERPRET)
         else:
-            y = xt.to(tl.float32)
-        y3 = tl.reshape(y, [BK, BM // 16, 16])
-        cbyte, cmult = block_scale(tl.max(tl.abs(y3), axis=2), mult6c, s_decc)
-        w = tl.reshape(y3 * cmult[:, :, None], [BK, BM])
+            y = ()
+            for j in tl.static_range(16):
+                y = y + (v[j].to(tl.float32),)
+        bamax = tl.abs(y[0])
+        for j in tl.static_range(1, 16):
+            bamax = tl.maximum(bamax, tl.abs(y[j]))
+        cbyte, cmult = block_scale(bamax, mult6c, s_decc)
         ckey = tl.load(keys_ptr + 1)
-        cidx = cols[:, None].to(tl.uint32) * M16 + rows[None, :].to(tl.uint32)
-        ccodes = _encode(w, cidx, ckey, COL_SR)
-        if COL_VALUES:
-            tl.store(col_data_ptr + cols[:, None].to(tl.int64) * M16 + rows[None, :],
-                     _values(ccodes, cbyte, BK, BM),
-                     mask=(cols[:, None] < K) & (rows[None, :] < M16))
+        cidx = cols[None, :].to(tl.uint32) * M16 + brow[:, None].to(tl.uint32)
+        w = ()
+        for j in tl.static_range(16):
+            w = w + (y[j] * cmult,)
+        bmask = kin & (brow[:, None] < M16)
+        if not (COL_SR or COL_VALUES):  # the encode and packing fused
+            w3 = brow[:, None, None] // 8 + tl.arange(0, 2)[None, None, :]
+            tl.store(col_data_ptr + cols[None, :, None].to(tl.int64) * (M16 // 8) + w3,
+                     tl.join(e2m1_nearest_word(w, 0), e2m1_nearest_word(w, 8)),
+                     mask=bmask[:, :, None])
         else:
-            brows = m0 // 2 + tl.arange(0, BM // 2)
-            tl.store(
-                col_data_ptr + cols[:, None].to(tl.int64) * (M16 // 2) + brows[None, :],
-                pack_pairs(ccodes, BK, BM),
-                mask=(cols[:, None] < K) & (brows[None, :] < M16 // 2),
-            )
-            srows = m0 // 16 + tl.arange(0, BM // 16)
-            tl.store(
-                col_scale_ptr + cols[:, None].to(tl.int64) * (M16 // 16) + srows[None, :],
-                cbyte.to(tl.uint8),
-                mask=(cols[:, None] < K) & (srows[None, :] < M16 // 16),
-            )
+            codes = ()
+            for j in tl.static_range(16):
+                codes = codes + (_encode(w[j], cidx + j, ckey, COL_SR),)
+        if COL_VALUES:  # col_data_ptr: int32 words of BF16 pairs
+            s = e4m3_decode(cbyte)
+            words = ()
+            for j in tl.static_range(0, 16, 2):
+                lo = e2m1_decode_scaled(codes[j], s).to(tl.int32, bitcast=True)
+                hi = e2m1_decode_scaled(codes[j + 1], s).to(tl.int32, bitcast=True)
+                words = words + (((lo >> 16) & 0xFFFF) | (hi & -65536),)
+            w3 = brow[:, None, None] // 2 + tl.arange(0, 8)[None, None, :]
+            tl.store(col_data_ptr + cols[None, :, None].to(tl.int64) * (M16 // 2) + w3,
+                     _join8(words, BM // 16, BK), mask=bmask[:, :, None])
+        else:  # col_data_ptr: int32 words, two per block
+            if COL_SR:
+                w3 = brow[:, None, None] // 8 + tl.arange(0, 2)[None, None, :]
+                tl.store(col_data_ptr + cols[None, :, None].to(tl.int64) * (M16 // 8) + w3,
+                         tl.join(_pack8(codes, 0), _pack8(codes, 8)), mask=bmask[:, :, None])
+            tl.store(col_scale_ptr + cols[None, :].to(tl.int64) * (M16 // 16) + brow[:, None] // 16,
+                     cbyte.to(tl.uint8), mask=bmask)
 
 
 def quantize_rowcol_nvfp4(
@@ -240,13 +293,15 @@ def quantize_rowcol_nvfp4(
         keys = amax.view(torch.int32)
 
     row_out = row_data.view(torch.int32) if row and not row_values else row_data
+    col_out = col_data.view(torch.int32) if col else col_data  # words: codes or BF16 pairs
 
     def launch(bm: int, bk: int, warps: int) -> None:  # idempotent
-        bd = rht_blockdiag(col_rht_sign, bm, x.dtype, dev) if col_rht_sign is not None else gs
         _rowcol_kernel[(triton.cdiv(m16, bm), triton.cdiv(k16, bk))](
-            x, amax, keys, bd, gs, row_out, row_scale, col_data, col_scale,
+            x, amax, keys, gs, row_out, row_scale, col_out, col_scale,
             m, k, x.stride(0), m16,
-            DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None, INTERPRET=interpreting(),
+            DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None,
+            RHT_SIGN=sign_mask(col_rht_sign) if col_rht_sign is not None else 0,
+            INTERPRET=interpreting(),
             ROW_SR=row and row_sr, COL_SR=col and col_sr,
             ROW_VALUES=row_values, COL_VALUES=col_values,
             BM=bm, BK=bk, num_warps=warps,

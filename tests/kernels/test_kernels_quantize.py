@@ -195,9 +195,13 @@ if importlib.util.find_spec("triton") is not None:
         e2m1_nearest,
         e2m1_nearest_fast,
         e2m1_nearest_fma,
+        e2m1_nearest_word,
         e2m1_stochastic,
         e2m1_stochastic_fast,
         e4m3_decode,
+        interpreting,
+        rht16,
+        round_bf16,
         sr_offsets,
         uniform24,
     )
@@ -233,6 +237,83 @@ if importlib.util.find_spec("triton") is not None:
         tl.store(out_ptr + offs * 2 + 1, e2m1_decode_scaled(code, s))
 
 
+    @triton.jit
+    def _nearest_words(v_ptr, word_ptr, codes_ptr, BLOCK: tl.constexpr):
+        """Rows of 8 of v: the fused word (word) and e2m1_nearest of each element (codes)."""
+        rows = tl.arange(0, BLOCK)
+        v = ()
+        for j in tl.static_range(8):
+            x = tl.load(v_ptr + rows * 8 + j)
+            tl.store(codes_ptr + rows * 8 + j, e2m1_nearest(x))
+            v = v + (x,)
+        tl.store(word_ptr + rows, e2m1_nearest_word(v, 0))
+
+    @triton.jit
+    def _rht_both(x_ptr, m_ptr, out_ptr, dot_ptr, SIGN: tl.constexpr, INTERPRET: tl.constexpr,
+                  BLOCK: tl.constexpr):
+        """Rows of 16 of x [BLOCK, 16]: rht16 (out) and a tl.dot with D H / 4 (dot), both
+        rounded to x's dtype."""
+        rows = tl.arange(0, BLOCK)
+        v = ()
+        for j in tl.static_range(16):
+            v = v + (tl.load(x_ptr + rows * 16 + j),)
+        y = rht16(v, SIGN, INTERPRET)
+        for j in tl.static_range(16):
+            tl.store(out_ptr + rows * 16 + j, y[j].to(out_ptr.dtype.element_ty))
+        c16 = tl.arange(0, 16)
+        x = tl.load(x_ptr + rows[:, None] * 16 + c16[None, :])
+        m = tl.load(m_ptr + c16[:, None] * 16 + c16[None, :])
+        if x.dtype == tl.float32 or INTERPRET:
+            d = tl.dot(x.to(tl.float32), m, input_precision="ieee")
+        else:
+            d = tl.dot(x, m.to(x.dtype))
+        if INTERPRET and x.dtype == tl.bfloat16:  # the interpreter's cast truncates
+            d = round_bf16(d)
+        tl.store(dot_ptr + rows[:, None] * 16 + c16[None, :], d.to(dot_ptr.dtype.element_ty))
+
+
+def _exact_sum_blocks(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """[n, 16] blocks whose 16 RHT terms are exact to sum in FP32 (exponents within 11
+    binades of the block's base, 8-bit significands), bases over the dtype's normal range
+    (BF16: 2^-120 to 2^123; Triton's interpreter converts BF16 subnormals to FP32 wrongly)."""
+    g = torch.Generator().manual_seed(3)
+    lo, hi = (-120, 112) if dtype == torch.bfloat16 else (-24, 1)
+    base = torch.randint(lo, hi, (n, 1), generator=g)
+    e = base + torch.randint(0, 12, (n, 16), generator=g)
+    mant = 1 + torch.randint(0, 128, (n, 16), generator=g) / 128
+    sign = torch.where(torch.rand(n, 16, generator=g) < 0.5, -1.0, 1.0)
+    x = (sign * mant * torch.pow(2.0, e.double())).to(dtype)
+    x[torch.rand(n, 16, generator=g) < 0.1] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rht16_butterfly_exact(dtype):
+    """rht16 (butterfly for 16-bit inputs, sequential FMAs for FP32) gives the reference's
+    and the tensor-core dot's bits on blocks whose 16-term sums are exact, over the whole
+    exponent range and on signed zeros (never -0); FP32 on any input (the reference's
+    order)."""
+    from hf_nvfp4.kernels._common import sign_mask
+    from hf_nvfp4.numerics.hadamard import TE_RHT_SIGN, rht_matrix
+
+    n = 1024
+    x = _x(n // 16, 16 * 16, dtype, seed=9).reshape(n, 16) if dtype == torch.float32 else \
+        _exact_sum_blocks(n, dtype)
+    # zero blocks: in row j every term of output j is -0 (a sum from -0 would give -0)
+    neg = torch.cat([rht_matrix(TE_RHT_SIGN).t() > 0,
+                     torch.rand(16, 16, generator=torch.Generator().manual_seed(4)) < 0.5])
+    x[:32] = torch.where(neg, -0.0, 0.0).to(dtype)
+    out = torch.empty_like(x, device=DEV)
+    dot = torch.empty_like(out)
+    _rht_both[(1,)](x.to(DEV), rht_matrix(TE_RHT_SIGN).to(DEV), out, dot,
+                    SIGN=sign_mask(TE_RHT_SIGN), INTERPRET=interpreting(), BLOCK=n)
+    want = hadamard_transform(x, TE_RHT_SIGN)
+    assert torch.equal(_bits(out), _bits(want))
+    if dtype != torch.float32:
+        assert torch.equal(_bits(dot), _bits(want))
+    assert not torch.signbit(out.cpu()[:32]).any()
+
+
 def test_e2m1_nearest_fast():
     """The fast nearest-even encoder equals e2m1_nearest on ties, neighbours and saturation."""
     ties = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0,
@@ -245,6 +326,25 @@ def test_e2m1_nearest_fast():
     b = torch.empty_like(a)
     _both_encoders[(-(-v.numel() // 1024),)](v, a, b, v.numel(), BLOCK=1024)
     assert torch.equal(a, b)
+
+
+def test_e2m1_nearest_word():
+    """The fused encode + pack gives e2m1_nearest's codes in nibbles 0..7 on ties, their
+    neighbours, saturation, subnormals and signed zeros, in every nibble."""
+    ties = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0,
+                         5.0, 6.0, 7.0, 1e30, 1e-45, 1e-40, 3.0e38])
+    near = torch.cat([ties, torch.nextafter(ties, torch.full_like(ties, 1e38)),
+                      torch.nextafter(ties, torch.zeros_like(ties)),
+                      torch.rand(8200, generator=torch.Generator().manual_seed(2)) * 7])
+    v = torch.cat([near, -near])[torch.randperm(2 * near.numel(),
+                                               generator=torch.Generator().manual_seed(3))]
+    v = v[: 8 * 2048].reshape(2048, 8).contiguous().to(DEV)
+    word = torch.empty(2048, dtype=torch.int32, device=DEV)
+    codes = torch.empty(2048, 8, dtype=torch.int32, device=DEV)
+    _nearest_words[(1,)](v, word, codes, BLOCK=2048)
+    want = (codes.cpu().long() << (4 * torch.arange(8))).sum(1)
+    want = torch.where(want >= 2**31, want - 2**32, want).to(torch.int32)
+    assert torch.equal(word.cpu(), want)
 
 
 def _sr_edge_values(n: int, key: int) -> torch.Tensor:
