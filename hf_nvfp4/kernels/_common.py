@@ -171,41 +171,6 @@ def round_bf16(y):
 
 
 @triton.jit
-def rht_columns(x, bd_ptr, BM: tl.constexpr, INTERPRET: tl.constexpr):
-    """RHT of each 16-row group of each column of ``x`` [BM, BK], rounded to x's dtype.
-
-    ``blockdiag(M^T) @ x`` on the tensor cores (16-bit inputs: the products are exact and
-    the FP32 sums of 16 terms are exact unless the terms span more than ~12 binades) or
-    with FP32 FMAs (FP32 inputs, and the interpreter, whose BF16 dot is wrong). Returns
-    FP32.
-    """
-    offs = tl.arange(0, BM)
-    bd = tl.load(bd_ptr + offs[:, None] * BM + offs[None, :])
-    if INTERPRET or x.dtype == tl.float32:
-        y = tl.dot(bd.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-    else:
-        y = tl.dot(bd, x)
-    if INTERPRET and x.dtype == tl.bfloat16:
-        return round_bf16(y)
-    return y.to(x.dtype).to(tl.float32)
-
-
-@triton.jit
-def e2m1_nearest_fast(v):
-    """:func:`e2m1_nearest` in fewer integer instructions (the same codes for every input).
-
-    Below 1 the code is ``rint(2|v|)`` (ties to even: 0.25 -> 0, 0.75 -> 2), taken from the
-    bits of ``2|v| + 2^23``; from 1 up the mantissa is rounded to one bit on the integer bits
-    with the exponent bias folded into the same add.
-    """
-    b = v.to(tl.int32, bitcast=True)
-    a = tl.minimum(b & 0x7FFFFFFF, 0x40C00000)
-    big = (a + (0x1FFFFF - (252 << 22)) + ((a >> 22) & 1)) >> 22
-    small = (a.to(tl.float32, bitcast=True) * 2.0 + 8388608.0).to(tl.int32, bitcast=True)
-    return tl.where(a >= 0x3F800000, big, small - 0x4B000000) | ((b >> 28) & 8)
-
-
-@triton.jit
 def sr_offsets(idx, key):
     """``2^26 + 2^24 - 1 - r24`` of the draws of :func:`uniform24` (uint32), for
     :func:`e2m1_stochastic_fast`: the complement folded into the last xor-shift."""
