@@ -115,15 +115,20 @@ def e2m1_stochastic(v, r24):
 
 
 @triton.jit
-def uniform24(idx, key):
-    """The 24 random bits of rng.counter_uniform for uint32 indices (u = bits * 2^-24)."""
+def counter_hash(idx, key):
+    """``fmix32(idx * GOLDEN + key)`` of rng.counter_uniform for uint32 indices (uint32)."""
     h = idx * 0x9E3779B9 + key.to(tl.uint32, bitcast=True)
     h = h ^ (h >> 16)
     h = h * 0x85EBCA6B
     h = h ^ (h >> 13)
     h = h * 0xC2B2AE35
-    h = h ^ (h >> 16)
-    return (h >> 8).to(tl.int32)
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def uniform24(idx, key):
+    """The 24 random bits of rng.counter_uniform for uint32 indices (u = bits * 2^-24)."""
+    return (counter_hash(idx, key) >> 8).to(tl.int32)
 
 
 @triton.jit
@@ -174,13 +179,7 @@ def round_bf16(y):
 def sr_offsets(idx, key):
     """``2^26 + 2^24 - 1 - r24`` of the draws of :func:`uniform24` (uint32), for
     :func:`e2m1_stochastic_fast`: the complement folded into the last xor-shift."""
-    h = idx * 0x9E3779B9 + key.to(tl.uint32, bitcast=True)
-    h = h ^ (h >> 16)
-    h = h * 0x85EBCA6B
-    h = h ^ (h >> 13)
-    h = h * 0xC2B2AE35
-    h = h ^ (h >> 16)
-    return (~(h >> 8)) & 0x04FFFFFF
+    return (~(counter_hash(idx, key) >> 8)) & 0x04FFFFFF
 
 
 @triton.jit
