@@ -101,9 +101,13 @@ class NVFP4Linear(nn.Linear):
     # ---- decisions made once per device, not per forward ------------------------------
     def plan(self, device: torch.device | str | None = None) -> LinearPlan:
         """The :class:`~hf_nvfp4.nn.functional.LinearPlan` this layer runs on ``device``
-        (default: the weight's): specs, resolved backend, amax reduction. Cached."""
+        (default: the weight's): specs, resolved backend, amax reduction. Cached.
+
+        The amax is reduced only in training: evaluation and generation forwards, which ranks
+        may run a different number of times (or on one rank only), issue no collectives.
+        """
         dev = torch.device(device) if device is not None else self.weight.device
-        reduce = self.reduce_amax and world_size() > 1
+        reduce = self.reduce_amax and self.training and world_size() > 1
         key = (str(dev), reduce, self.share_input, self.recipe)
         plan = self._plans.get(key)
         if plan is None:
@@ -155,10 +159,6 @@ class NVFP4Linear(nn.Linear):
         plan = self.plan(x.device)
         if plan.backend == "te":
             return backend_instance("te").linear(self, x, self.recipe)
-        # Reduction only in training: evaluation and generation forwards, which ranks may
-        # run a different number of times (or on one rank only), must not issue collectives.
-        if plan.reduce_amax and not self.training:
-            plan = LinearPlan(plan.specs, plan.backend, False, plan.share_input)
         with torch.autocast(dev_type, enabled=False):
             return quantized_linear(x, self.weight, self.bias, plan, self._sr_keys())
 
