@@ -9,6 +9,8 @@ On CUDA one Triton launch does it; elsewhere the reference torch ops.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -18,8 +20,12 @@ N_KEYS = 2  # row copy (dgrad operand), column copy (wgrad operand)
 
 
 def _use_triton(state: Tensor) -> bool:
-    if state.device.type != "cuda":
-        return False
+    return state.device.type == "cuda" and _triton_on_cuda()
+
+
+@functools.cache
+def _triton_on_cuda() -> bool:
+    """Probed once: it imports Triton and queries the device (every layer asks, every step)."""
     from ..kernels import is_triton_available
 
     return is_triton_available()[0]
