@@ -25,7 +25,6 @@ from .fp8_gemm import fp8_block_gemm
 from .reference import ReferenceBackend, reference_gemm
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_E4M3 = torch.float8_e4m3fn
 
 
 @functools.cache

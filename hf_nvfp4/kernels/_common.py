@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..numerics import rng
 from ..numerics.hadamard import RHT_SIZE, rht_matrix
-from ..numerics.rng import FMIX_C1, FMIX_C2
+from ..numerics.rng import as_int32
 
 
 def interpreting() -> bool:
@@ -26,13 +27,7 @@ def interpreting() -> bool:
 
 def seed_key(seed: int) -> int:
     """``fmix32(seed)`` of :func:`numerics.rng.counter_uniform` as a signed int32 argument."""
-    key = seed & 0xFFFFFFFF
-    key ^= key >> 16
-    key = (key * FMIX_C1) & 0xFFFFFFFF
-    key ^= key >> 13
-    key = (key * FMIX_C2) & 0xFFFFFFFF
-    key ^= key >> 16
-    return key - (1 << 32) if key >= 1 << 31 else key
+    return as_int32(rng.seed_key(seed))
 
 
 @functools.lru_cache(maxsize=32)

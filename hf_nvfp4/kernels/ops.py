@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .amax import amax_rowcol as _amax_rowcol
 from .dequantize import dequantize_nvfp4
-from .gemm import gemm_nvfp4, gemm_scaled
+from .gemm import gemm_scaled
 from .quantize_2d import quantize_2d_nvfp4
 from .quantize_rowcol import quantize_rowcol_nvfp4
 
@@ -147,31 +147,6 @@ def dequantize(
 @dequantize.register_fake
 def _(data, scale, global_scale, rows, out_dtype):
     return data.new_empty((rows, data.shape[1] * 2), dtype=out_dtype)
-
-
-@_custom_op("hf_nvfp4::gemm")
-def gemm(
-    a_data: Tensor,
-    a_scale: Tensor,
-    a_global: Tensor,
-    a_rows: int,
-    b_data: Tensor,
-    b_scale: Tensor,
-    b_global: Tensor,
-    b_rows: int,
-    out_dtype: torch.dtype,
-) -> Tensor:
-    """See :func:`.gemm.gemm_nvfp4`."""
-    return gemm_nvfp4(
-        (a_data, a_scale.view(_U8), a_global, a_rows),
-        (b_data, b_scale.view(_U8), b_global, b_rows),
-        out_dtype,
-    )
-
-
-@gemm.register_fake
-def _(a_data, a_scale, a_global, a_rows, b_data, b_scale, b_global, b_rows, out_dtype):
-    return a_data.new_empty((a_rows, b_rows), dtype=out_dtype)
 
 
 @_custom_op("hf_nvfp4::gemm_scaled")

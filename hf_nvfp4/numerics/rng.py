@@ -33,8 +33,18 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 
 
 def seed_key(seed: int) -> int:
-    """The 32-bit key of ``seed``: ``fmix32(seed mod 2^32)``."""
-    return int(_fmix32(torch.tensor(seed & _MASK32, dtype=torch.int64)))
+    """The 32-bit key of ``seed``: ``fmix32(seed mod 2^32)`` (Python ints: no tensor)."""
+    key = seed & _MASK32
+    key ^= key >> 16
+    key = (key * FMIX_C1) & _MASK32
+    key ^= key >> 13
+    key = (key * FMIX_C2) & _MASK32
+    return key ^ (key >> 16)
+
+
+def as_int32(key: int) -> int:
+    """A 32-bit key as the signed int32 with the same bits (a kernel argument or element)."""
+    return key - (1 << 32) if key >= 1 << 31 else key
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
@@ -77,8 +87,8 @@ def generator_keys(generator: torch.Generator | None, n: int = 2) -> torch.Tenso
     """
     if generator is None:
         return None
-    keys = [seed_key(draw_seed(child)) for child in split_generator(generator, n)]
-    return torch.tensor([k - (1 << 32) if k >= 1 << 31 else k for k in keys], dtype=torch.int32)
+    keys = [as_int32(seed_key(draw_seed(child))) for child in split_generator(generator, n)]
+    return torch.tensor(keys, dtype=torch.int32)
 
 
 def _mix(h: torch.Tensor, v: torch.Tensor | int) -> torch.Tensor:
