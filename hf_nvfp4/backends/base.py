@@ -41,6 +41,22 @@ class BlockValues:
 Operand = QTensor | BlockValues
 
 
+def cuda_capability_at_least(
+    device: torch.device | str | None, major: int, what: str
+) -> tuple[bool, str]:
+    """Whether ``device`` (default: the current CUDA device) is a CUDA GPU of compute
+    capability >= ``major``.0, and why not; ``what`` names the hardware feature."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        return False, f"device {dev} is not a CUDA device"
+    got, minor = torch.cuda.get_device_capability(dev)
+    if got < major:
+        return False, f"compute capability {got}.{minor} < {major}.0 ({what})"
+    return True, "ok"
+
+
 def as_keys(rng: Rng, device: torch.device) -> torch.Tensor | None:
     """int32 [2] keys on ``device`` from an :data:`Rng` (a generator is split as the
     reference does: :func:`hf_nvfp4.numerics.rng.generator_keys`)."""

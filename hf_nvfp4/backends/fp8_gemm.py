@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..numerics.quantize import QTensor
+from .base import cuda_capability_at_least
 
 _BLOCK = 128
 _CHECKED: dict[str, bool] = {}
@@ -26,12 +27,7 @@ _CHECKED: dict[str, bool] = {}
 
 def block_scaled_mm_available(device: torch.device) -> tuple[bool, str]:
     """Whether FP8 ``_scaled_mm`` with block scales can run on ``device``, and why not."""
-    if device.type != "cuda":
-        return False, f"needs a CUDA device; got {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 9:
-        return False, f"FP8 tensor cores need compute capability >= 9.0; got {major}.{minor}"
-    return True, "ok"
+    return cuda_capability_at_least(device, 9, "FP8 tensor cores: Hopper")
 
 
 def tile_scales(q: QTensor) -> torch.Tensor:

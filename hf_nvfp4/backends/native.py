@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..numerics.quantize import QTensor
 from ..recipe import QuantSpec
-from .base import AmaxReduce, Rng
+from .base import AmaxReduce, Rng, cuda_capability_at_least
 
 _TILE_ROWS, _TILE_COLS = 128, 4
 _K_MULTIPLE, _ROW_MULTIPLE = 32, 16  # cuBLAS FP4 GEMM: K in 32s, M and N in 16s
@@ -26,15 +26,7 @@ def is_native_fp4_available(device: torch.device | str | None = None) -> tuple[b
     """Whether FP4 ``_scaled_mm`` can run on ``device``, and why not."""
     if not hasattr(torch, "float4_e2m1fn_x2") or not hasattr(torch, "_scaled_mm"):
         return False, f"torch {torch.__version__} has no float4_e2m1fn_x2 / _scaled_mm"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    dev = torch.device(device) if device is not None else torch.device("cuda")
-    if dev.type != "cuda":
-        return False, f"device {dev} is not a CUDA device"
-    major, minor = torch.cuda.get_device_capability(dev)
-    if major < 10:
-        return False, f"compute capability {major}.{minor} < 10.0 (FP4 tensor cores: Blackwell)"
-    return True, "ok"
+    return cuda_capability_at_least(device, 10, "FP4 tensor cores: Blackwell")
 
 
 def to_blocked(scales: torch.Tensor) -> torch.Tensor:
