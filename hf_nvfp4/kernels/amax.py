@@ -55,7 +55,7 @@ def _amax_kernel(
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :], mask=mask,
                     other=0.0)
         if DO_ROW:
-            acc_row = tl.maximum(acc_row, tl.abs(x))
+            acc_row = tl.maximum(acc_row, tl.abs(x)).to(acc_row.dtype)
         if DO_COL:
             if COL_RHT:
                 if INTERPRET or x.dtype == tl.float32:
