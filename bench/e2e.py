@@ -48,6 +48,7 @@ SIZES: dict[str, dict[str, int]] = {
 }
 MODES = ("bf16_params", "fp32_masters")
 COLUMNS = ("bf16_eager", "bf16_compiled", "nvfp4_eager", "nvfp4_compiled")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 SEED = 0
 LR = 1e-4
 GIB = 2**30
@@ -68,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also profile two steps per run and store the kernel table")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compiled columns (aot_eager: no toolchain)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the compiled columns (e.g. reduce-overhead: "
+                        "CUDA graphs, which hide the host time of small layers)")
     args = p.parse_args(argv)
     args.modes = _comma_list(p, args.modes, MODES, "--modes")
     args.columns = _comma_list(p, args.columns, COLUMNS, "--columns")
@@ -137,7 +141,7 @@ def prepare(model: torch.nn.Module, column: str, args: argparse.Namespace) -> di
         info["quantized_params"] = summary.quantized_params
     if column.endswith("compiled"):
         for layer in model.model.layers:
-            layer.compile(backend=args.compile_backend)
+            layer.compile(backend=args.compile_backend, mode=args.compile_mode)
     return info
 
 
@@ -160,7 +164,11 @@ def run_one(mode: str, column: str, args: argparse.Namespace) -> dict[str, Any]:
         else contextlib.nullcontext()
     )
 
+    graphs = column.endswith("compiled") and args.compile_mode in CUDA_GRAPH_MODES
+
     def step(batch: torch.Tensor) -> torch.Tensor:
+        if graphs:  # a new iteration: earlier graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -233,6 +241,7 @@ def environment(args: argparse.Namespace, argv: list[str] | None) -> dict[str, A
         "cpu_count": os.cpu_count(),
         "nvfp4_backend": get_backend(args.backend, device).name,
         "compile_backend": args.compile_backend,
+        "compile_mode": args.compile_mode,
         "steps": args.steps,
         "warmup": args.warmup,
         "versions": {

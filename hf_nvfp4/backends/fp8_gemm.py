@@ -2,11 +2,13 @@
 
 ``fp8_block`` QTensors (E4M3 elements, FP32 decode scales per 1x128 row block or per 128x128
 tile) multiply through ``torch._scaled_mm`` with block scales: the scales are applied per
-block inside the FP32 accumulation, so the result equals the reference GEMM of exact block
-values up to FP32 summation order. Scale layouts (checked on an H200 with torch 2.11, where
-8192^3 ran in 0.84 ms against 1.55 ms in BF16): ``scale_a`` the [M, K/128] row-block scales
-laid out outer-dimension-major (``sa.t().contiguous().t()``), ``scale_b`` the contiguous
-[N/128, K/128] tile scales, passed transposed with ``b``.
+block. Hopper's FP8 tensor cores accumulate with fewer bits than FP32 (on the H200: ~2.3e-4
+of the output's largest magnitude against the exact reference), so the result equals the
+reference GEMM of exact block values up to :data:`ACCUMULATION_TOLERANCE`. Scale layouts
+(checked on an H200 with torch 2.11, where 8192^3 ran in 0.84 ms against 1.55 ms in BF16):
+``scale_a`` the [M, K/128] row-block scales laid out outer-dimension-major
+(``sa.t().contiguous().t()``), ``scale_b`` the contiguous [N/128, K/128] tile scales, passed
+transposed with ``b``.
 
 Only that combination (1x128 activations or gradients times 128x128 weight tiles: the
 fprop and dgrad GEMMs) runs here; the wgrad GEMM (1x128 x 1x128) and anything the installed
@@ -22,6 +24,9 @@ from ..numerics.quantize import QTensor
 from .base import cuda_capability_at_least
 
 _BLOCK = 128
+ACCUMULATION_TOLERANCE = 2e-3
+"""Largest error of the FP8 path against the exact reference GEMM, relative to the output's
+largest magnitude, that the self-check and tests accept (~9x the error measured on an H200)."""
 _CHECKED: dict[str, bool] = {}
 
 
@@ -82,7 +87,7 @@ def _self_check(device: torch.device) -> bool:
     except (RuntimeError, NotImplementedError):  # a layout this torch does not support
         return False
     want = reference_gemm(qa, qb, torch.float32)
-    return bool(((got - want).abs().max() <= 1e-5 * want.abs().max()).item())
+    return bool(((got - want).abs().max() <= ACCUMULATION_TOLERANCE * want.abs().max()).item())
 
 
-__all__ = ["block_scaled_mm_available", "fp8_block_gemm", "tile_scales"]
+__all__ = ["ACCUMULATION_TOLERANCE", "block_scaled_mm_available", "fp8_block_gemm", "tile_scales"]

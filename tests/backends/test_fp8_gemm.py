@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from hf_nvfp4.backends.fp8_gemm import block_scaled_mm_available, fp8_block_gemm, tile_scales
+from hf_nvfp4.backends.fp8_gemm import (
+    ACCUMULATION_TOLERANCE,
+    block_scaled_mm_available,
+    fp8_block_gemm,
+    tile_scales,
+)
 from hf_nvfp4.backends.reference import reference_gemm
 from hf_nvfp4.numerics.quantize import quantize
 
@@ -49,6 +54,9 @@ def test_matches_reference_up_to_summation_order(m, k, n, out_dtype):
     got = fp8_block_gemm(x, w, out_dtype)
     assert got is not None, "the block-scaled path did not run (self-check or layout)"
     want = reference_gemm(x, w, torch.float32)
-    tol = 1e-5 if out_dtype == torch.float32 else 2**-8
+    # FP8 tensor cores accumulate in fewer bits than FP32 (see the module); BF16 output
+    # rounds once more
+    tol = 2**-8 if out_dtype == torch.bfloat16 else 0.0
     assert got.shape == (m, n)
-    assert ((got.float() - want).abs() <= tol * want.abs() + 1e-5 * want.abs().max()).all()
+    bound = tol * want.abs() + ACCUMULATION_TOLERANCE * want.abs().max()
+    assert ((got.float() - want).abs() <= bound).all()
