@@ -19,7 +19,7 @@ from ..kernels import require_triton
 from ..kernels._common import interpreting
 from ..numerics.quantize import QTensor
 from ..numerics.rng import draw_seed
-from ..recipe import QuantSpec
+from ..recipe import QuantSpec, RoleSpecs
 from .base import AmaxReduce, BlockValues, Operand, Rng, as_keys
 from .fp8_gemm import fp8_block_gemm
 from .reference import ReferenceBackend, reference_gemm
@@ -105,6 +105,17 @@ class TritonBackend:
                 col.rht,
             )
         return q_row, q_col
+
+    def prepare(self, specs: RoleSpecs, device: torch.device) -> None:
+        """Build the constant device tensors the kernels of ``specs`` read on ``device`` (the
+        RHT matrices of the amax pass) now, eagerly: first built inside a CUDA graph's warm-up,
+        a cached tensor would live in the graph's memory pool without being one of its
+        outputs, which torch's CUDA graph trees refuse."""
+        if torch.device(device).type != "cuda":
+            return
+        for spec in (specs.x_t, specs.dy_t):
+            if spec is not None and spec.rht and _is_nvfp4_1x16(spec):
+                self._ops.prepare_rht(tuple(spec.rht_sign), torch.device(device))
 
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight`."""

@@ -77,6 +77,13 @@ def _amax_kernel(
         tl.atomic_max(out_ptr + 1, cmax)
 
 
+def prepare_rht(rht_sign: tuple[int, ...], device: torch.device) -> None:
+    """Build (and cache) the RHT matrices :func:`amax_rowcol` reads on ``device``, one per
+    input dtype, ahead of the first call."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        rht_blockdiag(rht_sign, _BM, dtype, device)
+
+
 def amax_rowcol(
     x: torch.Tensor, row: bool, col: bool, rht_sign: tuple[int, ...] | None
 ) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .amax import amax_rowcol as _amax_rowcol
+from .amax import prepare_rht  # noqa: F401 - the backend reaches the kernels through here
 from .dequantize import dequantize_nvfp4
 from .gemm import gemm_scaled
 from .quantize_2d import quantize_2d_nvfp4

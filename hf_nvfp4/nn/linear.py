@@ -115,8 +115,10 @@ class NVFP4Linear(nn.Linear):
                 _role_specs(self.recipe), resolve_backend(self.backend_name, dev), reduce,
                 self.share_input,
             )
-            if plan.backend != "te":
-                backend_instance(plan.backend)  # built now, not inside a traced forward
+            if plan.backend != "te":  # built now, not inside a traced forward or CUDA graph
+                backend = backend_instance(plan.backend)
+                if hasattr(backend, "prepare"):
+                    backend.prepare(plan.specs, dev)
             self._plans[key] = plan
         return plan
 

@@ -95,8 +95,11 @@ def _mix(h: torch.Tensor, v: torch.Tensor | int) -> torch.Tensor:
     return _fmix32((h * GOLDEN + v) & _MASK32)
 
 
-def derive_keys(state: torch.Tensor, rank: int, n: int = 2) -> torch.Tensor:
+def derive_keys(state: torch.Tensor, rank: int | torch.Tensor, n: int = 2) -> torch.Tensor:
     """int32 [n] keys of a layer's ``state = [seed, step]`` (int64) on data-parallel ``rank``.
+
+    ``rank`` may also be an int64 tensor of stream numbers [S] (e.g. one per MoE expert and
+    GEMM): the keys come back as [S, n], row ``s`` equal to ``derive_keys(state, rank[s], n)``.
 
     ``h = mix(mix(mix(fmix32(seed_hi), seed_lo), step_lo), rank)``, ``key_i = mix(h, i + 1)``
     with ``mix(h, v) = fmix32((h * GOLDEN + v) mod 2^32)``, all on 32-bit words. Ranks draw
@@ -108,7 +111,7 @@ def derive_keys(state: torch.Tensor, rank: int, n: int = 2) -> torch.Tensor:
     h = _mix(h, seed & _MASK32)
     h = _mix(h, step & _MASK32)
     h = _mix(h, rank & _MASK32)
-    keys = torch.stack([_mix(h, i + 1) for i in range(n)])
+    keys = torch.stack([_mix(h, i + 1) for i in range(n)], dim=-1)
     return torch.where(keys >= 2**31, keys - 2**32, keys).to(torch.int32)
 
 

@@ -1,0 +1,196 @@
+"""NVFP4 mixture-of-experts layers through transformers' ``ExpertsInterface``.
+
+transformers 5 keeps a MoE block's experts as fused 3D parameters (``gate_up_proj`` or
+``up_proj`` [E, out, in], ``down_proj``, optional ``*_bias`` [E, out]; [E, in, out] when the
+class is declared ``is_transposed``) in a module whose forward dispatches on
+``config._experts_implementation`` through ``transformers.integrations.moe.
+ALL_EXPERTS_FUNCTIONS``. We register the implementation ``"hf_nvfp4"`` there and point
+each converted experts module at it, through a private copy of its config, so that the
+other experts modules (e.g. in the blocks kept BF16) keep theirs. No model class is patched:
+every MoE model built on that interface converts without code here.
+
+Numerics per expert are those of :class:`~hf_nvfp4.nn.linear.NVFP4Linear` (fprop x 1x16
+RTN and W 16x16, dgrad SR, wgrad RHT + SR; :mod:`hf_nvfp4.nn.grouped`). Tensor scales are
+per expert and per call: the amax of an expert's activations (gradients) is taken over the
+tokens routed to it on this rank, the weight's over that expert's matrix, like a separate
+NVFP4Linear per expert. Data-parallel ranks route different tokens, so the amaxes are not
+all-reduced across ranks for experts (``reduce_amax`` applies to the dense layers only).
+
+Execution: the tokens are sorted by expert and each expert with tokens runs its own
+quantized GEMMs (the reference backend on CPU, the Triton kernels on CUDA). The token counts
+are read on the host, one sync per MoE layer call: compiled models break the graph there.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import backend_instance, resolve_backend
+from .distributed import rank
+from .nn.functional import LinearPlan
+from .nn.grouped import expert_keys, quantized_grouped_linear
+from .quant.sr import new_state
+from .recipe import Recipe
+
+IMPLEMENTATION = "hf_nvfp4"
+_STAGES = 2  # up (or gate_up) projection, down projection
+
+
+@dataclass
+class ExpertsQuantization:
+    """What a converted experts module runs: recipe, backend and the plans per device."""
+
+    recipe: Recipe
+    backend: str
+    previous_implementation: str | None
+    plans: dict[tuple, LinearPlan] = field(default_factory=dict)
+
+    def plan(self, device: torch.device) -> LinearPlan:
+        """The :class:`LinearPlan` of every expert GEMM on ``device`` (cached)."""
+        key = (str(device), self.recipe)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = LinearPlan(self.recipe.role_specs(), resolve_backend(self.backend, device),
+                              reduce_amax=False, share_input=False)
+            backend_instance(plan.backend)
+            self.plans[key] = plan
+        return plan
+
+
+def up_weight_name(module: nn.Module) -> str | None:
+    """``"gate_up_proj"`` or ``"up_proj"``: the first projection's 3D parameter, if any."""
+    for name in ("gate_up_proj", "up_proj"):
+        p = getattr(module, name, None)
+        if isinstance(p, torch.Tensor) and p.dim() == 3:
+            return name
+    return None
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether ``module`` holds fused 3D experts dispatched through the ExpertsInterface."""
+    down = getattr(module, "down_proj", None)
+    return (
+        up_weight_name(module) is not None
+        and isinstance(down, torch.Tensor) and down.dim() == 3
+        and hasattr(module, "has_gate") and hasattr(module, "config")
+    )
+
+
+def expert_shapes(module: nn.Module) -> list[tuple[str, int, int]]:
+    """``(parameter, in_features, out_features)`` of each projection of one expert."""
+    transposed = bool(getattr(module, "is_transposed", False))
+    out = []
+    for name in (up_weight_name(module), "down_proj"):
+        _, a, b = getattr(module, name).shape
+        out.append((name, b, a) if not transposed else (name, a, b))
+    return out
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why an experts module cannot run in NVFP4, or None."""
+    for name, fin, fout in expert_shapes(module):
+        if fin % 16 or fout % 16:
+            return f"expert {name} dimensions ({fout} x {fin}) not multiples of 16"
+    if getattr(module, "_is_expert_parallel", False):
+        return "expert parallel experts are not supported"
+    return None
+
+
+def register() -> None:
+    """Register ``"hf_nvfp4"`` in transformers' ``ExpertsInterface`` (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION, nvfp4_experts_forward)
+
+
+def convert_experts_module(
+    module: nn.Module, recipe: Recipe, backend: str, sr_seed: int
+) -> None:
+    """Make ``module`` (see :func:`is_experts_module`) run its experts in NVFP4, in place.
+
+    Parameters are untouched (shared with any optimizer); a ``sr_state`` buffer is added.
+    """
+    register()
+    previous = getattr(module.config, "_experts_implementation", None)
+    module.config = copy.copy(module.config)
+    module.config._experts_implementation = IMPLEMENTATION
+    device = getattr(module, up_weight_name(module)).device
+    module.register_buffer("sr_state", new_state(sr_seed, device))
+    module._hf_nvfp4 = ExpertsQuantization(recipe, backend, previous)
+
+
+def _weights(module: nn.Module, first: str) -> tuple[torch.Tensor, Any, torch.Tensor, Any]:
+    has_bias = bool(getattr(module, "has_bias", False))
+    up_b = getattr(module, f"{first}_bias", None) if has_bias else None
+    down_b = getattr(module, "down_proj_bias", None) if has_bias else None
+    return getattr(module, first), up_b, module.down_proj, down_b
+
+
+def nvfp4_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The ``"hf_nvfp4"`` experts implementation (same contract as transformers'
+    ``grouped_mm``): route, run each expert's quantized GEMMs, weight and sum per token."""
+    quant: ExpertsQuantization | None = getattr(self, "_hf_nvfp4", None)
+    if quant is None:
+        raise RuntimeError(
+            f"{type(self).__name__} dispatches to the 'hf_nvfp4' experts implementation but "
+            "was not converted by hf_nvfp4.convert (it has no NVFP4 state)"
+        )
+    num_experts = getattr(self, "num_experts", None) or self.down_proj.shape[0]
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.shape
+    transposed = bool(getattr(self, "is_transposed", False))
+
+    expert_ids = top_k_index.reshape(-1)
+    sorted_ids, perm = torch.sort(expert_ids, stable=True)
+    rows = hidden_states[perm // num_top_k]
+    counts = torch.bincount(sorted_ids.clamp(max=num_experts), minlength=num_experts + 1)
+    counts = counts[:num_experts].tolist()  # the host sync of the routing
+
+    plan = quant.plan(hidden_states.device)
+    keys = None
+    if self.training and torch.is_grad_enabled() and quant.recipe.stochastic_rounding:
+        keys = expert_keys(self.sr_state, rank(), num_experts, _STAGES)
+    up_w, up_b, down_w, down_b = _weights(self, up_weight_name(self))
+    dev_type = rows.device.type
+    if torch.is_autocast_enabled(dev_type):  # as NVFP4Linear: GEMM inputs in the autocast dtype
+        rows = rows.to(torch.get_autocast_dtype(dev_type))
+
+    def grouped(x: torch.Tensor, w: torch.Tensor, b: Any, stage: int) -> torch.Tensor:
+        with torch.autocast(dev_type, enabled=False):
+            return quantized_grouped_linear(x, w, b, counts, plan,
+                                            keys[stage] if keys is not None else None,
+                                            transposed=transposed)
+
+    out = grouped(rows, up_w, up_b, 0)
+    out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
+    out = grouped(out.to(rows.dtype), down_w, down_b, 1)
+    if getattr(self, "has_post_expert_norm", False):
+        out = self.post_expert_norm(out)
+
+    weighted = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(out.dtype)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    final = weighted[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
+    return final.to(hidden_states.dtype)
+
+
+__all__ = [
+    "IMPLEMENTATION",
+    "ExpertsQuantization",
+    "convert_experts_module",
+    "expert_shapes",
+    "is_experts_module",
+    "nvfp4_experts_forward",
+    "register",
+    "unsupported_reason",
+]

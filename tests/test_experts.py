@@ -1,0 +1,161 @@
+"""NVFP4 MoE experts (transformers' ExpertsInterface) against per-expert compositions."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_nvfp4.experts import (
+    IMPLEMENTATION,
+    convert_experts_module,
+    expert_shapes,
+    is_experts_module,
+    unsupported_reason,
+)
+from hf_nvfp4.nn.functional import LinearPlan, quantized_linear
+from hf_nvfp4.numerics import quantize
+from hf_nvfp4.numerics.rng import derive_keys
+from hf_nvfp4.recipe import PRESETS
+
+E, TOP_K, H = 4, 2, 64
+CONFIGS = {
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=H, intermediate_size=64,
+                      moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=E, num_experts_per_tok=TOP_K,
+                      vocab_size=128, head_dim=16),
+    "gpt_oss": dict(model_type="gpt_oss", hidden_size=H, intermediate_size=32,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    num_local_experts=E, num_experts_per_tok=TOP_K, vocab_size=128,
+                    head_dim=16),
+}
+
+
+def _model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIGS[kind]))
+
+
+def _experts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if is_experts_module(m)]
+
+
+def _routing(tokens: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(E, generator=g)[:TOP_K] for _ in range(tokens)])
+    idx[idx == E - 1] = 0  # expert E-1 gets no token: its GEMMs are skipped
+    idx[:, 1] = torch.where(idx[:, 0] == idx[:, 1], (idx[:, 0] + 1) % (E - 1), idx[:, 1])
+    weights = torch.softmax(torch.randn(tokens, TOP_K, generator=g), dim=-1)
+    return idx, weights
+
+
+def _gemm(a, b):
+    out = a.block_values() @ b.block_values().T
+    return (out * (a.global_scale * b.global_scale))[: a.shape[0], : b.shape[0]]
+
+
+def _matrix(module, name, e):
+    w = getattr(module, name)[e]
+    return w.t() if getattr(module, "is_transposed", False) else w
+
+
+def _bias(module, name, e):
+    return getattr(module, f"{name}_bias")[e] if module.has_bias else 0
+
+
+def _tokens_of(idx: torch.Tensor, e: int) -> torch.Tensor:
+    """Flattened (token, slot) positions routed to expert e, in the order the layer uses."""
+    return (idx.reshape(-1) == e).nonzero().flatten()
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_forward_equals_hand_built_per_expert_composition(kind):
+    module = _experts(_model(kind))[0]
+    assert module.down_proj.shape[0] == E and unsupported_reason(module) is None
+    convert_experts_module(module, PRESETS["nvfp4"], "reference", sr_seed=3)
+    module.eval()
+    x = torch.randn(24, H)
+    idx, weights = _routing(24)
+    got = module(x, idx, weights)
+
+    up = "gate_up_proj" if hasattr(module, "gate_up_proj") else "up_proj"
+    want = torch.zeros(24 * TOP_K, H)
+    for e in range(E - 1):
+        pos = _tokens_of(idx, e)
+        xe = x[pos // TOP_K]
+        h = _gemm(quantize(xe, tile=(1, 16)), quantize(_matrix(module, up, e), tile=(16, 16)))
+        h = module._apply_gate(h + _bias(module, up, e))
+        y = _gemm(quantize(h, tile=(1, 16)),
+                  quantize(_matrix(module, "down_proj", e), tile=(16, 16)))
+        want[pos] = (y + _bias(module, "down_proj", e)) * weights.reshape(-1)[pos, None]
+    want = want.view(24, TOP_K, H).sum(1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_grads_equal_per_expert_quantized_linears_with_their_key_streams(kind):
+    module = _experts(_model(kind))[0]
+    convert_experts_module(module, PRESETS["nvfp4"], "reference", sr_seed=11)
+    module.train()
+    x = torch.randn(40, H, requires_grad=True)
+    idx, weights = _routing(40, seed=2)
+    dy = torch.randn(40, H)
+    module(x, idx, weights).backward(dy)
+    assert int(module.sr_state[1]) == 1
+
+    up = "gate_up_proj" if hasattr(module, "gate_up_proj") else "up_proj"
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in module.named_parameters()}
+    plan = LinearPlan(PRESETS["nvfp4"].role_specs(), "reference", share_input=False)
+    keys = derive_keys(torch.tensor([11, 1]), torch.arange(2 * E), 2).view(2, E, 2)
+    x2 = x.detach().clone().requires_grad_(True)
+    out = torch.zeros(40 * TOP_K, H)
+    for e in range(E - 1):
+        pos = _tokens_of(idx, e)
+
+        def lin(inp, name, stage, e=e):
+            w = params[name][e]
+            w = w.t() if getattr(module, "is_transposed", False) else w
+            b = params[f"{name}_bias"][e] if module.has_bias else None
+            return quantized_linear(inp, w, b, plan, keys[stage, e])
+
+        h = module._apply_gate(lin(x2[pos // TOP_K], up, 0))
+        out = out.index_put((pos,), lin(h, "down_proj", 1) * weights.reshape(-1)[pos, None])
+    out.view(40, TOP_K, H).sum(1).backward(dy)
+
+    assert torch.equal(x.grad, x2.grad)
+    for name, p in module.named_parameters():
+        assert torch.equal(p.grad, params[name].grad), name
+        assert p.grad[E - 1].abs().sum() == 0  # the expert without tokens
+        assert p.grad[: E - 1].abs().sum() > 0
+
+
+def test_only_converted_modules_change_implementation():
+    model = _model("qwen3_moe")
+    first, second = _experts(model)
+    before = first.config._experts_implementation
+    convert_experts_module(second, PRESETS["nvfp4"], "reference", sr_seed=0)
+    assert second.config._experts_implementation == IMPLEMENTATION
+    assert first.config._experts_implementation == before
+    assert model.config._experts_implementation == before
+    assert [s[1:] for s in expert_shapes(second)] == [(64, 64), (32, 64)]  # (in, out)
+
+
+def test_trains_and_stays_close_to_high_precision():
+    model = _model("qwen3_moe")
+    ref = _model("qwen3_moe")
+    for m in _experts(model):
+        convert_experts_module(m, PRESETS["nvfp4"], "reference", sr_seed=5)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    w0 = _experts(model)[0].down_proj.detach().clone()
+    losses = []
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(_experts(model)[0].down_proj, w0)
+    with torch.no_grad():
+        model.eval()
+        ref_loss = ref(input_ids=ids, labels=ids).loss.item()
+    assert abs(losses[0] - ref_loss) < 0.05 * ref_loss
