@@ -159,8 +159,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
             # wgrad: dW = dy_t @ x_t^T
             if specs.dy_t is None:
                 dw = dy2.t().float() @ x2.float()
-            else:
-                dw = backend.gemm(q_dy_t, q_x_t, torch.float32)
+            else:  # FP32 accumulation, rounded once to the weight's dtype in the epilogue
+                dw = backend.gemm(q_dy_t, q_x_t, ctx.w_dtype)
             dw = dw.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(ctx.w_dtype)
