@@ -1,5 +1,8 @@
 """Model conversion: swap the right ``nn.Linear`` modules of a transformer for NVFP4Linear.
 
+GPT-2-style ``Conv1D`` modules (transformers' linear with its weight stored ``[in, out]``)
+become :class:`~hf_nvfp4.nn.NVFP4Conv1D` under the same rules, keeping their weight layout.
+
 Rules (the paper's): only Linear layers inside the decoder blocks are quantized; embeddings,
 the output head, norms and the attention score/value matmuls (not Linear modules) stay in
 high precision, and so do the first and last few blocks.
@@ -16,12 +19,13 @@ from typing import Any
 from torch import nn
 
 from .config import NVFP4Config
+from .nn.conv1d import NVFP4Conv1D, is_conv1d
 from .nn.linear import NVFP4Linear
 
 logger = logging.getLogger(__name__)
 
-# Module types that do the work of a Linear but that we cannot swap (GPT-2's Conv1D, ...).
-_UNSUPPORTED_LINEAR_LIKE = ("Conv1D", "Linear8bitLt", "Linear4bit", "QuantLinear")
+# Module types that do the work of a Linear but that we cannot swap (bitsandbytes, GPTQ).
+_UNSUPPORTED_LINEAR_LIKE = ("Linear8bitLt", "Linear4bit", "QuantLinear")
 # Reasons that are the user's or the recipe's choice, not a layer convert could not handle.
 _INTENDED = (
     "already NVFP4Linear",
@@ -112,9 +116,9 @@ def find_blocks(model: nn.Module) -> tuple[str, int] | None:
     """The dotted name and length of the model's decoder-block ModuleList.
 
     The longest ``nn.ModuleList`` whose length equals ``config.num_hidden_layers`` when the
-    model has a config, else the longest ModuleList of modules that contain Linears (or
-    linear-like modules we cannot swap, such as GPT-2's ``Conv1D``, so that convert can
-    report them).
+    model has a config, else the longest ModuleList of modules that contain Linears or
+    GPT-2's ``Conv1D`` (or linear-like modules we cannot swap, such as bitsandbytes layers,
+    so that convert can report them).
     """
     num = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best: tuple[str, int] | None = None
@@ -131,7 +135,15 @@ def find_blocks(model: nn.Module) -> tuple[str, int] | None:
 
 
 def _is_linear_like(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.Linear) or type(mod).__name__ in _UNSUPPORTED_LINEAR_LIKE
+    return (isinstance(mod, nn.Linear) or is_conv1d(mod)
+            or type(mod).__name__ in _UNSUPPORTED_LINEAR_LIKE)
+
+
+def _features(mod: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear or a Conv1D (weight ``[in, out]``)."""
+    if is_conv1d(mod):
+        return mod.weight.shape[0], mod.weight.shape[1]
+    return mod.in_features, mod.out_features
 
 
 def _block_of(name: str, blocks_prefix: str) -> int | None:
@@ -163,7 +175,7 @@ def _decide(
         return f"in the first {first} blocks (kept BF16)"
     if block >= n_blocks - last:
         return f"in the last {last} blocks (kept BF16)"
-    if mod.in_features % 16 or mod.out_features % 16:
+    if any(n % 16 for n in _features(mod)):
         return "dimensions not multiples of 16"
     return None
 
@@ -176,10 +188,12 @@ def convert(
 ) -> ConversionSummary:
     """Replace eligible ``nn.Linear`` modules of ``model`` by :class:`NVFP4Linear`, in place.
 
+    GPT-2-style ``Conv1D`` modules become :class:`~hf_nvfp4.nn.NVFP4Conv1D` under the same
+    rules (their ``[in, out]`` weight quantized as the Linear weight it is the transpose of).
     Parameters are shared, not copied, so an optimizer built before conversion still
     updates the same tensors. Returns (and with ``verbose`` logs) a
-    :class:`ConversionSummary`. Linear-like modules that cannot be swapped (GPT-2's
-    ``Conv1D``, bitsandbytes layers) are reported with the reason.
+    :class:`ConversionSummary`. Linear-like modules that cannot be swapped (bitsandbytes
+    layers, GPTQ's ``QuantLinear``) are reported with the reason.
     """
     config = NVFP4Config.load(config)
     recipe = config.get_recipe()
@@ -187,9 +201,9 @@ def convert(
     if found is None:
         raise ValueError(
             f"hf_nvfp4.convert could not find the decoder blocks of {type(model).__name__}: "
-            "no nn.ModuleList of config.num_hidden_layers blocks containing nn.Linear. "
-            "Supported: Llama, Mistral, Qwen2/3, Gemma, GPT-NeoX-style models; for others use "
-            "NVFP4Linear.from_linear directly."
+            "no nn.ModuleList of config.num_hidden_layers blocks containing nn.Linear or "
+            "Conv1D. Supported: Llama, Mistral, Qwen2/3, Gemma, GPT-NeoX, GPT-2-style models; "
+            "for others use NVFP4Linear.from_linear directly."
         )
     prefix, n_blocks = found
     split = config.block_split(n_blocks)
@@ -206,16 +220,18 @@ def convert(
                 LayerDecision(name, False, f"unsupported module type {cls}", _nparams(mod))
             )
             continue
-        if not isinstance(mod, nn.Linear):
+        conv1d = is_conv1d(mod)
+        if not (conv1d or isinstance(mod, nn.Linear)):
             continue
         block = _block_of(name, prefix)
         reason = _decide(name, mod, block, n_blocks, split, config)
         summary.layers.append(LayerDecision(name, reason is None, reason or "", _nparams(mod)))
         if reason is None:
             seed = config.sr_seed + len(replacements)
+            wrap = NVFP4Conv1D.from_conv1d if conv1d else NVFP4Linear.from_linear
             replacements.append(
-                (name, NVFP4Linear.from_linear(mod, recipe, config.backend, sr_seed=seed,
-                                               reduce_amax=config.reduce_amax))
+                (name, wrap(mod, recipe, config.backend, sr_seed=seed,
+                            reduce_amax=config.reduce_amax))
             )
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
@@ -302,7 +318,8 @@ def _nparams(mod: nn.Module) -> int:
 
 
 def iter_nvfp4_linears(model: nn.Module) -> Iterator[tuple[str, NVFP4Linear]]:
-    """Yield ``(name, module)`` for every NVFP4Linear of ``model``."""
+    """Yield ``(name, module)`` for every NVFP4Linear of ``model`` (NVFP4Conv1D included: its
+    weight is ``[in, out]``, see :func:`hf_nvfp4.nn.conv1d.weight_matrix`)."""
     for name, mod in model.named_modules():
         if isinstance(mod, NVFP4Linear):
             yield name, mod

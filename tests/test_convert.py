@@ -19,6 +19,7 @@ from transformers import (
 
 from hf_nvfp4 import NVFP4Config, NVFP4Linear, convert
 from hf_nvfp4.convert import find_blocks
+from hf_nvfp4.nn import NVFP4Conv1D
 
 H, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 64, 128, 4, 2, 16, 256
 _DECODER = dict(
@@ -105,23 +106,84 @@ def test_convert_quantizes_the_middle_blocks_of_each_architecture(
         assert mod.weight.grad.abs().sum() > 0
 
 
-def test_gpt2_conv1d_is_reported_unsupported(caplog):
+def _gpt2(n_embd: int = H) -> nn.Module:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        GPT2Config(vocab_size=VOCAB, n_embd=H, n_layer=2, n_head=HEADS, bos_token_id=0,
-                   eos_token_id=0)
+    return AutoModelForCausalLM.from_config(
+        GPT2Config(vocab_size=128, n_embd=n_embd, n_layer=2, n_head=HEADS, n_positions=64,
+                   bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                   attn_pdrop=0.0)
     )
+
+
+# Conv1D weights [in, out] with biases: c_attn [64, 192], attn.c_proj [64, 64], c_fc [64, 256]
+# and mlp.c_proj [256, 64] (GPT-2's inner size is 4 * n_embd).
+_GPT2_C_FC_PARAMS = H * 4 * H + 4 * H
+_GPT2_BLOCK_PARAMS = (H * 3 * H + 3 * H) + (H * H + H) + _GPT2_C_FC_PARAMS + (4 * H * H + H)
+
+
+def test_gpt2_conv1d_layers_train_in_nvfp4(caplog):
+    model = _gpt2()
+    convs = {n: m for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    assert len(convs) == 8
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # built before convert
     with caplog.at_level(logging.WARNING, logger="hf_nvfp4.convert"):
         summary = convert(model, _cfg(), verbose=False)
 
     assert summary.num_blocks == 2
+    assert sorted(summary.quantized_layers) == sorted(convs)
+    assert summary.quantized_params == 2 * _GPT2_BLOCK_PARAMS
+    assert summary.block_matmul_share() == (2 * _GPT2_BLOCK_PARAMS, 2 * _GPT2_BLOCK_PARAMS)
+    assert "matrix parameters of the NVFP4 blocks in NVFP4: 99,456 of 99,456 (100.0%)" in (
+        summary.table()
+    )
+    assert [d.reason for d in summary.layers if not d.quantized] == [
+        "outside the decoder blocks (embeddings, head, projections)"  # lm_head
+    ]
+    assert not caplog.records
+    for name, conv in convs.items():
+        new = model.get_submodule(name)
+        assert isinstance(new, NVFP4Conv1D) and isinstance(new, NVFP4Linear)
+        assert new.weight is conv.weight and new.bias is conv.bias  # shared, [in, out]
+        assert (new.in_features, new.out_features) == tuple(conv.weight.shape)
+
+    model.train()
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    before = {n: convs[n].weight.detach().clone() for n in convs}
+    losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(4.0 < v < 5.5 for v in losses)  # ~ln(128) = 4.85 at initialization
+    assert losses[1] < losses[0]
+    for name, conv in convs.items():
+        mod = model.get_submodule(name)
+        assert mod.sr_step == 2
+        assert torch.isfinite(conv.weight).all()
+        assert not torch.equal(conv.weight, before[name])
+
+
+def test_gpt2_conv1d_follows_the_linear_rules():
+    model = _gpt2()
+    summary = convert(model, _cfg(first_bf16_blocks=1, exclude=[r"mlp\.c_fc"]), verbose=False)
+    assert summary.quantized_layers == [
+        "transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj",
+    ]
+    reasons = {d.name: d.reason for d in summary.layers}
+    assert reasons["transformer.h.0.attn.c_attn"] == "in the first 1 blocks (kept BF16)"
+    assert reasons["transformer.h.1.mlp.c_fc"] == "matched an exclude pattern"
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    # Block 1 minus the excluded c_fc: the user's choice, not counted as left out.
+    block1 = _GPT2_BLOCK_PARAMS - _GPT2_C_FC_PARAMS
+    assert summary.block_matmul_share() == (block1, block1)
+
+    ragged = _gpt2(n_embd=72)  # Conv1D [72, 216] etc.: not multiples of 16
+    summary = convert(ragged, _cfg(), verbose=False)
     assert summary.quantized_layers == []
-    unsupported = [d for d in summary.layers if d.reason == "unsupported module type Conv1D"]
-    # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of the 2 blocks.
-    assert len(unsupported) == 8
-    assert "kept: 8 x unsupported module type Conv1D" in summary.table()
-    assert "unsupported types" in caplog.text and "Conv1D" in caplog.text
-    assert not any(isinstance(m, NVFP4Linear) for m in model.modules())
+    kept = [d.reason for d in summary.layers if d.name.startswith("transformer.h.")]
+    assert kept == ["dimensions not multiples of 16"] * 8
 
 
 def test_model_without_blocks_raises():

@@ -46,7 +46,7 @@ from ..numerics.scales import nvfp4_global_encode
 from .atomic import atomic_directory
 from .calibrate import input_amax_or_fail
 from .fusion import export_fusion
-from .layers import high_precision_state, iter_packed_layers
+from .layers import high_precision_state, iter_packed_layers, refuse_conv1d
 from .packed import save_config_files
 from .shards import DEFAULT_MAX_SHARD_SIZE, write_sharded
 
@@ -167,10 +167,14 @@ def export_compressed_tensors(
             :mod:`.fusion`; each re-quantized layer's change is logged at INFO); False
             writes each layer's own quantization bit for bit.
         dtype, max_shard_size, tokenizer, progress: as :func:`save_packed`.
+
+    Raises ``ValueError`` naming the layer for GPT-2 ``Conv1D`` layers, which engines would
+    not load as trained (see :func:`.layers.refuse_conv1d`).
     """
     layers = list(iter_packed_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no NVFP4 layers to export")
+    refuse_conv1d(layers, "export_compressed_tensors")
     fusion = export_fusion(layers, fuse=fuse_global_scales)
     names = [layer.name for layer in fusion.layers]
     if not weight_only:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_directory
 from .calibrate import input_amax_or_fail
 from .fusion import export_fusion
-from .layers import high_precision_state, iter_packed_layers
+from .layers import high_precision_state, iter_packed_layers, refuse_conv1d
 from .packed import save_config_files
 from .shards import DEFAULT_MAX_SHARD_SIZE, write_sharded
 
@@ -87,10 +87,14 @@ def export_modelopt(
             :mod:`.fusion`; each re-quantized layer's change is logged at INFO); False
             writes each layer's own quantization bit for bit.
         dtype, max_shard_size, tokenizer, progress: as :func:`save_packed`.
+
+    Raises ``ValueError`` naming the layer for GPT-2 ``Conv1D`` layers, which engines would
+    not load as trained (see :func:`.layers.refuse_conv1d`).
     """
     layers = list(iter_packed_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no NVFP4 layers to export")
+    refuse_conv1d(layers, "export_modelopt")
     layers = export_fusion(layers, fuse=fuse_global_scales).layers
     names = [layer.name for layer in layers]
     if not weight_only:

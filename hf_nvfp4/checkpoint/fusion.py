@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backends.reference import quantize_spec
+from ..nn.conv1d import weight_matrix
 from ..nn.linear import NVFP4Linear, _role_specs
 from ..numerics.quantize import QTensor
 from ..recipe import QuantSpec
@@ -65,7 +66,7 @@ def quantize_with_amax(w: torch.Tensor, spec: QuantSpec, amax: float) -> QTensor
 
 def _source(layer: PackedLayer) -> tuple[torch.Tensor, QuantSpec]:
     if isinstance(layer.module, NVFP4Linear):
-        return layer.module.weight.detach(), _role_specs(layer.module.recipe).w
+        return weight_matrix(layer.module).detach(), _role_specs(layer.module.recipe).w
     return layer.weight.dequantize(torch.float32), QuantSpec("nvfp4", (1, 16))
 
 

@@ -4,8 +4,9 @@ Recognized: native packed and master hf_nvfp4 checkpoints, compressed-tensors
 ``nvfp4-pack-quantized`` and ModelOpt NVFP4 exports, plain checkpoints. Per 2D weight: shape,
 format, bytes, block-scale statistics, the decode global scale, and the quantization SNR
 (``10 log10(|w|^2 / |w - q(w)|^2)``): of the packed weight against its FP32 master when the
-checkpoint saved masters, or, for a high-precision weight, of the NVFP4 quantization it would
-get (16x16 tiles). Totals compare the checkpoint's bytes with the same model in BF16.
+checkpoint saved masters (transposed for GPT-2's ``Conv1D``, whose master is ``[in, out]``),
+or, for a high-precision weight, of the NVFP4 quantization it would get (16x16 tiles). Totals
+compare the checkpoint's bytes with the same model in BF16.
 """
 
 from __future__ import annotations
@@ -137,7 +138,11 @@ def _packed_row(module: str, fmt: str, infos: dict[str, TensorInfo],
     master = masters.get(f"{module}.weight")
     if master is not None:
         deq = e2m1.decode(e2m1.unpack(packed)) * scale.repeat_interleave(16, -1) * decode
-        row.snr_db = _snr(_load(master), deq)
+        ref = _load(master)
+        # A GPT-2 Conv1D master is [in, out], the transpose of its packed weight; a square one
+        # is compared in the orientation it was packed from (the far better fit of the two).
+        row.snr_db = max((_snr(w, deq) for w in (ref, ref.t()) if w.shape == deq.shape),
+                         default=None)
     return row
 
 

@@ -2,7 +2,8 @@
 
 Exports and the packed save read weights through :func:`iter_packed_layers`, so they work the
 same on a training model (``NVFP4Linear``, quantized from its master weight exactly as its
-forward does) and on a loaded packed model (``NVFP4PackedLinear``).
+forward does) and on a loaded packed model (``NVFP4PackedLinear``). A GPT-2 ``Conv1D`` layer
+(``NVFP4Conv1D``, ``NVFP4PackedConv1D``) yields the ``[out, in]`` weight it multiplies by.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..nn.conv1d import NVFP4Conv1D, NVFP4PackedConv1D, quantized_linear_weight
 from ..nn.linear import NVFP4Linear
-from ..nn.packed import NVFP4PackedLinear, quantized_weight
+from ..nn.packed import NVFP4PackedLinear
 from ..numerics.quantize import QTensor
 
 
@@ -48,10 +50,28 @@ def iter_packed_layers(model: nn.Module) -> Iterator[PackedLayer]:
             yield PackedLayer(name, mod, mod.qweight(), mod.bias)
         elif isinstance(mod, NVFP4Linear) and is_quantized_linear(mod):
             try:
-                q = quantized_weight(mod)
+                q = quantized_linear_weight(mod)
             except ValueError as e:
                 raise ValueError(f"layer {name!r}: {e}") from e
             yield PackedLayer(name, mod, q, mod.bias)
+
+
+def refuse_conv1d(layers: list[PackedLayer], export: str) -> None:
+    """Raise ``ValueError`` naming the first GPT-2 ``Conv1D`` layer among ``layers``.
+
+    Engines load GPT-2's ``c_attn``/``c_proj``/``c_fc`` as Conv1D tensors: vLLM transposes
+    every ``.weight`` of them (ModelOpt's packed codes are stored as ``.weight``), and the
+    compressed-tensors config targets ``Linear`` modules, which transformers' GPT-2 Conv1D is
+    not, so an ``export`` of these layers would not load as the model trained.
+    """
+    for layer in layers:
+        if isinstance(layer.module, (NVFP4Conv1D, NVFP4PackedConv1D)):
+            raise ValueError(
+                f"{export} cannot export layer {layer.name!r}: it is a GPT-2-style Conv1D "
+                "(weight stored [in, out]), which engines load as a transposed high-precision "
+                "'.weight' (vLLM) or leave unquantized (compressed-tensors targets Linear "
+                "modules); save the model with hf_nvfp4.checkpoint.save_packed instead"
+            )
 
 
 def high_precision_state(
@@ -78,4 +98,10 @@ def high_precision_state(
     return out
 
 
-__all__ = ["PackedLayer", "high_precision_state", "is_quantized_linear", "iter_packed_layers"]
+__all__ = [
+    "PackedLayer",
+    "high_precision_state",
+    "is_quantized_linear",
+    "iter_packed_layers",
+    "refuse_conv1d",
+]

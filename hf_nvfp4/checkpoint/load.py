@@ -3,12 +3,13 @@
 * ``from_pretrained(path)`` (after ``import hf_nvfp4``) of a checkpoint written by
   :func:`save_packed`: the quantizer calls :func:`prepare_packed_model` on the meta model,
   which checks every file header (see :mod:`.integrity`) and swaps exactly the layers the
-  checkpoint holds packed for :class:`~hf_nvfp4.nn.NVFP4PackedLinear`; transformers then
-  loads the packed tensors by name, and :func:`finalize_packed_model` verifies them.
+  checkpoint holds packed for :class:`~hf_nvfp4.nn.NVFP4PackedLinear` (a GPT-2 ``Conv1D``
+  for its subclass ``NVFP4PackedConv1D``); transformers then loads the packed tensors by name,
+  and :func:`finalize_packed_model` verifies them.
 * :func:`load_packed` wraps that and, with ``mode="train"``, turns the packed layers back into
-  trainable NVFP4Linear layers: from the saved FP32 masters when the checkpoint has them
-  (an exact resume), otherwise from the dequantized weights (a lossy start: the masters
-  become the values NVFP4 keeps, and high-precision layers come from their BF16 copy).
+  trainable NVFP4Linear (NVFP4Conv1D) layers: from the saved FP32 masters when the checkpoint
+  has them (an exact resume), otherwise from the dequantized weights (a lossy start: the
+  masters become the values NVFP4 keeps, and high-precision layers come from their BF16 copy).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..config import NVFP4Config
+from ..nn.conv1d import NVFP4Conv1D, NVFP4PackedConv1D, is_conv1d, weight_matrix
 from ..nn.linear import NVFP4Linear
 from ..nn.packed import NVFP4PackedLinear
 from .checksums import checksum_verification, verify_manifest
@@ -91,13 +93,16 @@ def prepare_packed_model(
                 f"tensor {name + '.weight_packed'!r} in {infos[name + '.weight_packed'].file} "
                 f"has no module {name!r} in {type(model).__name__}"
             ) from None
-        if not isinstance(mod, nn.Linear) or (mod.out_features, mod.in_features) != (out_f, in_f):
+        conv1d = isinstance(mod, NVFP4Conv1D) or is_conv1d(mod)
+        if not (conv1d or isinstance(mod, nn.Linear)) or (
+            tuple(weight_matrix(mod).shape) != (out_f, in_f)
+        ):
             raise CheckpointError(
                 f"tensor {name + '.weight_packed'!r} in {infos[name + '.weight_packed'].file} "
                 f"holds a [{out_f}, {in_f}] weight but module {name!r} is {mod!r}"
             )
         with torch.device("meta"):
-            new = NVFP4PackedLinear(
+            new = (NVFP4PackedConv1D if conv1d else NVFP4PackedLinear)(
                 in_f, out_f, bias=mod.bias is not None, dtype=mod.weight.dtype,
                 recipe=recipe, backend=config.backend,
             )
@@ -181,9 +186,10 @@ def pack_model(model: nn.Module) -> nn.Module:
             "packed (MXFP4/FP8 recipes and layers switched to BF16 keep master weights)"
         )
     for name, mod in swaps:
+        packed_cls = NVFP4PackedConv1D if isinstance(mod, NVFP4Conv1D) else NVFP4PackedLinear
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                NVFP4PackedLinear.from_linear(mod))
+                packed_cls.from_linear(mod))
     _set_format(model, PACKED_FORMAT)
     return model
 
@@ -215,7 +221,7 @@ def to_trainable(
     model: nn.Module, masters: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """Turn packed layers into NVFP4Linear training layers, in place.
+    """Turn packed layers into NVFP4Linear (NVFP4Conv1D) training layers, in place.
 
     With ``masters`` (the state saved by ``save_packed(masters=True)``) the whole model is
     restored exactly; without, the packed layers start from their dequantized weights.
