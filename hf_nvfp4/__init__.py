@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .config import NVFP4Config
     from .convert import ConversionSummary, convert
     from .hf_quantizer import from_config, prepare_model
-    from .nn import NVFP4Linear
+    from .nn import NVFP4Conv1D, NVFP4Linear
     from .numerics import QTensor, hadamard_transform, quantize
     from .recipe import PRESETS, Recipe, get_recipe
     from .schedule import (
@@ -50,6 +50,7 @@ _LAZY = {
     "convert": "convert",
     "from_config": "hf_quantizer",
     "prepare_model": "hf_quantizer",
+    "NVFP4Conv1D": "nn",
     "NVFP4Linear": "nn",
     "QTensor": "numerics",
     "hadamard_transform": "numerics",
@@ -76,6 +77,7 @@ __all__ = [
     "PRESETS",
     "ConversionSummary",
     "NVFP4Config",
+    "NVFP4Conv1D",
     "NVFP4Linear",
     "PrecisionSchedule",
     "QTensor",

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .distributed import world_size
+from .nn.conv1d import weight_matrix
 from .nn.linear import NVFP4Linear
 from .schedule import PrecisionSchedule, switch_to_high_precision
 from .telemetry import SQRT3, role_stats, wgrad_noise_ratio
@@ -111,7 +112,7 @@ class QuantTelemetryCallback(TrainerCallback):
             if specs.x is not None:
                 self._add("x", role_stats(x, specs.x))
             if specs.w is not None:
-                self._add("w", role_stats(layer.weight, specs.w))
+                self._add("w", role_stats(weight_matrix(layer), specs.w))
         if output.requires_grad:
             output.register_hook(lambda dy: self._grad_hook(layer, x, dy))
 
