@@ -2,6 +2,9 @@
 
 GPT-2-style ``Conv1D`` modules (transformers' linear with its weight stored ``[in, out]``)
 become :class:`~hf_nvfp4.nn.NVFP4Conv1D` under the same rules, keeping their weight layout.
+Mixture-of-experts modules that keep their experts as fused 3D parameters behind
+transformers' ``ExpertsInterface`` run their expert GEMMs in NVFP4 (:mod:`hf_nvfp4.experts`),
+again under the same rules (a router that is an ``nn.Linear`` is a Linear like any other).
 
 Rules (the paper's): only Linear layers inside the decoder blocks are quantized; embeddings,
 the output head, norms and the attention score/value matmuls (not Linear modules) stay in
@@ -19,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from .config import NVFP4Config
+from .experts import convert_experts_module, is_experts_module, unsupported_reason
 from .nn.conv1d import NVFP4Conv1D, is_conv1d
 from .nn.linear import NVFP4Linear
 
@@ -29,6 +33,7 @@ _UNSUPPORTED_LINEAR_LIKE = ("Linear8bitLt", "Linear4bit", "QuantLinear")
 # Reasons that are the user's or the recipe's choice, not a layer convert could not handle.
 _INTENDED = (
     "already NVFP4Linear",
+    "already NVFP4 experts",
     "listed in modules_to_not_convert",
     "not matched by include patterns",
     "matched an exclude pattern",
@@ -175,6 +180,10 @@ def _decide(
         return f"in the first {first} blocks (kept BF16)"
     if block >= n_blocks - last:
         return f"in the last {last} blocks (kept BF16)"
+    if is_experts_module(mod):
+        if getattr(mod, "_hf_nvfp4", None) is not None:
+            return "already NVFP4 experts"
+        return unsupported_reason(mod)
     if any(n % 16 for n in _features(mod)):
         return "dimensions not multiples of 16"
     return None
@@ -192,7 +201,9 @@ def convert(
     rules (their ``[in, out]`` weight quantized as the Linear weight it is the transpose of).
     Parameters are shared, not copied, so an optimizer built before conversion still
     updates the same tensors. Returns (and with ``verbose`` logs) a
-    :class:`ConversionSummary`. Linear-like modules that cannot be swapped (bitsandbytes
+    :class:`ConversionSummary`. MoE experts modules (fused 3D weights dispatched through
+    transformers' ``ExpertsInterface``) switch to the ``"hf_nvfp4"`` experts implementation
+    (:mod:`hf_nvfp4.experts`). Linear-like modules that cannot be swapped (bitsandbytes
     layers, GPTQ's ``QuantLinear``) are reported with the reason.
     """
     config = NVFP4Config.load(config)
@@ -213,8 +224,16 @@ def convert(
         total_params=sum(p.numel() for p in model.parameters()),
     )
     replacements: list[tuple[str, nn.Module]] = []
+    experts: list[nn.Module] = []
     for name, mod in model.named_modules():
         cls = type(mod).__name__
+        if is_experts_module(mod):
+            reason = _decide(name, mod, _block_of(name, prefix), n_blocks, split, config)
+            summary.layers.append(LayerDecision(name, reason is None, reason or "",
+                                                _nparams(mod)))
+            if reason is None:
+                experts.append(mod)
+            continue
         if cls in _UNSUPPORTED_LINEAR_LIKE:
             summary.layers.append(
                 LayerDecision(name, False, f"unsupported module type {cls}", _nparams(mod))
@@ -237,6 +256,8 @@ def convert(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
+    for i, mod in enumerate(experts):
+        convert_experts_module(mod, recipe, config.backend, config.sr_seed + len(replacements) + i)
     if any(d.reason.startswith("unsupported") for d in summary.layers):
         logger.warning(
             "hf_nvfp4.convert: some linear-like modules have unsupported types and stay in "
@@ -273,7 +294,7 @@ def _other_matmuls(
     """Matrix parameters (2D and up) in the blocks that no Linear-like module owns."""
     out = []
     for mod_name, mod in model.named_modules():
-        if _is_linear_like(mod):
+        if _is_linear_like(mod) or is_experts_module(mod):
             continue
         block = _block_of(mod_name, prefix)
         if block is None:
@@ -286,8 +307,8 @@ def _other_matmuls(
             elif block >= n_blocks - split[1]:
                 reason = f"in the last {split[1]} blocks (kept BF16)"
             elif p.dim() == 3:
-                reason = (f"fused 3D expert weights of {type(mod).__name__} "
-                          "(MoE experts are not NVFP4 yet)")
+                reason = (f"fused 3D expert weights of {type(mod).__name__} (not dispatched "
+                          "through transformers' ExpertsInterface)")
             else:
                 reason = f"a bare matrix parameter of {type(mod).__name__}, not a Linear"
             out.append(LayerDecision(f"{mod_name}.{pname}", False, reason, p.numel()))

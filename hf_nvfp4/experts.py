@@ -48,6 +48,7 @@ class ExpertsQuantization:
     recipe: Recipe
     backend: str
     previous_implementation: str | None
+    sr_seed: int
     plans: dict[tuple, LinearPlan] = field(default_factory=dict)
 
     def plan(self, device: torch.device) -> LinearPlan:
@@ -121,7 +122,20 @@ def convert_experts_module(
     module.config._experts_implementation = IMPLEMENTATION
     device = getattr(module, up_weight_name(module)).device
     module.register_buffer("sr_state", new_state(sr_seed, device))
-    module._hf_nvfp4 = ExpertsQuantization(recipe, backend, previous)
+    module._hf_nvfp4 = ExpertsQuantization(recipe, backend, previous, int(sr_seed))
+
+
+def iter_nvfp4_experts(model: nn.Module):
+    """Yield ``(name, module)`` for every experts module of ``model`` converted to NVFP4."""
+    for name, mod in model.named_modules():
+        if isinstance(getattr(mod, "_hf_nvfp4", None), ExpertsQuantization):
+            yield name, mod
+
+
+def reset_sr_state(module: nn.Module) -> None:
+    """Re-seed a converted experts module's ``sr_state`` (step 0) on its weights' device."""
+    device = getattr(module, up_weight_name(module)).device
+    module.sr_state = new_state(module._hf_nvfp4.sr_seed, device)
 
 
 def _weights(module: nn.Module, first: str) -> tuple[torch.Tensor, Any, torch.Tensor, Any]:
@@ -190,7 +204,9 @@ __all__ = [
     "convert_experts_module",
     "expert_shapes",
     "is_experts_module",
+    "iter_nvfp4_experts",
     "nvfp4_experts_forward",
     "register",
+    "reset_sr_state",
     "unsupported_reason",
 ]

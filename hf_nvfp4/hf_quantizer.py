@@ -25,6 +25,7 @@ from transformers.quantizers.base import HfQuantizer, _assign_is_quantized
 from .backends import unavailable_reason
 from .config import QUANT_METHOD, NVFP4Config
 from .convert import convert, iter_nvfp4_linears
+from .experts import iter_nvfp4_experts, reset_sr_state
 from .quant.sr import new_state
 
 if TYPE_CHECKING:
@@ -91,6 +92,9 @@ class NVFP4HfQuantizer(HfQuantizer):
             saved = self.saved_sr_states is None or name in self.saved_sr_states
             if not (self.pre_quantized and saved and not mod.sr_state.is_meta):
                 mod.sr_state = new_state(mod._sr_seed, mod.weight.device)
+        for _, mod in iter_nvfp4_experts(model):
+            if not self.pre_quantized or mod.sr_state.is_meta:
+                reset_sr_state(mod)
         if self.quantization_config.switched is not None:
             from .schedule import switch_to_high_precision
 

@@ -159,3 +159,57 @@ def test_trains_and_stays_close_to_high_precision():
         model.eval()
         ref_loss = ref(input_ids=ids, labels=ids).loss.item()
     assert abs(losses[0] - ref_loss) < 0.05 * ref_loss
+
+
+def test_convert_puts_every_block_matmul_of_a_moe_model_in_nvfp4():
+    import hf_nvfp4
+
+    cfg = dict(CONFIGS["qwen3_moe"], num_experts=16, num_hidden_layers=3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    summary = hf_nvfp4.convert(model, {"first_bf16_blocks": 1, "last_bf16_blocks": 0,
+                                       "backend": "reference"}, verbose=False)
+    experts = _experts(model)
+    assert [hasattr(m, "_hf_nvfp4") for m in experts] == [False, True, True]
+    assert experts[0].config._experts_implementation != IMPLEMENTATION
+    decisions = {d.name: d for d in summary.layers}
+    assert decisions["model.layers.0.mlp.experts"].reason == "in the first 1 blocks (kept BF16)"
+    assert decisions["model.layers.2.mlp.experts"].quantized
+    quantized, total = summary.block_matmul_share()
+    assert not summary.other_matmuls or all("Router" in d.name or "gate" in d.name
+                                            for d in summary.other_matmuls)
+    assert quantized / total > 0.99, summary.table()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and experts[2].down_proj.grad.abs().sum() > 0
+    assert int(experts[2].sr_state[1]) == 1
+    again = hf_nvfp4.convert(model, {"first_bf16_blocks": 1, "last_bf16_blocks": 0,
+                                     "backend": "reference"}, verbose=False)
+    assert {d.reason for d in again.layers if d.name.endswith("experts")} >= {
+        "already NVFP4 experts"}
+
+
+def test_from_pretrained_and_save_pretrained_round_trip(tmp_path):
+    from hf_nvfp4 import NVFP4Config
+
+    plain = _model("qwen3_moe")
+    plain.save_pretrained(tmp_path / "plain")
+    qcfg = NVFP4Config(first_bf16_blocks=0, last_bf16_blocks=0, backend="reference", sr_seed=9)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=qcfg)
+    experts = _experts(model)
+    assert all(m.config._experts_implementation == IMPLEMENTATION for m in experts)
+    assert all(int(m.sr_state[1]) == 0 and not m.sr_state.is_meta for m in experts)
+    for m, p in zip(experts, _experts(plain), strict=True):
+        assert torch.equal(m.down_proj, p.down_proj)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.save_pretrained(tmp_path / "nvfp4")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nvfp4")
+    assert all(hasattr(m, "_hf_nvfp4") for m in _experts(reloaded))
+    assert [int(m.sr_state[1]) for m in _experts(reloaded)] == [1, 1]
+    with torch.no_grad():
+        model.eval()
+        reloaded.eval()
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
