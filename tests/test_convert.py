@@ -280,9 +280,9 @@ def test_summary_table(capsys):
 
 
 def test_summary_counts_every_block_matrix_and_warns_when_much_stays_high_precision(caplog):
-    """MoE experts stored as fused 3D parameters (not Linears) are listed and counted."""
+    """MoE experts that cannot run in NVFP4 (ragged expert FFN) are listed, counted, warned."""
     cfg = transformers.Qwen3MoeConfig(
-        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=24, num_experts=4,
         num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, head_dim=16,
     )
@@ -290,15 +290,18 @@ def test_summary_counts_every_block_matrix_and_warns_when_much_stays_high_precis
     with caplog.at_level(logging.WARNING, logger="hf_nvfp4.convert"):
         summary = convert(model, {"first_bf16_blocks": 0, "last_bf16_blocks": 0},
                           verbose=False)
-    experts = [d for d in summary.other_matmuls if "expert" in d.reason]
-    assert sorted(d.name for d in experts) == [
-        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")
-    ]
-    assert sum(d.params for d in experts) == 2 * 4 * (64 * 64 + 64 * 32)
+    experts = [d for d in summary.layers if d.name.endswith("experts")]
+    assert [d.name for d in experts] == [f"model.layers.{i}.mlp.experts" for i in (0, 1)]
+    assert {d.reason for d in experts} == {
+        "expert down_proj dimensions (64 x 24) not multiples of 16"}
+    assert not any(d.quantized for d in experts)
+    assert sum(d.params for d in experts) == 2 * 4 * (64 * 48 + 64 * 24)
+    routers = summary.other_matmuls
+    assert [d.name for d in routers] == [f"model.layers.{i}.mlp.gate.weight" for i in (0, 1)]
     quantized, total = summary.block_matmul_share()
     assert quantized == summary.quantized_params == 2 * (64 * 64 * 2 + 32 * 64 * 2)
-    assert total == quantized + sum(d.params for d in summary.other_matmuls)
-    assert "stay in high precision" in caplog.text and "expert weights" in caplog.text
+    assert total == quantized + sum(d.params for d in [*experts, *routers])
+    assert "stay in high precision" in caplog.text and "not multiples of 16" in caplog.text
     assert "matrix parameters of the NVFP4 blocks in NVFP4" in summary.table()
 
 
