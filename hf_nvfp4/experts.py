@@ -191,7 +191,8 @@ def nvfp4_experts_forward(
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
 
-    weighted = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(out.dtype)
+    # as transformers' grouped_mm: type promotion (FP32 router weights: FP32 weighted sum)
+    weighted = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     final = weighted[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
