@@ -15,6 +15,14 @@ them and compressed-tensors 0.20.1's ``NVFP4PackedCompressor`` reads them):
 * ``input_global_scale``  float32 [1]   the activation ENCODE scale ``fp32(448 * 6 / amax(x))``
   from calibration (absent for the weight-only NVFP4A16 export)
 
+MoE experts (NVFP4 experts modules) are written as one such linear per expert, under the
+per-expert names of the model's original checkpoint (``experts.{e}.gate_proj`` / ``up_proj``
+/ ``down_proj`` for Qwen-MoE, ``block_sparse_moe.experts.{e}.w1`` / ``w3`` / ``w2`` for
+Mixtral), the other tensors renamed the same way; vLLM's compressed-tensors MoE methods load
+them into their fused ``w13_*`` / ``w2_*`` parameters. See :mod:`.experts` for what is
+refused. Their W4A4 ``input_global_scale`` needs a per-expert input amax in ``input_amax``
+(keyed by those names), which :func:`calibrate_input_amax` does not measure.
+
 ``amax`` is known for a training model (the master weight's, or the fused group's) and
 ``S_enc`` is then exactly TE's. A model loaded from a packed checkpoint keeps only ``S_dec``;
 its ``S_enc`` is ``fp32(1 / S_dec)``, one of the (one or two) FP32 values whose reciprocal
@@ -45,6 +53,7 @@ from tqdm.auto import tqdm
 from ..numerics.scales import nvfp4_global_encode
 from .atomic import atomic_directory
 from .calibrate import input_amax_or_fail
+from .experts import expert_export, require_expert_input_amax
 from .fusion import export_fusion
 from .layers import high_precision_state, iter_packed_layers, refuse_conv1d
 from .packed import save_config_files
@@ -169,17 +178,23 @@ def export_compressed_tensors(
         dtype, max_shard_size, tokenizer, progress: as :func:`save_packed`.
 
     Raises ``ValueError`` naming the layer for GPT-2 ``Conv1D`` layers, which engines would
-    not load as trained (see :func:`.layers.refuse_conv1d`).
+    not load as trained (see :func:`.layers.refuse_conv1d`), and naming the module for MoE
+    experts whose per-expert layout is not determined (see :mod:`.experts`).
     """
     layers = list(iter_packed_layers(model))
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no NVFP4 layers to export")
     refuse_conv1d(layers, "export_compressed_tensors")
-    fusion = export_fusion(layers, fuse=fuse_global_scales)
+    experts = expert_export(model, "export_compressed_tensors")
+    if not layers and not experts.layers:
+        raise ValueError(f"{type(model).__name__} has no NVFP4 layers to export")
+    fusion = export_fusion(layers + experts.layers, fuse=fuse_global_scales)
+    for name, amax in experts.amax.items():
+        fusion.amax.setdefault(name, amax)
     names = [layer.name for layer in fusion.layers]
     if not weight_only:
+        require_expert_input_amax(input_amax, experts, "export_compressed_tensors")
         input_amax = input_amax_or_fail(input_amax, names)
-    tensors = high_precision_state(model, set(names), dtype)
+    linear_names = {layer.name for layer in layers}
+    tensors = high_precision_state(model, linear_names, dtype, skip_keys=experts.replaced)
     for layer in tqdm(fusion.layers, desc="compressed-tensors export", disable=not progress):
         q, n = layer.weight, layer.name
         tensors[f"{n}.weight_packed"] = q.data
@@ -191,9 +206,11 @@ def export_compressed_tensors(
             tensors[f"{n}.input_global_scale"] = nvfp4_global_encode(amax).reshape(1)
         if layer.bias is not None:
             tensors[f"{n}.bias"] = layer.bias.detach().to(dtype)
+    tensors = experts.rename_all(tensors)
     quantized = set(names)
-    ignore = [n for n, m in model.named_modules()
+    ignore = [experts.rename_module(n) for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and n not in quantized]
+    ignore += [experts.rename_module(n) for n in experts.routers]
     with atomic_directory(path) as tmp:
         write_sharded(tensors, tmp, max_shard_size=max_shard_size)
         save_config_files(model, tmp, {

@@ -16,6 +16,11 @@ Per quantized linear ``<name>`` (what vLLM's ``ModelOptNvFp4LinearMethod`` and
   from calibration, as ModelOpt computes it (vLLM quantizes activations with
   ``1 / input_scale``); W4A4 ``quant_algo: "NVFP4"`` only, absent for ``"W4A16_NVFP4"``
 
+MoE experts are written as one such linear per expert under the model's original
+per-expert names (see :mod:`.export_compressed_tensors` and :mod:`.experts`), which vLLM's
+``ModelOptNvFp4FusedMoE`` loads into ``w13_*`` / ``w2_*`` (it keeps ``w13_weight_scale_2[:,
+0]``, the gate's, for gate and up: ours are equal, from one fused matrix).
+
 Fused q/k/v and gate/up members share one ``weight_scale_2`` and one ``input_scale`` (vLLM
 keeps the max of each and warns when they differ; see :mod:`.fusion`).
 
@@ -41,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_directory
 from .calibrate import input_amax_or_fail
+from .experts import expert_export, require_expert_input_amax
 from .fusion import export_fusion
 from .layers import high_precision_state, iter_packed_layers, refuse_conv1d
 from .packed import save_config_files
@@ -89,17 +95,21 @@ def export_modelopt(
         dtype, max_shard_size, tokenizer, progress: as :func:`save_packed`.
 
     Raises ``ValueError`` naming the layer for GPT-2 ``Conv1D`` layers, which engines would
-    not load as trained (see :func:`.layers.refuse_conv1d`).
+    not load as trained (see :func:`.layers.refuse_conv1d`), and naming the module for MoE
+    experts whose per-expert layout is not determined (see :mod:`.experts`).
     """
-    layers = list(iter_packed_layers(model))
-    if not layers:
+    linears = list(iter_packed_layers(model))
+    refuse_conv1d(linears, "export_modelopt")
+    experts = expert_export(model, "export_modelopt")
+    if not linears and not experts.layers:
         raise ValueError(f"{type(model).__name__} has no NVFP4 layers to export")
-    refuse_conv1d(layers, "export_modelopt")
-    layers = export_fusion(layers, fuse=fuse_global_scales).layers
+    layers = export_fusion(linears + experts.layers, fuse=fuse_global_scales).layers
     names = [layer.name for layer in layers]
     if not weight_only:
+        require_expert_input_amax(input_amax, experts, "export_modelopt")
         input_amax = input_amax_or_fail(input_amax, names)
-    tensors = high_precision_state(model, set(names), dtype)
+    linear_names = {layer.name for layer in linears}
+    tensors = high_precision_state(model, linear_names, dtype, skip_keys=experts.replaced)
     for layer in tqdm(layers, desc="ModelOpt export", disable=not progress):
         q, n = layer.weight, layer.name
         tensors[f"{n}.weight"] = q.data
@@ -110,9 +120,11 @@ def export_modelopt(
             tensors[f"{n}.input_scale"] = amax / FP4_FP8_MAX
         if layer.bias is not None:
             tensors[f"{n}.bias"] = layer.bias.detach().to(dtype)
+    tensors = experts.rename_all(tensors)
     quantized = set(names)
-    exclude = [n for n, m in model.named_modules()
+    exclude = [experts.rename_module(n) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and n not in quantized]
+    exclude += [experts.rename_module(n) for n in experts.routers]
     hf_quant = modelopt_quant_config(exclude, weight_only)
     with atomic_directory(path) as tmp:
         write_sharded(tensors, tmp, max_shard_size=max_shard_size)

@@ -75,9 +75,11 @@ def refuse_conv1d(layers: list[PackedLayer], export: str) -> None:
 
 
 def high_precision_state(
-    model: nn.Module, skip_modules: set[str], dtype: torch.dtype | None
+    model: nn.Module, skip_modules: set[str], dtype: torch.dtype | None,
+    skip_keys: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers outside ``skip_modules``, floats cast to ``dtype``.
+    """Parameters and persistent buffers outside ``skip_modules`` (and other than
+    ``skip_keys``, e.g. packed experts' parameters), floats cast to ``dtype``.
 
     Tied tensors (the same storage under two names, e.g. a tied output head) are written
     once, under the first name; transformers re-ties them on load.
@@ -86,7 +88,7 @@ def high_precision_state(
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     for key, t in model.state_dict().items():
         module_name = key.rpartition(".")[0]
-        if module_name in skip_modules:
+        if module_name in skip_modules or key in skip_keys:
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if t.device.type != "meta" and ident in seen:

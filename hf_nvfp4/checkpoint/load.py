@@ -23,11 +23,20 @@ from safetensors import safe_open
 from torch import nn
 
 from ..config import NVFP4Config
+from ..experts import iter_nvfp4_experts
 from ..nn.conv1d import NVFP4Conv1D, NVFP4PackedConv1D, is_conv1d, weight_matrix
 from ..nn.linear import NVFP4Linear
 from ..nn.packed import NVFP4PackedLinear
 from .checksums import checksum_verification, verify_manifest
 from .errors import CheckpointError
+from .experts import (
+    expert_weights,
+    finalize_packed_experts,
+    is_packed_experts,
+    pack_experts_module,
+    prepare_packed_experts,
+    unpack_experts_module,
+)
 from .integrity import (
     check_all_present,
     check_packed_values,
@@ -108,6 +117,7 @@ def prepare_packed_model(
             )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    prepare_packed_experts(model, infos, recipe, config.backend)
     expected = list(model.state_dict().keys())
     check_all_present(expected, infos, str(paths[0].parent), tied_keys(model))
     verify_manifest(paths[0].parent, infos)
@@ -141,6 +151,7 @@ def finalize_packed_model(model: nn.Module, infos: dict[str, TensorInfo]) -> Non
                         else value)
         check_packed_values(name, mod.weight_scale, mod.weight_global_scale,
                             infos[f"{name}.weight_scale"].file)
+    finalize_packed_experts(model, infos, _read_tensor)
 
 
 def check_master_checkpoint(model: nn.Module, files: list[str] | None) -> set[str] | None:
@@ -173,14 +184,22 @@ def _nvfp4_layers(model: nn.Module) -> list[tuple[str, NVFP4Linear]]:
             and m.recipe.fprop_format == "nvfp4"]
 
 
+def _nvfp4_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The NVFP4 experts modules whose recipe runs NVFP4: those :func:`pack_model` packs."""
+    return [(n, m) for n, m in iter_nvfp4_experts(model)
+            if m._hf_nvfp4.recipe.fprop_format == "nvfp4"]
+
+
 def pack_model(model: nn.Module) -> nn.Module:
-    """Replace every NVFP4Linear of ``model`` by its NVFP4PackedLinear, in place (inference).
+    """Replace every NVFP4Linear of ``model`` by its NVFP4PackedLinear and pack every NVFP4
+    experts module's weights (see :mod:`.experts`), in place (inference).
 
     Raises ``ValueError`` when no layer runs NVFP4 (nothing to pack: e.g. an MXFP4 or FP8
     recipe, or layers switched to BF16), rather than mark the model packed.
     """
     swaps = _nvfp4_layers(model)
-    if not swaps:
+    experts = _nvfp4_experts(model)
+    if not swaps and not experts:
         raise ValueError(
             "pack_model: no layer runs NVFP4 (fprop_format 'nvfp4'); only NVFP4 layers can be "
             "packed (MXFP4/FP8 recipes and layers switched to BF16 keep master weights)"
@@ -190,6 +209,9 @@ def pack_model(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
                 packed_cls.from_linear(mod))
+    for _, mod in experts:
+        quant = mod._hf_nvfp4
+        pack_experts_module(mod, quant.recipe, quant.backend, weights=expert_weights(mod))
     _set_format(model, PACKED_FORMAT)
     return model
 
@@ -221,7 +243,8 @@ def to_trainable(
     model: nn.Module, masters: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """Turn packed layers into NVFP4Linear (NVFP4Conv1D) training layers, in place.
+    """Turn packed layers into NVFP4Linear (NVFP4Conv1D) training layers, and packed experts
+    into trainable NVFP4 experts modules, in place.
 
     With ``masters`` (the state saved by ``save_packed(masters=True)``) the whole model is
     restored exactly; without, the packed layers start from their dequantized weights.
@@ -234,6 +257,9 @@ def to_trainable(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
                 mod.to_linear(dtype, sr_seed=base_seed + i, reduce_amax=reduce_amax))
+    experts = [m for m in model.modules() if is_packed_experts(m)]
+    for i, mod in enumerate(experts):
+        unpack_experts_module(mod, dtype, base_seed + len(swaps) + i)
     if masters is not None:
         result = model.load_state_dict(masters, strict=False)
         missing = [k for k in result.missing_keys if k not in tied_keys(model)]
@@ -282,7 +308,8 @@ def load_packed(
     with checksum_verification(verify_checksums):
         model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
         if qc.get("checkpoint_format", "master") != PACKED_FORMAT:
-            return pack_model(model) if mode == "inference" and _nvfp4_layers(model) else model
+            packable = _nvfp4_layers(model) or _nvfp4_experts(model)
+            return pack_model(model) if mode == "inference" and packable else model
         if mode == "inference":
             return model
         state = load_masters(path) if masters is not False else None

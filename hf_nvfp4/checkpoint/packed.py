@@ -12,6 +12,9 @@ tensor                         dtype           shape        meaning
 ``<name>.bias``                ``dtype``       [out]        unchanged bias
 =============================  ==============  ===========  ==================================
 
+MoE experts modules converted to NVFP4 are stored packed too, per expert (codes
+[E, out, in/2], block scales [E, out, in/16], global scales [E]; see :mod:`.experts`).
+
 Dequantization: ``w = e2m1(code) * fp32(weight_scale) * weight_global_scale``. Note the
 global scale is the DECODE scale (what :class:`~hf_nvfp4.numerics.QTensor` holds);
 compressed-tensors stores the ENCODE scale (its reciprocal) under the same name, ModelOpt
@@ -50,6 +53,7 @@ from ..config import NVFP4Config
 from ..schedule import is_switched
 from .atomic import atomic_directory
 from .checksums import write_manifest
+from .experts import is_packed_experts, packed_experts_state, refuse_unpackable_experts
 from .layers import high_precision_state, iter_packed_layers
 from .shards import DEFAULT_MAX_SHARD_SIZE, write_sharded
 
@@ -94,7 +98,9 @@ def packed_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The tensors of the native packed format (see the module docstring), in model order."""
     layers = list(iter_packed_layers(model))
-    if not layers:
+    refuse_unpackable_experts(model, "save_packed")
+    experts, replaced = packed_experts_state(model)
+    if not layers and not experts:
         if is_switched(model):
             raise ValueError(
                 f"{type(model).__name__}'s NVFP4 layers are switched to BF16 (late switch): "
@@ -106,7 +112,8 @@ def packed_state_dict(
             "(hf_nvfp4.prepare_model or from_pretrained with NVFP4Config)"
         )
     names = {layer.name for layer in layers}
-    out = high_precision_state(model, names, dtype)
+    out = high_precision_state(model, names, dtype, skip_keys=replaced)
+    out.update(experts)
     for layer in tqdm(layers, desc="packing NVFP4 layers", disable=not progress):
         q = layer.weight
         out[f"{layer.name}.weight_packed"] = q.data
@@ -122,7 +129,8 @@ def masters_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full training state (master weights in their dtype, SR state), tied tensors once."""
     from ..nn.packed import NVFP4PackedLinear
 
-    packed = [n for n, m in model.named_modules() if isinstance(m, NVFP4PackedLinear)]
+    packed = [n for n, m in model.named_modules()
+              if isinstance(m, NVFP4PackedLinear) or is_packed_experts(m)]
     if packed:
         raise ValueError(
             f"masters=True needs master weights, but {len(packed)} layers are packed in memory "

@@ -1,0 +1,244 @@
+"""MoE experts in packed checkpoints and in the compressed-tensors / ModelOpt exports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hf_nvfp4
+from hf_nvfp4.checkpoint import (
+    export_compressed_tensors,
+    export_modelopt,
+    load_packed,
+    pack_model,
+    save_packed,
+)
+from hf_nvfp4.checkpoint.experts import PACKED_IMPLEMENTATION, is_packed_experts
+from hf_nvfp4.checkpoint.shards import checkpoint_files
+from hf_nvfp4.experts import is_experts_module, iter_nvfp4_experts
+from hf_nvfp4.numerics import quantize
+
+# Tiny MoE models (those of tests/test_experts.py, plus Mixtral): 4 experts, top 2.
+CONFIGS = {
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=64,
+                      moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                      vocab_size=128, head_dim=16),
+    "gpt_oss": dict(model_type="gpt_oss", hidden_size=64, intermediate_size=32,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    num_local_experts=4, num_experts_per_tok=2, vocab_size=128, head_dim=16),
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=32,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    num_local_experts=4, num_experts_per_tok=2, vocab_size=128, head_dim=16),
+}
+ALL_NVFP4 = {"first_bf16_blocks": 0, "last_bf16_blocks": 0, "backend": "reference"}
+# Checkpoint names per expert e of layer L: (gate, up, down), as vLLM's expert mapping reads.
+NAMES = {
+    "qwen3_moe": ("model.layers.{L}.mlp.experts.{e}.gate_proj",
+                  "model.layers.{L}.mlp.experts.{e}.up_proj",
+                  "model.layers.{L}.mlp.experts.{e}.down_proj"),
+    "mixtral": ("model.layers.{L}.block_sparse_moe.experts.{e}.w1",
+                "model.layers.{L}.block_sparse_moe.experts.{e}.w3",
+                "model.layers.{L}.block_sparse_moe.experts.{e}.w2"),
+}
+
+
+def _moe(kind: str, convert: dict | None = None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIGS[kind]))
+    hf_nvfp4.convert(model, convert or ALL_NVFP4, verbose=False)
+    return model.eval()
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _expert_matrices(module) -> dict[str, torch.Tensor]:
+    """The [E, out, in] GEMM matrices of gate_up and down, as the forward multiplies them."""
+    return {"gate_up_proj": module.gate_up_proj.detach(), "down_proj": module.down_proj.detach()}
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def test_packed_layout_is_each_experts_quantization(tmp_path):
+    model = _moe("qwen3_moe")
+    save_packed(model, tmp_path / "ckpt")
+    t = _tensors(tmp_path / "ckpt")
+    experts = dict(iter_nvfp4_experts(model))
+    assert len(experts) == 2
+    for name, mod in experts.items():
+        assert f"{name}.gate_up_proj" not in t and f"{name}.sr_state" not in t
+        for p, w in _expert_matrices(mod).items():
+            num, out, inp = w.shape
+            assert t[f"{name}.{p}_packed"].dtype == torch.uint8
+            assert t[f"{name}.{p}_packed"].shape == (num, out, inp // 2)
+            assert t[f"{name}.{p}_scale"].dtype == torch.float8_e4m3fn
+            assert t[f"{name}.{p}_scale"].shape == (num, out, inp // 16)
+            assert t[f"{name}.{p}_global_scale"].dtype == torch.float32
+            assert t[f"{name}.{p}_global_scale"].shape == (num,)
+            for e in range(num):
+                q = quantize(w[e], tile=(16, 16))
+                assert torch.equal(t[f"{name}.{p}_packed"][e], q.data)
+                assert torch.equal(_bits(t[f"{name}.{p}_scale"][e]), _bits(q.scale))
+                assert torch.equal(t[f"{name}.{p}_global_scale"][e], q.global_scale.reshape(()))
+
+
+def test_packed_round_trip_gives_equal_logits_and_same_bytes(tmp_path, tokens):
+    model = _moe("qwen3_moe")
+    save_packed(model, tmp_path / "ckpt", dtype=None)
+    loaded = load_packed(tmp_path / "ckpt")
+    experts = [m for m in loaded.modules() if is_packed_experts(m)]
+    assert len(experts) == 2
+    assert all(m.config._experts_implementation == PACKED_IMPLEMENTATION for m in experts)
+    assert not any(isinstance(b, torch.nn.Parameter) and b.dim() == 3
+                   for m in experts for b in m.parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    save_packed(loaded, tmp_path / "again", dtype=None)
+    a, b = _tensors(tmp_path / "ckpt"), _tensors(tmp_path / "again")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+
+
+def test_pack_model_packs_experts_in_memory(tokens):
+    model = _moe("qwen3_moe")
+    with torch.no_grad():
+        want = model(tokens).logits
+    pack_model(model)
+    assert sum(is_packed_experts(m) for m in model.modules()) == 2
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, want)
+
+
+def test_train_mode_resumes_exactly_from_masters(tmp_path, tokens):
+    model = _moe("qwen3_moe")
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()  # advances the experts' SR state
+    model.eval()
+    save_packed(model, tmp_path / "ckpt", dtype=None, masters=True)
+    resumed = load_packed(tmp_path / "ckpt", mode="train")
+    pairs = list(zip(dict(iter_nvfp4_experts(resumed)).values(),
+                     dict(iter_nvfp4_experts(model)).values(), strict=True))
+    assert len(pairs) == 2
+    for got, want in pairs:
+        assert torch.equal(got.gate_up_proj, want.gate_up_proj)
+        assert torch.equal(got.sr_state, want.sr_state) and int(got.sr_state[1]) == 1
+        assert got.config._experts_implementation == "hf_nvfp4"
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(resumed(tokens).logits, model(tokens).logits)
+
+
+def test_train_mode_without_masters_starts_from_the_dequantized_experts(tmp_path, tokens):
+    model = _moe("qwen3_moe")
+    save_packed(model, tmp_path / "ckpt", dtype=None)
+    trainable = load_packed(tmp_path / "ckpt", mode="train")
+    experts = dict(iter_nvfp4_experts(trainable))
+    assert len(experts) == 2 and not any(is_packed_experts(m) for m in trainable.modules())
+    for name, mod in dict(iter_nvfp4_experts(model)).items():
+        want = quantize(mod.down_proj.detach()[1], tile=(16, 16)).dequantize()
+        assert torch.equal(experts[name].down_proj[1].detach(), want)
+    trainable.train()
+    trainable(input_ids=tokens, labels=tokens).loss.backward()
+    assert all(m.down_proj.grad is not None for m in experts.values())
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "modelopt"])
+def test_exports_write_each_expert_under_its_checkpoint_names(kind, fmt, tmp_path):
+    model = _moe(kind)
+    export = export_compressed_tensors if fmt == "compressed-tensors" else export_modelopt
+    export(model, tmp_path / "out", weight_only=True)
+    t = _tensors(tmp_path / "out")
+    codes, scale2 = ("weight_packed", None) if fmt == "compressed-tensors" else (
+        "weight", "weight_scale_2")
+    layers = [n for n, _ in iter_nvfp4_experts(model)]
+    assert [int(n.split(".")[2]) for n in layers] == [0, 1]
+    for layer_index, name in enumerate(layers):
+        mats = _expert_matrices(model.get_submodule(name))
+        half = mats["gate_up_proj"].shape[1] // 2
+        for e in range(mats["down_proj"].shape[0]):
+            gate, up, down = (n.format(L=layer_index, e=e) for n in NAMES[kind])
+            q_gate_up = quantize(mats["gate_up_proj"][e], tile=(16, 16))
+            q_down = quantize(mats["down_proj"][e], tile=(16, 16))
+            for lin, q, rows in ((gate, q_gate_up, slice(0, half)),
+                                 (up, q_gate_up, slice(half, None)),
+                                 (down, q_down, slice(None))):
+                assert t[f"{lin}.{codes}"].dtype == torch.uint8
+                assert torch.equal(t[f"{lin}.{codes}"], q.data[rows])
+                assert t[f"{lin}.weight_scale"].dtype == torch.float8_e4m3fn
+                assert torch.equal(_bits(t[f"{lin}.weight_scale"]), _bits(q.scale[rows]))
+                if scale2 is None:  # compressed-tensors: the ENCODE scale, [1]
+                    enc = t[f"{lin}.weight_global_scale"]
+                    assert enc.shape == (1,) and enc.dtype == torch.float32
+                    assert torch.equal(1.0 / enc, q.global_scale.reshape(1))
+                else:  # ModelOpt: the DECODE scale, 0-dim
+                    assert torch.equal(t[f"{lin}.{scale2}"], q.global_scale.reshape(()))
+            # gate and up share one global scale, as vLLM's fused w13 needs
+            key = "weight_global_scale" if scale2 is None else scale2
+            assert torch.equal(t[f"{gate}.{key}"], t[f"{up}.{key}"])
+    assert not any("gate_up_proj" in k or k.endswith(".experts.down_proj") or "sr_state" in k
+                   for k in t)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    ignored = cfg.get("ignore") or cfg["quantization"]["exclude_modules"]
+    router = "block_sparse_moe.gate" if kind == "mixtral" else "mlp.gate"
+    assert f"model.layers.0.{router}" in ignored and f"model.layers.0.{router}.weight" in t
+
+
+def test_compressed_tensors_decompresses_experts_to_our_weights(tmp_path):
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    assert ct is not None
+    model = _moe("qwen3_moe")
+    export_compressed_tensors(model, tmp_path / "out", weight_only=True)
+    t = _tensors(tmp_path / "out")
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    mod = model.get_submodule("model.layers.1.mlp.experts")
+    for e in range(mod.down_proj.shape[0]):
+        lin = f"model.layers.1.mlp.experts.{e}.down_proj"
+        local = {k.rpartition(".")[2]: v for k, v in t.items() if k.rpartition(".")[0] == lin}
+        dense = NVFP4PackedCompressor.decompress(local, scheme)["weight"]
+        want = quantize(mod.down_proj.detach()[e], tile=(16, 16)).dequantize()
+        torch.testing.assert_close(dense.float(), want, rtol=2**-8, atol=0)
+
+
+def test_exports_refuse_what_they_cannot_lay_out(tmp_path):
+    gpt_oss = _moe("gpt_oss")  # [E, in, out] experts with biases: no per-expert mapping
+    with pytest.raises(ValueError, match=r"experts module 'model\.layers\.0\.mlp\.experts'"):
+        export_compressed_tensors(gpt_oss, tmp_path / "a", weight_only=True)
+    partly = _moe("qwen3_moe", dict(ALL_NVFP4, first_bf16_blocks=1))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.experts'.*high precision"):
+        export_modelopt(partly, tmp_path / "b", weight_only=True)
+    model = _moe("qwen3_moe")
+    with pytest.raises(ValueError, match="input amax of each expert"):
+        export_modelopt(model, tmp_path / "c", input_amax={})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_gpt_oss_packed_round_trip(tmp_path, tokens):
+    """Transposed [E, in, out] experts with biases: packed as [E, out, in] GEMM matrices."""
+    model = _moe("gpt_oss")
+    assert any(is_experts_module(m) and m.is_transposed for m in model.modules())
+    save_packed(model, tmp_path / "ckpt", dtype=None)
+    loaded = load_packed(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
