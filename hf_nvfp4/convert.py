@@ -39,6 +39,7 @@ _INTENDED = (
     "matched an exclude pattern",
     "outside the decoder blocks (embeddings, head, projections)",
 )
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SPLIT_REASONS = ("in the first ", "in the last ")
 _WARN_SHARE = 0.10  # warn when more than this share of the NVFP4 blocks' matrices stays
 
@@ -291,10 +292,14 @@ def _warn_ragged(summary: ConversionSummary) -> None:
 def _other_matmuls(
     model: nn.Module, prefix: str, n_blocks: int, split: tuple[int, int]
 ) -> list[LayerDecision]:
-    """Matrix parameters (2D and up) in the blocks that no Linear-like module owns."""
+    """Matrix parameters (2D and up) in the blocks that no Linear-like module owns.
+
+    Convolutions (``nn.Conv1d`` etc., e.g. Mamba's depthwise conv) are not matmuls and are not
+    counted.
+    """
     out = []
     for mod_name, mod in model.named_modules():
-        if _is_linear_like(mod) or is_experts_module(mod):
+        if _is_linear_like(mod) or is_experts_module(mod) or isinstance(mod, _CONVOLUTIONS):
             continue
         block = _block_of(mod_name, prefix)
         if block is None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 # Only modules that are fully executed when hf_nvfp4._registration imports this one, from
 # inside transformers' own import of transformers.quantizers.auto (see that module).
 from transformers.quantizers.auto import (
@@ -73,6 +75,7 @@ class NVFP4HfQuantizer(HfQuantizer):
             ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
             model._keys_to_ignore_on_load_missing = [*ignore, r"\.sr_state$"]
         self.summary = convert(model, self.quantization_config, verbose=False)
+        _skip_merged_sr_states(model)
         if self.pre_quantized:
             from .checkpoint.load import check_master_checkpoint
 
@@ -118,6 +121,37 @@ class NVFP4HfQuantizer(HfQuantizer):
         return self.is_trainable
 
 
+def _skip_merged_sr_states(model: PreTrainedModel) -> None:
+    """Leave out of ``save_pretrained`` the ``sr_state`` buffers that transformers' checkpoint
+    conversion would merge with their siblings'.
+
+    Some architectures save fused weights (e.g. q/k/v concatenated into one
+    ``query_key_value``) and split them on load by the parameters' shapes; applied to our
+    int64 ``[seed, step]`` buffers that split fails and the model does not load. Those layers'
+    stochastic-rounding streams restart from their seeds after a reload instead (as with a
+    plain checkpoint); every other layer's is saved and restored exactly.
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # no checkpoint conversions in this transformers
+        return
+    keys = [k for k in model.state_dict() if k.endswith(".sr_state")]
+    targets: dict[str, list[str]] = {}
+    for key in keys:
+        try:
+            out = list(revert_weight_conversion(model, {key: torch.zeros(2, dtype=torch.int64)}))
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError):
+            out = [key]
+        targets.setdefault(out[0] if len(out) == 1 else key, []).append(key)
+    merged = sorted(k for group in targets.values() if len(group) > 1 for k in group)
+    if merged:
+        ignore = list(getattr(model, "_keys_to_ignore_on_save", None) or [])
+        model._keys_to_ignore_on_save = [*ignore, *merged]
+        logger.info("hf_nvfp4: %d sr_state buffers are not saved (%s fuses their layers in its "
+                    "checkpoints); their SR streams restart from the seeds after a reload",
+                    len(merged), type(model).__name__)
+
+
 def prepare_model(
     model: PreTrainedModel, config: NVFP4Config | dict[str, Any] | str | bool | None = None
 ) -> PreTrainedModel:
@@ -134,6 +168,7 @@ def prepare_model(
         )
     quantizer = NVFP4HfQuantizer(config, pre_quantized=False)
     quantizer.summary = convert(model, config, verbose=True)
+    _skip_merged_sr_states(model)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     model.hf_quantizer = quantizer

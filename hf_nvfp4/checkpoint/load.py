@@ -165,17 +165,32 @@ def check_master_checkpoint(model: nn.Module, files: list[str] | None) -> set[st
         return None
     infos = read_headers(paths)
     expected = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, NVFP4Linear):
-            if f"{name}.weight_packed" in infos:
-                raise CheckpointError(
-                    f"tensor {name + '.weight_packed'!r} in {infos[name + '.weight_packed'].file}"
-                    " is packed, but config.json says checkpoint_format 'master'"
-                )
-            expected.append(f"{name}.weight")
+    layers = [name for name, mod in model.named_modules() if isinstance(mod, NVFP4Linear)]
+    for name in layers:
+        packed = on_disk_name(model, f"{name}.weight_packed")
+        if packed in infos:
+            raise CheckpointError(
+                f"tensor {packed!r} in {infos[packed].file} is packed, but config.json says "
+                "checkpoint_format 'master'"
+            )
+        expected.append(on_disk_name(model, f"{name}.weight"))
     check_all_present(expected, infos, str(paths[0].parent), set())
-    return {name for name, mod in model.named_modules()
-            if isinstance(mod, NVFP4Linear) and f"{name}.sr_state" in infos}
+    return {name for name in layers if on_disk_name(model, f"{name}.sr_state") in infos}
+
+
+def on_disk_name(model: nn.Module, key: str) -> str:
+    """``key`` (a state-dict name of ``model``) as ``save_pretrained`` writes it: transformers
+    reverts its checkpoint renamings on save (e.g. EXAONE's ``transformer.h.N.attn...``
+    layout for a model that runs as Llama), so a check of the files must ask for that name."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without checkpoint conversions saves model names
+        return key
+    try:
+        out = revert_weight_conversion(model, {key: torch.zeros(1)})
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError):
+        return key  # a conversion that needs real tensors: not a plain renaming
+    return next(iter(out)) if len(out) == 1 else key
 
 
 def _nvfp4_layers(model: nn.Module) -> list[tuple[str, NVFP4Linear]]:
@@ -324,6 +339,7 @@ def load_packed(
 __all__ = [
     "MODES",
     "check_master_checkpoint",
+    "on_disk_name",
     "finalize_packed_model",
     "load_masters",
     "load_packed",
