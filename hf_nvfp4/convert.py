@@ -312,7 +312,7 @@ def _other_matmuls(
             elif block >= n_blocks - split[1]:
                 reason = f"in the last {split[1]} blocks (kept BF16)"
             elif p.dim() == 3:
-                reason = (f"fused 3D expert weights of {type(mod).__name__} (not dispatched "
+                reason = (f"a 3D parameter of {type(mod).__name__} (MoE experts convert only "
                           "through transformers' ExpertsInterface)")
             else:
                 reason = f"a bare matrix parameter of {type(mod).__name__}, not a Linear"
