@@ -3,6 +3,8 @@
 #   OUT=/some/dir bash bench/gpu_session4.sh tests     # kernel/quant/compile/FP8 tests on the GPU
 #   OUT=/some/dir bash bench/gpu_session4.sh e2e       # bench/e2e.py, both sizes and modes
 #   OUT=/some/dir bash bench/gpu_session4.sh kernels   # dev_quantize + dev_gemm tables
+#   OUT=/some/dir bash bench/gpu_session4.sh graphs    # e2e compiled columns with CUDA graphs
+#   OUT=/some/dir bash bench/gpu_session4.sh moe       # bench/moe.py (MoE experts fwd+bwd)
 # e2e resumes: JSONs of a cut-off call copied back into bench/results/ are continued.
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=16
@@ -10,8 +12,8 @@ what=${1:-tests}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 case $what in
   tests)
-    python3 -m pytest -q tests/kernels tests/quant tests/nn/test_compile.py \
-      tests/backends 2>&1 | tail -12 | tee "$OUT/pytest_gpu.txt"
+    python3 -m pytest -q tests/kernels tests/quant tests/nn tests/backends \
+      tests/test_experts.py 2>&1 | tail -12 | tee "$OUT/pytest_gpu.txt"
     ;;
   e2e)
     for f in e2e_124m_h200.json e2e_953m_h200.json; do
@@ -23,6 +25,16 @@ case $what in
           2>&1 | grep -v Warning | tail -4
       done
     done
+    ;;
+  graphs)
+    for size in 124m 953m; do
+      python3 bench/e2e.py --size "$size" --modes bf16_params --compile-mode reduce-overhead \
+        --columns bf16_eager,bf16_compiled,nvfp4_compiled \
+        --out "$OUT/e2e_${size}_h200_cudagraphs.json" 2>&1 | grep -E "^\[|^\||cudagraph"
+    done
+    ;;
+  moe)
+    python3 bench/moe.py --out "$OUT/moe_h200.json" 2>&1 | tail -4
     ;;
   kernels)
     python3 bench/dev_quantize.py 2>&1 | tail -30
