@@ -24,6 +24,7 @@ are read on the host, one sync per MoE layer call: compiled models break the gra
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,34 +161,49 @@ def nvfp4_experts_forward(
             "was not converted by hf_nvfp4.convert (it has no NVFP4 state)"
         )
     num_experts = getattr(self, "num_experts", None) or self.down_proj.shape[0]
-    num_top_k = top_k_index.size(-1)
-    num_tokens, hidden_dim = hidden_states.shape
     transposed = bool(getattr(self, "is_transposed", False))
-
-    expert_ids = top_k_index.reshape(-1)
-    sorted_ids, perm = torch.sort(expert_ids, stable=True)
-    rows = hidden_states[perm // num_top_k]
-    counts = torch.bincount(sorted_ids.clamp(max=num_experts), minlength=num_experts + 1)
-    counts = counts[:num_experts].tolist()  # the host sync of the routing
-
     plan = quant.plan(hidden_states.device)
     keys = None
     if self.training and torch.is_grad_enabled() and quant.recipe.stochastic_rounding:
         keys = expert_keys(self.sr_state, rank(), num_experts, _STAGES)
     up_w, up_b, down_w, down_b = _weights(self, up_weight_name(self))
+    weights, biases = (up_w, down_w), (up_b, down_b)
+
+    def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
+        return quantized_grouped_linear(x, weights[stage], biases[stage], counts, plan,
+                                        keys[stage] if keys is not None else None,
+                                        transposed=transposed)
+
+    return routed_experts_forward(self, hidden_states, top_k_index, top_k_weights,
+                                  num_experts, project)
+
+
+def routed_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    project: Callable[[torch.Tensor, int, list[int]], torch.Tensor],
+) -> torch.Tensor:
+    """The routing shared by the experts implementations (transformers' ``grouped_mm``
+    contract): sort the (token, slot) rows by expert, ``project(rows, stage, counts)`` for
+    the up (stage 0) and down (stage 1) projections with the gate or activation between,
+    then weight and sum per token. ``counts`` (rows per expert) are read on the host."""
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.shape
+    sorted_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+    rows = hidden_states[perm // num_top_k]
+    counts = torch.bincount(sorted_ids.clamp(max=num_experts), minlength=num_experts + 1)
+    counts = counts[:num_experts].tolist()  # the host sync of the routing
     dev_type = rows.device.type
     if torch.is_autocast_enabled(dev_type):  # as NVFP4Linear: GEMM inputs in the autocast dtype
         rows = rows.to(torch.get_autocast_dtype(dev_type))
-
-    def grouped(x: torch.Tensor, w: torch.Tensor, b: Any, stage: int) -> torch.Tensor:
-        with torch.autocast(dev_type, enabled=False):
-            return quantized_grouped_linear(x, w, b, counts, plan,
-                                            keys[stage] if keys is not None else None,
-                                            transposed=transposed)
-
-    out = grouped(rows, up_w, up_b, 0)
+    with torch.autocast(dev_type, enabled=False):
+        out = project(rows, 0, counts)
     out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
-    out = grouped(out.to(rows.dtype), down_w, down_b, 1)
+    with torch.autocast(dev_type, enabled=False):
+        out = project(out.to(rows.dtype), 1, counts)
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
 
@@ -209,5 +225,6 @@ __all__ = [
     "nvfp4_experts_forward",
     "register",
     "reset_sr_state",
+    "routed_experts_forward",
     "unsupported_reason",
 ]

@@ -54,6 +54,7 @@ from ..experts import (
     convert_experts_module,
     is_experts_module,
     iter_nvfp4_experts,
+    routed_experts_forward,
     up_weight_name,
 )
 from ..nn.linear import _role_specs
@@ -277,32 +278,15 @@ def packed_experts_forward(
             f"{type(self).__name__} dispatches to the {PACKED_IMPLEMENTATION!r} experts "
             "implementation but holds no packed NVFP4 weights"
         )
-    first, down = info.params
-    num_experts = getattr(self, f"{down}_packed").shape[0]
-    num_top_k = top_k_index.size(-1)
-    num_tokens, hidden_dim = hidden_states.shape
-    expert_ids = top_k_index.reshape(-1)
-    sorted_ids, perm = torch.sort(expert_ids, stable=True)
-    rows = hidden_states[perm // num_top_k]
-    counts = torch.bincount(sorted_ids.clamp(max=num_experts), minlength=num_experts + 1)
-    counts = counts[:num_experts].tolist()
-    dev_type = rows.device.type
-    if torch.is_autocast_enabled(dev_type):
-        rows = rows.to(torch.get_autocast_dtype(dev_type))
-    backend = get_backend(info.backend, rows.device)
+    backend = get_backend(info.backend, hidden_states.device)
     spec = _role_specs(info.recipe).x
-    with torch.autocast(dev_type, enabled=False):
-        out = _packed_grouped(self, first, rows, counts, backend, spec)
-    out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
-    with torch.autocast(dev_type, enabled=False):
-        out = _packed_grouped(self, down, out.to(rows.dtype), counts, backend, spec)
-    if getattr(self, "has_post_expert_norm", False):
-        out = self.post_expert_norm(out)
-    weighted = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(out.dtype)
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    final = weighted[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
-    return final.to(hidden_states.dtype)
+
+    def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
+        return _packed_grouped(self, info.params[stage], x, counts, backend, spec)
+
+    num_experts = getattr(self, f"{info.params[1]}_packed").shape[0]
+    return routed_experts_forward(self, hidden_states, top_k_index, top_k_weights,
+                                  num_experts, project)
 
 
 def register_packed() -> None:
