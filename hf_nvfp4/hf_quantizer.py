@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 # Only modules that are fully executed when hf_nvfp4._registration imports this one, from
 # inside transformers' own import of transformers.quantizers.auto (see that module).
 from transformers.quantizers.auto import (
@@ -129,12 +131,18 @@ def _skip_merged_sr_states(model: PreTrainedModel) -> None:
     stochastic-rounding streams restart from their seeds after a reload instead (as with a
     plain checkpoint); every other layer's is saved and restored exactly.
     """
-    from .checkpoint.load import on_disk_name
-
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # no checkpoint conversions in this transformers
+        return
+    keys = [k for k in model.state_dict() if k.endswith(".sr_state")]
     targets: dict[str, list[str]] = {}
-    for key in model.state_dict():
-        if key.endswith(".sr_state"):
-            targets.setdefault(on_disk_name(model, key), []).append(key)
+    for key in keys:
+        try:
+            out = list(revert_weight_conversion(model, {key: torch.zeros(2, dtype=torch.int64)}))
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError):
+            out = [key]
+        targets.setdefault(out[0] if len(out) == 1 else key, []).append(key)
     merged = sorted(k for group in targets.values() if len(group) > 1 for k in group)
     if merged:
         ignore = list(getattr(model, "_keys_to_ignore_on_save", None) or [])
