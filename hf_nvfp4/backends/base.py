@@ -6,7 +6,6 @@ outputs equal up to the summation order of the FP32 accumulation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,7 +18,6 @@ from ..recipe import QuantSpec
 #: Stochastic-rounding source: a generator (functional API, tests), int32 [2] keys
 #: (training: :func:`hf_nvfp4.quant.sr.advance_keys`; [0] row copy, [1] column copy) or None.
 Rng = torch.Generator | torch.Tensor | None
-AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -77,17 +75,26 @@ class Backend(Protocol):
         col: QuantSpec | None,
         rng: Rng = None,
         *,
-        amax_reduce: AmaxReduce | None = None,
+        amax: torch.Tensor | None = None,
         values: tuple[bool, bool] = (False, False),
     ) -> tuple[Operand | None, Operand | None]:
         """Quantize a 2D ``x`` [M, K] row-wise (along K) and ``x^T`` [K, M] along M.
 
         Either spec may be None (that copy is skipped). Stochastic copies draw with key
         ``keys[0]`` (row) and ``keys[1]`` (column) of :func:`as_keys` ``(rng)``, whether or
-        not the other copy is requested. ``amax_reduce`` maps each copy's local global amax
-        to the one used (data-parallel all-reduce). ``values`` (row, column) asks for
+        not the other copy is requested. ``amax``: FP32 [2] global amaxes (row, column) to
+        derive the global scales from instead of the local ones (e.g. all-reduced across
+        data-parallel ranks; see :meth:`amax_rowcol`). ``values`` (row, column) asks for
         :class:`BlockValues` where the backend has them, for copies only its GEMM reads.
         """
+        ...
+
+    def amax_rowcol(
+        self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None
+    ) -> torch.Tensor:
+        """FP32 [2] local global amaxes of ``x``'s row copy and ``x^T``'s column copy (after
+        the column spec's RHT), as :func:`hf_nvfp4.numerics.quantize.tensor_amax` takes them;
+        0 for a copy whose spec is None."""
         ...
 
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:

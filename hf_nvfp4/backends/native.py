@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..numerics.quantize import QTensor
 from ..recipe import QuantSpec
-from .base import AmaxReduce, Rng, cuda_capability_at_least
+from .base import Rng, cuda_capability_at_least
 
 _TILE_ROWS, _TILE_COLS = 128, 4
 _K_MULTIPLE, _ROW_MULTIPLE = 32, 16  # cuBLAS FP4 GEMM: K in 32s, M and N in 16s
@@ -70,12 +70,18 @@ class NativeFP4Backend:
         col: QuantSpec | None,
         rng: Rng = None,
         *,
-        amax_reduce: AmaxReduce | None = None,
+        amax: torch.Tensor | None = None,
         values: tuple[bool, bool] = (False, False),
     ) -> tuple[QTensor | None, QTensor | None]:
         """See :meth:`Backend.quantize_rowcol` (the Triton kernels; always packed: the FP4
         GEMM reads codes)."""
-        return self._quantizer.quantize_rowcol(x, row, col, rng, amax_reduce=amax_reduce)
+        return self._quantizer.quantize_rowcol(x, row, col, rng, amax=amax)
+
+    def amax_rowcol(
+        self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None
+    ) -> torch.Tensor:
+        """See :meth:`Backend.amax_rowcol` (the Triton kernel)."""
+        return self._quantizer.amax_rowcol(x, row, col)
 
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight` (the Triton kernels)."""

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from ..numerics.quantize import QTensor, quantize
+from ..numerics.quantize import QTensor, quantize, tensor_amax
 from ..recipe import QuantSpec
-from .base import AmaxReduce, Rng, as_keys
+from .base import Rng, as_keys
 
 
 def quantize_spec(
     x: torch.Tensor,
     spec: QuantSpec,
     rng: torch.Generator | torch.Tensor | None = None,
-    amax_reduce: AmaxReduce | None = None,
+    amax: torch.Tensor | None = None,
 ) -> QTensor:
     """``numerics.quantize`` with the arguments of a QuantSpec.
 
     ``rng``: a generator, or one 32-bit key (0-dim integer tensor), for stochastic rounding.
-
-    With ``amax_reduce`` NaN/Inf propagate instead of raising: a rank that raised between
+    ``amax``: the FP32 0-dim global amax to use instead of the local one (formats with a
+    global scale); NaN/Inf then propagate instead of raising: a rank that raised between
     collectives would leave the others waiting in theirs.
     """
+    global_amax = amax if spec.fmt == "nvfp4" else None
     return quantize(
         x,
         spec.fmt,
@@ -31,9 +32,22 @@ def quantize_spec(
         rht_sign=spec.rht_sign,
         generator=rng if isinstance(rng, torch.Generator) else None,
         sr_key=rng if isinstance(rng, torch.Tensor) and spec.rounding == "stochastic" else None,
-        amax_reduce=amax_reduce if spec.fmt == "nvfp4" else None,
-        allow_nonfinite=amax_reduce is not None,
+        amax_reduce=None if global_amax is None else (lambda _local: global_amax),
+        allow_nonfinite=amax is not None,
     )
+
+
+def reference_amax_rowcol(
+    x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None
+) -> torch.Tensor:
+    """See :meth:`Backend.amax_rowcol`."""
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    a_row = tensor_amax(x) if row is not None else zero
+    a_col = (
+        tensor_amax(x.t().contiguous(), rht=col.rht, rht_sign=col.rht_sign)
+        if col is not None else zero
+    )
+    return torch.stack([a_row.float(), a_col.float()])
 
 
 def reference_gemm(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -65,18 +79,24 @@ class ReferenceBackend:
         col: QuantSpec | None,
         rng: Rng = None,
         *,
-        amax_reduce: AmaxReduce | None = None,
+        amax: torch.Tensor | None = None,
         values: tuple[bool, bool] = (False, False),
     ) -> tuple[QTensor | None, QTensor | None]:
         """See :meth:`Backend.quantize_rowcol` (always packed QTensors)."""
         keys = as_keys(rng, x.device)
         k_row, k_col = (None, None) if keys is None else (keys[0], keys[1])
-        q_row = quantize_spec(x, row, k_row, amax_reduce) if row is not None else None
+        a_row, a_col = (None, None) if amax is None else (amax[0], amax[1])
+        q_row = quantize_spec(x, row, k_row, a_row) if row is not None else None
         q_col = (
-            quantize_spec(x.t().contiguous(), col, k_col, amax_reduce)
-            if col is not None else None
+            quantize_spec(x.t().contiguous(), col, k_col, a_col) if col is not None else None
         )
         return q_row, q_col
+
+    def amax_rowcol(
+        self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None
+    ) -> torch.Tensor:
+        """See :meth:`Backend.amax_rowcol`."""
+        return reference_amax_rowcol(x, row, col)
 
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight`."""

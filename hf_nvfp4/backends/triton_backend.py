@@ -20,9 +20,9 @@ from ..kernels._common import interpreting
 from ..numerics.quantize import QTensor
 from ..numerics.rng import draw_seed
 from ..recipe import QuantSpec, RoleSpecs
-from .base import AmaxReduce, BlockValues, Operand, Rng, as_keys
+from .base import BlockValues, Operand, Rng, as_keys
 from .fp8_gemm import fp8_block_gemm
-from .reference import ReferenceBackend, reference_gemm
+from .reference import ReferenceBackend, reference_amax_rowcol, reference_gemm
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -71,22 +71,17 @@ class TritonBackend:
         col: QuantSpec | None,
         rng: Rng = None,
         *,
-        amax_reduce: AmaxReduce | None = None,
+        amax: torch.Tensor | None = None,
         values: tuple[bool, bool] = (False, False),
     ) -> tuple[Operand | None, Operand | None]:
-        """See :meth:`Backend.quantize_rowcol`: one amax pass (then ``amax_reduce``, if any)
-        and one encode pass for both copies; ``values`` copies come back as BlockValues."""
-        ok_row = row is None or (_is_nvfp4_1x16(row) and not row.rht)
-        ok_col = col is None or _is_nvfp4_1x16(col)
-        if not (ok_row and ok_col and self._runs_here(x)) or (row is None and col is None):
-            return self._reference.quantize_rowcol(x, row, col, rng, amax_reduce=amax_reduce)
+        """See :meth:`Backend.quantize_rowcol`: one encode pass for both copies (taking the
+        amaxes itself unless ``amax`` is given); ``values`` copies come back as BlockValues."""
+        if not self._fast(x, row, col):
+            return self._reference.quantize_rowcol(x, row, col, rng, amax=amax)
         keys = None
         if _sr(row) or _sr(col):  # no keys given: fresh ones from torch's default generator
             keys = as_keys(rng if rng is not None else _fresh_generator(), x.device)
         sign = list(col.rht_sign) if col is not None and col.rht else None
-        amax = None
-        if amax_reduce is not None:
-            amax = amax_reduce(self._ops.amax_rowcol(x, row is not None, col is not None, sign))
         want_row, want_col = values
         rd, rs, cd, cs, gs = self._ops.quantize_rowcol(
             x, row is not None, col is not None, sign, _sr(row), _sr(col), keys, amax,
@@ -105,6 +100,22 @@ class TritonBackend:
                 col.rht,
             )
         return q_row, q_col
+
+    def amax_rowcol(
+        self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None
+    ) -> torch.Tensor:
+        """See :meth:`Backend.amax_rowcol`: one Triton pass for both copies."""
+        if not self._fast(x, row, col):
+            return reference_amax_rowcol(x, row, col)
+        sign = list(col.rht_sign) if col is not None and col.rht else None
+        return self._ops.amax_rowcol(x, row is not None, col is not None, sign)
+
+    def _fast(self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None) -> bool:
+        """Whether the kernels quantize these copies of ``x`` (NVFP4 1x16, RHT only on the
+        column copy, a 2D float tensor on the GPU)."""
+        ok_row = row is None or (_is_nvfp4_1x16(row) and not row.rht)
+        ok_col = col is None or _is_nvfp4_1x16(col)
+        return ok_row and ok_col and self._runs_here(x) and (row is not None or col is not None)
 
     def prepare(self, specs: RoleSpecs, device: torch.device) -> None:
         """Build the constant device tensors the kernels of ``specs`` read on ``device`` (the

@@ -12,19 +12,20 @@ at once (x_row, dy_row, dy_t) may come from the backend as BF16 block values, wh
 GEMM reads without a dequantize pass.
 
 Everything the op needs besides tensors is a hashable :class:`LinearPlan` decided once per
-layer, and the stochastic-rounding keys are a device tensor: the op traces under
-``torch.compile(fullgraph=True)``.
+layer, holding one :class:`~hf_nvfp4.quant.quantizer.Quantizer` per tensor role (input,
+weight, output gradient), and the stochastic-rounding keys are a device tensor: the op traces
+under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..backends import backend_instance
-from ..backends.base import Backend, Operand
 from ..numerics.quantize import QTensor
+from ..quant.quantizer import Quantizer
 from ..quant.shared import quantize_input
 from ..recipe import RoleSpecs
 
@@ -39,18 +40,29 @@ class LinearPlan:
         reduce_amax: all-reduce (max) each activation/gradient amax across ranks.
         share_input: reuse the quantized input of the previous layer that read the same
             tensor (:mod:`hf_nvfp4.quant.shared`).
+        input / weight / grad_output: the :class:`~hf_nvfp4.quant.quantizer.Quantizer` of
+            each role, built from the above.
     """
 
     specs: RoleSpecs
     backend: str
     reduce_amax: bool = False
     share_input: bool = True
+    input: Quantizer = field(init=False, repr=False, compare=False)
+    weight: Quantizer = field(init=False, repr=False, compare=False)
+    grad_output: Quantizer = field(init=False, repr=False, compare=False)
 
-
-def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
-    amax = amax.clone()
-    torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
-    return amax
+    def __post_init__(self) -> None:
+        s, b, r = self.specs, self.backend, self.reduce_amax
+        # x_row and dy_row/dy_t are read at once by their GEMM: block values where the
+        # backend has them; x^T is saved for backward: packed.
+        quantizers = {
+            "input": Quantizer("input", s.x, s.x_t, b, r, values=(True, False)),
+            "weight": Quantizer("weight", s.w, s.w_dgrad, b),
+            "grad_output": Quantizer("grad_output", s.dy, s.dy_t, b, r, values=(True, True)),
+        }
+        for name, q in quantizers.items():
+            object.__setattr__(self, name, q)
 
 
 _QT_FIELDS = ("data", "scale", "global_scale")
@@ -78,51 +90,32 @@ def _unpack_qtensor(tensors: list[torch.Tensor | None], meta: object) -> QTensor
     return QTensor(data, scale, global_scale, fmt, shape, dtype, tile, rht)
 
 
-def _quantize_weight(
-    backend: Backend, weight: torch.Tensor, specs: RoleSpecs
-) -> tuple[QTensor | None, QTensor | None]:
-    """W for fprop and W^T for dgrad; with equal specs both from the same tiles."""
-    if specs.w is None:
-        w_q = None
-        w_t = backend.quantize_weight(weight, specs.w_dgrad)[1] if specs.w_dgrad else None
-        return w_q, w_t
-    w_q, w_t = backend.quantize_weight(weight, specs.w)
-    if specs.w_dgrad is None:
-        return w_q, None
-    if specs.w_dgrad != specs.w:
-        w_t = backend.quantize_weight(weight, specs.w_dgrad)[1]
-    return w_q, w_t
-
-
 class QuantizedLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with every GEMM executed by the plan's backend on quantized operands."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, keys, plan: LinearPlan):  # noqa: D102
-        specs, backend = plan.specs, backend_instance(plan.backend)
-        reduce = _all_reduce_max if plan.reduce_amax else None
+        specs = plan.specs
+        backend = backend_instance(plan.backend)
         x2 = x.reshape(-1, x.shape[-1])
-        w_q, w_t = _quantize_weight(backend, weight.detach(), specs)
-        col = specs.x_t if ctx.needs_input_grad[1] else None
+        w = plan.weight(weight.detach())
+        need_col = ctx.needs_input_grad[1]
 
         # forward: y = x_row @ W^T   (activations round to nearest: no keys)
-        def quantize_x() -> tuple[Operand | None, Operand | None]:
-            return backend.quantize_rowcol(
-                x2, specs.x, col, None, amax_reduce=reduce, values=(True, False)
-            )
-
-        q_x, q_x_t = quantize_input(x, (plan, col), quantize_x, plan.share_input)
+        q_x = quantize_input(
+            x, (plan, need_col), lambda: plan.input(x2, col=need_col), plan.share_input
+        )
         if specs.x is None:
             y = x2 @ weight.t().to(x2.dtype)
         else:
-            y = backend.gemm(q_x, w_q, x.dtype)
+            y = backend.gemm(q_x.row, w.row, x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
 
         saved_x = x2 if specs.x_t is None else None
         saved_w = weight if specs.w_dgrad is None else None
-        x_t_tensors, ctx.x_t_meta = _pack_qtensor(q_x_t)
-        w_t_tensors, ctx.w_t_meta = _pack_qtensor(w_t)
+        x_t_tensors, ctx.x_t_meta = _pack_qtensor(q_x.col)
+        w_t_tensors, ctx.w_t_meta = _pack_qtensor(w.col)
         ctx.save_for_backward(saved_x, saved_w, keys, *x_t_tensors, *w_t_tensors)
         ctx.plan = plan
         ctx.has_bias = bias is not None
@@ -139,13 +132,10 @@ class QuantizedLinearFunction(torch.autograd.Function):
         q_w_t = _unpack_qtensor(list(saved[6:9]), ctx.w_t_meta)
         plan = ctx.plan
         specs, backend = plan.specs, backend_instance(plan.backend)
-        reduce = _all_reduce_max if plan.reduce_amax else None
         dy2 = dy.reshape(-1, dy.shape[-1])
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        q_dy, q_dy_t = backend.quantize_rowcol(
-            dy2, specs.dy if need_dx else None, specs.dy_t if need_dw else None, keys,
-            amax_reduce=reduce, values=(True, True),
-        )
+        q = plan.grad_output(dy2, keys, row=need_dx, col=need_dw)
+        q_dy, q_dy_t = q.row, q.col
 
         dx = dw = db = None
         if need_dx:

@@ -203,11 +203,8 @@ def quantize(
         raise ValueError(f"2D tile {tile} needs a tensor of rank >= 2; got shape {tuple(x.shape)}")
 
     squeeze = x.dim() == 1
-    xp = _pad_to(x.unsqueeze(0) if squeeze else x, th, tw)
-    logical_shape = x.shape
-    if rht:
-        xp = hadamard_transform(xp, rht_sign)
-        logical_shape = (*x.shape[:-1], xp.shape[-1])
+    xp = _prepare(x.unsqueeze(0) if squeeze else x, th, tw, rht, rht_sign)
+    logical_shape = (*x.shape[:-1], xp.shape[-1]) if rht else x.shape
     xf = xp.float()
     rows, cols = xf.shape[-2], xf.shape[-1]
     lead = xf.shape[:-2]
@@ -219,7 +216,7 @@ def quantize(
 
     global_scale = None
     if f.scale == "e4m3":
-        amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
+        amax = _abs_max(xf)
         if amax_reduce is not None:
             amax = amax_reduce(amax)
         s_enc = nvfp4_global_encode(amax)
@@ -263,6 +260,32 @@ def quantize(
     )
 
 
+def _prepare(
+    x: torch.Tensor, th: int, tw: int, rht: bool, rht_sign: Sequence[int] | torch.Tensor | None
+) -> torch.Tensor:
+    """``x`` zero-padded to whole tiles and, with ``rht``, Hadamard-transformed along its last
+    dimension (rounded to ``x.dtype``): the values whose amax and blocks quantization reads."""
+    xp = _pad_to(x, th, tw)
+    return hadamard_transform(xp, rht_sign) if rht else xp
+
+
+def _abs_max(xf: torch.Tensor) -> torch.Tensor:
+    return xf.abs().amax() if xf.numel() else xf.new_zeros(())
+
+
+def tensor_amax(
+    x: torch.Tensor,
+    *,
+    rht: bool = False,
+    rht_sign: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The FP32 0-dim per-tensor amax that :func:`quantize` derives NVFP4's global scale
+    from, for a 1xN-block layout of ``x`` (taken after the RHT when ``rht``): the local
+    amax that a data-parallel reduction combines before encoding."""
+    tw = RHT_SIZE if rht else 1
+    return _abs_max(_prepare(x, 1, tw, rht, rht_sign).float())
+
+
 def fake_quantize(
     x: torch.Tensor, fmt: str | BlockFormat = "nvfp4", **kwargs: Any
 ) -> torch.Tensor:
@@ -270,4 +293,4 @@ def fake_quantize(
     return quantize(x, fmt, **kwargs).dequantize(x.dtype)
 
 
-__all__ = ["QTensor", "quantize", "fake_quantize", "ROUNDINGS", "RHT_SIZE"]
+__all__ = ["QTensor", "quantize", "fake_quantize", "tensor_amax", "ROUNDINGS", "RHT_SIZE"]

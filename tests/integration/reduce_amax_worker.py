@@ -10,10 +10,9 @@ import torch
 import torch.distributed as dist
 
 from hf_nvfp4 import NVFP4Linear
-from hf_nvfp4.backends import backend_instance
 from hf_nvfp4.callbacks import _mean_over_ranks
-from hf_nvfp4.nn.functional import _all_reduce_max
 from hf_nvfp4.numerics.testing import assert_qtensor_equal
+from hf_nvfp4.quant.quantizer import Quantizer
 from hf_nvfp4.recipe import Recipe
 
 RECIPE = {"preset": "nvfp4", "stochastic_rounding": False}
@@ -60,23 +59,25 @@ def main() -> None:
         bad[0, 0] = float("nan")
     result["nan_forward_completed"] = bool(layer(bad).shape == (16, 32))
 
-    # The Triton path (amax kernel -> all-reduce -> encode kernel) quantizes exactly as the
-    # reference reduced path: codes, scales and global scales, with and without SR.
+    # The Triton path's quantizer (amax kernel -> all-reduce -> encode kernel) quantizes
+    # exactly as the reference reduced path: codes, scales and global scales, with and
+    # without SR, and its reduced amaxes are the whole batch's.
     specs = Recipe().role_specs()
     keys = torch.tensor([11, -22], dtype=torch.int32)
     same = []
-    for row, col in ((specs.x, specs.x_t), (specs.dy, specs.dy_t)):
-        got = backend_instance("triton").quantize_rowcol(
-            shards[rank], row, col, keys, amax_reduce=_all_reduce_max)
-        want = backend_instance("reference").quantize_rowcol(
-            shards[rank], row, col, keys, amax_reduce=_all_reduce_max)
-        for g, w in zip(got, want, strict=True):
+    for role, row, col in (("input", specs.x, specs.x_t), ("grad_output", specs.dy, specs.dy_t)):
+        tri = Quantizer(role, row, col, "triton", reduce_amax=True)
+        ref = Quantizer(role, row, col, "reference", reduce_amax=True)
+        got, want = tri(shards[rank], keys), ref(shards[rank], keys)
+        for g, w in ((got.row, want.row), (got.col, want.col)):
             try:
                 assert_qtensor_equal(g, w)
                 same.append(True)
             except AssertionError:
                 same.append(False)
-    result["triton_reduced_equals_reference"] = all(same) and len(same) == 4
+        whole = Quantizer(role, row, col, "reference").amax(torch.cat(shards))
+        same.append(torch.equal(tri.reduce(tri.amax(shards[rank])), whole))
+    result["triton_reduced_equals_reference"] = all(same) and len(same) == 6
 
     # Stochastic rounding: ranks draw from different streams.
     sr = _layer(False, {"preset": "nvfp4"})
