@@ -3,7 +3,8 @@
 For each precision mode (``bf16_params``: BF16 parameters, no autocast; ``fp32_masters``: FP32
 parameters with a BF16 autocast forward, as ``Trainer(bf16=True)`` runs) and each column
 (BF16 eager, BF16 with every decoder layer ``torch.compile``d, NVFP4 eager with every block
-converted, NVFP4 compiled per layer), a fresh ``transformers.LlamaForCausalLM`` built from the
+converted, NVFP4 compiled per layer; on CUDA the compiled columns use CUDA graphs,
+``mode="reduce-overhead"``, unless ``--compile-mode`` says otherwise), a fresh ``transformers.LlamaForCausalLM`` built from the
 same seed trains on random token batches with AdamW (fused on CUDA, lr 1e-4): ``--warmup``
 untimed steps (compilation happens there), then ``--steps`` steps timed by wall clock between
 device synchronizations. Reports tokens/s, ms/step, peak allocated memory (CUDA only), the
@@ -70,9 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compiled columns (aot_eager: no toolchain)")
     p.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode of the compiled columns (e.g. reduce-overhead: "
-                        "CUDA graphs, which hide the host time of small layers)")
+                   help="torch.compile mode of the compiled columns (default: reduce-overhead "
+                        "on CUDA, i.e. CUDA graphs, which hide the host time of small layers, "
+                        "for BF16 and NVFP4 alike; 'default' for torch's default mode)")
     args = p.parse_args(argv)
+    if args.compile_mode is None and args.device.startswith("cuda"):
+        args.compile_mode = "reduce-overhead"
+    elif args.compile_mode == "default":
+        args.compile_mode = None
     args.modes = _comma_list(p, args.modes, MODES, "--modes")
     args.columns = _comma_list(p, args.columns, COLUMNS, "--columns")
     if args.steps < 1 or args.warmup < 0:
