@@ -7,8 +7,10 @@ of the output's largest magnitude against the exact reference), so the result eq
 reference GEMM of exact block values up to :data:`ACCUMULATION_TOLERANCE`. Scale layouts
 (checked on an H200 with torch 2.11, where 8192^3 ran in 0.84 ms against 1.55 ms in BF16):
 ``scale_a`` the [M, K/128] row-block scales laid out outer-dimension-major
-(``sa.t().contiguous().t()``), ``scale_b`` the contiguous [N/128, K/128] tile scales, passed
-transposed with ``b``.
+(``sa.t().contiguous().t()``), ``scale_b`` the [N/128, K/128] tile scales zero-padded to
+[N/128, L4] (L4: K/128 rounded up to a multiple of 4, which cuBLAS's 128x128 block scaling
+requires; without it every K that is not a multiple of 512 gave wrong results on the H200)
+and passed transposed with ``b``.
 
 Only that combination (1x128 activations or gradients times 128x128 weight tiles: the
 fprop and dgrad GEMMs) runs here; the wgrad GEMM (1x128 x 1x128) and anything the installed
@@ -58,10 +60,25 @@ def fp8_block_gemm(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tens
     return _scaled_mm(a, b, out_dtype)
 
 
+def row_block_scales(a: QTensor) -> torch.Tensor:
+    """``scale_a`` of ``_scaled_mm``: a's [M, K/128] 1x128-block scales, M-major in memory."""
+    return a.scale.t().contiguous().t()
+
+
+def weight_tile_scales(b: QTensor) -> torch.Tensor:
+    """``scale_b`` of ``_scaled_mm``: b's 128x128 tile scales as cuBLAS reads them,
+    [L4, N/128] with the K-block index fastest in memory, where L4 is K/128 rounded up to a
+    multiple of 4 (the padding entries are zeros and multiply nothing)."""
+    tiles = tile_scales(b)
+    pad = -tiles.shape[1] % 4
+    if pad:
+        tiles = torch.nn.functional.pad(tiles, (0, pad))
+    return tiles.t()
+
+
 def _scaled_mm(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
-    sa = a.scale.t().contiguous().t()
-    out = torch._scaled_mm(a.data, b.data.t(), scale_a=sa, scale_b=tile_scales(b).t(),
-                           out_dtype=out_dtype)
+    out = torch._scaled_mm(a.data, b.data.t(), scale_a=row_block_scales(a),
+                           scale_b=weight_tile_scales(b), out_dtype=out_dtype)
     return out[: a.shape[0], : b.shape[0]]
 
 
@@ -90,4 +107,7 @@ def _self_check(device: torch.device) -> bool:
     return bool(((got - want).abs().max() <= ACCUMULATION_TOLERANCE * want.abs().max()).item())
 
 
-__all__ = ["ACCUMULATION_TOLERANCE", "block_scaled_mm_available", "fp8_block_gemm", "tile_scales"]
+__all__ = [
+    "ACCUMULATION_TOLERANCE", "block_scaled_mm_available", "fp8_block_gemm", "row_block_scales",
+    "tile_scales", "weight_tile_scales",
+]

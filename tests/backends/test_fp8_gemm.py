@@ -7,7 +7,9 @@ from hf_nvfp4.backends.fp8_gemm import (
     ACCUMULATION_TOLERANCE,
     block_scaled_mm_available,
     fp8_block_gemm,
+    row_block_scales,
     tile_scales,
+    weight_tile_scales,
 )
 from hf_nvfp4.backends.reference import reference_gemm
 from hf_nvfp4.numerics.quantize import quantize
@@ -60,3 +62,18 @@ def test_matches_reference_up_to_summation_order(m, k, n, out_dtype):
     assert got.shape == (m, n)
     bound = tol * want.abs() + ACCUMULATION_TOLERANCE * want.abs().max()
     assert ((got.float() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("k, l4", [(384, 4), (512, 4), (640, 8), (1024, 8)])
+def test_scale_layouts_cublas_reads(k, l4):
+    g = torch.Generator().manual_seed(k)
+    x = quantize(torch.randn(64, k, generator=g), "fp8_block", tile=(1, 128))
+    w = quantize(torch.randn(256, k, generator=g), "fp8_block", tile=(128, 128))
+    sa = row_block_scales(x)
+    assert sa.shape == (64, k // 128) and sa.stride() == (1, 64)  # M-major
+    assert torch.equal(sa, x.scale)
+    sb = weight_tile_scales(w)
+    # [L4, N/128], K-block index fastest; the padding K blocks are zero
+    assert sb.shape == (l4, 2) and sb.stride() == (1, l4)
+    assert torch.equal(sb[: k // 128], tile_scales(w).t())
+    assert not sb[k // 128:].any()
