@@ -7,6 +7,7 @@ inputs side by side in one process: warm-up, then CUDA-event timing of fwd+bwd.
 
     python bench/moe.py --out bench/results/moe_h200.json
     python bench/moe.py --device cpu --tokens 64 --experts 4 --hidden 64 --ffn 32 --reps 1
+    python bench/moe.py --profile        # plus a torch.profiler table of one NVFP4 step
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path)
+    p.add_argument("--profile", action="store_true",
+                   help="print a torch.profiler table of one NVFP4 fwd+bwd step")
     return p.parse_args(argv)
 
 
@@ -82,6 +85,21 @@ def time_ms(fn, reps: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def profile_table(fn, device: torch.device, rows: int = 30) -> str:
+    """torch.profiler's table of one ``fn()`` (after warm-up), sorted by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run both implementations; print and (with ``--out``) write the JSON report."""
     args = parse_args(argv)
@@ -106,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         ms = time_ms(step, args.reps, args.warmup, device)
         report["runs"][name] = {"fwd_bwd_ms": ms}
         print(f"{name}: {ms:.3f} ms fwd+bwd", flush=True)
+        if args.profile and name == "nvfp4":
+            print(profile_table(step, device), flush=True)
     base = report["runs"]["grouped_mm"]["fwd_bwd_ms"]
     report["nvfp4_vs_bf16"] = base / report["runs"]["nvfp4"]["fwd_bwd_ms"]
     print(f"NVFP4 speed vs BF16 grouped_mm: {report['nvfp4_vs_bf16']:.2f}x")
