@@ -12,8 +12,8 @@ what=${1:-tests}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 case $what in
   tests)
-    python3 -m pytest -q tests/kernels tests/quant tests/nn tests/backends \
-      tests/test_experts.py 2>&1 | tail -12 | tee "$OUT/pytest_gpu.txt"
+    python3 -m pytest -q -p no:cacheprovider tests/kernels tests/quant tests/nn tests/backends \
+      tests/test_experts.py > "$OUT/pytest_gpu.txt" 2>&1; tail -12 "$OUT/pytest_gpu.txt"
     ;;
   e2e)
     for f in e2e_124m_h200.json e2e_953m_h200.json; do
@@ -34,7 +34,7 @@ case $what in
     done
     ;;
   moe)
-    python3 bench/moe.py --out "$OUT/moe_h200.json" 2>&1 | tail -4
+    python3 bench/moe.py --out "$OUT/moe_h200_grouped.json" 2>&1 | tail -4
     ;;
   kernels)
     python3 bench/dev_quantize.py 2>&1 | tail -30

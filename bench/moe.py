@@ -5,7 +5,7 @@ A Qwen3-MoE-like experts module (default: 64 experts, top-8, hidden 2048, expert
 outputs (softmax weights over a random top-k). Both implementations run the same module and
 inputs side by side in one process: warm-up, then CUDA-event timing of fwd+bwd.
 
-    python bench/moe.py --out bench/results/moe_h200.json
+    python bench/moe.py --out bench/results/moe_h200_grouped.json
     python bench/moe.py --device cpu --tokens 64 --experts 4 --hidden 64 --ffn 32 --reps 1
     python bench/moe.py --profile        # plus a torch.profiler table of one NVFP4 step
 """
