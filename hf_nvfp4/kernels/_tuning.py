@@ -1,4 +1,4 @@
-"""Choosing a kernel variant per shape by measurement, on the first call of that shape."""
+"""Choosing a kernel variant per shape bucket by measurement, on the first call in that bucket."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def median_ms(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def shape_bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (at least 16): the sizes that share one tuning
+    choice, so that variable token counts (dynamic padding, MoE experts) time the variants once
+    per bucket instead of on every new length."""
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
 def pick(

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting, rht_blockdiag, round_bf16
-from ._tuning import pick
+from ._tuning import pick, shape_bucket
 
 _BM = 64  # the RHT block-diagonal size
 # (BK, TILES, num_warps, num_stages), measured per shape
@@ -108,7 +108,8 @@ def amax_rowcol(
             num_warps=warps, num_stages=stages,
         )
 
-    key = ("amax2", m, k, x.dtype, row, col, rht_sign is not None, x.device)
+    key = ("amax2", shape_bucket(m), shape_bucket(k), x.dtype, row, col, rht_sign is not None,
+           x.device)
     names = [f"BK={c[0]},tiles={c[1]},warps={c[2]},stages={c[3]}" for c in _CONFIGS]
     cands = lambda: {n: (lambda c=c: launch(*c)) for n, c in zip(names, _CONFIGS, strict=True)}
     launch(*_CONFIGS[names.index(pick(key, cands, x.device))])

@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import e2m1_decode, e4m3_decode, interpreting, round_bf16
-from ._tuning import choices, pick
+from ._tuning import choices, pick, shape_bucket
 from .dequantize import dequantize_nvfp4
 
 
@@ -305,7 +305,8 @@ def gemm_scaled(a: torch.Tensor, b: torch.Tensor, gsa: torch.Tensor, gsb: torch.
         return torch.zeros((m, n), dtype=out_dtype, device=a.device)
     cfgs = gemm_scaled_configs(a, b)
     if config is None:
-        key = ("gemm_scaled", m, n, k, a.dtype, out_dtype, a.device)
+        key = ("gemm_scaled", shape_bucket(m), shape_bucket(n), shape_bucket(k), tuple(cfgs),
+               a.dtype, out_dtype, a.device)
 
         def candidates() -> dict[str, Callable[[], torch.Tensor]]:
             out = {name: (lambda c=c: _launch_scaled(a, b, gsa, gsb, out_dtype, c))
@@ -393,7 +394,8 @@ def gemm_nvfp4(a: Operand, b: Operand, out_dtype: torch.dtype,
             f"vs {b[0].shape[1] * 2}"
         )
     if strategy is None:
-        key = ("gemm", a[3], b[3], a[0].shape[1] * 2, out_dtype, a[0].device)
+        key = ("gemm", shape_bucket(a[3]), shape_bucket(b[3]), shape_bucket(a[0].shape[1] * 2),
+               out_dtype, a[0].device)
         names = ("dequant+triton",) if interpreting() else ("dequant+triton", "dequant+cublas")
         strategy = pick(key, lambda: {
             n: (lambda fn=_STRATEGIES[n]: fn(a, b, out_dtype)) for n in names

@@ -44,7 +44,7 @@ from ._common import (
     sign_mask,
     sr_offsets,
 )
-from ._tuning import pick
+from ._tuning import pick, shape_bucket
 from .amax import amax_rowcol
 
 # (BM, BK, num_warps): BM tokens (the RHT block-diagonal size) x BK features per program
@@ -309,7 +309,7 @@ def quantize_rowcol_nvfp4(
 
     if not (row or col):
         return row_data, row_scale, col_data, col_scale, gs.fill_(1.0)
-    key = ("rowcol2", m, k, x.dtype, row, col, col_rht_sign is not None,
+    key = ("rowcol2", shape_bucket(m), shape_bucket(k), x.dtype, row, col, col_rht_sign is not None,
            row and row_sr, col and col_sr, row_values, col_values, dev)
     names = [f"BM={bm},BK={bk},warps={w}" for bm, bk, w in _CONFIGS]
     cands = lambda: {n: (lambda c=c: launch(*c)) for n, c in zip(names, _CONFIGS, strict=True)}

@@ -44,3 +44,20 @@ def test_deterministic_mode_ignores_a_choice_timed_before_it(monkeypatch, determ
     assert _tuning.pick(("u", 6), _candidates(calls), cuda, fixed="b") == "b"
     assert _tuning.choices()["u:fixed"]["choice"] == "b"
     assert calls == []
+
+
+def test_shape_buckets_share_one_choice():
+    assert [_tuning.shape_bucket(n) for n in (0, 1, 16, 17, 32, 33, 1000, 1024, 1025)] == [
+        16, 16, 16, 32, 32, 64, 1024, 1024, 2048]
+    from hf_nvfp4.kernels.gemm import gemm_scaled
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    before = set(_tuning.choices())
+    one = torch.ones((), dtype=torch.float32, device=dev)
+    for m in (40, 50, 64):  # one bucket: tuned (on CUDA timed, else fixed) once
+        a = torch.ones(m, 32, dtype=torch.bfloat16, device=dev)
+        b = torch.ones(48, 32, dtype=torch.bfloat16, device=dev)
+        out = gemm_scaled(a, b, one, one, torch.float32)
+        assert torch.equal(out, torch.full((m, 48), 32.0, device=dev))
+    new = [k for k in _tuning.choices() if k not in before and k.startswith("gemm_scaled:64:")]
+    assert len(new) == 1
