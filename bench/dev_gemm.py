@@ -36,6 +36,7 @@ except Exception as exc:  # the HF integration may be mid-edit or missing; kerne
     _pkg.__path__ = [str(ROOT / "hf_nvfp4")]
     sys.modules["hf_nvfp4"] = _pkg
 
+from hf_nvfp4.kernels._tuning import shape_bucket  # noqa: E402
 from hf_nvfp4.kernels.dequantize import dequantize_nvfp4  # noqa: E402
 from hf_nvfp4.kernels.gemm import (  # noqa: E402
     gemm_choices,
@@ -163,6 +164,13 @@ def error(exc: Exception) -> str:
     return msg
 
 
+def _tuned(prefix: str, suffix: str) -> dict:
+    """The tuning entry (choice and timings) of the shape bucket whose label starts with
+    ``prefix`` and ends with ``suffix``, or {}."""
+    return next((v for key, v in gemm_choices().items()
+                 if key.startswith(prefix) and key.endswith(suffix)), {})
+
+
 def time_gemm(role: str, rows: int, cols: int, k: int, fused_ok: list[bool]) -> dict:
     out_dtype = FP32 if role == "wgrad" else BF16
     a = torch.randn(rows, k, device="cuda").to(BF16)
@@ -180,12 +188,12 @@ def time_gemm(role: str, rows: int, cols: int, k: int, fused_ok: list[bool]) -> 
         except Exception as exc:  # noqa: BLE001 - a config that fails to compile is reported
             row["configs"][name] = error(exc)
     row["scaled_ms"] = ms(lambda: gemm_scaled(a, b, gsa, gsb, out_dtype))
-    key = f"gemm_scaled:{rows}:{cols}:{k}:bfloat16:{row['out']}"
-    row["scaled_pick"] = gemm_choices().get(key, {}).get("choice")
+    dims = f"{shape_bucket(rows)}:{shape_bucket(cols)}:{shape_bucket(k)}:"
+    row["scaled_pick"] = _tuned("gemm_scaled:" + dims, f"bfloat16:{row['out']}").get("choice")
     pa, pb = packed(rows, k), packed(cols, k)
     row["dequantize_nvfp4_a_ms"] = ms(lambda: dequantize_nvfp4(pa[0], pa[1], None, rows))
     row["nvfp4_ms"] = ms(lambda: gemm_nvfp4(pa, pb, out_dtype))
-    pick = gemm_choices().get(f"gemm:{rows}:{cols}:{k}:{row['out']}", {})
+    pick = _tuned("gemm:" + dims, str(row["out"]))
     row["nvfp4_pick"], row["nvfp4_candidates"] = pick.get("choice"), pick.get("ms")
     if fused_ok[0]:
         try:
