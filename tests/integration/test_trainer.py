@@ -197,3 +197,31 @@ def test_conflicting_configs_rejected(tmp_path, data):
     )
     with pytest.raises(ValueError, match="differs from the nvfp4= argument"):
         NVFP4Trainer(model=loaded, args=_args(tmp_path), nvfp4="mxfp4", train_dataset=data[0])
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_torch_compile_trains_like_eager(tmp_path, data):
+    """``TrainingArguments(torch_compile=True)`` compiles the converted model (forward and
+    backward traced, the NVFP4 ops as custom ops); aot_eager runs the traced graphs with the
+    same ops, so the losses equal eager training bit for bit."""
+    from hf_nvfp4.kernels import is_triton_available
+
+    ok, why = is_triton_available()
+    if not ok:
+        pytest.skip(why)
+    from torch._dynamo.utils import counters
+
+    recipe = {**ALL_BLOCKS, "backend": "triton"}
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        kw = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        trainer = NVFP4Trainer(model=_model(), args=_args(tmp_path, max_steps=2, **kw),
+                               nvfp4=recipe, train_dataset=data[0])
+        trainer.train()
+        runs[compiled] = (_losses(trainer), counters["stats"]["unique_graphs"])
+    (losses, graphs), (eager_losses, eager_graphs) = runs[True], runs[False]
+    assert graphs > 0 and eager_graphs == 0  # the compiled run traced the model
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert losses == eager_losses
