@@ -4,7 +4,14 @@ For every model type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` this builds a tiny
 on the CPU (FP32), checks that it trains in high precision, converts it with every block in
 NVFP4 (``prepare_model``: the library's path that ``save_pretrained`` records), reports the
 share of the blocks' matrix parameters that are NVFP4, trains two steps, saves, reloads with
-``AutoModelForCausalLM.from_pretrained`` and compares the logits.
+``AutoModelForCausalLM.from_pretrained`` and compares the logits. Forwards run without a KV
+cache (``use_cache=False``), as training does.
+
+The share counts what :meth:`hf_nvfp4.ConversionSummary.block_matmul_share` counts: every
+matmul weight of the blocks, MoE routers included (a router is a matmul weight that stays in
+high precision by the usual rules: a bare parameter, or a Linear with ``num_experts`` outputs
+that are not a multiple of 16), but not parameters used only elementwise (biases, Mamba's
+``A_log``) nor convolutions.
 
 Status per architecture:
 
@@ -49,7 +56,7 @@ NVFP4 = {"first_bf16_blocks": 0, "last_bf16_blocks": 0, "backend": "reference"}
 
 # Size attributes shrunk wherever a config has them (set only when the defaults have them).
 SHRINK: dict[str, Any] = {
-    **dict.fromkeys(("hidden_size", "n_embd", "d_model"), 64),
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "hidden_size_global"), 64),
     **dict.fromkeys(("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"), 128),
     **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers"), 2),
     **dict.fromkeys(("num_attention_heads", "n_head", "num_heads"), 4),
@@ -69,14 +76,27 @@ SHRINK: dict[str, Any] = {
     **dict.fromkeys(("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"), 16),
     **dict.fromkeys(("sliding_window", "attention_window_size"), 8),
 }
-# Architectures the generic shrink cannot handle: extra config keyword arguments.
+# Architectures the generic shrink cannot handle: extra config keyword arguments, each with
+# its reason. Sizes that hidden_size 64 would make ragged are set so that the matmul
+# dimensions are multiples of 16, as in the released checkpoints: the tiny model then
+# measures what a real one gets, not an artifact of its size.
 OVERRIDES: dict[str, dict[str, Any]] = {
-    "bamba": {"attn_layer_indices": [1]},
-    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1]},  # one Mamba and one attention block
+    # BLT: its byte-group hash embeddings default to 500,002 rows per group (3M x 64, minutes
+    # per step on a CPU); the hash vocabulary size is no matmul dimension.
+    "blt": {"encoder_hash_byte_group_vocab": 1024},
+    # Mamba's dt rank is ceil(hidden / 16) ("auto"): 4 at hidden 64, so x_proj (d_inner ->
+    # dt_rank + 2 * state) and dt_proj (dt_rank -> d_inner) are ragged; released checkpoints
+    # have a rank that is a multiple of 16 (48 for hidden 768, 160 for 2560).
+    "falcon_mamba": {"time_step_rank": 16},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 16},  # as Mamba
+    "mamba": {"time_step_rank": 16},
     "nemotron_h": {"layers_block_type": ["linear_attention", "full_attention"]},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
     "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
-    "zamba2": {"hybrid_layer_ids": [1]},
+    # Zamba2's in_proj emits d_inner + conv_dim + n_mamba_heads features: 8 heads (default)
+    # make it ragged; the released Zamba2 models have 64, 80 or 112 heads (multiples of 16).
+    "zamba2": {"hybrid_layer_ids": [1], "n_mamba_heads": 16},
 }
 # Composite configs whose sub-configs mean a multimodal model (the text model is listed too).
 MULTIMODAL_SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "vq_config",
@@ -103,12 +123,8 @@ def not_decoder_only(model_type: str) -> str | None:
     return None
 
 
-def tiny_config(model_type: str) -> Any:
-    """The config class's defaults with every size attribute it has shrunk (see SHRINK)."""
-    from transformers import CONFIG_MAPPING
-
-    cls = CONFIG_MAPPING[model_type]
-    defaults = cls()
+def _shrunk(cls: Any, defaults: Any) -> dict[str, Any]:
+    """Keyword arguments that shrink a config of class ``cls`` (defaults ``defaults``)."""
     derived = {k for k, v in vars(cls).items() if isinstance(v, property) and v.fset is None}
     kwargs = {k: v for k, v in SHRINK.items() if hasattr(defaults, k) and k not in derived}
     if hasattr(defaults, "kv_lora_rank"):  # multi-head latent attention: one K/V per head
@@ -125,6 +141,24 @@ def tiny_config(model_type: str) -> Any:
             kwargs[key] = VOCAB - 1
         elif isinstance(value, list):
             kwargs[key] = [v for v in value if v < VOCAB] or None
+    return kwargs
+
+
+def tiny_config(model_type: str) -> Any:
+    """The config class's defaults with every size attribute it has shrunk (see SHRINK).
+
+    Sub-configs that are transformers of their own (BLT's patcher, local encoder, global
+    transformer and local decoder) are shrunk the same way; then OVERRIDES apply.
+    """
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    defaults = cls()
+    kwargs = _shrunk(cls, defaults)
+    for key, sub_cls in (getattr(cls, "sub_configs", None) or {}).items():
+        sub_defaults = getattr(defaults, key, None)
+        if hasattr(sub_defaults, "num_hidden_layers"):
+            kwargs[key] = _shrunk(sub_cls, sub_defaults)
     kwargs.update(OVERRIDES.get(model_type, {}))
     return cls(**kwargs)
 
@@ -136,9 +170,13 @@ def _batch(seed: int) -> Any:
 
 
 def _loss(model: Any, seed: int) -> float:
-    """One forward/backward on random tokens (labels = inputs); the loss."""
+    """One forward/backward on random tokens (labels = inputs); the loss.
+
+    Without a KV cache, as in training: some architectures cannot even build one (BLT's
+    config has no ``num_hidden_layers`` for ``DynamicCache``).
+    """
     ids = _batch(seed)
-    loss = model(input_ids=ids, labels=ids).loss
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     return float(loss.detach())
 
@@ -220,12 +258,12 @@ def run_architecture(model_type: str) -> dict[str, Any]:
         stage = "reload"
         model.eval()
         with torch.no_grad():
-            logits = model(input_ids=_batch(9)).logits
+            logits = model(input_ids=_batch(9), use_cache=False).logits
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
             model.save_pretrained(tmp)
             reloaded = AutoModelForCausalLM.from_pretrained(tmp).eval()
             with torch.no_grad():
-                again = reloaded(input_ids=_batch(9)).logits
+                again = reloaded(input_ids=_batch(9), use_cache=False).logits
         if not torch.equal(logits, again):
             diff = float((logits - again).abs().max())
             return finish("fails", f"reload: logits differ after reload (max abs diff {diff:.3g})")
@@ -317,7 +355,9 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, seconds: float) -
         f"transformers {meta['transformers']}, torch {meta['torch']}, {meta['date']}; "
         f"`python eval/model_zoo.py` ({meta['seconds']:.0f} s). Tiny random models on the CPU "
         f"(FP32, hidden 64, 2 blocks, batch {BATCH} x {SEQ}), every block NVFP4 (reference "
-        "backend); share = NVFP4 parameters / matrix parameters in the blocks.",
+        "backend), no KV cache; share = NVFP4 parameters / matmul weight parameters in the "
+        "blocks (routers included; biases, Mamba's `A_log` and convolutions are no matmul "
+        "weights).",
         "",
         f"**{meta['headline']}**",
         "",

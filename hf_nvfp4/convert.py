@@ -64,6 +64,8 @@ class ConversionSummary:
     total_params: int = 0
     #: Matrix parameters inside the decoder blocks that are not Linear weights (MoE experts
     #: stored as fused 3D tensors, routers kept as bare parameters, ...): all high precision.
+    #: Parameters used only elementwise (biases, Mamba's ``A_log``) are not matmul weights and
+    #: are not listed.
     other_matmuls: list[LayerDecision] = field(default_factory=list)
 
     def block_matmul_share(self) -> tuple[int, int]:
@@ -118,26 +120,35 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
-def find_blocks(model: nn.Module) -> tuple[str, int] | None:
-    """The dotted name and length of the model's decoder-block ModuleList.
+def find_blocks(model: nn.Module) -> list[tuple[str, int]]:
+    """The model's decoder-block ModuleLists as ``[(dotted name, length)]``; empty if none.
 
     The longest ``nn.ModuleList`` whose length equals ``config.num_hidden_layers`` when the
-    model has a config, else the longest ModuleList of modules that contain Linears or
-    GPT-2's ``Conv1D`` (or linear-like modules we cannot swap, such as bitsandbytes layers,
-    so that convert can report them).
+    model has a config and one matches. Otherwise (no config, or a ``num_hidden_layers`` that
+    counts something else, such as HRM's recurrent cache slots) the outermost ModuleLists of
+    modules that contain Linears or GPT-2's ``Conv1D`` (or linear-like modules we cannot swap,
+    such as bitsandbytes layers, so that convert can report them) of the greatest length, all
+    of them when several hold blocks of one class: stacks run one after another or in turn
+    (HRM's high- and low-level modules, BLT's patcher, local encoder, global transformer and
+    local decoder). Their blocks are numbered one after the other, in module order.
     """
     num = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    best: tuple[str, int] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if num is not None and len(mod) != num:
-            continue
-        if not any(_is_linear_like(m) for m in mod.modules()):
-            continue
-        if best is None or len(mod) > best[1]:
-            best = (name, len(mod))
-    return best
+    lists = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0
+        and any(_is_linear_like(m) for m in mod.modules())
+    ]
+    matching = [(name, len(mod)) for name, mod in lists if len(mod) == num]
+    if matching:
+        return matching[:1]
+    outermost = [(name, mod) for name, mod in lists
+                 if not any(name.startswith(other + ".") for other, _ in lists)]
+    if not outermost:
+        return []
+    longest = max(len(mod) for _, mod in outermost)
+    kind = next(type(mod[0]) for _, mod in outermost if len(mod) == longest)
+    return [(name, len(mod)) for name, mod in outermost
+            if len(mod) == longest and type(mod[0]) is kind]
 
 
 def _is_linear_like(mod: nn.Module) -> bool:
@@ -152,13 +163,17 @@ def _features(mod: nn.Module) -> tuple[int, int]:
     return mod.in_features, mod.out_features
 
 
-def _block_of(name: str, blocks_prefix: str) -> int | None:
-    """The block index of a module name under ``blocks_prefix``, or None if outside."""
-    head = blocks_prefix + "." if blocks_prefix else ""
-    if not name.startswith(head):
-        return None
-    index = name[len(head) :].split(".", 1)[0]
-    return int(index) if index.isdigit() else None
+def _block_of(name: str, blocks: list[tuple[str, int]]) -> int | None:
+    """The block index of a module name (numbered across ``blocks``), or None if outside."""
+    offset = 0
+    for prefix, length in blocks:
+        head = prefix + "." if prefix else ""
+        if name.startswith(head):
+            index = name[len(head) :].split(".", 1)[0]
+            if index.isdigit():
+                return offset + int(index)
+        offset += length
+    return None
 
 
 def _decide(
@@ -209,15 +224,15 @@ def convert(
     """
     config = NVFP4Config.load(config)
     recipe = config.get_recipe()
-    found = find_blocks(model)
-    if found is None:
+    blocks = find_blocks(model)
+    if not blocks:
         raise ValueError(
             f"hf_nvfp4.convert could not find the decoder blocks of {type(model).__name__}: "
-            "no nn.ModuleList of config.num_hidden_layers blocks containing nn.Linear or "
-            "Conv1D. Supported: Llama, Mistral, Qwen2/3, Gemma, GPT-NeoX, GPT-2-style models; "
-            "for others use NVFP4Linear.from_linear directly."
+            "no nn.ModuleList of blocks containing nn.Linear or Conv1D. Supported: Llama, "
+            "Mistral, Qwen2/3, Gemma, GPT-NeoX, GPT-2-style models; for others use "
+            "NVFP4Linear.from_linear directly."
         )
-    prefix, n_blocks = found
+    n_blocks = sum(length for _, length in blocks)
     split = config.block_split(n_blocks)
     summary = ConversionSummary(
         num_blocks=n_blocks,
@@ -229,7 +244,7 @@ def convert(
     for name, mod in model.named_modules():
         cls = type(mod).__name__
         if is_experts_module(mod):
-            reason = _decide(name, mod, _block_of(name, prefix), n_blocks, split, config)
+            reason = _decide(name, mod, _block_of(name, blocks), n_blocks, split, config)
             summary.layers.append(LayerDecision(name, reason is None, reason or "",
                                                 _nparams(mod)))
             if reason is None:
@@ -243,7 +258,7 @@ def convert(
         conv1d = is_conv1d(mod)
         if not (conv1d or isinstance(mod, nn.Linear)):
             continue
-        block = _block_of(name, prefix)
+        block = _block_of(name, blocks)
         reason = _decide(name, mod, block, n_blocks, split, config)
         summary.layers.append(LayerDecision(name, reason is None, reason or "", _nparams(mod)))
         if reason is None:
@@ -265,7 +280,7 @@ def convert(
             "high precision: %s",
             sorted({d.reason for d in summary.layers if d.reason.startswith("unsupported")}),
         )
-    summary.other_matmuls = _other_matmuls(model, prefix, n_blocks, split)
+    summary.other_matmuls = _other_matmuls(model, blocks, n_blocks, split)
     _warn_ragged(summary)
     _warn_high_precision_share(summary)
     if verbose:
@@ -290,22 +305,22 @@ def _warn_ragged(summary: ConversionSummary) -> None:
 
 
 def _other_matmuls(
-    model: nn.Module, prefix: str, n_blocks: int, split: tuple[int, int]
+    model: nn.Module, blocks: list[tuple[str, int]], n_blocks: int, split: tuple[int, int]
 ) -> list[LayerDecision]:
     """Matrix parameters (2D and up) in the blocks that no Linear-like module owns.
 
-    Convolutions (``nn.Conv1d`` etc., e.g. Mamba's depthwise conv) are not matmuls and are not
-    counted.
+    Parameters that are not matmul weights are not counted: convolutions (``nn.Conv1d`` etc.,
+    e.g. Mamba's depthwise conv) and the parameters :func:`_is_elementwise` names.
     """
     out = []
     for mod_name, mod in model.named_modules():
         if _is_linear_like(mod) or is_experts_module(mod) or isinstance(mod, _CONVOLUTIONS):
             continue
-        block = _block_of(mod_name, prefix)
+        block = _block_of(mod_name, blocks)
         if block is None:
             continue
         for pname, p in mod.named_parameters(recurse=False):
-            if p.dim() < 2:
+            if p.dim() < 2 or _is_elementwise(pname):
                 continue
             if block < split[0]:
                 reason = f"in the first {split[0]} blocks (kept BF16)"
@@ -318,6 +333,17 @@ def _other_matmuls(
                 reason = f"a bare matrix parameter of {type(mod).__name__}, not a Linear"
             out.append(LayerDecision(f"{mod_name}.{pname}", False, reason, p.numel()))
     return out
+
+
+def _is_elementwise(param_name: str) -> bool:
+    """Whether a bare parameter of this name is, by convention, used elementwise only.
+
+    Biases (a ``bias`` word in the name: RecurrentGemma's ``input_gate_bias``, DeepSeek-V4's
+    ``position_bias``, routers' ``e_score_correction_bias``) are added, not multiplied; a
+    state-space mixer's ``A_log`` (Mamba, Jamba: ``[d_inner, d_state]``) is the log of the
+    diagonal state matrix, which the selective scan uses as ``exp(A_log)`` elementwise.
+    """
+    return param_name == "A_log" or re.search(r"(^|_)bias(es)?($|_)", param_name) is not None
 
 
 def _warn_high_precision_share(summary: ConversionSummary) -> None:

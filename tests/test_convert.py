@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
@@ -18,7 +19,7 @@ from transformers import (
 )
 
 from hf_nvfp4 import NVFP4Config, NVFP4Linear, convert
-from hf_nvfp4.convert import find_blocks
+from hf_nvfp4.convert import _is_elementwise, find_blocks
 from hf_nvfp4.nn import NVFP4Conv1D
 
 H, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 64, 128, 4, 2, 16, 256
@@ -71,7 +72,7 @@ def test_convert_quantizes_the_middle_blocks_of_each_architecture(
 ):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    prefix, n_blocks = find_blocks(model)
+    [(prefix, n_blocks)] = find_blocks(model)
     assert n_blocks == 3
     blocks = model.get_submodule(prefix)
     weights_before = {n: m.weight for n, m in blocks[1].named_modules() if isinstance(m, nn.Linear)}
@@ -188,7 +189,7 @@ def test_gpt2_conv1d_follows_the_linear_rules():
 
 def test_model_without_blocks_raises():
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
-    assert find_blocks(model) is None
+    assert find_blocks(model) == []
     with pytest.raises(ValueError, match="could not find the decoder blocks of Sequential"):
         convert(model, _cfg(), verbose=False)
 
@@ -313,3 +314,74 @@ def test_no_share_warning_when_the_blocks_are_fully_nvfp4(caplog):
         summary = convert(model, {"first_bf16_blocks": 1, "last_bf16_blocks": 1}, verbose=False)
     assert summary.block_matmul_share() == (summary.quantized_params,) * 2
     assert "stay in high precision" not in caplog.text
+
+
+def test_stacks_of_blocks_that_run_in_turn_are_all_blocks():
+    """HRM: two stacks (low and high level) of num_layers_per_stack blocks run in turn; its
+    num_hidden_layers counts cache slots (2 x 2 x 4 = 16), so no ModuleList matches it."""
+    cfg = transformers.HrmTextConfig(
+        vocab_size=VOCAB, hidden_size=H, intermediate_size=INTER, num_hidden_layers=2,
+        num_attention_heads=HEADS, head_dim=HEAD_DIM)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert cfg.num_hidden_layers == 16
+    stacks = [("model.L_module.layers", 2), ("model.H_module.layers", 2)]
+    assert find_blocks(model) == stacks
+
+    summary = convert(model, _cfg(first_bf16_blocks=1, last_bf16_blocks=1), verbose=False)
+
+    assert summary.num_blocks == 4  # numbered L0, L1, H0, H1
+    in_nvfp4 = {".".join(n.split(".")[:4]) for n in summary.quantized_layers}
+    assert in_nvfp4 == {"model.L_module.layers.1", "model.H_module.layers.0"}
+    split = {d.reason for d in summary.layers if d.name.startswith(
+        ("model.L_module.layers.0.", "model.H_module.layers.1."))}
+    assert split == {"in the first 1 blocks (kept BF16)", "in the last 1 blocks (kept BF16)"}
+
+
+class _MatmulOperands(TorchDispatchMode):
+    """Records the storages of the tensors that reach a matrix product as a factor."""
+
+    FACTORS = {"mm": (0, 1), "bmm": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2)}
+
+    def __init__(self):
+        super().__init__()
+        self.storages: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for i in self.FACTORS.get(func.overloadpacket.__name__, ()):
+            self.storages.add(args[i].untyped_storage().data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+def test_parameters_used_elementwise_are_not_counted_as_matmul_weights():
+    """Jamba: the Mamba mixer's A_log [d_inner, d_state] never reaches a matrix product (the
+    scan uses exp(A_log) elementwise) and is not counted; the router's bare weight does and is
+    (a matmul weight kept in high precision)."""
+    cfg = transformers.JambaConfig(
+        vocab_size=VOCAB, hidden_size=H, intermediate_size=INTER, num_hidden_layers=2,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, num_experts=4,
+        attn_layer_period=2, attn_layer_offset=1, mamba_dt_rank=16, use_mamba_kernels=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    params = dict(model.named_parameters())
+    a_logs = sorted(n for n in params if n.endswith(".A_log"))
+    routers = sorted(n for n in params if n.endswith(".router.weight"))
+    assert a_logs and routers and all(params[n].dim() == 2 for n in a_logs)
+    with torch.no_grad(), _MatmulOperands() as seen:
+        model(input_ids=torch.randint(0, VOCAB, (1, 8)), use_cache=False)
+    assert not {params[n].untyped_storage().data_ptr() for n in a_logs} & seen.storages
+    assert {params[n].untyped_storage().data_ptr() for n in routers} <= seen.storages
+
+    summary = convert(model, _cfg(), verbose=False)
+
+    assert sorted(d.name for d in summary.other_matmuls) == routers
+    quantized, total = summary.block_matmul_share()
+    assert total - quantized == sum(params[n].numel() for n in routers)
+
+
+@pytest.mark.parametrize("name, elementwise", [
+    ("A_log", True), ("bias", True), ("input_gate_bias", True), ("position_bias", True),
+    ("e_score_correction_bias", True), ("bias_u", True), ("attention_biases", True),
+    ("weight", False), ("fn", False), ("proj", False), ("biased_weight", False), ("A", False),
+])
+def test_elementwise_parameter_names(name, elementwise):
+    assert _is_elementwise(name) is elementwise
