@@ -4,11 +4,12 @@ For each precision mode (``bf16_params``: BF16 parameters, no autocast; ``fp32_m
 parameters with a BF16 autocast forward, as ``Trainer(bf16=True)`` runs) and each column
 (BF16 eager, BF16 with every decoder layer ``torch.compile``d, NVFP4 eager with every block
 converted, NVFP4 compiled per layer; on CUDA the compiled columns use CUDA graphs,
-``mode="reduce-overhead"``, unless ``--compile-mode`` says otherwise), a fresh ``transformers.LlamaForCausalLM`` built from the
-same seed trains on random token batches with AdamW (fused on CUDA, lr 1e-4): ``--warmup``
-untimed steps (compilation happens there), then ``--steps`` steps timed by wall clock between
-device synchronizations. Reports tokens/s, ms/step, peak allocated memory (CUDA only), the
-losses, and each column's throughput relative to BF16 eager and BF16 compiled of the same mode.
+``mode="reduce-overhead"``, unless ``--compile-mode`` says otherwise), a fresh
+``transformers.LlamaForCausalLM`` built from the same seed trains on random token batches
+with AdamW (fused on CUDA, lr 1e-4): ``--warmup`` untimed steps (compilation happens
+there), then ``--steps`` steps timed by wall clock between device synchronizations. Reports
+tokens/s, ms/step, peak allocated memory (CUDA only), the losses, and each column's
+throughput relative to BF16 eager and BF16 compiled of the same mode.
 
     python bench/e2e.py --size 953m --out bench/results/e2e_953m_h200.json     # the headline
     python bench/e2e.py --size tiny --device cpu --steps 2 --warmup 1 --compile-backend aot_eager
