@@ -40,7 +40,7 @@ import torch
 
 #: The modules scanned for the ``@triton.jit`` kernels they launch.
 KERNEL_MODULES = ("sr_keys", "amax", "quantize_rowcol", "quantize_2d", "dequantize", "gemm",
-                  "adamw")
+                  "adamw", "grouped")
 H200_SMS = 132  # the persistent GEMM's grid and split-K candidates depend on the SM count
 H200_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
@@ -191,7 +191,7 @@ def workload() -> list[Call]:
     """
     from ..numerics.hadamard import TE_RHT_SIGN
     from ..quant.sr import N_KEYS
-    from . import adamw, dequantize, gemm, quantize_2d, quantize_rowcol, sr_keys
+    from . import adamw, dequantize, gemm, grouped, quantize_2d, quantize_rowcol, sr_keys
 
     tokens, hidden = 8192, 1024
     keys = _meta(2, dtype=torch.int32)
@@ -228,6 +228,26 @@ def workload() -> list[Call]:
             eps=1e-8, weight_decay=0.1, step=step, m_seed=1, v_seed=2,
             square_tiles=square_tiles))
 
+    experts, ffn = 8, 512
+    layout = grouped.GroupLayout.build([tokens // experts] * experts, torch.device("meta"))
+    g_keys = _meta(experts, 2, dtype=torch.int32)
+    g_amax = _meta(experts, 2, dtype=torch.float32)
+
+    def g_rowcol(label: str, row: bool, col: bool, sr: bool, col_values: bool) -> Call:
+        # nn/grouped.py: x forward (packed column copy), dy backward (column values, SR)
+        return Call(label, lambda: grouped.grouped_quantize_rowcol(
+            _meta(tokens, hidden), layout, g_amax, g_keys, row=row, col=col,
+            col_rht_sign=TE_RHT_SIGN, row_sr=sr, col_sr=sr, col_values=col_values))
+
+    def g_gemm(label: str, wgrad: bool) -> Call:
+        if wgrad:
+            a, b = _meta(ffn * layout.rows16), _meta(hidden * layout.rows16)
+            out = _meta(experts, ffn, hidden, dtype=torch.float32)
+        else:
+            a, b, out = _meta(tokens, hidden), _meta(experts, ffn, hidden), _meta(tokens, ffn)
+        return Call(label, lambda: grouped.grouped_gemm(
+            a, b, out, g_amax[:, 0], g_amax[:, 1], layout, wgrad=wgrad))
+
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     return [
         rowcol("fwd x (rht)", bf16, True, True, True, False, (True, False), every=True),
@@ -259,6 +279,14 @@ def workload() -> list[Call]:
                                                    packed(hidden, hidden), bf16, "fused")),
         adam("adamw square tiles", 0.9, True, 1),
         adam("adamw beta1 < 0.5", 0.3, False, 1),
+        Call("moe amax", lambda: grouped.grouped_amax(_meta(tokens, hidden), layout, True,
+                                                     True, TE_RHT_SIGN)),
+        g_rowcol("moe fwd x", True, True, False, False),
+        g_rowcol("moe bwd dy (sr)", True, True, True, True),
+        Call("moe weights 16x16", lambda: grouped.grouped_quantize_weight(
+            _meta(experts, ffn, hidden))),
+        g_gemm("moe fprop/dgrad gemm", False),
+        g_gemm("moe wgrad gemm", True),
     ]
 
 
