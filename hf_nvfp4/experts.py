@@ -16,9 +16,10 @@ tokens routed to it on this rank, the weight's over that expert's matrix, like a
 NVFP4Linear per expert. Data-parallel ranks route different tokens, so the amaxes are not
 all-reduced across ranks for experts (``reduce_amax`` applies to the dense layers only).
 
-Execution: the tokens are sorted by expert and each expert with tokens runs its own
-quantized GEMMs (the reference backend on CPU, the Triton kernels on CUDA). The token counts
-are read on the host, one sync per MoE layer call: compiled models break the graph there.
+Execution: the tokens are sorted by expert and :func:`~hf_nvfp4.nn.grouped.
+quantized_grouped_linear` runs every expert's quantized GEMMs (grouped Triton kernels on CUDA,
+the backend per expert elsewhere). The token counts are read on the host, one sync per MoE
+layer call: compiled models break the graph there.
 """
 
 from __future__ import annotations
