@@ -20,6 +20,12 @@ from ..numerics.hadamard import RHT_SIZE, rht_matrix
 from ..numerics.rng import as_int32
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the host-side grids: a plain function, because ``triton.cdiv`` is a
+    constexpr function whose host call costs microseconds (a dozen per layer and step)."""
+    return -(-a // b)
+
+
 def interpreting() -> bool:
     """Whether Triton runs in its CPU interpreter (read at each launch, not at import)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ._common import (
     block_scale,
+    cdiv,
     e2m1_decode,
     e2m1_stochastic,
     e4m3_decode,
@@ -201,7 +202,7 @@ def fused_adamw_nvfp4_(
     md, ms, mg = (state["exp_avg" + s] for s in ("_data", "_scale", "_global_scale"))
     vd, vs, vg = (state["exp_avg_sq" + s] for s in ("_data", "_scale", "_global_scale"))
     ms8, vs8 = ms.view(torch.uint8), vs.view(torch.uint8)
-    grid = (triton.cdiv(n, _BLOCK),)
+    grid = (cdiv(n, _BLOCK),)
     parity = step % 2
     common = dict(LERP_SMALL=w1 < 0.5, TILE=256 if square_tiles else 16, BLOCK=_BLOCK)
     _moment_amax_kernel[grid](g, md, ms8, mg, vd, vs8, vg, scratch, parity, n, w1, beta2,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, rht_blockdiag, round_bf16
+from ._common import cdiv, interpreting, rht_blockdiag, round_bf16
 from ._tuning import pick, shape_bucket
 
 _BM = 64  # the RHT block-diagonal size
@@ -101,7 +101,7 @@ def amax_rowcol(
     bd = rht_blockdiag(rht_sign, _BM, x.dtype, x.device) if rht_sign is not None else out
 
     def launch(bk: int, tiles: int, warps: int, stages: int) -> None:  # idempotent
-        _amax_kernel[(triton.cdiv(m, _BM * tiles), triton.cdiv(k, bk))](
+        _amax_kernel[(cdiv(m, _BM * tiles), cdiv(k, bk))](
             x, out, bd, m, k, x.stride(0),
             DO_ROW=row, DO_COL=col, COL_RHT=col and rht_sign is not None,
             INTERPRET=interpreting(), BM=_BM, BK=bk, TILES=tiles,

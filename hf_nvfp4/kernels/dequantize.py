@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import e2m1_decode, e4m3_decode, unpack_pairs
+from ._common import cdiv, e2m1_decode, e4m3_decode, unpack_pairs
 
 _BR = 32
 _BC = 256
@@ -70,7 +70,7 @@ def dequantize_nvfp4(
     c = data.shape[1] * 2
     out = torch.empty((rows, c), dtype=out_dtype, device=data.device)
     gs = global_scale if global_scale is not None else out
-    grid = (triton.cdiv(rows, _BR), triton.cdiv(c, _BC))
+    grid = (cdiv(rows, _BR), cdiv(c, _BC))
     _dequantize_kernel[grid](
         data, scale.view(torch.uint8), gs, out, rows, c,
         APPLY_GS=global_scale is not None, BR=_BR, BC=_BC, num_warps=8,

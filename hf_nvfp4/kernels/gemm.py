@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import e2m1_decode, e4m3_decode, interpreting, round_bf16
+from ._common import cdiv, e2m1_decode, e4m3_decode, interpreting, round_bf16
 from ._tuning import choices, pick, shape_bucket
 from .dequantize import dequantize_nvfp4
 
@@ -214,7 +214,7 @@ def _scale_cast_kernel(acc_ptr, gsa_ptr, gsb_ptr, out_ptr, n, PARTS: tl.constexp
 def _scale_cast(acc: torch.Tensor, gsa: torch.Tensor, gsb: torch.Tensor, out: torch.Tensor,
                 parts: int = 1) -> torch.Tensor:
     n = out.numel()
-    _scale_cast_kernel[(triton.cdiv(n, 4096),)](acc, gsa, gsb, out, n, PARTS=parts,
+    _scale_cast_kernel[(cdiv(n, 4096),)](acc, gsa, gsb, out, n, PARTS=parts,
                                                  INTERPRET=interpreting(), BLOCK=4096,
                                                  num_warps=8)
     return out
@@ -230,7 +230,7 @@ def _launch_scaled(a: torch.Tensor, b: torch.Tensor, gsa: torch.Tensor, gsb: tor
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     interp = interpreting()
     if not cfg.tma:
-        grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
+        grid = (cdiv(m, cfg.bm) * cdiv(n, cfg.bn),)
         _gemm_kernel[grid](a, a, b, b, gsa, gsb, out, m, n, k, a.stride(0), b.stride(0),
                            PACKED=False, INTERPRET=interp, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
                            GROUP_M=_GROUP_M, num_warps=cfg.warps, num_stages=cfg.stages)
@@ -244,7 +244,7 @@ def _launch_scaled(a: torch.Tensor, b: torch.Tensor, gsa: torch.Tensor, gsb: tor
     c_desc = TensorDescriptor.from_tensor(
         out, [cfg.bm, cfg.bn // 2 if cfg.subtile else cfg.bn]) if c_tma else c
     num_sms = _INTERPRET_NUM_SMS if interp else _num_sms(a.device.index or 0)
-    tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn) * cfg.split_k
+    tiles = cdiv(m, cfg.bm) * cdiv(n, cfg.bn) * cfg.split_k
     _gemm_tma_kernel[(min(num_sms, tiles),)](
         a_desc, b_desc, c_desc, c, gsa, gsb, m, n, k, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
         GROUP_M=_GROUP_M, NUM_SMS=num_sms, SPLIT_K=cfg.split_k, C_TMA=c_tma,
@@ -271,7 +271,7 @@ def _cuda_configs(m: int, n: int, k: int, device: int, tma: bool) -> dict[str, _
     cfgs = list(_CUDA_CONFIGS)
     # Few output tiles and a long K (wgrad of small layers): split K so that the 128x128
     # tiles fill one, two or three waves of the SMs (a partial last wave costs a whole one).
-    tiles, sms = triton.cdiv(m, 128) * triton.cdiv(n, 128), _num_sms(device)
+    tiles, sms = cdiv(m, 128) * cdiv(n, 128), _num_sms(device)
     splits = sorted({w * sms // tiles for w in (1, 2, 3)} if tiles < 2 * sms else set())
     cfgs += [_Cfg(128, 128, 64, 8, 4, split_k=s) for s in splits if 2 <= s <= k // 1024]
     return {c.name: c for c in cfgs}
@@ -344,7 +344,7 @@ def _fused_gemm(a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
     (ad, ascale, ags, m), (bd, bscale, bgs, n) = a, b
     cfg = _INTERPRET_CONFIGS[0] if interpreting() else _FUSED_CUDA_CONFIG
     out = torch.empty((m, n), dtype=out_dtype, device=ad.device)
-    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
+    grid = (cdiv(m, cfg.bm) * cdiv(n, cfg.bn),)
     _gemm_kernel[grid](ad, ascale.view(torch.uint8), bd, bscale.view(torch.uint8), ags, bgs,
                        out, m, n, ad.shape[1] * 2, ad.stride(0), bd.stride(0), PACKED=True,
                        INTERPRET=interpreting(), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,

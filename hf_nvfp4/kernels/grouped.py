@@ -38,6 +38,7 @@ import triton.language as tl
 from ._common import (
     bf16_exact,
     block_scale,
+    cdiv,
     e2m1_decode_scaled,
     e2m1_nearest,
     e2m1_nearest_fma,
@@ -266,7 +267,7 @@ def _grouped_rowcol_kernel(x_ptr, meta_ptr, amax_ptr, keys_ptr, row_ptr, col_dat
 
 
 def _token_grid(layout: GroupLayout, k: int) -> tuple[int, int]:
-    return triton.cdiv(layout.blocks, _BB), triton.cdiv(k, _BK)
+    return cdiv(layout.blocks, _BB), cdiv(k, _BK)
 
 
 def grouped_amax(x: torch.Tensor, layout: GroupLayout, row: bool, col: bool,
@@ -425,12 +426,12 @@ def grouped_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     slab = w if w.is_contiguous() or w.transpose(1, 2).is_contiguous() else w.contiguous()
     base = slab if slab.is_contiguous() else slab.transpose(1, 2)  # same slab per expert
     block, iters = 1024, 8
-    _slab_amax_kernel[(g, triton.cdiv(n * k, block * iters))](
+    _slab_amax_kernel[(g, cdiv(n * k, block * iters))](
         base, amax, n * k, BLOCK=block, ITERS=iters, num_warps=4)
     vals = torch.empty((g, n, k), dtype=torch.bfloat16, device=dev)
     data_t = torch.empty((g, k, n // 2), dtype=torch.uint8, device=dev)
     scale_t = torch.empty((g, k, n // 16), dtype=torch.uint8, device=dev)
-    _grouped_2d_kernel[(triton.cdiv(n, 64), triton.cdiv(k, 64), g)](
+    _grouped_2d_kernel[(cdiv(n, 64), cdiv(k, 64), g)](
         slab, amax, vals, data_t, scale_t, n, k, *slab.stride(), BN=64, BK=64, num_warps=8)
     return amax, vals, data_t, scale_t
 
@@ -521,12 +522,12 @@ def grouped_gemm(
     if wgrad:
         n, kr = out.shape[1], out.shape[2]
         stride_ce, stride_cm, stride_cn = out.stride()
-        grid = (g * triton.cdiv(n, _GEMM_BM), triton.cdiv(kr, _GEMM_BN))
+        grid = (g * cdiv(n, _GEMM_BM), cdiv(kr, _GEMM_BN))
     else:
         n, kr = b.shape[1], b.shape[2]
         stride_ce, (stride_cm, stride_cn) = 0, out.stride()
         tiles = sum(-(-c // _GEMM_BM) for c in layout.counts)
-        grid = (tiles, triton.cdiv(n, _GEMM_BN))
+        grid = (tiles, cdiv(n, _GEMM_BN))
     if grid[0] == 0:
         return out
     _grouped_gemm_kernel[grid](

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_scale, e2m1_nearest, global_scales, pack_pairs
+from ._common import block_scale, cdiv, e2m1_nearest, global_scales, pack_pairs
 from .amax import amax_rowcol
 
 _BN = 64
@@ -100,7 +100,7 @@ def quantize_2d_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     scale = torch.empty((n16, k16 // 16), dtype=torch.uint8, device=dev)
     data_t = torch.empty((k16, n16 // 2), dtype=torch.uint8, device=dev)
     scale_t = torch.empty((k16, n16 // 16), dtype=torch.uint8, device=dev)
-    grid = (triton.cdiv(n16, _BN), triton.cdiv(k16, _BK))
+    grid = (cdiv(n16, _BN), cdiv(k16, _BK))
     _quantize_2d_kernel[grid](
         w, amax, gs, data, scale, data_t, scale_t, n, k, w.stride(0), n16, k16,
         BN=_BN, BK=_BK, num_warps=8,

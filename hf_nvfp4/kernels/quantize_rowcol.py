@@ -32,6 +32,7 @@ import triton.language as tl
 from ._common import (
     bf16_exact,
     block_scale,
+    cdiv,
     e2m1_decode_scaled,
     e2m1_nearest_fma,
     e2m1_nearest_word,
@@ -296,7 +297,7 @@ def quantize_rowcol_nvfp4(
     col_out = col_data.view(torch.int32) if col else col_data  # words: codes or BF16 pairs
 
     def launch(bm: int, bk: int, warps: int) -> None:  # idempotent
-        _rowcol_kernel[(triton.cdiv(m16, bm), triton.cdiv(k16, bk))](
+        _rowcol_kernel[(cdiv(m16, bm), cdiv(k16, bk))](
             x, amax, keys, gs, row_out, row_scale, col_out, col_scale,
             m, k, x.stride(0), m16,
             DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None,
