@@ -26,8 +26,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.cache
 def interpreting() -> bool:
-    """Whether Triton runs in its CPU interpreter (read at each launch, not at import)."""
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``). Read once, on
+    the first launch: Triton itself fixes each kernel as interpreted or compiled when its
+    module is imported, and reading the environment costs microseconds on every launch."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
