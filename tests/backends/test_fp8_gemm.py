@@ -77,3 +77,23 @@ def test_scale_layouts_cublas_reads(k, l4):
     assert sb.shape == (l4, 2) and sb.stride() == (1, l4)
     assert torch.equal(sb[: k // 128], tile_scales(w).t())
     assert not sb[k // 128:].any()
+
+
+def test_a_failing_self_check_warns_and_keeps_the_path_off(monkeypatch):
+    """A wrong _scaled_mm (as torch 2.11 gave with unpadded 128x128 scales) is caught with a
+    warning naming the error; the reference GEMM is used instead (CPU: a stand-in matmul)."""
+    import hf_nvfp4.backends.fp8_gemm as fp8
+
+    monkeypatch.setattr(fp8, "block_scaled_mm_available", lambda device: (True, "ok"))
+    monkeypatch.setattr(fp8, "_CHECKED", {})
+    monkeypatch.setattr(fp8, "_scaled_mm", lambda a, b, out_dtype: 2 * reference_gemm(
+        a, b, out_dtype))  # wrong by a factor of two
+    x = quantize(torch.randn(32, 128), "fp8_block", tile=(1, 128))
+    w = quantize(torch.randn(128, 128), "fp8_block", tile=(128, 128))
+    with pytest.warns(RuntimeWarning, match="fail their self-check.*error against the reference"):
+        assert fp8_block_gemm(x, w, torch.float32) is None
+    assert fp8._CHECKED == {"cpu": False}
+    monkeypatch.setattr(fp8, "_CHECKED", {})
+    monkeypatch.setattr(fp8, "_scaled_mm", lambda a, b, out_dtype: reference_gemm(
+        a, b, out_dtype))  # right: the path turns on
+    assert torch.equal(fp8_block_gemm(x, w, torch.float32), reference_gemm(x, w, torch.float32))
