@@ -335,3 +335,30 @@ def e2m1_nearest_word(v, o: tl.constexpr):
                                                 & ((8 << (4 * j)) - ((j // 7) << 32)))
     # 0x16111122 = -sum_j (0x4B000000 + 254) << 4j mod 2^32: the 8 codes' biases
     return w + 0x16111122
+
+
+@triton.jit
+def encode_e2m1(v, idx, key, SR: tl.constexpr):
+    """E2M1 codes of scaled values ``v``: nearest, or stochastic with draws hashed from idx."""
+    if SR:
+        return e2m1_stochastic_fast(v, sr_offsets(idx, key))
+    return e2m1_nearest_fma(v)
+
+
+@triton.jit
+def pack8(codes, o: tl.constexpr):
+    """int32 word of the 8 codes ``codes[o:o + 8]`` (a tuple), code ``o + j`` in nibble j:
+    the byte layout of :func:`pack_pairs`, read little-endian."""
+    w = codes[o]
+    for j in tl.static_range(1, 8):
+        w = w | (codes[o + j] << (4 * j))
+    return w
+
+
+@triton.jit
+def join8(w, R: tl.constexpr, C: tl.constexpr):
+    """The tuple of 8 tensors [R, C] ``w`` as one [R, C, 8], ``w[j]`` at index j (each
+    join appends the faster axis, so the first joins pair the tensors 4 apart)."""
+    a = tl.join(tl.join(w[0], w[4]), tl.join(w[2], w[6]))
+    b = tl.join(tl.join(w[1], w[5]), tl.join(w[3], w[7]))
+    return tl.reshape(tl.join(a, b), [R, C, 8])

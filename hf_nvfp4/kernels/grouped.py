@@ -41,16 +41,16 @@ from ._common import (
     cdiv,
     e2m1_decode_scaled,
     e2m1_nearest,
-    e2m1_nearest_fma,
-    e2m1_stochastic_fast,
     e4m3_decode,
+    encode_e2m1,
     global_scales,
     interpreting,
+    join8,
+    pack8,
     pack_pairs,
     rht16,
     round_bf16,
     sign_mask,
-    sr_offsets,
 )
 
 _BB = 4  # 16-token blocks per program of the token kernels
@@ -181,31 +181,6 @@ def _grouped_amax_kernel(x_ptr, meta_ptr, amax_ptr, K, stride_m, NB, G,
 
 
 @triton.jit
-def _encode(v, idx, key, SR: tl.constexpr):
-    """E2M1 codes of scaled values ``v``: nearest, or stochastic with draws hashed from idx."""
-    if SR:
-        return e2m1_stochastic_fast(v, sr_offsets(idx, key))
-    return e2m1_nearest_fma(v)
-
-
-@triton.jit
-def _pack8(codes, o: tl.constexpr):
-    """int32 word of the codes ``codes[o:o + 8]`` (a tuple), code ``o + j`` in nibble j."""
-    w = codes[o]
-    for j in tl.static_range(1, 8):
-        w = w | (codes[o + j] << (4 * j))
-    return w
-
-
-@triton.jit
-def _join8(w, R: tl.constexpr, C: tl.constexpr):
-    """The tuple of 8 tensors [R, C] ``w`` as one [R, C, 8], ``w[j]`` at index j."""
-    a = tl.join(tl.join(w[0], w[4]), tl.join(w[2], w[6]))
-    b = tl.join(tl.join(w[1], w[5]), tl.join(w[3], w[7]))
-    return tl.reshape(tl.join(a, b), [R, C, 8])
-
-
-@triton.jit
 def _grouped_rowcol_kernel(x_ptr, meta_ptr, amax_ptr, keys_ptr, row_ptr, col_data_ptr,
                            col_scale_ptr, K, stride_m, NB, G,
                            DO_ROW: tl.constexpr, DO_COL: tl.constexpr, COL_RHT: tl.constexpr,
@@ -228,7 +203,7 @@ def _grouped_rowcol_kernel(x_ptr, meta_ptr, amax_ptr, keys_ptr, row_ptr, col_dat
             byte, mult = block_scale(tl.max(tl.abs(x3), axis=2), mult6[:, None],
                                      s_dec[:, None])
             idx = ((local + j)[:, None, None] * K + c3).to(tl.uint32)
-            codes = _encode(x3 * mult[:, :, None], idx, key, ROW_SR)
+            codes = encode_e2m1(x3 * mult[:, :, None], idx, key, ROW_SR)
             vals = e2m1_decode_scaled(codes, e4m3_decode(byte)[:, :, None])
             ok = kin & (valid & (local + j < count))[:, None]
             tl.store(row_ptr + (row0 + j)[:, None].to(tl.int64) * K + cols[None, :],
@@ -245,7 +220,7 @@ def _grouped_rowcol_kernel(x_ptr, meta_ptr, amax_ptr, keys_ptr, row_ptr, col_dat
         cidx = (cols[None, :] * m16[:, None] + local[:, None]).to(tl.uint32)
         codes = ()
         for j in tl.static_range(16):
-            codes = codes + (_encode(y[j] * cmult, cidx + j, ckey, COL_SR),)
+            codes = codes + (encode_e2m1(y[j] * cmult, cidx + j, ckey, COL_SR),)
         # element offset of the block's first token in the flat column buffer
         off = (off16.to(tl.int64) * K)[:, None] + cols[None, :].to(tl.int64) * m16[:, None] \
             + local[:, None]
@@ -258,10 +233,10 @@ def _grouped_rowcol_kernel(x_ptr, meta_ptr, amax_ptr, keys_ptr, row_ptr, col_dat
                 hi = e2m1_decode_scaled(codes[j + 1], s).to(tl.int32, bitcast=True)
                 words = words + (((lo >> 16) & 0xFFFF) | (hi & -65536),)
             w3 = (off // 2)[:, :, None] + tl.arange(0, 8)[None, None, :]
-            tl.store(col_data_ptr + w3, _join8(words, BB, BK), mask=ok[:, :, None])
+            tl.store(col_data_ptr + w3, join8(words, BB, BK), mask=ok[:, :, None])
         else:  # int32 words of packed codes, two per block, and the E4M3 byte
             w3 = (off // 8)[:, :, None] + tl.arange(0, 2)[None, None, :]
-            tl.store(col_data_ptr + w3, tl.join(_pack8(codes, 0), _pack8(codes, 8)),
+            tl.store(col_data_ptr + w3, tl.join(pack8(codes, 0), pack8(codes, 8)),
                      mask=ok[:, :, None])
             tl.store(col_scale_ptr + off // 16, cbyte.to(tl.uint8), mask=ok)
 

@@ -34,40 +34,22 @@ from ._common import (
     block_scale,
     cdiv,
     e2m1_decode_scaled,
-    e2m1_nearest_fma,
     e2m1_nearest_word,
-    e2m1_stochastic_fast,
     e4m3_decode,
+    encode_e2m1,
     global_scales,
     interpreting,
+    join8,
+    pack8,
     pack_words,
     rht16,
     sign_mask,
-    sr_offsets,
 )
 from ._tuning import pick, shape_bucket
 from .amax import amax_rowcol
 
 # (BM, BK, num_warps): BM tokens (the RHT block-diagonal size) x BK features per program
 _CONFIGS = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8))
-
-
-@triton.jit
-def _encode(v, idx, key, SR: tl.constexpr):
-    """E2M1 codes of scaled values ``v``: nearest, or stochastic with draws hashed from idx."""
-    if SR:
-        return e2m1_stochastic_fast(v, sr_offsets(idx, key))
-    return e2m1_nearest_fma(v)
-
-
-@triton.jit
-def _pack8(codes, o: tl.constexpr):
-    """int32 word of the 8 codes ``codes[o:o + 8]`` (a tuple), code ``o + j`` in nibble j:
-    the byte layout of :func:`pack_pairs`, read little-endian."""
-    w = codes[o]
-    for j in tl.static_range(1, 8):
-        w = w | (codes[o + j] << (4 * j))
-    return w
 
 
 @triton.jit
@@ -82,15 +64,6 @@ def _split8(t, R: tl.constexpr, C: tl.constexpr):
     b00, b01 = tl.split(b0)
     b10, b11 = tl.split(b1)
     return a00, b00, a10, b10, a01, b01, a11, b11
-
-
-@triton.jit
-def _join8(w, R: tl.constexpr, C: tl.constexpr):
-    """The tuple of 8 tensors [R, C] ``w`` as one [R, C, 8], ``w[j]`` at index j (each
-    join appends the faster axis, so the first joins pair the tensors 4 apart)."""
-    a = tl.join(tl.join(w[0], w[4]), tl.join(w[2], w[6]))
-    b = tl.join(tl.join(w[1], w[5]), tl.join(w[3], w[7]))
-    return tl.reshape(tl.join(a, b), [R, C, 8])
 
 
 @triton.jit
@@ -155,14 +128,14 @@ def _rowcol_kernel(
         if ROW_VALUES:
             s3 = e4m3_decode(byte)[:, :, None]
             q = row_data_ptr + r3.to(tl.int64) * K + c3
-            tl.store(q, bf16_exact(e2m1_decode_scaled(_encode(wa, idx, key, ROW_SR), s3)),
+            tl.store(q, bf16_exact(e2m1_decode_scaled(encode_e2m1(wa, idx, key, ROW_SR), s3)),
                      mask=mask3)
-            tl.store(q + 8, bf16_exact(e2m1_decode_scaled(_encode(wb, idx + 8, key, ROW_SR),
+            tl.store(q + 8, bf16_exact(e2m1_decode_scaled(encode_e2m1(wb, idx + 8, key, ROW_SR),
                                                           s3)), mask=mask3)
         else:  # row_data_ptr: int32 words, two per block
             if ROW_SR:
-                words = tl.join(pack_words(_encode(wa, idx, key, ROW_SR), BM, BK // 16),
-                                pack_words(_encode(wb, idx + 8, key, ROW_SR), BM, BK // 16))
+                words = tl.join(pack_words(encode_e2m1(wa, idx, key, ROW_SR), BM, BK // 16),
+                                pack_words(encode_e2m1(wb, idx + 8, key, ROW_SR), BM, BK // 16))
             else:  # the encode and packing fused
                 words = tl.join(e2m1_nearest_word(_split8(wa, BM, BK // 16), 0),
                                 e2m1_nearest_word(_split8(wb, BM, BK // 16), 0))
@@ -207,7 +180,7 @@ def _rowcol_kernel(
         else:
             codes = ()
             for j in tl.static_range(16):
-                codes = codes + (_encode(w[j], cidx + j, ckey, COL_SR),)
+                codes = codes + (encode_e2m1(w[j], cidx + j, ckey, COL_SR),)
         if COL_VALUES:  # col_data_ptr: int32 words of BF16 pairs
             s = e4m3_decode(cbyte)
             words = ()
@@ -217,12 +190,12 @@ def _rowcol_kernel(
                 words = words + (((lo >> 16) & 0xFFFF) | (hi & -65536),)
             w3 = brow[:, None, None] // 2 + tl.arange(0, 8)[None, None, :]
             tl.store(col_data_ptr + cols[None, :, None].to(tl.int64) * (M16 // 2) + w3,
-                     _join8(words, BM // 16, BK), mask=bmask[:, :, None])
+                     join8(words, BM // 16, BK), mask=bmask[:, :, None])
         else:  # col_data_ptr: int32 words, two per block
             if COL_SR:
                 w3 = brow[:, None, None] // 8 + tl.arange(0, 2)[None, None, :]
                 tl.store(col_data_ptr + cols[None, :, None].to(tl.int64) * (M16 // 8) + w3,
-                         tl.join(_pack8(codes, 0), _pack8(codes, 8)), mask=bmask[:, :, None])
+                         tl.join(pack8(codes, 0), pack8(codes, 8)), mask=bmask[:, :, None])
             tl.store(col_scale_ptr + cols[None, :].to(tl.int64) * (M16 // 16) + brow[:, None] // 16,
                      cbyte.to(tl.uint8), mask=bmask)
 

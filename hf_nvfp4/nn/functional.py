@@ -68,7 +68,7 @@ class LinearPlan:
 _QT_FIELDS = ("data", "scale", "global_scale")
 
 
-def _pack_qtensor(q: QTensor | None) -> tuple[list[torch.Tensor | None], object]:
+def pack_qtensor(q: QTensor | None) -> tuple[list[torch.Tensor | None], object]:
     """Split a QTensor into tensors (for save_for_backward) and metadata."""
     if q is None:
         return [None, None, None], None
@@ -82,7 +82,8 @@ def _pack_qtensor(q: QTensor | None) -> tuple[list[torch.Tensor | None], object]
     return tensors, meta
 
 
-def _unpack_qtensor(tensors: list[torch.Tensor | None], meta: object) -> QTensor | None:
+def unpack_qtensor(tensors: list[torch.Tensor | None], meta: object) -> QTensor | None:
+    """The QTensor :func:`pack_qtensor` split (None when it was None)."""
     if meta is None:
         return None
     fmt, shape, dtype, tile, rht = meta
@@ -114,8 +115,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
 
         saved_x = x2 if specs.x_t is None else None
         saved_w = weight if specs.w_dgrad is None else None
-        x_t_tensors, ctx.x_t_meta = _pack_qtensor(q_x.col)
-        w_t_tensors, ctx.w_t_meta = _pack_qtensor(w.col)
+        x_t_tensors, ctx.x_t_meta = pack_qtensor(q_x.col)
+        w_t_tensors, ctx.w_t_meta = pack_qtensor(w.col)
         ctx.save_for_backward(saved_x, saved_w, keys, *x_t_tensors, *w_t_tensors)
         ctx.plan = plan
         ctx.has_bias = bias is not None
@@ -128,8 +129,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):  # noqa: D102
         saved = ctx.saved_tensors
         x2, weight, keys = saved[0], saved[1], saved[2]
-        q_x_t = _unpack_qtensor(list(saved[3:6]), ctx.x_t_meta)
-        q_w_t = _unpack_qtensor(list(saved[6:9]), ctx.w_t_meta)
+        q_x_t = unpack_qtensor(list(saved[3:6]), ctx.x_t_meta)
+        q_w_t = unpack_qtensor(list(saved[6:9]), ctx.w_t_meta)
         plan = ctx.plan
         specs, backend = plan.specs, backend_instance(plan.backend)
         dy2 = dy.reshape(-1, dy.shape[-1])

@@ -29,12 +29,10 @@ from __future__ import annotations
 import torch
 
 from ..backends import backend_instance
-from ..backends.base import Backend
 from ..kernels._common import interpreting
-from ..numerics.quantize import QTensor
 from ..numerics.rng import derive_keys, draw_seed, generator_keys
-from ..recipe import QuantSpec, RoleSpecs
-from .functional import LinearPlan
+from ..recipe import QuantSpec
+from .functional import LinearPlan, pack_qtensor, unpack_qtensor
 
 # 16-bit inputs only: the grouped amax pass takes the RHT with the encode pass's butterfly,
 # which gives the reference's bits for 16-bit inputs (exact products); FP32 groups run per group.
@@ -165,45 +163,26 @@ class _Batched:
         return dx, dw
 
 
-def _quantize_weight(
-    backend: Backend, w: torch.Tensor, specs: RoleSpecs
-) -> tuple[QTensor | None, QTensor | None]:
-    """W for fprop and W^T for dgrad; with equal specs both from the same tiles (as
-    :mod:`hf_nvfp4.nn.functional`)."""
-    if specs.w is None:
-        return None, backend.quantize_weight(w, specs.w_dgrad)[1] if specs.w_dgrad else None
-    w_q, w_t = backend.quantize_weight(w, specs.w)
-    if specs.w_dgrad is None:
-        return w_q, None
-    if specs.w_dgrad != specs.w:
-        w_t = backend.quantize_weight(w, specs.w_dgrad)[1]
-    return w_q, w_t
-
-
-_QT = ("data", "scale", "global_scale")
-
-
 class _PerGroup:
     """Each group through the plan's backend in turn (any backend and recipe)."""
 
     @staticmethod
     def forward(ctx, x, w, bias, keys, counts, plan):
         specs, backend = plan.specs, backend_instance(plan.backend)
-        col = specs.x_t if ctx.needs_input_grad[1] else None
+        need_col = ctx.needs_input_grad[1]
         outs, saved, metas = [], [], []
         for g, (rows, n) in enumerate(zip(x[: sum(counts)].split(counts), counts, strict=True)):
             if n == 0:
                 continue
-            w_q, w_t = _quantize_weight(backend, w[g], specs)
-            q_x, q_x_t = backend.quantize_rowcol(rows, specs.x, col, None,
-                                                 values=(True, False))
+            q_w = plan.weight(w[g])
+            q_x = plan.input(rows, col=need_col)
             # forward: y = x_row @ W^T
             outs.append(rows @ w[g].t().to(rows.dtype) if specs.x is None
-                        else backend.gemm(q_x, w_q, x.dtype))
-            for q in (q_x_t, w_t):
-                saved += [getattr(q, f) for f in _QT] if q is not None else [None] * 3
-                metas.append((q.fmt, q.shape, q.dtype, q.tile, q.rht) if q is not None
-                             else None)
+                        else backend.gemm(q_x.row, q_w.row, x.dtype))
+            for q in (q_x.col, q_w.col):
+                tensors, meta = pack_qtensor(q)
+                saved += tensors
+                metas.append(meta)
         if sum(counts) < x.shape[0]:
             outs.append(x.new_zeros((x.shape[0] - sum(counts), w.shape[1])))
         y = torch.cat(outs) if outs else x.new_zeros((x.shape[0], w.shape[1]))
@@ -228,14 +207,12 @@ class _PerGroup:
                                                 strict=True)):
             if n == 0:
                 continue
-            q_x_t, q_w_t = (
-                QTensor(*saved[3 * j:3 * j + 3], *ctx.metas[j]) if ctx.metas[j] else None
-                for j in (2 * i, 2 * i + 1)
-            )
+            q_x_t, q_w_t = (unpack_qtensor(saved[3 * j:3 * j + 3], ctx.metas[j])
+                            for j in (2 * i, 2 * i + 1))
             i += 1
-            q_dy, q_dy_t = backend.quantize_rowcol(
-                dy_g, specs.dy if need_dx else None, specs.dy_t if need_dw else None,
-                keys[g] if keys is not None else None, values=(True, True))
+            q = ctx.plan.grad_output(dy_g, keys[g] if keys is not None else None,
+                                     row=need_dx, col=need_dw)
+            q_dy, q_dy_t = q.row, q.col
             if need_dx:
                 # dgrad: dx = dy_row @ (W^T)^T
                 dxs.append(dy_g @ w[g].to(dy_g.dtype) if specs.dy is None
