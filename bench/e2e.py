@@ -3,7 +3,8 @@
 For each precision mode (``bf16_params``: BF16 parameters, no autocast; ``fp32_masters``: FP32
 parameters with a BF16 autocast forward, as ``Trainer(bf16=True)`` runs) and each column
 (BF16 eager, BF16 with every decoder layer ``torch.compile``d, NVFP4 eager with every block
-converted, NVFP4 compiled per layer; on CUDA the compiled columns use CUDA graphs,
+converted, NVFP4 compiled per layer; ``--columns`` adds the same two for the FP8-block and
+MXFP4 recipes, e.g. ``fp8_block_compiled``; on CUDA the compiled columns use CUDA graphs,
 ``mode="reduce-overhead"``, unless ``--compile-mode`` says otherwise), a fresh
 ``transformers.LlamaForCausalLM`` built from the same seed trains on random token batches
 with AdamW (fused on CUDA, lr 1e-4): ``--warmup`` untimed steps (compilation happens
@@ -49,7 +50,11 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden=64, inter=128, layers=2, heads=4, vocab=256, batch=2, seq=32),
 }
 MODES = ("bf16_params", "fp32_masters")
-COLUMNS = ("bf16_eager", "bf16_compiled", "nvfp4_eager", "nvfp4_compiled")
+# The other recipes' columns (the paper's FP8 and MXFP4 baselines) run on request.
+RECIPES = ("nvfp4", "fp8_block", "mxfp4")
+COLUMNS = ("bf16_eager", "bf16_compiled",
+           *(f"{r}_{how}" for r in RECIPES for how in ("eager", "compiled")))
+DEFAULT_COLUMNS = COLUMNS[:4]
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 SEED = 0
 LR = 1e-4
@@ -64,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
-    p.add_argument("--columns", default=",".join(COLUMNS), help=f"comma list of {COLUMNS}")
+    p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
+                   help=f"comma list of {COLUMNS} (default: the first four)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="NVFP4 backend")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--profile", action="store_true",
@@ -137,11 +143,14 @@ def make_batches(size: str, n: int, device: torch.device) -> torch.Tensor:
 
 
 def prepare(model: torch.nn.Module, column: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Convert (NVFP4 columns) and compile each decoder layer (compiled columns), in place."""
+    """Convert (every column but BF16's, with the column's recipe) and compile each decoder
+    layer (compiled columns), in place."""
     info: dict[str, Any] = {}
-    if column.startswith("nvfp4"):
+    recipe = column.rsplit("_", 1)[0]
+    if recipe != "bf16":
         summary = hf_nvfp4.convert(
-            model, {"first_bf16_blocks": 0, "last_bf16_blocks": 0, "backend": args.backend},
+            model, {"recipe": recipe, "first_bf16_blocks": 0, "last_bf16_blocks": 0,
+                    "backend": args.backend},
             verbose=False,
         )
         info["quantized_layers"] = len(summary.quantized_layers)

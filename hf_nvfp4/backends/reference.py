@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from ..numerics.quantize import QTensor, quantize, tensor_amax
@@ -14,6 +17,7 @@ def quantize_spec(
     spec: QuantSpec,
     rng: torch.Generator | torch.Tensor | None = None,
     amax: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> QTensor:
     """``numerics.quantize`` with the arguments of a QuantSpec.
 
@@ -21,6 +25,7 @@ def quantize_spec(
     ``amax``: the FP32 0-dim global amax to use instead of the local one (formats with a
     global scale); NaN/Inf then propagate instead of raising: a rank that raised between
     collectives would leave the others waiting in theirs.
+    ``check_finite``: False propagates NaN/Inf as the kernels do (no host sync).
     """
     global_amax = amax if spec.fmt == "nvfp4" else None
     return quantize(
@@ -33,8 +38,15 @@ def quantize_spec(
         generator=rng if isinstance(rng, torch.Generator) else None,
         sr_key=rng if isinstance(rng, torch.Tensor) and spec.rounding == "stochastic" else None,
         amax_reduce=None if global_amax is None else (lambda _local: global_amax),
-        allow_nonfinite=amax is not None,
+        allow_nonfinite=amax is not None or not check_finite,
     )
+
+
+@functools.cache
+def _compiled_quantize_spec(spec: QuantSpec, check_finite: bool) -> Callable[..., QTensor]:
+    """``quantize_spec`` for one spec under ``torch.compile`` (shapes dynamic after the
+    first recompile; an enclosing compiled region inlines it)."""
+    return torch.compile(functools.partial(quantize_spec, spec=spec, check_finite=check_finite))
 
 
 def reference_amax_rowcol(
@@ -68,9 +80,33 @@ def reference_gemm(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tens
 
 
 class ReferenceBackend:
-    """Unfused pure-PyTorch quantization and FP32 GEMMs of exact block values."""
+    """Unfused pure-PyTorch quantization and FP32 GEMMs of exact block values.
+
+    Args:
+        check_finite: raise on NaN/Inf inputs (a host sync per quantization); False
+            propagates them into the scales as the kernels do (the Triton backend's fallback
+            for formats it has no kernels for, which must not stall the GPU or break graphs).
+        compiled: run each quantization through ``torch.compile`` (one compiled function per
+            QuantSpec; its elementwise chain fuses into a few generated kernels instead of
+            dozens of passes over memory). Same bits as eager: the Triton backend's fallback
+            on CUDA, checked there by ``tests/backends/test_reference_compiled.py``.
+    """
 
     name = "reference"
+
+    def __init__(self, check_finite: bool = True, compiled: bool = False) -> None:
+        self.check_finite = check_finite
+        self.compiled = compiled
+
+    def _quantize(
+        self, x: torch.Tensor, spec: QuantSpec, key: torch.Tensor | None = None,
+        amax: torch.Tensor | None = None,
+    ) -> QTensor:
+        if self.compiled:
+            fn = _compiled_quantize_spec(spec, self.check_finite)
+        else:
+            fn = functools.partial(quantize_spec, spec=spec, check_finite=self.check_finite)
+        return fn(x, rng=key, amax=amax)
 
     def quantize_rowcol(
         self,
@@ -86,9 +122,9 @@ class ReferenceBackend:
         keys = as_keys(rng, x.device)
         k_row, k_col = (None, None) if keys is None else (keys[0], keys[1])
         a_row, a_col = (None, None) if amax is None else (amax[0], amax[1])
-        q_row = quantize_spec(x, row, k_row, a_row) if row is not None else None
+        q_row = self._quantize(x, row, k_row, a_row) if row is not None else None
         q_col = (
-            quantize_spec(x.t().contiguous(), col, k_col, a_col) if col is not None else None
+            self._quantize(x.t().contiguous(), col, k_col, a_col) if col is not None else None
         )
         return q_row, q_col
 
@@ -100,7 +136,7 @@ class ReferenceBackend:
 
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight`."""
-        return quantize_spec(w, spec), quantize_spec(w.t().contiguous(), spec)
+        return self._quantize(w, spec), self._quantize(w.t().contiguous(), spec)
 
     def gemm(self, a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
         """See :meth:`Backend.gemm`."""

@@ -3,7 +3,10 @@
 Returns exactly what :class:`ReferenceBackend` returns (codes, scales and global scales bit
 for bit; GEMMs up to FP32 summation order) for NVFP4 QuantSpecs: 1x16 and 16x16 tiles, RHT
 on the column copy, nearest and stochastic rounding. Other formats (MXFP4, FP8 block,
-MXFP8) and unusual combinations fall back to the reference functions. Unlike the reference,
+MXFP8) and unusual combinations quantize with the reference functions; their GEMMs run on
+tensor cores where that is exact up to summation order: MXFP4 block values (an E2M1 value
+times a power of two) are exact in BF16 and go through the same Triton GEMM as NVFP4, FP8
+block operands through Hopper's FP8 block-scaled GEMM (:mod:`.fp8_gemm`). Unlike the reference,
 inputs are not checked for NaN/Inf (a full extra pass and a host sync): like hardware, the
 kernels propagate them into the scales.
 """
@@ -55,7 +58,9 @@ class TritonBackend:
 
     def __init__(self) -> None:
         self._ops = _load_ops()
-        self._reference = ReferenceBackend()
+        self._reference = ReferenceBackend(check_finite=False)
+        # formats without kernels on the GPU: the reference ops fused by torch.compile
+        self._reference_cuda = ReferenceBackend(check_finite=False, compiled=True)
 
     @staticmethod
     def _on_device(t: torch.Tensor) -> bool:
@@ -77,7 +82,7 @@ class TritonBackend:
         """See :meth:`Backend.quantize_rowcol`: one encode pass for both copies (taking the
         amaxes itself unless ``amax`` is given); ``values`` copies come back as BlockValues."""
         if not self._fast(x, row, col):
-            return self._reference.quantize_rowcol(x, row, col, rng, amax=amax)
+            return self._fallback(x).quantize_rowcol(x, row, col, rng, amax=amax)
         keys = None
         if _sr(row) or _sr(col):  # no keys given: fresh ones from torch's default generator
             keys = as_keys(rng if rng is not None else _fresh_generator(), x.device)
@@ -100,6 +105,10 @@ class TritonBackend:
                 col.rht,
             )
         return q_row, q_col
+
+    def _fallback(self, x: torch.Tensor) -> ReferenceBackend:
+        """The reference for what the kernels do not cover; compiled on CUDA."""
+        return self._reference_cuda if x.device.type == "cuda" else self._reference
 
     def amax_rowcol(
         self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None
@@ -131,7 +140,7 @@ class TritonBackend:
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight`."""
         if spec.fmt != "nvfp4" or spec.rht or spec.rounding != "nearest" or not self._runs_here(w):
-            return self._reference.quantize_weight(w, spec)
+            return self._fallback(w).quantize_weight(w, spec)
         if tuple(spec.tile) == (1, 16):
             return self.quantize_rowcol(w, spec, spec)
         n, k = w.shape
@@ -151,6 +160,8 @@ class TritonBackend:
                 out = fp8_block_gemm(a, b, out_dtype)  # FP8 tensor cores where they run
                 if out is not None:
                     return out
+                if self._bf16_exact(a) and self._bf16_exact(b):
+                    return self._bf16_gemm(a, b, out_dtype)
             return reference_gemm(a, b, out_dtype)
         av, bv = self._values(a), self._values(b)
         if av.shape[1] != bv.shape[1]:
@@ -161,6 +172,24 @@ class TritonBackend:
         if av.shape[0] == 0 or bv.shape[0] == 0:
             return av.new_zeros((av.shape[0], bv.shape[0]), dtype=out_dtype)
         return self._ops.gemm_scaled_op(av, bv, a.global_scale, b.global_scale, out_dtype)
+
+    def _bf16_exact(self, q: QTensor) -> bool:
+        """MXFP4 without a global scale on the GPU: block values exact in BF16 (an E2M1 value
+        times 2^k, k in [-127, 127], lies within BF16's range and precision)."""
+        return q.fmt == "mxfp4" and q.global_scale is None and self._on_device(q.data)
+
+    def _bf16_gemm(self, a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``a @ b^T`` of two BF16-exact operands: their block values in BF16 through the
+        Triton GEMM with unit global scales (FP32 accumulation, rounded once)."""
+        av, bv = (q.block_values().to(torch.bfloat16) for q in (a, b))
+        if av.shape[1] != bv.shape[1]:
+            raise ValueError(
+                f"gemm operands disagree on the padded reduction dimension: "
+                f"{av.shape[1]} vs {bv.shape[1]}"
+            )
+        one = torch.ones((), dtype=torch.float32, device=av.device)
+        out = self._ops.gemm_scaled_op(av, bv, one, one, out_dtype)
+        return out[: a.shape[0], : b.shape[0]]
 
     def _fused(self, q: Operand) -> bool:
         if isinstance(q, BlockValues):
