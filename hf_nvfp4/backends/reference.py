@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 
 from ..numerics.quantize import QTensor, quantize, tensor_amax
@@ -40,13 +37,6 @@ def quantize_spec(
         amax_reduce=None if global_amax is None else (lambda _local: global_amax),
         allow_nonfinite=amax is not None or not check_finite,
     )
-
-
-@functools.cache
-def _compiled_quantize_spec(spec: QuantSpec, check_finite: bool) -> Callable[..., QTensor]:
-    """``quantize_spec`` for one spec under ``torch.compile`` (shapes dynamic after the
-    first recompile; an enclosing compiled region inlines it)."""
-    return torch.compile(functools.partial(quantize_spec, spec=spec, check_finite=check_finite))
 
 
 def reference_amax_rowcol(
@@ -86,27 +76,18 @@ class ReferenceBackend:
         check_finite: raise on NaN/Inf inputs (a host sync per quantization); False
             propagates them into the scales as the kernels do (the Triton backend's fallback
             for formats it has no kernels for, which must not stall the GPU or break graphs).
-        compiled: run each quantization through ``torch.compile`` (one compiled function per
-            QuantSpec; its elementwise chain fuses into a few generated kernels instead of
-            dozens of passes over memory). Same bits as eager: the Triton backend's fallback
-            on CUDA, checked there by ``tests/backends/test_reference_compiled.py``.
     """
 
     name = "reference"
 
-    def __init__(self, check_finite: bool = True, compiled: bool = False) -> None:
+    def __init__(self, check_finite: bool = True) -> None:
         self.check_finite = check_finite
-        self.compiled = compiled
 
     def _quantize(
         self, x: torch.Tensor, spec: QuantSpec, key: torch.Tensor | None = None,
         amax: torch.Tensor | None = None,
     ) -> QTensor:
-        if self.compiled:
-            fn = _compiled_quantize_spec(spec, self.check_finite)
-        else:
-            fn = functools.partial(quantize_spec, spec=spec, check_finite=self.check_finite)
-        return fn(x, rng=key, amax=amax)
+        return quantize_spec(x, spec, key, amax, self.check_finite)
 
     def quantize_rowcol(
         self,

@@ -59,8 +59,6 @@ class TritonBackend:
     def __init__(self) -> None:
         self._ops = _load_ops()
         self._reference = ReferenceBackend(check_finite=False)
-        # formats without kernels on the GPU: the reference ops fused by torch.compile
-        self._reference_cuda = ReferenceBackend(check_finite=False, compiled=True)
 
     @staticmethod
     def _on_device(t: torch.Tensor) -> bool:
@@ -82,7 +80,7 @@ class TritonBackend:
         """See :meth:`Backend.quantize_rowcol`: one encode pass for both copies (taking the
         amaxes itself unless ``amax`` is given); ``values`` copies come back as BlockValues."""
         if not self._fast(x, row, col):
-            return self._fallback(x).quantize_rowcol(x, row, col, rng, amax=amax)
+            return self._reference.quantize_rowcol(x, row, col, rng, amax=amax)
         keys = None
         if _sr(row) or _sr(col):  # no keys given: fresh ones from torch's default generator
             keys = as_keys(rng if rng is not None else _fresh_generator(), x.device)
@@ -105,10 +103,6 @@ class TritonBackend:
                 col.rht,
             )
         return q_row, q_col
-
-    def _fallback(self, x: torch.Tensor) -> ReferenceBackend:
-        """The reference for what the kernels do not cover; compiled on CUDA."""
-        return self._reference_cuda if x.device.type == "cuda" else self._reference
 
     def amax_rowcol(
         self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None
@@ -140,7 +134,7 @@ class TritonBackend:
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight`."""
         if spec.fmt != "nvfp4" or spec.rht or spec.rounding != "nearest" or not self._runs_here(w):
-            return self._fallback(w).quantize_weight(w, spec)
+            return self._reference.quantize_weight(w, spec)
         if tuple(spec.tile) == (1, 16):
             return self.quantize_rowcol(w, spec, spec)
         n, k = w.shape
