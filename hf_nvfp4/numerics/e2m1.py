@@ -16,11 +16,6 @@ _RNE_STRICT = (0.25, 1.25, 2.5, 5.0)  # lower codes 0, 2, 4, 6: ties stay down
 _RNE_INCLUSIVE = (0.75, 1.75, 3.5)  # lower codes 1, 3, 5: ties go up
 
 
-def _lut(device: torch.device) -> torch.Tensor:
-    vals = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
-    return torch.cat([vals, -vals])
-
-
 def round_nearest(v: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8, 0..15) of fp32 values, round-to-nearest ties-to-even, saturating.
 
@@ -52,8 +47,18 @@ def round_stochastic(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def decode(codes: torch.Tensor) -> torch.Tensor:
-    """FP32 values of E2M1 codes (uint8, 0..15)."""
-    return _lut(codes.device)[codes.long()]
+    """FP32 values of E2M1 codes (uint8, 0..15).
+
+    Computed from the bits (exponent ``e = (c >> 1) & 3``, mantissa bit ``c & 1``: ``0.5 * m``
+    for ``e = 0``, else ``2^(e-1) * (1 + 0.5 * m)``, sign bit 3; every step exact), not
+    from a lookup table: no constant tensor is created, so it traces under torch.compile on
+    any device. A zero code with the sign bit decodes to -0.
+    """
+    c = codes.to(torch.int32)
+    e = (c >> 1) & 3
+    m = (c & 1).to(torch.float32)
+    mag = torch.where(e == 0, 0.5 * m, torch.ldexp(1.0 + 0.5 * m, (e - 1).to(torch.float32)))
+    return torch.where((c & 8) != 0, -mag, mag)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
