@@ -1,4 +1,4 @@
-"""Benchmark and large-size check of the Triton NVFP4 kernels on one CUDA device (issue 4).
+"""Benchmark and large-size check of the Triton NVFP4 (and FP8 block) kernels on one CUDA device.
 
     python bench/kernel_speed.py --out bench/results/kernels.json   # timings, markdown table
     python bench/kernel_speed.py --check                            # bit-exactness vs reference
@@ -36,6 +36,8 @@ from hf_nvfp4.kernels.amax import amax_rowcol  # noqa: E402
 from hf_nvfp4.recipe import Recipe  # noqa: E402
 
 SPECS = Recipe().role_specs()
+FP8 = Recipe("fp8_block", "fp8_block", "fp8_block", rht=False,
+             stochastic_rounding=False).role_specs()
 LINEAR_SHAPES = ((8192, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 14336))
 QUANT_SHAPES = ((8192, 4096), (16384, 14336))
 BF16 = torch.bfloat16
@@ -59,7 +61,30 @@ def bench_copy() -> dict:
 
 
 def bench_quantize(tri: TritonBackend, copy: dict) -> list[dict]:
-    return [r for m, k in QUANT_SHAPES for r in _quantize_rows(tri, copy, m, k)]
+    return [r for m, k in QUANT_SHAPES
+            for r in (*_quantize_rows(tri, copy, m, k), *_fp8_quantize_rows(tri, copy, m, k))]
+
+
+def _fp8_quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]:
+    """fp8_block (the FP8 baseline): x's 1x128 row and column copies in one pass, and a
+    weight's 128x128 tiles with its transpose; no amax pass (no global scale)."""
+    x = randn(m, k)
+    in_bytes = x.numel() * x.element_size()
+    out_bytes = 2 * (x.numel() + x.numel() // 128 * 4)  # two E4M3 copies + FP32 scales
+    rows = []
+    for name, fn in (("fp8_block x: row + col", lambda: tri.quantize_rowcol(x, FP8.x, FP8.x_t)),
+                     ("fp8_block w: 128x128 + w^T", lambda: tri.quantize_weight(x, FP8.w))):
+        ms = bench_ms(fn)
+        rows.append({
+            "shape": [m, k], "role": name, "ms": ms, "amax_pass_ms": 0.0, "encode_pass_ms": ms,
+            "input_GBps": in_bytes / ms / 1e6,
+            "fraction_of_copy": in_bytes / ms / 1e6 / copy["copy_GBps"],
+            "traffic_fraction_of_copy_rw": (in_bytes + out_bytes) / ms / 1e6
+            / copy["copy_rw_GBps"],
+        })
+        print(f"quantize {m}x{k} {name}: {ms:.3f} ms "
+              f"({rows[-1]['fraction_of_copy']:.2f} of copy)", flush=True)
+    return rows
 
 
 def _quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]:
@@ -217,16 +242,21 @@ def _mismatch(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.reshape(-1).view(torch.uint8) != b.reshape(-1).view(torch.uint8)).sum())
 
 
+def _global_equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(torch.equal(a.reshape(()), b.reshape(())))
+
+
 def _compare(name: str, got, want) -> dict:
     return {
         "tensor": name,
         "codes_mismatch": _mismatch(got.data, want.data),
         "scales_mismatch": _mismatch(got.scale, want.scale),
-        "global_equal": bool(torch.equal(got.global_scale.reshape(()),
-                                          want.global_scale.reshape(()))),
+        "global_equal": _global_equal(got.global_scale, want.global_scale),
         "meta_equal": (tuple(got.shape), got.dtype, got.tile, got.rht)
         == (tuple(want.shape), want.dtype, want.tile, want.rht),
-        "elements": want.data.numel() * 2,
+        "elements": want.data.numel() * (2 if want.format.packed else 1),
     }
 
 
@@ -257,6 +287,13 @@ def check(cases=CHECK_CASES) -> dict:
             got = tri.gemm(a, b, torch.float32)
             err = float((got - want).abs().max() / want.abs().max())
             results.append({"case": tag, "gemm": role, "max_rel_err": err})
+        # fp8_block: the FP8 kernels (1x128 row + column copies, 128x128 weight tiles)
+        fp8_got = (*tri.quantize_rowcol(x, FP8.x, FP8.x_t), *tri.quantize_weight(w, FP8.w),
+                   *tri.quantize_rowcol(dy, FP8.dy, FP8.dy_t))
+        fp8_want = (*ref.quantize_rowcol(x, FP8.x, FP8.x_t), *ref.quantize_weight(w, FP8.w),
+                    *ref.quantize_rowcol(dy, FP8.dy, FP8.dy_t))
+        for name, g, r in zip(names, fp8_got, fp8_want, strict=True):
+            results.append({"case": tag, **_compare(f"fp8_block {name}", g, r)})
         print(f"check {tag} done", flush=True)
     exact = all(r.get("codes_mismatch", 0) == 0 and r.get("scales_mismatch", 0) == 0
                 and r.get("global_equal", True) and r.get("meta_equal", True) for r in results)

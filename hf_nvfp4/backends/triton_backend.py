@@ -2,13 +2,15 @@
 
 Returns exactly what :class:`ReferenceBackend` returns (codes, scales and global scales bit
 for bit; GEMMs up to FP32 summation order) for NVFP4 QuantSpecs: 1x16 and 16x16 tiles, RHT
-on the column copy, nearest and stochastic rounding. Other formats (MXFP4, FP8 block,
-MXFP8) and unusual combinations quantize with the reference functions; their GEMMs run on
-tensor cores where that is exact up to summation order: MXFP4 block values (an E2M1 value
-times a power of two) are exact in BF16 and go through the same Triton GEMM as NVFP4, FP8
-block operands through Hopper's FP8 block-scaled GEMM (:mod:`.fp8_gemm`). Unlike the reference,
-inputs are not checked for NaN/Inf (a full extra pass and a host sync): like hardware, the
-kernels propagate them into the scales.
+on the column copy, nearest and stochastic rounding; and for FP8 block QuantSpecs (1x128
+blocks and 128x128 tiles, nearest rounding, no RHT: :mod:`..kernels.quantize_fp8`). Other
+formats (MXFP4, MXFP8) and unusual combinations quantize with the reference functions
+(with an FP8 block copy and one of another format, each copy takes its own path); their
+GEMMs run on tensor cores where that is exact up to summation order: MXFP4 block values (an
+E2M1 value times a power of two) are exact in BF16 and go through the same Triton GEMM as
+NVFP4, FP8 block operands through Hopper's FP8 block-scaled GEMM (:mod:`.fp8_gemm`). Unlike
+the reference, inputs are not checked for NaN/Inf (a full extra pass and a host sync): like
+hardware, the kernels propagate them into the scales.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def _is_nvfp4_1x16(spec: QuantSpec) -> bool:
     return spec.fmt == "nvfp4" and tuple(spec.tile) == (1, 16)
 
 
+def _is_fp8_block(spec: QuantSpec, tile: tuple[int, int] = (1, 128)) -> bool:
+    """An ``fp8_block`` spec the FP8 kernels quantize: ``tile``, nearest, no RHT."""
+    return (spec.fmt == "fp8_block" and tuple(spec.tile) == tile and not spec.rht
+            and spec.rounding == "nearest")
+
+
 def _fresh_generator() -> torch.Generator:
     return torch.Generator().manual_seed(draw_seed())
 
@@ -52,7 +60,7 @@ def _sr(spec: QuantSpec | None) -> bool:
 
 
 class TritonBackend:
-    """Triton kernels for NVFP4; the reference functions for everything else."""
+    """Triton kernels for NVFP4 and FP8 block; the reference functions for everything else."""
 
     name = "triton"
 
@@ -80,6 +88,15 @@ class TritonBackend:
         """See :meth:`Backend.quantize_rowcol`: one encode pass for both copies (taking the
         amaxes itself unless ``amax`` is given); ``values`` copies come back as BlockValues."""
         if not self._fast(x, row, col):
+            if self._fast_fp8(x, row, col):  # fp8_block has no global scale: amax unused
+                return self._quantize_rowcol_fp8(x, row, col)
+            if row is not None and col is not None and (
+                self._fast_fp8(x, row, None) or self._fast_fp8(x, None, col)
+            ):  # an FP8 copy and one of another format: each its own path (a copy draws
+                # with its own key and encodes with its own amax, alone or not)
+                q_row = self.quantize_rowcol(x, row, None, rng, amax=amax, values=values)[0]
+                q_col = self.quantize_rowcol(x, None, col, rng, amax=amax, values=values)[1]
+                return q_row, q_col
             return self._reference.quantize_rowcol(x, row, col, rng, amax=amax)
         keys = None
         if _sr(row) or _sr(col):  # no keys given: fresh ones from torch's default generator
@@ -102,6 +119,25 @@ class TritonBackend:
                 cd, cs, gs[1], "nvfp4", torch.Size((k, cols)), x.dtype, (1, 16),
                 col.rht,
             )
+        return q_row, q_col
+
+    def _fast_fp8(self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None) -> bool:
+        """Whether the FP8 kernels quantize these copies of ``x`` (fp8_block 1x128 blocks,
+        nearest, no RHT, a 2D float tensor on the GPU)."""
+        return ((row is None or _is_fp8_block(row)) and (col is None or _is_fp8_block(col))
+                and (row is not None or col is not None) and self._runs_here(x))
+
+    def _quantize_rowcol_fp8(
+        self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None
+    ) -> tuple[QTensor | None, QTensor | None]:
+        """The fp8_block row copy of ``x`` and column copy of ``x^T`` in one pass."""
+        rd, rs, cd, cs = self._ops.quantize_rowcol_fp8(x, row is not None, col is not None)
+        m, k = x.shape
+        q_row = q_col = None
+        if row is not None:
+            q_row = QTensor(rd, rs, None, "fp8_block", torch.Size((m, k)), x.dtype, (1, 128))
+        if col is not None:
+            q_col = QTensor(cd, cs, None, "fp8_block", torch.Size((k, m)), x.dtype, (1, 128))
         return q_row, q_col
 
     def amax_rowcol(
@@ -133,6 +169,15 @@ class TritonBackend:
 
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight`."""
+        if _is_fp8_block(spec, (128, 128)) and self._runs_here(w):
+            n, k = w.shape
+            data, scale, data_t, scale_t = self._ops.quantize_2d_fp8(w)
+            return (QTensor(data, scale, None, "fp8_block", torch.Size((n, k)), w.dtype,
+                            (128, 128)),
+                    QTensor(data_t, scale_t, None, "fp8_block", torch.Size((k, n)), w.dtype,
+                            (128, 128)))
+        if _is_fp8_block(spec) and self._runs_here(w):
+            return self._quantize_rowcol_fp8(w, spec, spec)
         if spec.fmt != "nvfp4" or spec.rht or spec.rounding != "nearest" or not self._runs_here(w):
             return self._reference.quantize_weight(w, spec)
         if tuple(spec.tile) == (1, 16):

@@ -40,7 +40,7 @@ import torch
 
 #: The modules scanned for the ``@triton.jit`` kernels they launch.
 KERNEL_MODULES = ("sr_keys", "amax", "quantize_rowcol", "quantize_2d", "dequantize", "gemm",
-                  "adamw", "grouped")
+                  "adamw", "grouped", "quantize_fp8")
 H200_SMS = 132  # the persistent GEMM's grid and split-K candidates depend on the SM count
 H200_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
@@ -182,16 +182,27 @@ def workload() -> list[Call]:
     row values, gradients backward with both copies as values, each copy absent when its GEMM
     is not needed; RHT and stochastic rounding per recipe), ``quantize_weight`` (1x16: both
     copies packed; 16x16: ``quantize_2d``), ``nn/packed.py`` (inference: packed row copy),
-    ``quant/sr.py`` (keys) and ``optim/adamw.py`` (fused step; its parity argument is
-    specialized when 1). Activations and gradients are BF16, then FP16 and FP32 once each;
-    weights BF16 or FP32 (master weights). The main calls try every tuning candidate, the
+    ``quant/sr.py`` (keys), ``optim/adamw.py`` (fused step; its parity argument is
+    specialized when 1) and the ``fp8_block`` recipe (both copies of activations and
+    gradients, a copy alone when the other GEMM is not needed, 128x128 weights). Activations
+    and gradients are BF16, then FP16 and FP32 once each; weights BF16 or FP32 (master
+    weights). The main calls try every tuning candidate, the
     rest only the default one, to keep the compile count down. Sizes are multiples of 16, as
     in training (Triton specializes them as 16-divisible); the wgrad GEMM's long K makes
     split-K candidates.
     """
     from ..numerics.hadamard import TE_RHT_SIGN
     from ..quant.sr import N_KEYS
-    from . import adamw, dequantize, gemm, grouped, quantize_2d, quantize_rowcol, sr_keys
+    from . import (
+        adamw,
+        dequantize,
+        gemm,
+        grouped,
+        quantize_2d,
+        quantize_fp8,
+        quantize_rowcol,
+        sr_keys,
+    )
 
     tokens, hidden = 8192, 1024
     keys = _meta(2, dtype=torch.int32)
@@ -248,6 +259,13 @@ def workload() -> list[Call]:
         return Call(label, lambda: grouped.grouped_gemm(
             a, b, out, g_amax[:, 0], g_amax[:, 1], layout, wgrad=wgrad))
 
+    def fp8(label: str, dt: torch.dtype, row: bool, col: bool, every: bool = False) -> Call:
+        return Call(label, lambda: quantize_fp8.quantize_rowcol_fp8(
+            _meta(tokens, hidden, dtype=dt), row, col), every)
+
+    def fp8_weight(label: str, dt: torch.dtype) -> Call:
+        return Call(label, lambda: quantize_fp8.quantize_2d_fp8(_meta(hidden, hidden, dtype=dt)))
+
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     return [
         rowcol("fwd x (rht)", bf16, True, True, True, False, (True, False), every=True),
@@ -261,6 +279,9 @@ def workload() -> list[Call]:
         Call("weight 16x16", lambda: quantize_2d.quantize_2d_nvfp4(_meta(hidden, hidden))),
         adam("adamw, odd step", 0.9, False, 1),
         adam("adamw, even step", 0.9, False, 2),
+        fp8("fp8 x / dy", bf16, True, True, every=True),
+        fp8("fp8 x, frozen weight", bf16, True, False, every=True),
+        fp8_weight("fp8 weight 128x128", bf16),
         rowcol("fwd x (no rht)", bf16, True, True, False, False, (True, False)),
         rowcol("fwd x, frozen weight", bf16, True, False, False, False, (True, False)),
         rowcol("bwd dy (rn)", bf16, True, True, True, False, (True, True)),
@@ -287,6 +308,10 @@ def workload() -> list[Call]:
             _meta(experts, ffn, hidden))),
         g_gemm("moe fprop/dgrad gemm", False),
         g_gemm("moe wgrad gemm", True),
+        fp8("fp8 dy, no dgrad", bf16, False, True),
+        fp8("fp8 x fp16", fp16, True, True),
+        fp8("fp8 x fp32", fp32, True, True),
+        fp8_weight("fp8 weight 128x128 fp32", fp32),
     ]
 
 

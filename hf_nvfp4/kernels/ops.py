@@ -20,6 +20,8 @@ from .amax import prepare_rht  # noqa: F401 - the backend reaches the kernels th
 from .dequantize import dequantize_nvfp4
 from .gemm import gemm_scaled
 from .quantize_2d import quantize_2d_nvfp4
+from .quantize_fp8 import quantize_2d_fp8 as _quantize_2d_fp8
+from .quantize_fp8 import quantize_rowcol_fp8 as _quantize_rowcol_fp8
 from .quantize_rowcol import quantize_rowcol_nvfp4
 
 _U8 = torch.uint8
@@ -129,6 +131,47 @@ def _(w):
         new((k16, n16 // 2), dtype=_U8),
         new((k16, n16 // 16), dtype=_E4M3),
         new(1, dtype=torch.float32),
+    )
+
+
+def _pad128(n: int) -> int:
+    return -(-n // 128) * 128
+
+
+@_custom_op("hf_nvfp4::quantize_rowcol_fp8")
+def quantize_rowcol_fp8(x: Tensor, row: bool, col: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See :func:`.quantize_fp8.quantize_rowcol_fp8`."""
+    return _quantize_rowcol_fp8(x, row, col)
+
+
+@quantize_rowcol_fp8.register_fake
+def _(x, row, col):
+    m, k = x.shape
+    new = x.new_empty
+
+    def copy(rows: int, cols: int, keep: bool) -> tuple[Tensor, Tensor]:
+        if not keep:
+            return new(0, dtype=_E4M3), new(0, dtype=torch.float32)
+        return new((rows, cols), dtype=_E4M3), new((rows, cols // 128), dtype=torch.float32)
+
+    return (*copy(m, _pad128(k), row), *copy(k, _pad128(m), col))
+
+
+@_custom_op("hf_nvfp4::quantize_2d_fp8")
+def quantize_2d_fp8(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See :func:`.quantize_fp8.quantize_2d_fp8`."""
+    return _quantize_2d_fp8(w)
+
+
+@quantize_2d_fp8.register_fake
+def _(w):
+    n128, k128 = _pad128(w.shape[0]), _pad128(w.shape[1])
+    new = w.new_empty
+    return (
+        new((n128, k128), dtype=_E4M3),
+        new((n128, k128 // 128), dtype=torch.float32),
+        new((k128, n128), dtype=_E4M3),
+        new((k128, n128 // 128), dtype=torch.float32),
     )
 
 
