@@ -10,8 +10,8 @@ E4M3 elements with one FP32 decode scale per block, bit for bit
   BM = 128, its columns whole column blocks, so both copies come from the same registers.
 * :func:`quantize_2d_fp8`: weights ``w`` [N, K] in 128x128 tiles, the QTensor layouts of
   ``w`` ([N128, K128], each tile's scale on every row of the tile) and of ``w^T``
-  ([K128, N128]) from one read: one scale per tile serves both, so ``w^T``'s codes are
-  exactly the transpose of ``w``'s.
+  ([K128, N128]): one scale per tile serves both orientations, so the kernel writes ``w``
+  and ``w^T`` is its codes and tile scales transposed (a byte per element).
 
 Numerics (scales.fp8_block_encode, e4m3.round_nearest), all in FP32:
 ``enc = min(448 / amax, FLT_MAX)`` (1 when amax == 0), ``dec = 1 / enc``, both IEEE
@@ -157,8 +157,6 @@ def _fp8_tile_kernel(
     w_ptr,
     data_ptr,
     scale_ptr,
-    data_t_ptr,
-    scale_t_ptr,
     N,
     K,
     stride_n,
@@ -175,12 +173,10 @@ def _fp8_tile_kernel(
     amax = abs_max(abs_max(w, 1, INTERPRET), 0, INTERPRET)
     enc, dec = fp8_scales(amax)
     q = e4m3_bytes(w * enc, INTERPRET)
-    # w along K [N128, K128] and w^T along N [K128, N128]; the tile's scale on each row
+    # w along K [N128, K128]; the tile's scale on each row
     tl.store(data_ptr + rows[:, None].to(tl.int64) * K128 + cols[None, :], q)
-    tl.store(data_t_ptr + cols[None, :].to(tl.int64) * N128 + rows[:, None], q)
     dec_rows = tl.full([128], 0.0, tl.float32) + dec
     tl.store(scale_ptr + rows.to(tl.int64) * (K128 // 128) + pid_k, dec_rows)
-    tl.store(scale_t_ptr + cols.to(tl.int64) * (N128 // 128) + pid_n, dec_rows)
 
 
 def _empty(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,10 +239,14 @@ def quantize_2d_fp8(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     n128, k128 = _pad(n), _pad(k)
     dev = w.device
     data, scale = _copy(n128, k128, dev)
-    data_t, scale_t = _copy(k128, n128, dev)
     if n and k:
         _fp8_tile_kernel[(n128 // BLOCK, k128 // BLOCK)](
-            w, data.view(torch.uint8), scale, data_t.view(torch.uint8), scale_t, n, k,
-            w.stride(0), n128, k128, INTERPRET=interpreting(), num_warps=_TILE_WARPS,
+            w, data.view(torch.uint8), scale, n, k, w.stride(0), n128, k128,
+            INTERPRET=interpreting(), num_warps=_TILE_WARPS,
         )
+    # A 128x128 tile quantizes the same in either orientation: w^T is w's codes transposed
+    # (one byte per element; the kernel's own transposed store of FP32 inputs gave wrong
+    # bytes under Triton 3.6 on the H200).
+    data_t = data.t().contiguous()
+    scale_t = scale[::BLOCK].t().repeat_interleave(BLOCK, dim=0).contiguous()
     return data, scale, data_t, scale_t
