@@ -312,41 +312,28 @@ def _round_outputs(t, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def rht16_exact_one(p, stride_m, lim, ok, j: tl.constexpr, SIGN: tl.constexpr,
-                    INTERPRET: tl.constexpr):
-    """Output ``j`` of :func:`rht16_exact` (FP32 value of the rounded output)."""
-    sign = tl.full([], SIGN, tl.int32)
-    acc = tl.zeros(p.shape, tl.float64)
-    # a trip count the compiler cannot see (stride_m >= 0): a loop, not 16 unrolled loads
-    # hoisted and kept live across the outputs
-    for i in range(tl.minimum(stride_m, 0) + 16):
-        x = tl.load(p + i * stride_m, mask=ok & (lim > i), other=0.0)
-        par = i & j
-        par = par ^ (par >> 2)
-        par = (par ^ (par >> 1) ^ (sign >> i)) & 1
-        acc = acc + x.to(tl.float64) * (0.25 - 0.5 * par.to(tl.float64))
-    dtype: tl.constexpr = p.dtype.element_ty
-    if dtype == tl.float32:
-        return acc.to(tl.float32)
-    f = round_to_odd_fp32(acc)
-    if dtype != tl.bfloat16:
-        return f.to(dtype).to(tl.float32)
-    if INTERPRET:
-        return round_bf16(f)
-    return f.to(tl.bfloat16).to(tl.float32)
-
-
-@triton.jit
 def rht16_exact(p, stride_m, lim, ok, SIGN: tl.constexpr, INTERPRET: tl.constexpr):
     """:func:`rht16` the slow way, for every input, loading the tokens itself: token i of
     each block at ``p + i * stride_m`` where ``ok & (i < lim)`` (else 0). Each output is the
     sum of its 16 products (exact) in FP64, in token order from +0, rounded once to the
     inputs' dtype (FP32: nearest even; BF16/FP16: through :func:`round_to_odd_fp32`): bit
-    for bit ``numerics.hadamard_transform``. The tokens are reloaded for every output."""
+    for bit ``numerics.hadamard_transform``. The tokens are reloaded for every output (a
+    runtime loop), so only the outputs stay in registers."""
+    sign = tl.full([], SIGN, tl.int32)
     y = ()
     for j in tl.static_range(16):
-        y = y + (rht16_exact_one(p, stride_m, lim, ok, j, SIGN, INTERPRET),)
-    return y
+        acc = tl.zeros(p.shape, tl.float64)
+        for i in range(16):
+            x = tl.load(p + i * stride_m, mask=ok & (lim > i), other=0.0)
+            par = i & j
+            par = par ^ (par >> 2)
+            par = (par ^ (par >> 1) ^ (sign >> i)) & 1
+            acc = acc + x.to(tl.float64) * (0.25 - 0.5 * par.to(tl.float64))
+        if p.dtype.element_ty == tl.float32:
+            y = y + (acc.to(tl.float32),)
+        else:
+            y = y + (round_to_odd_fp32(acc),)
+    return _round_outputs(y, p.dtype.element_ty, INTERPRET)
 
 
 @triton.jit

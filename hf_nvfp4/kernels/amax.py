@@ -19,14 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    cdiv,
-    interpreting,
-    rht16_exact_one,
-    rht_blockdiag,
-    round_bf16,
-    sign_mask,
-)
+from ._common import cdiv, interpreting, rht16_exact, rht_blockdiag, round_bf16, sign_mask
 from ._tuning import pick, shape_bucket
 
 _BM = 64  # the RHT block-diagonal size
@@ -39,16 +32,16 @@ def _exact_rht_amax(x_ptr, row0, cols, M, K, stride_m, SIGN: tl.constexpr,
                     INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                     TILES: tl.constexpr):
     """``max|RHT(x^T)|`` over the strip from row ``row0`` (``TILES`` tiles of BM rows), each
-    output as the reference rounds it (:func:`._common.rht16_exact_one`, on [BM/16, BK] blocks:
+    output as the reference rounds it (:func:`._common.rht16_exact`, on [BM/16, BK] blocks:
     token j of every 16-token block)."""
     m = tl.zeros([BM // 16, BK], dtype=tl.float32)
     kin = cols[None, :] < K
     for t in range(TILES):
         brow = row0 + t * BM + 16 * tl.arange(0, BM // 16)
         p = x_ptr + brow[:, None].to(tl.int64) * stride_m + cols[None, :]
-        for j in tl.static_range(16):  # one output at a time: no tuple of 16 in registers
-            m = tl.maximum(m, tl.abs(rht16_exact_one(p, stride_m, M - brow[:, None], kin, j,
-                                                     SIGN, INTERPRET)))
+        y = rht16_exact(p, stride_m, M - brow[:, None], kin, SIGN, INTERPRET)
+        for j in tl.static_range(16):
+            m = tl.maximum(m, tl.abs(y[j]))
     return tl.max(tl.max(m, axis=1), axis=0)
 
 
