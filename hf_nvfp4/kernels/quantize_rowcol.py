@@ -18,10 +18,8 @@ halves (the first and last 8 elements of each 1x16 block), so each thread holds 
 blocks: the block amax, scale and packing into two int32 words per block are in-thread. The
 column copy loads the tile again (an L2 hit) as 16 tensors [BM/16, BK], token j of every
 16-token block, so each thread holds whole column blocks too: the RHT is an in-register
-butterfly (:func:`._common.rht16`, rounded as the reference rounds: a program with a block
-whose FP32 sum might round otherwise redoes its blocks exactly), and the block amax, E4M3
-scale and reciprocal are computed once per block, without shuffles. It is written as int32
-words (8 codes, or 2 BF16 values).
+butterfly (:func:`._common.rht16`), and the block amax, E4M3 scale and reciprocal are computed
+once per block, without shuffles. It is written as int32 words (8 codes, or 2 BF16 values).
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ from ._common import (
     pack8,
     pack_words,
     rht16,
-    rht16_exact,
     sign_mask,
 )
 from ._tuning import pick, shape_bucket
@@ -67,15 +64,6 @@ def _split8(t, R: tl.constexpr, C: tl.constexpr):
     b00, b01 = tl.split(b0)
     b10, b11 = tl.split(b1)
     return a00, b00, a10, b10, a01, b01, a11, b11
-
-
-@triton.jit
-def _load_tokens(p, kin, brow, M, stride_m):
-    """Token j of every 16-token block as a tuple of 16 tensors [BM/16, BK] (zeros past M)."""
-    v = ()
-    for j in tl.static_range(16):
-        v = v + (tl.load(p + j * stride_m, mask=kin & (brow[:, None] + j < M), other=0.0),)
-    return v
 
 
 @triton.jit
@@ -162,14 +150,14 @@ def _rowcol_kernel(
         brow = m0 + 16 * tl.arange(0, BM // 16)
         kin = cols[None, :] < K
         p = x_ptr + brow[:, None].to(tl.int64) * stride_m + cols[None, :]
-        v = _load_tokens(p, kin, brow, M, stride_m)
+        v = ()
+        for j in tl.static_range(16):
+            v = v + (tl.load(p + j * stride_m, mask=kin & (brow[:, None] + j < M), other=0.0),)
         mult6c, s_decc = global_scales(tl.load(amax_ptr + 1))
         if first:
             tl.store(gs_ptr + 1, s_decc)
         if COL_RHT:
-            y, redo = rht16(v, RHT_SIGN, INTERPRET)
-            if redo:  # rare: a block whose FP32 sum may round unlike the exact one
-                y = rht16_exact(p, stride_m, M - brow[:, None], kin, RHT_SIGN, INTERPRET)
+            y = rht16(v, RHT_SIGN, INTERPRET)
         else:
             y = ()
             for j in tl.static_range(16):
