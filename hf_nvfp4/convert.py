@@ -310,8 +310,12 @@ def _other_matmuls(
     """Matrix parameters (2D and up) in the blocks that no Linear-like module owns.
 
     Parameters that are not matmul weights are not counted: convolutions (``nn.Conv1d`` etc.,
-    e.g. Mamba's depthwise conv) and the parameters :func:`_is_elementwise` names.
+    e.g. Mamba's depthwise conv) and the parameters :func:`_is_elementwise` names. A parameter
+    that a Linear-like module owns too is that Linear's weight (the ``te.Linear`` inside an
+    NVFP4Linear on the te backend shares its weight): not counted either.
     """
+    owned = {id(p) for m in model.modules() if _is_linear_like(m)
+             for p in m.parameters(recurse=False)}
     out = []
     for mod_name, mod in model.named_modules():
         if _is_linear_like(mod) or is_experts_module(mod) or isinstance(mod, _CONVOLUTIONS):
@@ -320,7 +324,7 @@ def _other_matmuls(
         if block is None:
             continue
         for pname, p in mod.named_parameters(recurse=False):
-            if p.dim() < 2 or _is_elementwise(pname):
+            if p.dim() < 2 or _is_elementwise(pname) or id(p) in owned:
                 continue
             if block < split[0]:
                 reason = f"in the first {split[0]} blocks (kept BF16)"

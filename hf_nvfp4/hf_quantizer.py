@@ -74,6 +74,12 @@ class NVFP4HfQuantizer(HfQuantizer):
             # Plain checkpoints have no stochastic-rounding state; it is seeded after loading.
             ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
             model._keys_to_ignore_on_load_missing = [*ignore, r"\.sr_state$"]
+        # TE's extra state (layers on the te backend, hf_nvfp4.backends.te) is optional both
+        # ways: a te layer keeps its initial state when a checkpoint has none, and a layer on
+        # another backend has no use for the state a te checkpoint carries.
+        te_state = r"\.te_linear\._extra_state$"
+        for attr in ("_keys_to_ignore_on_load_missing", "_keys_to_ignore_on_load_unexpected"):
+            setattr(model, attr, {*(getattr(model, attr, None) or ()), te_state})
         self.summary = convert(model, self.quantization_config, verbose=False)
         _skip_merged_sr_states(model)
         if self.pre_quantized:

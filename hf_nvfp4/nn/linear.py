@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..backends import BACKENDS, backend_instance, resolve_backend
+from ..backends import te as _te
 from ..distributed import rank, world_size
 from ..quant.sr import advance_keys, new_state
 from ..recipe import Recipe, RoleSpecs, get_recipe
@@ -30,7 +31,10 @@ class NVFP4Linear(nn.Linear):
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
         recipe: a :class:`~hf_nvfp4.recipe.Recipe`, a preset name or a dict of fields.
-        backend: ``"auto"`` | ``"reference"`` | ``"triton"`` | ``"te"`` | ``"native"``.
+        backend: ``"auto"`` | ``"reference"`` | ``"triton"`` | ``"te"`` | ``"native"``. On
+            ``"te"`` the layer registers a ``te.Linear`` submodule, ``te_linear``, that shares
+            its ``weight`` and ``bias`` (see :mod:`hf_nvfp4.backends.te`; never run on
+            hardware).
         reduce_amax: all-reduce (max) the per-tensor amaxes across data-parallel ranks
             (see :class:`~hf_nvfp4.NVFP4Config`).
         sr_seed: seed of this layer's stochastic rounding; drawn from torch's default
@@ -115,23 +119,46 @@ class NVFP4Linear(nn.Linear):
                 _role_specs(self.recipe), resolve_backend(self.backend_name, dev), reduce,
                 self.share_input,
             )
-            if plan.backend != "te":  # built now, not inside a traced forward or CUDA graph
-                backend = backend_instance(plan.backend)
-                if hasattr(backend, "prepare"):
-                    backend.prepare(plan.specs, dev)
+            # Built now, not inside a traced forward or CUDA graph: a backend that runs whole
+            # layers (te) registers its module, the others prepare their kernels.
+            backend = backend_instance(plan.backend)
+            if hasattr(backend, "attach"):
+                backend.attach(self)
+            elif hasattr(backend, "prepare"):
+                backend.prepare(plan.specs, dev)
             self._plans[key] = plan
         return plan
 
     def _apply(self, fn, recurse=True):  # noqa: D102 - a move or cast re-decides the plan
         self._plans = {}
         out = super()._apply(fn, recurse)
+        self._tie_te()  # a move that made new Parameter objects made two of each
         self._warm_plan()
         return out
 
+    def __setattr__(self, name: str, value: Any) -> None:  # noqa: D105
+        super().__setattr__(name, value)
+        if name in ("weight", "bias"):  # a loader or from_linear assigning a new Parameter
+            self._tie_te()
+
+    def _tie_te(self) -> None:
+        """On the te backend: keep ``te_linear`` on this layer's weight and bias objects."""
+        te_module = self.__dict__.get("_modules", {}).get(_te.TE_MODULE)
+        if te_module is not None:
+            _te.tie_parameters(self, te_module)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D102
+        # Checkpoints of every backend load here, strict or not (see hf_nvfp4.backends.te).
+        _te.before_load(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        _te.after_load(self, state_dict, prefix)
+
     def _warm_plan(self) -> None:
         """Decide the plan for the weight's device now (eagerly): resolving ``auto`` probes
-        the device and imports modules, which must not happen inside a compiled forward."""
-        if not self.weight.is_meta:
+        the device and imports modules, which must not happen inside a compiled forward.
+        On the meta device only the te backend decides (its ``te.Linear`` is built on meta,
+        allocating nothing, so that a model converted before its weights load has it)."""
+        if not self.weight.is_meta or self.backend_name == "te":
             self.plan()
 
     @property
