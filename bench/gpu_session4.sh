@@ -5,6 +5,7 @@
 #   OUT=/some/dir bash bench/gpu_session4.sh kernels   # dev_quantize + dev_gemm tables
 #   OUT=/some/dir bash bench/gpu_session4.sh graphs    # e2e compiled columns with CUDA graphs
 #   OUT=/some/dir bash bench/gpu_session4.sh moe       # bench/moe.py (MoE experts fwd+bwd)
+#   OUT=/some/dir bash bench/gpu_session4.sh formats   # FP8/MXFP4 kernel tests + their e2e columns
 # e2e resumes: JSONs of a cut-off call copied back into bench/results/ are continued.
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=16
@@ -32,6 +33,15 @@ case $what in
         --columns bf16_eager,bf16_compiled,nvfp4_compiled \
         --out "$OUT/e2e_${size}_h200_cudagraphs.json" 2>&1 | grep -E "^\[|^\||cudagraph"
     done
+    ;;
+  formats)
+    python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8.py tests/backends \
+      > "$OUT/pytest_formats.txt" 2>&1; tail -4 "$OUT/pytest_formats.txt"
+    [[ -f bench/results/e2e_124m_h200_formats2.json && ! -f $OUT/e2e_124m_h200_formats2.json ]] \
+      && cp bench/results/e2e_124m_h200_formats2.json "$OUT/"
+    python3 bench/e2e.py --size 124m --modes bf16_params --out "$OUT/e2e_124m_h200_formats2.json" \
+      --columns bf16_eager,bf16_compiled,nvfp4_compiled,fp8_block_eager,fp8_block_compiled,mxfp4_eager,mxfp4_compiled \
+      2>&1 | grep -E "^\[|^\|"
     ;;
   moe)
     python3 bench/moe.py --out "$OUT/moe_h200_grouped.json" 2>&1 | tail -4
