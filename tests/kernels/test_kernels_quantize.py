@@ -32,12 +32,8 @@ MXFP4 = Recipe("mxfp4", "mxfp4", "mxfp4").role_specs()
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _untimed_picks():
-    """Every kernel runs its first config (no timing of all candidates on a GPU)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
+def _untimed_picks(untimed_picks):
+    """Every kernel runs its first config (see conftest)."""
 
 
 @pytest.fixture(scope="module")
