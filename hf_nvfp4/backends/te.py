@@ -124,8 +124,12 @@ class TEBackend:
         return te_layer
 
     def linear(self, layer: nn.Linear, x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-        """``layer(x)`` computed by ``layer.te_linear`` inside TE's autocast."""
-        te_layer = self.attach(layer)
+        """``layer(x)`` computed by ``layer.te_linear`` inside TE's autocast (attached when the
+        plan was decided; only the identity check of the shared parameters per call)."""
+        te_layer = layer._modules.get(TE_MODULE)
+        if te_layer is None:
+            te_layer = self.attach(layer)
+        tie_parameters(layer, te_layer)
         with self._autocast(recipe):
             return te_layer(x)
 
