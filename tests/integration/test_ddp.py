@@ -58,11 +58,17 @@ def test_reduced_amax_makes_two_ranks_match_one_with_the_same_global_batch(tmp_p
     single = _pretrain(tmp_path, "single", recipes[True], 1, 4, 0)
     reduced = _pretrain(tmp_path, "reduced", recipes[True], 2, 2, 29518)
     local = _pretrain(tmp_path, "local", recipes[False], 2, 2, 29519)
-    # Same batches, same scales: equal up to FP32 summation order (measured 1.7e-7).
+    rel_reduced = [abs(a - b) / b for a, b in zip(reduced, single, strict=True)]
+    rel_local = [abs(a - b) / b for a, b in zip(local, single, strict=True)]
+    # The first step sees the same weights and batches: with the reduced amax the same scales,
+    # the same loss; each rank's own amax quantizes differently (measured 2.7e-4).
     assert reduced[0] == single[0]
-    assert max(abs(a - b) / b for a, b in zip(reduced, single, strict=True)) < 2e-6
-    # Each rank's own amax quantizes differently (measured 3.9e-4).
-    assert max(abs(a - b) / b for a, b in zip(local, single, strict=True)) > 2e-5
+    assert rel_local[0] > 2e-5
+    # Then equal up to FP32 summation order (1.7e-7 after two updates). Later steps drift by
+    # however often that order flips an FP4 code, which depends on the CPU's BLAS kernels
+    # (1.7e-7 to 1.3e-4 at step 5 on two machines): bounded loosely.
+    assert max(rel_reduced[1:3]) < 2e-6, rel_reduced
+    assert max(rel_reduced) < 1e-3, rel_reduced
 
 
 def test_reduce_amax_layer_semantics_on_two_ranks(tmp_path):
