@@ -2,8 +2,8 @@
 
 Runs examples/pretrain.py with the same global batch under integrations/accelerate's
 single_gpu, ddp and fsdp2 configs, with stochastic rounding on (the paper's recipe) and off,
-plus an FSDP2 save/resume check, and writes one JSON with loss curves, throughput and the
-comparisons. Usage (on a 2-GPU machine):
+plus an FSDP2 save/resume check and FSDP2 with the 4-bit weight all-gather, and writes one
+JSON with loss curves, throughput and the comparisons. Usage (on a 2-GPU machine):
 
     NCCL_NVLS_ENABLE=0 python bench/multi_gpu.py --out bench/results/multi_gpu.json
 """
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "integrations" / "accelerate"
 RECIPES = {
     "sr": CONFIGS / "nvfp4_recipe.yaml",
+    "sr_gather4": CONFIGS / "nvfp4_fsdp2_recipe.yaml",  # FSDP2 all-gathers 4-bit codes
     "no_sr": ROOT / "bench" / "recipes" / "nvfp4_no_sr.yaml",
     "no_sr_reduced": ROOT / "bench" / "recipes" / "nvfp4_no_sr_reduce_amax.yaml",
     "bf16": None,  # no conversion: the control for GPU summation-order effects
@@ -73,6 +74,7 @@ def main() -> None:
              for recipe in RECIPES
              for kind, config, batch in (("single", "single_gpu", gb), ("ddp", "ddp", gb // 2),
                                          ("fsdp2", "fsdp2", gb // 2))}
+    specs = {k: v for k, v in specs.items() if k == "fsdp2_sr_gather4" or "gather4" not in k}
     specs["single_no_sr_reduced_repeat"] = specs["single_no_sr_reduced"]
     specs["fsdp2_first_half"] = ("fsdp2", "sr", gb // 2,
                                  ["--stop-at", str(half), "--save-state-at", str(half)])
@@ -111,6 +113,13 @@ def main() -> None:
         summary["comparisons"]["single_vs_itself_no_sr_reduced"] = {
             "max_rel_loss_diff": max_rel_diff(repeat["losses"], single["losses"]),
             "exact": repeat["losses"] == single["losses"],
+        }
+    gather4, fsdp2 = runs.get("fsdp2_sr_gather4", {}), runs.get("fsdp2_sr", {})
+    if "losses" in gather4 and "losses" in fsdp2:
+        summary["comparisons"]["fsdp2_gather4_vs_fsdp2"] = {
+            "exact": gather4["losses"] == fsdp2["losses"],
+            "max_rel_loss_diff": max_rel_diff(gather4["losses"], fsdp2["losses"]),
+            "tokens_per_s_ratio": gather4["tokens_per_s"] / fsdp2["tokens_per_s"],
         }
     if "losses" in resumed and "losses" in runs.get("fsdp2_sr", {}):
         ref = runs["fsdp2_sr"]["losses"][half:]

@@ -84,6 +84,12 @@ class NVFP4Config(QuantizationConfigMixin):
             batch up to summation order). Runs the quantization on the reference code, in
             training mode only (``model.eval()`` forwards stay local), and lets NaN/Inf
             through rather than raise on one rank while the others wait.
+        fsdp_quantized_all_gather: under FSDP2 (``fully_shard``, Accelerate's FSDP2 plugin),
+            all-gather the weights of quantized layers as their codes and tile scales (NVFP4:
+            0.56 bytes per weight instead of 2 or 4), each rank quantizing its own shard;
+            training is bitwise unchanged. Needs square weight tiles (``weight_2d``); weights
+            that do not split into whole tiles per rank gather as usual. See
+            :mod:`hf_nvfp4.quant.fsdp`.
         switched: set by :func:`hf_nvfp4.switch_to_high_precision` (the late switch): the
             mode the quantized layers run in now (None: quantized). A saved model loads
             switched, as it was trained last.
@@ -104,6 +110,7 @@ class NVFP4Config(QuantizationConfigMixin):
         optimizer_moments: str | None = None,
         checkpoint_format: str = "master",
         reduce_amax: bool = False,
+        fsdp_quantized_all_gather: bool = False,
         switched: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -124,6 +131,7 @@ class NVFP4Config(QuantizationConfigMixin):
         self.optimizer_moments = optimizer_moments
         self.checkpoint_format = checkpoint_format
         self.reduce_amax = reduce_amax
+        self.fsdp_quantized_all_gather = fsdp_quantized_all_gather
         self.switched = switched
         self.post_init()
 
@@ -161,8 +169,15 @@ class NVFP4Config(QuantizationConfigMixin):
             raise ValueError(
                 f"switched must be None or one of {SWITCH_MODES}; got {self.switched!r}"
             )
-        if not isinstance(self.reduce_amax, bool):
-            raise TypeError(f"reduce_amax must be a bool; got {self.reduce_amax!r}")
+        for name in ("reduce_amax", "fsdp_quantized_all_gather"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        if self.fsdp_quantized_all_gather and self.switch_to_bf16_at is not None:
+            raise ValueError(
+                "fsdp_quantized_all_gather cannot be combined with switch_to_bf16_at: after "
+                "the late switch the layers need their high-precision weights, which the "
+                "quantized all-gather does not move"
+            )
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(
                 f"checkpoint_format must be one of {CHECKPOINT_FORMATS}; "

@@ -67,6 +67,8 @@ class ConversionSummary:
     #: Parameters used only elementwise (biases, Mamba's ``A_log``) are not matmul weights and
     #: are not listed.
     other_matmuls: list[LayerDecision] = field(default_factory=list)
+    #: Layers whose weights FSDP2 all-gathers as codes (``fsdp_quantized_all_gather``).
+    gathered_quantized: list[str] = field(default_factory=list)
 
     def block_matmul_share(self) -> tuple[int, int]:
         """``(NVFP4, total)`` matrix-parameter counts of the blocks that the split puts in
@@ -111,6 +113,9 @@ class ConversionSummary:
             other.setdefault(d.reason, []).append(d.params)
         for reason, params in sorted(other.items()):
             lines.append(f"  kept: {len(params)} x {reason} ({sum(params):,} parameters)")
+        if self.gathered_quantized:
+            lines.append(f"  FSDP2 all-gathers {len(self.gathered_quantized)} weights as "
+                         "quantized codes")
         quantized, total = self.block_matmul_share()
         if total:
             lines.append(
@@ -274,6 +279,15 @@ def convert(
         setattr(parent, child, new)
     for i, mod in enumerate(experts):
         convert_experts_module(mod, recipe, config.backend, config.sr_seed + len(replacements) + i)
+    if config.fsdp_quantized_all_gather:
+        summary.gathered_quantized = gather_quantized_weights(model)
+        left = len(replacements) - len(summary.gathered_quantized)
+        if left:
+            logger.warning(
+                "hf_nvfp4.convert: fsdp_quantized_all_gather: %d of %d quantized layers "
+                "gather their high-precision weights (GPT-2 Conv1D layers, or a recipe "
+                "without square round-to-nearest weight tiles)", left, len(replacements),
+            )
     if any(d.reason.startswith("unsupported") for d in summary.layers):
         logger.warning(
             "hf_nvfp4.convert: some linear-like modules have unsupported types and stay in "
@@ -286,6 +300,14 @@ def convert(
     if verbose:
         print(summary.table())
     return summary
+
+
+def gather_quantized_weights(model: nn.Module) -> list[str]:
+    """Let FSDP2 all-gather the weights of ``model``'s NVFP4Linear layers as codes
+    (:meth:`NVFP4Linear.gather_quantized`; idempotent); call before ``fully_shard``. Returns
+    the names of the layers that do."""
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, NVFP4Linear) and mod.gather_quantized()]
 
 
 def _warn_ragged(summary: ConversionSummary) -> None:

@@ -104,6 +104,10 @@ class NVFP4HfQuantizer(HfQuantizer):
         for _, mod in iter_nvfp4_experts(model):
             if not self.pre_quantized or mod.sr_state.is_meta:
                 reset_sr_state(mod)
+        if self.quantization_config.fsdp_quantized_all_gather:
+            from .convert import gather_quantized_weights
+
+            gather_quantized_weights(model)  # a load may have replaced wrapped parameters
         if self.quantization_config.switched is not None:
             from .schedule import switch_to_high_precision
 

@@ -142,6 +142,11 @@ class NVFP4Conv1D(NVFP4Linear):
             "NVFP4Linear.from_linear for an nn.Linear"
         )
 
+    def gather_quantized(self) -> bool:
+        """Not implemented for Conv1D (FSDP2 shards its ``[in, out]`` weight along the
+        reduction dimension): returns False, and the weight all-gathers as usual."""
+        return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantized ``x W + b``: NVFP4Linear's GEMMs on ``W^T`` (plain matmul for BF16)."""
         if self.recipe.is_high_precision:

@@ -25,7 +25,8 @@ import torch
 
 from ..backends import backend_instance
 from ..numerics.quantize import QTensor
-from ..quant.quantizer import Quantizer
+from ..quant.fsdp import GatheredWeight, master_tensor
+from ..quant.quantizer import Quantized, Quantizer
 from ..quant.shared import quantize_input
 from ..recipe import RoleSpecs
 
@@ -91,6 +92,14 @@ def unpack_qtensor(tensors: list[torch.Tensor | None], meta: object) -> QTensor 
     return QTensor(data, scale, global_scale, fmt, shape, dtype, tile, rht)
 
 
+def _quantize_weight(weight: torch.Tensor, plan: LinearPlan) -> Quantized:
+    """W and W^T per the plan: from the codes FSDP2 gathered (:mod:`hf_nvfp4.quant.fsdp`),
+    else by the plan's weight quantizer."""
+    if isinstance(weight, GatheredWeight):
+        return weight.quantized(plan.specs.w, plan.specs.w_dgrad)
+    return plan.weight(master_tensor(weight).detach())
+
+
 class QuantizedLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with every GEMM executed by the plan's backend on quantized operands."""
 
@@ -99,7 +108,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         specs = plan.specs
         backend = backend_instance(plan.backend)
         x2 = x.reshape(-1, x.shape[-1])
-        w = plan.weight(weight.detach())
+        w = _quantize_weight(weight, plan)
         need_col = ctx.needs_input_grad[1]
 
         # forward: y = x_row @ W^T   (activations round to nearest: no keys)

@@ -11,6 +11,7 @@ from torch import nn
 from ..backends import BACKENDS, backend_instance, resolve_backend
 from ..backends import te as _te
 from ..distributed import rank, world_size
+from ..quant.fsdp import ShardedWeight, gathers_codes, plain_state_dict, wrap_weight
 from ..quant.sr import advance_keys, new_state
 from ..recipe import Recipe, RoleSpecs, get_recipe
 from .functional import LinearPlan, quantized_linear
@@ -101,6 +102,24 @@ class NVFP4Linear(nn.Linear):
         new.sr_state = new_state(sr_seed, linear.weight.device)
         new._warm_plan()
         return new
+
+    def gather_quantized(self) -> bool:
+        """Let FSDP2 all-gather this layer's weight as codes and tile scales
+        (:mod:`hf_nvfp4.quant.fsdp`); call before ``fully_shard``. Returns False, changing
+        nothing, when the recipe does not quantize W in square round-to-nearest tiles (W^T
+        then cannot come from W's codes)."""
+        if self.backend_name == "te":
+            raise ValueError(
+                "gather_quantized is not implemented for the te backend (Transformer Engine "
+                "quantizes inside its own module); use another backend"
+            )
+        specs = _role_specs(self.recipe)
+        if not gathers_codes(specs.w, specs.w_dgrad):
+            return False
+        if not isinstance(self.weight, ShardedWeight):
+            self.weight = wrap_weight(self.weight, specs.w)
+            self.register_state_dict_post_hook(plain_state_dict)
+        return True
 
     # ---- decisions made once per device, not per forward ------------------------------
     def plan(self, device: torch.device | str | None = None) -> LinearPlan:

@@ -286,6 +286,37 @@ def tensor_amax(
     return _abs_max(_prepare(x, 1, tw, rht, rht_sign).float())
 
 
+def transpose_tiles(q: QTensor) -> QTensor:
+    """The quantization of ``W^T`` from that of a 2D ``W`` in square tiles: every tile
+    transposed with its scale, the global scale kept. For round-to-nearest codes this equals,
+    code for code, quantizing ``W^T`` itself: a square tile of ``W^T`` is a tile of ``W``
+    transposed, with the same amax, scale and values.
+    """
+    th, tw = q.tile
+    if len(q.shape) != 2 or th != tw or th == 1 or q.rht:
+        raise ValueError(
+            f"transpose_tiles needs a 2D tensor in square tiles without the RHT; got shape "
+            f"{tuple(q.shape)}, tile {q.tile}, rht={q.rht}"
+        )
+    f = q.format
+    if f.packed:
+        data_t = e2m1.pack(e2m1.unpack(q.data).t())
+    else:  # one byte per element: move bytes (FP8 copies are not implemented everywhere)
+        data_t = q.data.view(torch.uint8).t().contiguous().view(q.data.dtype)
+    raw = q.scale.view(torch.uint8) if q.scale.element_size() == 1 else q.scale
+    scale_t = raw[::th].t().repeat_interleave(tw, dim=0).contiguous().view(q.scale.dtype)
+    return QTensor(
+        data=data_t.contiguous(),
+        scale=scale_t,
+        global_scale=q.global_scale,
+        fmt=q.fmt,
+        shape=torch.Size((q.shape[1], q.shape[0])),
+        dtype=q.dtype,
+        tile=q.tile,
+        rht=False,
+    )
+
+
 def fake_quantize(
     x: torch.Tensor, fmt: str | BlockFormat = "nvfp4", **kwargs: Any
 ) -> torch.Tensor:
@@ -293,4 +324,7 @@ def fake_quantize(
     return quantize(x, fmt, **kwargs).dequantize(x.dtype)
 
 
-__all__ = ["QTensor", "quantize", "fake_quantize", "tensor_amax", "ROUNDINGS", "RHT_SIZE"]
+__all__ = [
+    "QTensor", "quantize", "fake_quantize", "tensor_amax", "transpose_tiles", "ROUNDINGS",
+    "RHT_SIZE",
+]

@@ -2,10 +2,13 @@
 
 Launched by ``torch.distributed.run``. Trains ``--steps`` steps on a fixed global batch
 schedule split across ranks, optionally saves a sharded checkpoint (torch.distributed.checkpoint)
-after ``--save-at`` steps or resumes from one, and writes the losses and a weight checksum.
+after ``--save-at`` steps or resumes from one, and writes the losses, a weight checksum and the
+bytes FSDP2 all-gathered per step. ``--quantized-gather`` all-gathers the NVFP4 weights as codes
+(``NVFP4Config(fsdp_quantized_all_gather=True)``).
 """
 
 import argparse
+import gc
 import json
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_nvfp4 import NVFP4Config, convert
+from hf_nvfp4.quant.fsdp import master_tensor
 
 GLOBAL_BATCH, SEQ, VOCAB = 4, 32, 256
 
@@ -27,8 +31,33 @@ def main() -> None:
     p.add_argument("--save-at", type=int, default=None)
     p.add_argument("--resume-from", default=None)
     p.add_argument("--out", required=True)
+    p.add_argument("--quantized-gather", action="store_true")
     args = p.parse_args()
+    gathered = [0]
+    all_gather_single = dist.all_gather_single
+
+    def counting_all_gather(output, *a, **kw):
+        gathered[0] += output.numel() * output.element_size()
+        return all_gather_single(output, *a, **kw)
+
+    dist.all_gather_single = counting_all_gather
     dist.init_process_group("gloo")
+    metrics = train(args, gathered)
+    if dist.get_rank() == 0:
+        out = Path(args.out) / "metrics.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics))
+    # FSDP's state (the model, optimizer and state dicts of train(), gone now) holds the group
+    # and its collectives' tensors: collected before the group is destroyed, since a gloo
+    # group torn down at interpreter exit can abort (torch 2.13; see examples/pretrain.py).
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, gathered: list[int]) -> dict:
+    """Train per ``args``; the metrics (rank 0 writes them). ``gathered[0]`` counts the bytes
+    FSDP2 all-gathers."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -36,7 +65,8 @@ def main() -> None:
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ))
     convert(model, NVFP4Config(
         backend="reference", first_bf16_blocks=0, last_bf16_blocks=0, reduce_amax=True,
-        recipe={"preset": "nvfp4", "stochastic_rounding": False}))
+        recipe={"preset": "nvfp4", "stochastic_rounding": False},
+        fsdp_quantized_all_gather=args.quantized_gather))
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -53,13 +83,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     data = torch.randint(0, VOCAB, (2, GLOBAL_BATCH, SEQ), generator=gen)
     per_rank = GLOBAL_BATCH // world
-    losses = []
+    losses, gathered_per_step = [], []
     for step in range(start, args.steps):
+        gathered[0] = 0
         batch = data[step % 2, rank * per_rank:(rank + 1) * per_rank]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
+        gathered_per_step.append(gathered[0])
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / world)
@@ -70,14 +102,11 @@ def main() -> None:
             if rank == 0:
                 (ckpt / "step.json").write_text(json.dumps({"step": step + 1}))
             dist.barrier()
-    checksum = sum(p.full_tensor().double().sum().item() for p in model.parameters())
-    if rank == 0:
-        out = Path(args.out) / "metrics.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"losses": losses, "checksum": checksum, "world": world}))
-    dist.barrier()
-    dist.destroy_process_group()
-
+    local = torch.stack([master_tensor(p.to_local()).double().sum() for p in model.parameters()])
+    dist.all_reduce(local)
+    checksum = local.sum().item()
+    return {"losses": losses, "checksum": checksum, "world": world,
+            "gathered_bytes_per_step": gathered_per_step}
 
 if __name__ == "__main__":
     main()

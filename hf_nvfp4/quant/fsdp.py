@@ -1,0 +1,273 @@
+"""FSDP2 all-gathers quantized weights as codes and scales, not as FP32 or BF16 values.
+
+Under FSDP2 (``fully_shard``) every rank keeps a shard of each weight (rows of ``W [N, K]``)
+and all-gathers the whole weight before each forward. A layer whose recipe quantizes ``W`` in
+square tiles (NVFP4 16x16, MXFP4 32x32, FP8 block 128x128) with round-to-nearest uses only the
+tiles' codes and scales, so the all-gather can move those instead: 0.5625 bytes per weight for
+NVFP4 (a 4-bit code and one E4M3 scale per 16 values) instead of 2 (BF16) or 4 (FP32).
+
+How, through FSDP2's own extension points (the tensor hooks ``fsdp_pre_all_gather`` /
+``fsdp_post_all_gather`` that torchao's float8 and Transformer Engine also implement):
+
+* :class:`ShardedWeight` wraps the master weight (FP32 as the optimizer and checkpoints see
+  it; every op runs on the wrapped tensor). Before an all-gather each rank quantizes only its
+  shard: NVFP4's per-tensor amax is all-reduced (max) over the shard group first, so every
+  rank encodes with the scale of the whole weight. Shards hold whole tiles (``N`` a multiple
+  of ``world x tile``), so each tile, its scale and its codes are exactly those of the
+  unsharded weight.
+* :class:`GatheredWeight` is the whole weight as FSDP hands it to the layer: the gathered
+  codes and tile scales plus the global scale. The forward reads W from them and derives W^T
+  locally by transposing the tiles (:func:`hf_nvfp4.numerics.quantize.transpose_tiles`): the
+  same codes and scales quantizing W^T would give.
+
+Training is therefore bitwise that of the unsharded layer (same global batch, ``reduce_amax``
+for the activations). Weights whose shape does not split into whole tiles per rank, and
+layers whose recipe does not quantize W in square RTN tiles, all-gather their values as usual.
+The gathered weight supports only what a quantized linear needs; any other op on it raises,
+naming the op (e.g. the late switch to BF16 needs the master weights: it is refused).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map_only
+
+from ..numerics.formats import get_format
+from ..numerics.quantize import QTensor, quantize, tensor_amax, transpose_tiles
+from ..recipe import QuantSpec
+from .quantizer import Quantized
+
+aten = torch.ops.aten
+
+# Ops whose outputs FSDP2 (sharding at init, copy-in, state-dict loads) and ``.to()`` must
+# get back as sharded weights, so the shard FSDP keeps still carries the all-gather hooks.
+_KEEPS_WRAPPER = {
+    aten.empty_like.default, aten.new_zeros.default, aten.new_empty.default,
+    aten.slice.Tensor, aten.copy_.default, aten.view.default, aten.as_strided.default,
+    aten._to_copy.default, aten._pin_memory.default, aten.split.Tensor,
+    aten.split_with_sizes.default, aten.clone.default, aten.detach.default,
+    aten.alias.default, aten.chunk.default,
+}
+
+
+def gathers_codes(spec: QuantSpec | None, spec_t: QuantSpec | None) -> bool:
+    """Whether a weight quantized by ``spec`` (W) and ``spec_t`` (W^T) can be all-gathered
+    as codes: both the same square-tile round-to-nearest spec without the RHT, so W^T's codes
+    are W's transposed."""
+    return (
+        spec is not None and spec == spec_t and spec.tile[0] == spec.tile[1] > 1
+        and spec.rounding == "nearest" and not spec.rht
+    )
+
+
+def _splits_into_tiles(shape: torch.Size, world: int, tile: int) -> bool:
+    n, k = shape
+    return n % (world * tile) == 0 and k % tile == 0
+
+
+class ShardedWeight(torch.Tensor):
+    """A master weight whose FSDP2 all-gather moves quantized tiles (see the module doc).
+
+    Every op runs on the wrapped tensor; the ops FSDP2 shards, copies and moves it with
+    return a :class:`ShardedWeight` again. Build one with :func:`wrap_weight`.
+
+    Attributes:
+        spec: the weight's :class:`~hf_nvfp4.recipe.QuantSpec` (square tiles, RTN).
+    """
+
+    _inner: torch.Tensor
+    spec: QuantSpec
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor, spec: QuantSpec) -> ShardedWeight:  # noqa: D102
+        self = torch.Tensor._make_wrapper_subclass(
+            cls, inner.size(), strides=inner.stride(), storage_offset=inner.storage_offset(),
+            dtype=inner.dtype, layout=inner.layout, device=inner.device,
+            requires_grad=inner.requires_grad,
+        )
+        self._inner = inner
+        self.spec = spec
+        return self
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: D105
+        specs = []
+
+        def unwrap(t: ShardedWeight) -> torch.Tensor:
+            specs.append(t.spec)
+            return t._inner
+
+        args, kwargs = tree_map_only(ShardedWeight, unwrap, (args, kwargs or {}))
+        out = func(*args, **kwargs)
+        if func not in _KEEPS_WRAPPER:
+            return out
+        return tree_map_only(torch.Tensor, lambda t: ShardedWeight(t, specs[0]), out)
+
+    def __tensor_flatten__(self) -> tuple[list[str], QuantSpec]:  # noqa: D105
+        return ["_inner"], self.spec
+
+    @staticmethod
+    def __tensor_unflatten__(inner, spec, outer_size, outer_stride):  # noqa: D105
+        return ShardedWeight(inner["_inner"], spec)
+
+    def __repr__(self) -> str:  # noqa: D105
+        return f"ShardedWeight({self._inner!r}, fmt={self.spec.fmt}, tile={self.spec.tile})"
+
+    @property
+    def master(self) -> torch.Tensor:
+        """The wrapped high-precision tensor."""
+        return self._inner
+
+    def fsdp_pre_all_gather(
+        self,
+        mesh: Any,
+        outer_size: torch.Size,
+        outer_stride: tuple[int, ...],
+        module: torch.nn.Module,
+        mp_policy: Any,
+    ) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """FSDP2 hook: this rank's quantized shard (codes, tile scales), or its values when
+        the weight does not split into whole tiles per rank."""
+        dtype = mp_policy.param_dtype or self.dtype
+        local = self._inner.to(dtype)
+        world = mesh.size()
+        if not _splits_into_tiles(outer_size, world, self.spec.tile[0]):
+            rows = -(-outer_size[0] // world)
+            if local.shape[0] < rows:  # FSDP2 pads uneven shards at the end
+                local = torch.nn.functional.pad(local, (0, 0, 0, rows - local.shape[0]))
+            return (local,), None
+        amax = None
+        if get_format(self.spec.fmt).global_scale:
+            amax = tensor_amax(local).float()
+            torch.distributed.all_reduce(
+                amax, op=torch.distributed.ReduceOp.MAX, group=mesh.get_group()
+            )
+        q = quantize(
+            local, self.spec.fmt, tile=self.spec.tile, allow_nonfinite=True,
+            amax_reduce=None if amax is None else (lambda _local: amax),
+        )
+        return (q.data, q.scale), (q.global_scale, dtype, tuple(outer_size))
+
+    def fsdp_post_all_gather(
+        self,
+        outputs: tuple[torch.Tensor, ...],
+        metadata: Any,
+        param_dtype: torch.dtype,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """FSDP2 hook: the whole weight from the gathered shards (a :class:`GatheredWeight`,
+        or the gathered values). With ``out`` (later steps) the gathered buffers are
+        ``out``'s own, refilled in place: only the new global scale is set."""
+        if metadata is None:
+            (values,) = outputs
+            return None if out is not None else (values, ())
+        global_scale, dtype, shape = metadata
+        if out is not None:
+            out._global_scale = global_scale
+            return None
+        data, scale = outputs
+        return GatheredWeight(data, scale, global_scale, self.spec, torch.Size(shape), dtype), ()
+
+
+class GatheredWeight(torch.Tensor):
+    """A whole weight ``[N, K]`` as gathered codes and tile scales (FSDP2's unsharded
+    parameter of a :class:`ShardedWeight`).
+
+    :meth:`quantized` gives the layouts the linear GEMMs read; gradients flow to it as to any
+    parameter. Other ops raise: its high-precision values were never gathered.
+    """
+
+    @staticmethod
+    def __new__(
+        cls, data: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None,
+        spec: QuantSpec, shape: torch.Size, dtype: torch.dtype, requires_grad: bool = False,
+    ) -> GatheredWeight:  # noqa: D102
+        self = torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=data.device, requires_grad=requires_grad
+        )
+        self._data, self._scale, self._global_scale = data, scale, global_scale
+        self.spec = spec
+        return self
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def _same(self, requires_grad: bool = False) -> GatheredWeight:
+        return GatheredWeight(self._data, self._scale, self._global_scale, self.spec,
+                              self.shape, self.dtype, requires_grad)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: D105
+        w = args[0]
+        if func in (aten.detach.default, aten.alias.default):
+            return w._same()
+        if func is aten.as_strided.default and tuple(args[1]) == tuple(w.shape):
+            return w._same()  # FSDP2 views the unsharded parameter at its own shape
+        if func is aten.view.default and tuple(args[1]) == tuple(w.shape):
+            return w._same()
+        raise NotImplementedError(
+            f"{func} on an NVFP4 weight that FSDP2 all-gathered as {w.spec.fmt} codes "
+            "(NVFP4Config(fsdp_quantized_all_gather=True)): only quantized linear layers can "
+            "read it. Turn fsdp_quantized_all_gather off for code that needs the weight's "
+            "values (the late switch to BF16, weight tying, custom forwards)."
+        )
+
+    def __repr__(self) -> str:  # noqa: D105
+        return (f"GatheredWeight(shape={tuple(self.shape)}, fmt={self.spec.fmt}, "
+                f"tile={self.spec.tile})")
+
+    def quantized(self, spec: QuantSpec | None, spec_t: QuantSpec | None) -> Quantized:
+        """W along K and W^T along N, as the layer's weight quantizer (``spec``, ``spec_t``)
+        would give for the unsharded weight; raises when those are not the gathered spec."""
+        if spec != self.spec or spec_t != self.spec:
+            raise ValueError(
+                f"this weight was all-gathered as {self.spec} codes but the layer now "
+                f"quantizes W as {spec} and W^T as {spec_t}; the recipe changed after "
+                "fully_shard"
+            )
+        q = QTensor(self._data, self._scale, self._global_scale, self.spec.fmt, self.shape,
+                    self.dtype, self.spec.tile)
+        return Quantized(q, transpose_tiles(q))
+
+
+def wrap_weight(weight: torch.nn.Parameter, spec: QuantSpec) -> torch.nn.Parameter:
+    """A Parameter holding a :class:`ShardedWeight` of ``weight``'s tensor (shared, not
+    copied), to give to ``fully_shard``; ``weight`` itself when it is wrapped already."""
+    if isinstance(weight, ShardedWeight):
+        return weight
+    return torch.nn.Parameter(ShardedWeight(weight.data, spec), weight.requires_grad)
+
+
+def plain_state_dict(
+    module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """``state_dict`` post-hook: a wrapped weight (plain or as an FSDP2 DTensor's shard)
+    enters the state dict as its master tensor (same storage), so checkpoints (safetensors,
+    torch.distributed.checkpoint) hold plain tensors and loads write into the master."""
+    from torch.distributed.tensor import DTensor
+
+    key = prefix + "weight"
+    t = state_dict.get(key)
+    if isinstance(t, ShardedWeight):
+        state_dict[key] = t.master
+    elif isinstance(t, DTensor) and isinstance(t.to_local(), ShardedWeight):
+        state_dict[key] = DTensor.from_local(
+            t.to_local().master, t.device_mesh, t.placements, run_check=False,
+            shape=t.shape, stride=t.stride(),
+        )
+
+
+def master_tensor(weight: torch.Tensor) -> torch.Tensor:
+    """The tensor a quantizer reads: the wrapped master of a :class:`ShardedWeight` (not
+    under FSDP: the whole weight), ``weight`` otherwise."""
+    return weight.master if isinstance(weight, ShardedWeight) else weight
+
+
+__all__ = [
+    "GatheredWeight", "ShardedWeight", "gathers_codes", "master_tensor", "plain_state_dict",
+    "wrap_weight",
+]

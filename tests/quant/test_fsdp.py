@@ -1,0 +1,199 @@
+"""Quantized FSDP2 all-gather (hf_nvfp4.quant.fsdp): the hooks, the wrapped master weight and the
+gathered codes, in one process. Two ranks under fully_shard: tests/integration/test_fsdp2.py."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from hf_nvfp4 import NVFP4Config, NVFP4Linear, convert
+from hf_nvfp4.numerics.quantize import quantize, transpose_tiles
+from hf_nvfp4.numerics.testing import assert_qtensor_equal
+from hf_nvfp4.quant.fsdp import GatheredWeight, ShardedWeight, gathers_codes
+from hf_nvfp4.recipe import get_recipe
+
+NO_SR = {"preset": "nvfp4", "stochastic_rounding": False}
+
+
+@pytest.mark.parametrize("fmt, tile, shape", [
+    ("nvfp4", 16, (48, 80)), ("nvfp4", 16, (40, 24)), ("mxfp4", 32, (64, 96)),
+    ("fp8_block", 128, (256, 384)),
+])
+def test_transpose_tiles_is_quantizing_the_transpose(fmt, tile, shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 5
+    w[:tile, :tile] = 0  # a zero tile
+    got = transpose_tiles(quantize(w, fmt, tile=(tile, tile)))
+    assert_qtensor_equal(got, quantize(w.t().contiguous(), fmt, tile=(tile, tile)))
+
+
+def test_transpose_tiles_refuses_what_it_cannot_transpose():
+    with pytest.raises(ValueError, match="square tiles"):
+        transpose_tiles(quantize(torch.randn(32, 32), "nvfp4"))
+
+
+def test_gathers_codes_only_for_square_round_to_nearest_tiles():
+    specs = get_recipe(NO_SR).role_specs()
+    assert gathers_codes(specs.w, specs.w_dgrad)
+    one_d = get_recipe({**NO_SR, "weight_2d": False}).role_specs()
+    assert not gathers_codes(one_d.w, one_d.w_dgrad)
+    assert not gathers_codes(specs.w, None)
+
+
+def _layers(seed=0):
+    torch.manual_seed(seed)
+    plain = NVFP4Linear(64, 48, recipe=NO_SR, backend="reference", sr_seed=3)
+    wrapped = copy.deepcopy(plain)
+    assert wrapped.gather_quantized()
+    return plain, wrapped
+
+
+def test_wrapped_layer_trains_and_saves_like_the_plain_one(tmp_path):
+    """Outside FSDP the wrapped master weight behaves as the weight: same forward, backward,
+    optimizer steps; checkpoints hold a plain tensor that loads back into the wrapper."""
+    plain, wrapped = _layers()
+    assert isinstance(wrapped.weight, ShardedWeight) and wrapped.weight.shape == (48, 64)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, wrapped)]
+    x = torch.randn(8, 64)
+    for _ in range(3):
+        outs = []
+        for m, opt in zip((plain, wrapped), opts, strict=True):
+            y = m(x)
+            y.square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            outs.append(y.detach())
+        assert torch.equal(outs[0], outs[1])
+    assert torch.equal(plain.weight.detach(), wrapped.weight.master)
+    sd = wrapped.state_dict()
+    assert type(sd["weight"]) is torch.Tensor
+    save_file(sd, tmp_path / "w.safetensors")
+    fresh = _layers(seed=1)[1]
+    fresh.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    assert isinstance(fresh.weight, ShardedWeight)
+    assert torch.equal(fresh.weight.master, plain.weight.detach())
+
+
+def test_only_square_tile_linears_gather_codes():
+    layer = NVFP4Linear(32, 32, recipe={**NO_SR, "weight_2d": False})
+    assert not layer.gather_quantized() and type(layer.weight) is torch.nn.Parameter
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    """A one-rank gloo group and its device mesh (the hooks' all-reduce runs in it)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _hooks(weight: ShardedWeight, mesh, param_dtype=None):
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype)
+    inputs, meta = weight.fsdp_pre_all_gather(mesh, weight.shape, weight.stride(), None, policy)
+    return inputs, meta
+
+
+def test_hooks_gather_the_codes_the_layer_would_quantize(mesh):
+    plain, wrapped = _layers()
+    w = wrapped.weight
+    inputs, meta = _hooks(w, mesh)
+    assert [t.dtype for t in inputs] == [torch.uint8, torch.float8_e4m3fn]
+    assert sum(t.numel() * t.element_size() for t in inputs) == 48 * 64 * 0.5625
+    gathered = w.fsdp_post_all_gather(inputs, meta, torch.float32)[0]
+    assert isinstance(gathered, GatheredWeight) and gathered.shape == w.shape
+    plan = plain.plan()
+    want = plan.weight(plain.weight.detach())
+    got = gathered.quantized(plan.specs.w, plan.specs.w_dgrad)
+    assert_qtensor_equal(got.row, want.row)
+    assert_qtensor_equal(got.col, want.col)
+    # Later steps refill the same buffers; only the global scale is new.
+    new_scale = torch.tensor(0.5)
+    assert w.fsdp_post_all_gather(inputs, (new_scale, *meta[1:]), torch.float32,
+                                  out=gathered) is None
+    assert gathered.quantized(plan.specs.w, plan.specs.w_dgrad).row.global_scale is new_scale
+
+
+def test_gathered_weight_in_a_layer_is_the_weight(mesh):
+    """A layer whose weight is the gathered codes computes what the plain layer computes,
+    and its weight gradient is the plain layer's."""
+    plain, wrapped = _layers()
+    inputs, meta = _hooks(wrapped.weight, mesh)
+    gathered = wrapped.weight.fsdp_post_all_gather(inputs, meta, torch.float32)[0]
+    wrapped.weight = torch.nn.Parameter(gathered)
+    x = torch.randn(8, 64)
+    ys = [m(x) for m in (plain, wrapped)]
+    assert torch.equal(ys[0], ys[1])
+    for y in ys:
+        y.square().mean().backward()
+    assert torch.equal(plain.weight.grad, wrapped.weight.grad)
+    with pytest.raises(NotImplementedError, match="fsdp_quantized_all_gather"):
+        wrapped.weight + 1
+
+
+def test_hooks_follow_the_mixed_precision_dtype(mesh):
+    plain, wrapped = _layers()
+    inputs, meta = _hooks(wrapped.weight, mesh, torch.bfloat16)
+    gathered = wrapped.weight.fsdp_post_all_gather(inputs, meta, torch.bfloat16)[0]
+    assert gathered.dtype == torch.bfloat16
+    specs = plain.plan().specs
+    want = quantize(plain.weight.detach().bfloat16(), "nvfp4", tile=(16, 16))
+    assert_qtensor_equal(gathered.quantized(specs.w, specs.w_dgrad).row, want)
+
+
+def test_weights_that_do_not_split_into_tiles_gather_values(mesh):
+    layer = NVFP4Linear(64, 40, recipe=NO_SR, backend="reference")  # 40 rows: not 16-aligned
+    assert layer.gather_quantized()
+    inputs, meta = _hooks(layer.weight, mesh)
+    assert meta is None and torch.equal(inputs[0], layer.weight.master)
+    values, free = layer.weight.fsdp_post_all_gather(inputs, meta, torch.float32)
+    assert values is inputs[0] and free == ()
+
+
+def test_config_and_convert():
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4))
+    summary = convert(model, NVFP4Config(first_bf16_blocks=0, last_bf16_blocks=0,
+                                         fsdp_quantized_all_gather=True), verbose=False)
+    assert len(summary.gathered_quantized) == 14
+    assert "FSDP2 all-gathers 14 weights as quantized codes" in summary.table()
+    assert isinstance(model.model.layers[0].mlp.up_proj.weight, ShardedWeight)
+    assert type(model.state_dict()["model.layers.0.mlp.up_proj.weight"]) is torch.Tensor
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128))
+    summary = convert(gpt2, NVFP4Config(first_bf16_blocks=0, last_bf16_blocks=0,
+                                        fsdp_quantized_all_gather=True), verbose=False)
+    assert summary.gathered_quantized == []
+    with pytest.raises(ValueError, match="switch_to_bf16_at"):
+        NVFP4Config(fsdp_quantized_all_gather=True, switch_to_bf16_at=0.8)
+    with pytest.raises(TypeError, match="fsdp_quantized_all_gather must be a bool"):
+        NVFP4Config(fsdp_quantized_all_gather="yes")
+
+
+
+def test_from_pretrained_wraps_the_loaded_weights(tmp_path):
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=NVFP4Config(
+        first_bf16_blocks=0, last_bf16_blocks=0, fsdp_quantized_all_gather=True))
+    w = model.model.layers[1].self_attn.o_proj.weight
+    assert isinstance(w, ShardedWeight)
+    assert torch.equal(w.master, saved["model.layers.1.self_attn.o_proj.weight"])
+
+
+def test_the_accelerate_recipe_turns_it_on():
+    root = Path(__file__).resolve().parents[2]
+    config = NVFP4Config.load(root / "integrations" / "accelerate" / "nvfp4_fsdp2_recipe.yaml")
+    assert config.fsdp_quantized_all_gather and config.get_recipe().weight_2d
