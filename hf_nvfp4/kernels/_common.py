@@ -1,4 +1,4 @@
-"""Triton device helpers shared by the NVFP4 kernels, plus their host-side constants.
+"""Triton device helpers shared by the quantize kernels, plus their host-side constants.
 
 Every helper reproduces a step of :mod:`hf_nvfp4.numerics` bit for bit (formulas:
 NUMERICS.md). Integer bit manipulation replaces the float compares and tables of the
@@ -362,3 +362,60 @@ def join8(w, R: tl.constexpr, C: tl.constexpr):
     a = tl.join(tl.join(w[0], w[4]), tl.join(w[2], w[6]))
     b = tl.join(tl.join(w[1], w[5]), tl.join(w[3], w[7]))
     return tl.reshape(tl.join(a, b), [R, C, 8])
+
+
+@triton.jit
+def split8(t, R: tl.constexpr, C: tl.constexpr):
+    """[R, C, 8] as a tuple of 8 tensors [R, C], element j at index j (in-thread when the
+    last dimension is)."""
+    a, b = tl.split(tl.reshape(t, [R, C, 4, 2]))
+    a0, a1 = tl.split(tl.reshape(a, [R, C, 2, 2]))
+    b0, b1 = tl.split(tl.reshape(b, [R, C, 2, 2]))
+    a00, a01 = tl.split(a0)
+    a10, a11 = tl.split(a1)
+    b00, b01 = tl.split(b0)
+    b10, b11 = tl.split(b1)
+    return a00, b00, a10, b10, a01, b01, a11, b11
+
+
+@triton.jit
+def _nanmax(a, b):
+    """``max`` that propagates NaN (``max.NaN.f32``), as torch's amax does."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def abs_max(x, axis: tl.constexpr, INTERPRET: tl.constexpr):
+    """``max |x|`` along ``axis``, NaN if any element is NaN (torch's amax). Compiled: a
+    ``max.NaN.f32`` reduction (``tl.max`` drops NaN). The interpreter's ``tl.reduce`` calls
+    the combine function per element (slow) and its ``tl.max`` is ``np.nanmax``, so there a
+    count of NaNs puts them back."""
+    if INTERPRET:
+        a = tl.abs(x)
+        nan = tl.sum((a != a).to(tl.int32), axis) > 0
+        out = tl.where(nan, tl.full(nan.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True),
+                       tl.max(a, axis))
+    else:
+        out = tl.reduce(tl.abs(x), axis, _nanmax)
+    return out
+
+
+@triton.jit
+def ue8m0_scale(amax):
+    """MXFP4 block scale byte (int32) and element multiplier ``2^-k`` (FP32) of FP32 block
+    amaxes (non-negative, or NaN): ``k = scales.ue8m0_exponents(amax, 6)``, byte ``k + 127``.
+
+    ``ceil(log2(amax / 6))`` on the bits, no division: with ``amax = 1.f * 2^(E - 127)`` and
+    ``6 = 1.5 * 2^2``, it is ``E - 129``, plus one when ``1.f > 1.5`` (mantissa bits above
+    0x400000). Zero and subnormal amaxes clamp to -127 (byte 0). The reference's ``frexp``
+    makes Inf ``k = -2`` (its exponent 0, its mantissa Inf > 0.75), and NaN ``k = -127``
+    with the NaN byte 0xFF; multipliers span 2^-126 .. 2^127, normal FP32 (exact).
+    """
+    bits = amax.to(tl.int32, bitcast=True)
+    k = ((bits >> 23) & 0xFF) - 129 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
+    k = tl.maximum(k, -127)
+    k = tl.where(bits == 0x7F800000, -2, k)
+    nan = amax != amax
+    k = tl.where(nan, -127, k)
+    mult = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    return tl.where(nan, 255, k + 127), mult

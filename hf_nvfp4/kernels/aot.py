@@ -40,7 +40,7 @@ import torch
 
 #: The modules scanned for the ``@triton.jit`` kernels they launch.
 KERNEL_MODULES = ("sr_keys", "amax", "quantize_rowcol", "quantize_2d", "dequantize", "gemm",
-                  "adamw", "grouped", "quantize_fp8")
+                  "adamw", "grouped", "quantize_fp8", "quantize_mxfp4")
 H200_SMS = 132  # the persistent GEMM's grid and split-K candidates depend on the SM count
 H200_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
@@ -184,7 +184,9 @@ def workload() -> list[Call]:
     copies packed; 16x16: ``quantize_2d``), ``nn/packed.py`` (inference: packed row copy),
     ``quant/sr.py`` (keys), ``optim/adamw.py`` (fused step; its parity argument is
     specialized when 1) and the ``fp8_block`` recipe (both copies of activations and
-    gradients, a copy alone when the other GEMM is not needed, 128x128 weights). Activations
+    gradients, a copy alone when the other GEMM is not needed, 128x128 weights) and the
+    ``mxfp4`` recipe (as NVFP4 but always packed: RHT and SR per recipe, 32x32 weights through
+    ``quantize_2d``, 1x32 weights through the row/column kernel). Activations
     and gradients are BF16, then FP16 and FP32 once each; weights BF16 or FP32 (master
     weights). The main calls try every tuning candidate, the
     rest only the default one, to keep the compile count down. Sizes are multiples of 16, as
@@ -200,6 +202,7 @@ def workload() -> list[Call]:
         grouped,
         quantize_2d,
         quantize_fp8,
+        quantize_mxfp4,
         quantize_rowcol,
         sr_keys,
     )
@@ -266,6 +269,15 @@ def workload() -> list[Call]:
     def fp8_weight(label: str, dt: torch.dtype) -> Call:
         return Call(label, lambda: quantize_fp8.quantize_2d_fp8(_meta(hidden, hidden, dtype=dt)))
 
+    def mx(label: str, dt: torch.dtype, row: bool, col: bool, rht: bool, sr: bool,
+           every: bool = False) -> Call:
+        return Call(label, lambda: quantize_mxfp4.quantize_rowcol_mxfp4(
+            _meta(tokens, hidden, dtype=dt), row, col, TE_RHT_SIGN if rht else None, sr, sr,
+            keys), every)
+
+    def mx_weight(label: str, dt: torch.dtype) -> Call:
+        return Call(label, lambda: quantize_2d.quantize_2d_mxfp4(_meta(hidden, hidden, dtype=dt)))
+
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     return [
         rowcol("fwd x (rht)", bf16, True, True, True, False, (True, False), every=True),
@@ -282,6 +294,9 @@ def workload() -> list[Call]:
         fp8("fp8 x / dy", bf16, True, True, every=True),
         fp8("fp8 x, frozen weight", bf16, True, False, every=True),
         fp8_weight("fp8 weight 128x128", bf16),
+        mx("mxfp4 x (rht)", bf16, True, True, True, False, every=True),
+        mx("mxfp4 dy (rht, sr)", bf16, True, True, True, True, every=True),
+        mx_weight("mxfp4 weight 32x32", bf16),
         rowcol("fwd x (no rht)", bf16, True, True, False, False, (True, False)),
         rowcol("fwd x, frozen weight", bf16, True, False, False, False, (True, False)),
         rowcol("bwd dy (rn)", bf16, True, True, True, False, (True, True)),
@@ -312,6 +327,14 @@ def workload() -> list[Call]:
         fp8("fp8 x fp16", fp16, True, True),
         fp8("fp8 x fp32", fp32, True, True),
         fp8_weight("fp8 weight 128x128 fp32", fp32),
+        mx("mxfp4 x, frozen weight", bf16, True, False, False, False),
+        mx("mxfp4 dy, no wgrad", bf16, True, False, False, True),
+        mx("mxfp4 dy, no dgrad", bf16, False, True, True, True),
+        mx("mxfp4 x (no rht)", bf16, True, True, False, False),
+        mx("mxfp4 weight 1x32", fp32, True, True, False, False),
+        mx("mxfp4 x fp16", fp16, True, True, True, False),
+        mx("mxfp4 x fp32", fp32, True, True, True, False),
+        mx_weight("mxfp4 weight 32x32 fp32", fp32),
     ]
 
 

@@ -1,8 +1,9 @@
 """The kernels as ``torch.library`` custom ops (``torch.ops.hf_nvfp4.*``) with fake impls.
 
 Fake (meta) implementations give output shapes without running anything, so the ops trace
-under torch.compile and work on meta tensors. Scales come out as uint8 E4M3 bytes and are
-returned as ``float8_e4m3fn`` (ops taking scales accept either 1-byte dtype).
+under torch.compile and work on meta tensors. NVFP4 scales come out as uint8 E4M3 bytes and
+are returned as ``float8_e4m3fn`` (ops taking scales accept either 1-byte dtype); MXFP4's
+UE8M0 scales stay uint8, the QTensor dtype.
 
 Outside torch.compile a call runs the Python implementation directly: the dispatcher round
 trip of a Python custom op costs ~10-20 us per call, and an NVFP4 linear makes about a dozen
@@ -19,9 +20,11 @@ from .amax import amax_rowcol as _amax_rowcol
 from .amax import prepare_rht  # noqa: F401 - the backend reaches the kernels through here
 from .dequantize import dequantize_nvfp4
 from .gemm import gemm_scaled
+from .quantize_2d import quantize_2d_mxfp4 as _quantize_2d_mxfp4
 from .quantize_2d import quantize_2d_nvfp4
 from .quantize_fp8 import quantize_2d_fp8 as _quantize_2d_fp8
 from .quantize_fp8 import quantize_rowcol_fp8 as _quantize_rowcol_fp8
+from .quantize_mxfp4 import quantize_rowcol_mxfp4 as _quantize_rowcol_mxfp4
 from .quantize_rowcol import quantize_rowcol_nvfp4
 
 _U8 = torch.uint8
@@ -172,6 +175,56 @@ def _(w):
         new((n128, k128 // 128), dtype=torch.float32),
         new((k128, n128), dtype=_E4M3),
         new((k128, n128 // 128), dtype=torch.float32),
+    )
+
+
+def _pad32(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+@_custom_op("hf_nvfp4::quantize_rowcol_mxfp4")
+def quantize_rowcol_mxfp4(
+    x: Tensor,
+    row: bool,
+    col: bool,
+    col_rht_sign: Optional[list[int]],  # noqa: UP045 (custom_op schema inference)
+    row_sr: bool,
+    col_sr: bool,
+    keys: Optional[Tensor],  # noqa: UP045
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See :func:`.quantize_mxfp4.quantize_rowcol_mxfp4` (UE8M0 scales as uint8 bytes)."""
+    sign = tuple(col_rht_sign) if col_rht_sign is not None else None
+    return _quantize_rowcol_mxfp4(x, row, col, sign, row_sr, col_sr, keys)
+
+
+@quantize_rowcol_mxfp4.register_fake
+def _(x, row, col, col_rht_sign, row_sr, col_sr, keys):
+    m, k = x.shape
+    new = x.new_empty
+
+    def copy(rows: int, cols: int, keep: bool) -> tuple[Tensor, Tensor]:
+        if not keep:
+            return new(0, dtype=_U8), new(0, dtype=_U8)
+        return new((rows, cols // 2), dtype=_U8), new((rows, cols // 32), dtype=_U8)
+
+    return (*copy(m, _pad32(k), row), *copy(k, _pad32(m), col))
+
+
+@_custom_op("hf_nvfp4::quantize_2d_mxfp4")
+def quantize_2d_mxfp4(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See :func:`.quantize_2d.quantize_2d_mxfp4` (UE8M0 scales as uint8 bytes)."""
+    return _quantize_2d_mxfp4(w.contiguous())
+
+
+@quantize_2d_mxfp4.register_fake
+def _(w):
+    n32, k32 = _pad32(w.shape[0]), _pad32(w.shape[1])
+    new = w.new_empty
+    return (
+        new((n32, k32 // 2), dtype=_U8),
+        new((n32, k32 // 32), dtype=_U8),
+        new((k32, n32 // 2), dtype=_U8),
+        new((k32, n32 // 32), dtype=_U8),
     )
 
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting
+from ._common import abs_max, cdiv, interpreting
 from ._tuning import pick, shape_bucket
 
 BLOCK = 128
@@ -49,28 +49,6 @@ _TILE_WARPS = 8
 
 def _pad(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
-
-
-@triton.jit
-def _nanmax(a, b):
-    """``max`` that propagates NaN (``max.NaN.f32``), as torch's amax does."""
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def abs_max(x, axis: tl.constexpr, INTERPRET: tl.constexpr):
-    """``max |x|`` along ``axis``, NaN if any element is NaN (torch's amax). Compiled: a
-    ``max.NaN.f32`` reduction (``tl.max`` drops NaN). The interpreter's ``tl.reduce`` calls
-    the combine function per element (slow) and its ``tl.max`` is ``np.nanmax``, so there a
-    count of NaNs puts them back."""
-    if INTERPRET:
-        a = tl.abs(x)
-        nan = tl.sum((a != a).to(tl.int32), axis) > 0
-        out = tl.where(nan, tl.full(nan.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True),
-                       tl.max(a, axis))
-    else:
-        out = tl.reduce(tl.abs(x), axis, _nanmax)
-    return out
 
 
 @triton.jit

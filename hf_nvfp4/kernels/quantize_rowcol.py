@@ -44,26 +44,13 @@ from ._common import (
     pack_words,
     rht16,
     sign_mask,
+    split8,
 )
 from ._tuning import pick, shape_bucket
 from .amax import amax_rowcol
 
 # (BM, BK, num_warps): BM tokens (the RHT block-diagonal size) x BK features per program
 _CONFIGS = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8))
-
-
-@triton.jit
-def _split8(t, R: tl.constexpr, C: tl.constexpr):
-    """[R, C, 8] as a tuple of 8 tensors [R, C], element j at index j (in-thread when the
-    last dimension is)."""
-    a, b = tl.split(tl.reshape(t, [R, C, 4, 2]))
-    a0, a1 = tl.split(tl.reshape(a, [R, C, 2, 2]))
-    b0, b1 = tl.split(tl.reshape(b, [R, C, 2, 2]))
-    a00, a01 = tl.split(a0)
-    a10, a11 = tl.split(a1)
-    b00, b01 = tl.split(b0)
-    b10, b11 = tl.split(b1)
-    return a00, b00, a10, b10, a01, b01, a11, b11
 
 
 @triton.jit
@@ -137,8 +124,8 @@ def _rowcol_kernel(
                 words = tl.join(pack_words(encode_e2m1(wa, idx, key, ROW_SR), BM, BK // 16),
                                 pack_words(encode_e2m1(wb, idx + 8, key, ROW_SR), BM, BK // 16))
             else:  # the encode and packing fused
-                words = tl.join(e2m1_nearest_word(_split8(wa, BM, BK // 16), 0),
-                                e2m1_nearest_word(_split8(wb, BM, BK // 16), 0))
+                words = tl.join(e2m1_nearest_word(split8(wa, BM, BK // 16), 0),
+                                e2m1_nearest_word(split8(wb, BM, BK // 16), 0))
             w3 = blk[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
             tl.store(row_data_ptr + r3.to(tl.int64) * (K // 8) + w3, words, mask=bmask[:, :, None])
             tl.store(row_scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + blk[None, :],
