@@ -2,14 +2,16 @@
 
 Returns exactly what :class:`ReferenceBackend` returns (codes, scales and global scales bit
 for bit; GEMMs up to FP32 summation order) for NVFP4 QuantSpecs: 1x16 and 16x16 tiles, RHT
-on the column copy, nearest and stochastic rounding; and for FP8 block QuantSpecs (1x128
+on the column copy, nearest and stochastic rounding; for MXFP4 QuantSpecs (1x32 blocks with
+RHT on the column copy and nearest or stochastic rounding, :mod:`..kernels.quantize_mxfp4`;
+32x32 weight tiles, :mod:`..kernels.quantize_2d`); and for FP8 block QuantSpecs (1x128
 blocks and 128x128 tiles, nearest rounding, no RHT: :mod:`..kernels.quantize_fp8`). Other
-formats (MXFP4, MXFP8) and unusual combinations quantize with the reference functions
-(with an FP8 block copy and one of another format, each copy takes its own path); their
-GEMMs run on tensor cores where that is exact up to summation order: MXFP4 block values (an
-E2M1 value times a power of two) are exact in BF16 and go through the same Triton GEMM as
-NVFP4, FP8 block operands through Hopper's FP8 block-scaled GEMM (:mod:`.fp8_gemm`). Unlike
-the reference, inputs are not checked for NaN/Inf (a full extra pass and a host sync): like
+formats (MXFP8) and unusual combinations quantize with the reference functions (with an FP8
+block or MXFP4 copy and one of another format, each copy takes its own path); their GEMMs
+run on tensor cores where that is exact up to summation order: MXFP4 block values (an E2M1
+value times a power of two) are exact in BF16 and go through the same Triton GEMM as NVFP4,
+FP8 block operands through Hopper's FP8 block-scaled GEMM (:mod:`.fp8_gemm`). Unlike the
+reference, inputs are not checked for NaN/Inf (a full extra pass and a host sync): like
 hardware, the kernels propagate them into the scales.
 """
 
@@ -51,6 +53,11 @@ def _is_fp8_block(spec: QuantSpec, tile: tuple[int, int] = (1, 128)) -> bool:
             and spec.rounding == "nearest")
 
 
+def _is_mxfp4(spec: QuantSpec, tile: tuple[int, int] = (1, 32)) -> bool:
+    """An ``mxfp4`` spec of ``tile`` (the kernels' other limits are checked by the caller)."""
+    return spec.fmt == "mxfp4" and tuple(spec.tile) == tile
+
+
 def _fresh_generator() -> torch.Generator:
     return torch.Generator().manual_seed(draw_seed())
 
@@ -60,7 +67,7 @@ def _sr(spec: QuantSpec | None) -> bool:
 
 
 class TritonBackend:
-    """Triton kernels for NVFP4 and FP8 block; the reference functions for everything else."""
+    """Triton kernels for NVFP4, MXFP4 and FP8 block; the reference functions for the rest."""
 
     name = "triton"
 
@@ -90,10 +97,16 @@ class TritonBackend:
         if not self._fast(x, row, col):
             if self._fast_fp8(x, row, col):  # fp8_block has no global scale: amax unused
                 return self._quantize_rowcol_fp8(x, row, col)
-            if row is not None and col is not None and (
-                self._fast_fp8(x, row, None) or self._fast_fp8(x, None, col)
-            ):  # an FP8 copy and one of another format: each its own path (a copy draws
-                # with its own key and encodes with its own amax, alone or not)
+            if self._fast_mx(x, row, col):  # nor has MXFP4
+                return self._quantize_rowcol_mx(x, row, col, rng)
+            if row is not None and col is not None and any(
+                fast(x, *copies) for fast in (self._fast_fp8, self._fast_mx)
+                for copies in ((row, None), (None, col))
+            ):  # an FP8 or MXFP4 copy and one of another format: each its own path (a copy
+                # draws with its own key and encodes with its own amax, alone or not; a
+                # generator gives its keys once, for both)
+                if isinstance(rng, torch.Generator):
+                    rng = as_keys(rng, x.device)
                 q_row = self.quantize_rowcol(x, row, None, rng, amax=amax, values=values)[0]
                 q_col = self.quantize_rowcol(x, None, col, rng, amax=amax, values=values)[1]
                 return q_row, q_col
@@ -140,6 +153,34 @@ class TritonBackend:
             q_col = QTensor(cd, cs, None, "fp8_block", torch.Size((k, m)), x.dtype, (1, 128))
         return q_row, q_col
 
+    def _fast_mx(self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None) -> bool:
+        """Whether the MXFP4 kernel quantizes these copies of ``x`` (1x32 blocks, RHT only on
+        the column copy, any rounding, a 2D float tensor on the GPU)."""
+        return ((row is None or (_is_mxfp4(row) and not row.rht))
+                and (col is None or _is_mxfp4(col))
+                and (row is not None or col is not None) and self._runs_here(x))
+
+    def _quantize_rowcol_mx(
+        self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None, rng: Rng
+    ) -> tuple[QTensor | None, QTensor | None]:
+        """The MXFP4 row copy of ``x`` and column copy of ``x^T`` in one pass (always packed
+        QTensors: MXFP4 operands reach the GEMM as QTensors, see :meth:`_bf16_gemm`)."""
+        keys = None
+        if _sr(row) or _sr(col):  # no keys given: fresh ones from torch's default generator
+            keys = as_keys(rng if rng is not None else _fresh_generator(), x.device)
+        sign = list(col.rht_sign) if col is not None and col.rht else None
+        rd, rs, cd, cs = self._ops.quantize_rowcol_mxfp4(
+            x, row is not None, col is not None, sign, _sr(row), _sr(col), keys)
+        m, k = x.shape
+        q_row = q_col = None
+        if row is not None:
+            q_row = QTensor(rd, rs, None, "mxfp4", torch.Size((m, k)), x.dtype, (1, 32))
+        if col is not None:
+            cols = -(-m // 32) * 32 if col.rht else m  # the RHT mixes the padding in
+            q_col = QTensor(cd, cs, None, "mxfp4", torch.Size((k, cols)), x.dtype, (1, 32),
+                            col.rht)
+        return q_row, q_col
+
     def amax_rowcol(
         self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None
     ) -> torch.Tensor:
@@ -178,6 +219,15 @@ class TritonBackend:
                             (128, 128)))
         if _is_fp8_block(spec) and self._runs_here(w):
             return self._quantize_rowcol_fp8(w, spec, spec)
+        if spec.fmt == "mxfp4" and not spec.rht and not _sr(spec) and self._runs_here(w):
+            if _is_mxfp4(spec, (32, 32)):
+                n, k = w.shape
+                data, scale, data_t, scale_t = self._ops.quantize_2d_mxfp4(w)
+                return (QTensor(data, scale, None, "mxfp4", torch.Size((n, k)), w.dtype,
+                                (32, 32)),
+                        QTensor(data_t, scale_t, None, "mxfp4", torch.Size((k, n)), w.dtype,
+                                (32, 32)))
+            return self._quantize_rowcol_mx(w, spec, spec, None)
         if spec.fmt != "nvfp4" or spec.rht or spec.rounding != "nearest" or not self._runs_here(w):
             return self._reference.quantize_weight(w, spec)
         if tuple(spec.tile) == (1, 16):

@@ -424,7 +424,7 @@ def test_extreme_scales():
     [
         pytest.param(SPECS.w, id="2d_16x16"),
         pytest.param(Recipe(weight_2d=False).role_specs().w, id="1x16"),
-        pytest.param(MXFP4.w, id="mxfp4_fallback"),
+        pytest.param(MXFP4.w, id="mxfp4_32x32"),
     ],
 )
 def test_weight_bitwise(backends, dtype, shape, spec):
