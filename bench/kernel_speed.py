@@ -1,4 +1,4 @@
-"""Benchmark and large-size check of the Triton NVFP4 (and FP8 block) kernels on one CUDA device.
+"""Benchmark and large-size check of the Triton NVFP4 (FP8 block, MXFP4) kernels on one CUDA device.
 
     python bench/kernel_speed.py --out bench/results/kernels.json   # timings, markdown table
     python bench/kernel_speed.py --check                            # bit-exactness vs reference
@@ -38,6 +38,7 @@ from hf_nvfp4.recipe import Recipe  # noqa: E402
 SPECS = Recipe().role_specs()
 FP8 = Recipe("fp8_block", "fp8_block", "fp8_block", rht=False,
              stochastic_rounding=False).role_specs()
+MX = Recipe("mxfp4", "mxfp4", "mxfp4").role_specs()
 LINEAR_SHAPES = ((8192, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 14336))
 QUANT_SHAPES = ((8192, 4096), (16384, 14336))
 BF16 = torch.bfloat16
@@ -62,18 +63,39 @@ def bench_copy() -> dict:
 
 def bench_quantize(tri: TritonBackend, copy: dict) -> list[dict]:
     return [r for m, k in QUANT_SHAPES
-            for r in (*_quantize_rows(tri, copy, m, k), *_fp8_quantize_rows(tri, copy, m, k))]
+            for r in (*_quantize_rows(tri, copy, m, k), *_fp8_quantize_rows(tri, copy, m, k),
+                      *_mx_quantize_rows(tri, copy, m, k))]
 
 
 def _fp8_quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]:
     """fp8_block (the FP8 baseline): x's 1x128 row and column copies in one pass, and a
     weight's 128x128 tiles with its transpose; no amax pass (no global scale)."""
     x = randn(m, k)
-    in_bytes = x.numel() * x.element_size()
     out_bytes = 2 * (x.numel() + x.numel() // 128 * 4)  # two E4M3 copies + FP32 scales
+    return _one_pass_rows(x, copy, out_bytes, (
+        ("fp8_block x: row + col", lambda: tri.quantize_rowcol(x, FP8.x, FP8.x_t)),
+        ("fp8_block w: 128x128 + w^T", lambda: tri.quantize_weight(x, FP8.w))))
+
+
+def _mx_quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]:
+    """mxfp4: x's 1x32 row and column (RHT) copies in one pass, nearest and stochastic, and
+    a weight's 32x32 tiles with its transpose; no amax pass (no global scale)."""
+    x = randn(m, k)
+    gen = torch.Generator()
+    out_bytes = 2 * (x.numel() // 2 + x.numel() // 32)  # two packed copies + UE8M0 scales
+    return _one_pass_rows(x, copy, out_bytes, (
+        ("mxfp4 x: rtn + rht", lambda: tri.quantize_rowcol(x, MX.x, MX.x_t)),
+        ("mxfp4 dy: sr + rht", lambda: tri.quantize_rowcol(x, MX.dy, MX.dy_t, gen)),
+        ("mxfp4 w: 32x32 + w^T", lambda: tri.quantize_weight(x, MX.w))))
+
+
+def _one_pass_rows(x: torch.Tensor, copy: dict, out_bytes: int, cases) -> list[dict]:
+    """Timing rows of quantizers that read ``x`` once (no amax pass): ``cases`` are
+    ``(name, fn)``; ``out_bytes`` is what each writes."""
+    m, k = x.shape
+    in_bytes = x.numel() * x.element_size()
     rows = []
-    for name, fn in (("fp8_block x: row + col", lambda: tri.quantize_rowcol(x, FP8.x, FP8.x_t)),
-                     ("fp8_block w: 128x128 + w^T", lambda: tri.quantize_weight(x, FP8.w))):
+    for name, fn in cases:
         ms = bench_ms(fn)
         rows.append({
             "shape": [m, k], "role": name, "ms": ms, "amax_pass_ms": 0.0, "encode_pass_ms": ms,
@@ -287,13 +309,17 @@ def check(cases=CHECK_CASES) -> dict:
             got = tri.gemm(a, b, torch.float32)
             err = float((got - want).abs().max() / want.abs().max())
             results.append({"case": tag, "gemm": role, "max_rel_err": err})
-        # fp8_block: the FP8 kernels (1x128 row + column copies, 128x128 weight tiles)
-        fp8_got = (*tri.quantize_rowcol(x, FP8.x, FP8.x_t), *tri.quantize_weight(w, FP8.w),
-                   *tri.quantize_rowcol(dy, FP8.dy, FP8.dy_t))
-        fp8_want = (*ref.quantize_rowcol(x, FP8.x, FP8.x_t), *ref.quantize_weight(w, FP8.w),
-                    *ref.quantize_rowcol(dy, FP8.dy, FP8.dy_t))
-        for name, g, r in zip(names, fp8_got, fp8_want, strict=True):
-            results.append({"case": tag, **_compare(f"fp8_block {name}", g, r)})
+        # fp8_block: the FP8 kernels (1x128 row + column copies, 128x128 weight tiles);
+        # mxfp4: the MXFP4 kernels (1x32 row + RHT column copies, SR on dy, 32x32 tiles)
+        for fmt, specs in (("fp8_block", FP8), ("mxfp4", MX)):
+            gens = [torch.Generator().manual_seed(2) for _ in range(2)]
+            got = (*tri.quantize_rowcol(x, specs.x, specs.x_t), *tri.quantize_weight(w, specs.w),
+                   *tri.quantize_rowcol(dy, specs.dy, specs.dy_t, gens[0]))
+            want = (*ref.quantize_rowcol(x, specs.x, specs.x_t),
+                    *ref.quantize_weight(w, specs.w),
+                    *ref.quantize_rowcol(dy, specs.dy, specs.dy_t, gens[1]))
+            for name, g, r in zip(names, got, want, strict=True):
+                results.append({"case": tag, **_compare(f"{fmt} {name}", g, r)})
         print(f"check {tag} done", flush=True)
     exact = all(r.get("codes_mismatch", 0) == 0 and r.get("scales_mismatch", 0) == 0
                 and r.get("global_equal", True) and r.get("meta_equal", True) for r in results)
