@@ -25,7 +25,7 @@ import torch
 
 from ..backends import backend_instance
 from ..numerics.quantize import QTensor
-from ..quant.fsdp import GatheredWeight, master_tensor
+from ..quant.fsdp import GatheredWeight, gathered_layouts, master_tensor
 from ..quant.quantizer import Quantized, Quantizer
 from ..quant.shared import quantize_input
 from ..recipe import RoleSpecs
@@ -96,7 +96,7 @@ def _quantize_weight(weight: torch.Tensor, plan: LinearPlan) -> Quantized:
     """W and W^T per the plan: from the codes FSDP2 gathered (:mod:`hf_nvfp4.quant.fsdp`),
     else by the plan's weight quantizer."""
     if isinstance(weight, GatheredWeight):
-        return weight.quantized(plan.specs.w, plan.specs.w_dgrad)
+        return gathered_layouts(weight, plan.specs.w, plan.specs.w_dgrad)
     return plan.weight(master_tensor(weight).detach())
 
 

@@ -178,8 +178,8 @@ class GatheredWeight(torch.Tensor):
     """A whole weight ``[N, K]`` as gathered codes and tile scales (FSDP2's unsharded
     parameter of a :class:`ShardedWeight`).
 
-    :meth:`quantized` gives the layouts the linear GEMMs read; gradients flow to it as to any
-    parameter. Other ops raise: its high-precision values were never gathered.
+    :func:`gathered_layouts` gives the layouts the linear GEMMs read; gradients flow to it as
+    to any parameter. Other ops raise: its high-precision values were never gathered.
     """
 
     @staticmethod
@@ -216,22 +216,36 @@ class GatheredWeight(torch.Tensor):
             "values (the late switch to BF16, weight tying, custom forwards)."
         )
 
+    def __tensor_flatten__(self) -> tuple[list[str], tuple]:  # noqa: D105
+        inner = ["_data", "_scale"] + (["_global_scale"] if self._global_scale is not None else [])
+        return inner, (self.spec, self.shape, self.dtype, self.requires_grad)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):  # noqa: D105
+        spec, shape, dtype, requires_grad = meta
+        return GatheredWeight(inner["_data"], inner["_scale"], inner.get("_global_scale"), spec,
+                              shape, dtype, requires_grad)
+
     def __repr__(self) -> str:  # noqa: D105
         return (f"GatheredWeight(shape={tuple(self.shape)}, fmt={self.spec.fmt}, "
                 f"tile={self.spec.tile})")
 
-    def quantized(self, spec: QuantSpec | None, spec_t: QuantSpec | None) -> Quantized:
-        """W along K and W^T along N, as the layer's weight quantizer (``spec``, ``spec_t``)
-        would give for the unsharded weight; raises when those are not the gathered spec."""
-        if spec != self.spec or spec_t != self.spec:
-            raise ValueError(
-                f"this weight was all-gathered as {self.spec} codes but the layer now "
-                f"quantizes W as {spec} and W^T as {spec_t}; the recipe changed after "
-                "fully_shard"
-            )
-        q = QTensor(self._data, self._scale, self._global_scale, self.spec.fmt, self.shape,
-                    self.dtype, self.spec.tile)
-        return Quantized(q, transpose_tiles(q))
+
+def gathered_layouts(
+    weight: GatheredWeight, spec: QuantSpec | None, spec_t: QuantSpec | None
+) -> Quantized:
+    """W along K and W^T along N from a :class:`GatheredWeight`, as the layer's weight
+    quantizer (``spec``, ``spec_t``) would give for the unsharded weight; raises when those
+    are not the gathered spec. (A function, not a method: torch.compile traces it.)"""
+    if spec != weight.spec or spec_t != weight.spec:
+        raise ValueError(
+            f"this weight was all-gathered as {weight.spec} codes but the layer now "
+            f"quantizes W as {spec} and W^T as {spec_t}; the recipe changed after "
+            "fully_shard"
+        )
+    q = QTensor(weight._data, weight._scale, weight._global_scale, weight.spec.fmt,
+                weight.shape, weight.dtype, weight.spec.tile)
+    return Quantized(q, transpose_tiles(q))
 
 
 def wrap_weight(weight: torch.nn.Parameter, spec: QuantSpec) -> torch.nn.Parameter:
@@ -268,6 +282,7 @@ def master_tensor(weight: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "GatheredWeight", "ShardedWeight", "gathers_codes", "master_tensor", "plain_state_dict",
+    "GatheredWeight", "ShardedWeight", "gathered_layouts", "gathers_codes", "master_tensor",
+    "plain_state_dict",
     "wrap_weight",
 ]

@@ -13,9 +13,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from hf_nvfp4 import NVFP4Config, NVFP4Linear, convert
+from hf_nvfp4.kernels import is_triton_available
 from hf_nvfp4.numerics.quantize import quantize, transpose_tiles
 from hf_nvfp4.numerics.testing import assert_qtensor_equal
-from hf_nvfp4.quant.fsdp import GatheredWeight, ShardedWeight, gathers_codes
+from hf_nvfp4.quant.fsdp import GatheredWeight, ShardedWeight, gathered_layouts, gathers_codes
 from hf_nvfp4.recipe import get_recipe
 
 NO_SR = {"preset": "nvfp4", "stochastic_rounding": False}
@@ -113,14 +114,15 @@ def test_hooks_gather_the_codes_the_layer_would_quantize(mesh):
     assert isinstance(gathered, GatheredWeight) and gathered.shape == w.shape
     plan = plain.plan()
     want = plan.weight(plain.weight.detach())
-    got = gathered.quantized(plan.specs.w, plan.specs.w_dgrad)
+    got = gathered_layouts(gathered, plan.specs.w, plan.specs.w_dgrad)
     assert_qtensor_equal(got.row, want.row)
     assert_qtensor_equal(got.col, want.col)
     # Later steps refill the same buffers; only the global scale is new.
     new_scale = torch.tensor(0.5)
     assert w.fsdp_post_all_gather(inputs, (new_scale, *meta[1:]), torch.float32,
                                   out=gathered) is None
-    assert gathered.quantized(plan.specs.w, plan.specs.w_dgrad).row.global_scale is new_scale
+    new = gathered_layouts(gathered, plan.specs.w, plan.specs.w_dgrad)
+    assert new.row.global_scale is new_scale
 
 
 def test_gathered_weight_in_a_layer_is_the_weight(mesh):
@@ -140,6 +142,26 @@ def test_gathered_weight_in_a_layer_is_the_weight(mesh):
         wrapped.weight + 1
 
 
+@pytest.mark.skipif(not is_triton_available()[0], reason="Triton is not installed")
+def test_gathered_weight_compiles(mesh):
+    """torch.compile(fullgraph=True) traces a layer whose weight is the gathered codes (the
+    Triton backend; the interpreter on the CPU), with its gradient delivered."""
+    torch.manual_seed(0)
+    plain = NVFP4Linear(64, 48, recipe=NO_SR, backend="triton", sr_seed=3)
+    wrapped = copy.deepcopy(plain)
+    wrapped.gather_quantized()
+    inputs, meta = _hooks(wrapped.weight, mesh)
+    wrapped.weight = torch.nn.Parameter(
+        wrapped.weight.fsdp_post_all_gather(inputs, meta, torch.float32)[0])
+    x = torch.randn(8, 64)
+    compiled = torch.compile(wrapped, backend="aot_eager", fullgraph=True)
+    ys = [compiled(x), plain(x)]
+    for y in ys:
+        y.square().mean().backward()
+    assert torch.equal(ys[0], ys[1])
+    assert torch.equal(wrapped.weight.grad, plain.weight.grad)
+
+
 def test_hooks_follow_the_mixed_precision_dtype(mesh):
     plain, wrapped = _layers()
     inputs, meta = _hooks(wrapped.weight, mesh, torch.bfloat16)
@@ -147,7 +169,7 @@ def test_hooks_follow_the_mixed_precision_dtype(mesh):
     assert gathered.dtype == torch.bfloat16
     specs = plain.plan().specs
     want = quantize(plain.weight.detach().bfloat16(), "nvfp4", tile=(16, 16))
-    assert_qtensor_equal(gathered.quantized(specs.w, specs.w_dgrad).row, want)
+    assert_qtensor_equal(gathered_layouts(gathered, specs.w, specs.w_dgrad).row, want)
 
 
 def test_weights_that_do_not_split_into_tiles_gather_values(mesh):
