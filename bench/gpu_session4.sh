@@ -5,7 +5,8 @@
 #   OUT=/some/dir bash bench/gpu_session4.sh kernels   # dev_quantize + dev_gemm tables
 #   OUT=/some/dir bash bench/gpu_session4.sh graphs    # e2e compiled columns with CUDA graphs
 #   OUT=/some/dir bash bench/gpu_session4.sh moe       # bench/moe.py (MoE experts fwd+bwd)
-#   OUT=/some/dir bash bench/gpu_session4.sh formats   # FP8/MXFP4 kernel tests + their e2e columns
+#   OUT=/some/dir bash bench/gpu_session4.sh formats   # FP8/MXFP4/NVFP4 quantize kernel tests,
+#                                                      # kernel_speed --check, format e2e columns
 # e2e resumes: JSONs of a cut-off call copied back into bench/results/ are continued.
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=16
@@ -35,8 +36,12 @@ case $what in
     done
     ;;
   formats)
-    python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8.py tests/backends \
-      > "$OUT/pytest_formats.txt" 2>&1; tail -4 "$OUT/pytest_formats.txt"
+    python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_fp8.py \
+      tests/kernels/test_kernels_mxfp4.py tests/kernels/test_kernels_quantize.py tests/backends \
+      tests/quant > "$OUT/pytest_formats.txt" 2>&1; tail -8 "$OUT/pytest_formats.txt"
+    python3 bench/kernel_speed.py --check --out "$OUT/kernel_speed_h200_formats.json" \
+      > "$OUT/kernel_speed_check.txt" 2>&1
+    tail -20 "$OUT/kernel_speed_check.txt"
     [[ -f bench/results/e2e_124m_h200_formats2.json && ! -f $OUT/e2e_124m_h200_formats2.json ]] \
       && cp bench/results/e2e_124m_h200_formats2.json "$OUT/"
     python3 bench/e2e.py --size 124m --modes bf16_params --out "$OUT/e2e_124m_h200_formats2.json" \
