@@ -6,6 +6,11 @@ plus an FSDP2 save/resume check and FSDP2 with the 4-bit weight all-gather, and 
 JSON with loss curves, throughput and the comparisons. Usage (on a 2-GPU machine):
 
     NCCL_NVLS_ENABLE=0 python bench/multi_gpu.py --out bench/results/multi_gpu.json
+
+Scaling (weak, 1 to 8 GPUs; DDP/FSDP2, BF16/NVFP4, FSDP2 with the 4-bit all-gather):
+
+    NCCL_NVLS_ENABLE=0 python bench/multi_gpu.py --scaling 1,2,4,8 \\
+        --model-args "--hidden 2048 --layers 16 --seq 2048" --out bench/results/scaling.json
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ RECIPES = {
 
 
 def launch(config: str, recipe: str, per_device_batch: int, out: Path, extra: list[str],
-           common: list[str]) -> dict:
-    """One ``accelerate launch`` run; returns its metrics.json (or the error)."""
+           common: list[str], num_processes: int | None = None) -> dict:
+    """One ``accelerate launch`` run (on ``num_processes`` GPUs when given, else the
+    config's); returns its metrics.json (or the error)."""
     env = {**os.environ, "HF_NVFP4_RECIPE": str(RECIPES[recipe] or "false"),
            "NCCL_NVLS_ENABLE": "0", "PYTHONPATH": str(ROOT)}
+    procs = [] if num_processes is None else ["--num_processes", str(num_processes)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(CONFIGS / f"{config}.yaml"), str(ROOT / "examples" / "pretrain.py"),
+           str(CONFIGS / f"{config}.yaml"), *procs, str(ROOT / "examples" / "pretrain.py"),
            "--batch", str(per_device_batch), "--out", str(out), *common, *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -63,11 +70,17 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--scaling", default=None,
+                   help="comma-separated GPU counts, e.g. 1,2,4,8: weak-scaling runs (the "
+                        "per-GPU batch of --global-batch / 2) of DDP and FSDP2, BF16 and NVFP4, "
+                        "and FSDP2 with the 4-bit all-gather, named scale<N>_<config>_<recipe>")
+    p.add_argument("--model-args", default="--hidden 512 --layers 4 --seq 256",
+                   help="examples/pretrain.py model arguments")
     p.add_argument("--runs", default=None,
                    help="comma-separated subset of run names (default: all); runs of an "
                         "existing --out file are kept and the comparisons recomputed")
     args = p.parse_args()
-    common = ["--steps", str(args.steps), "--hidden", "512", "--layers", "4", "--seq", "256"]
+    common = ["--steps", str(args.steps), *args.model_args.split()]
     tmp = Path(tempfile.mkdtemp())
     gb, half = args.global_batch, args.steps // 2
     specs = {f"{kind}_{recipe}": (config, recipe, batch, [])
@@ -80,7 +93,15 @@ def main() -> None:
                                  ["--stop-at", str(half), "--save-state-at", str(half)])
     specs["fsdp2_resumed"] = ("fsdp2", "sr", gb // 2,
                               ["--resume-from", str(tmp / "fsdp2_first_half" / f"state-{half}")])
-    names = list(specs) if args.runs is None else args.runs.split(",")
+    gpus = [int(n) for n in args.scaling.split(",")] if args.scaling else []
+    for n in gpus:
+        for config, recipe in (("ddp", "bf16"), ("ddp", "sr"), ("fsdp2", "bf16"),
+                               ("fsdp2", "sr"), ("fsdp2", "sr_gather4")):
+            specs[f"scale{n}_{config}_{recipe}"] = (config, recipe, gb // 2, [], n)
+    if args.runs is not None:
+        names = args.runs.split(",")
+    else:  # --scaling runs only the scaling runs
+        names = [n for n in specs if n.startswith("scale") or not gpus]
     unknown = sorted(set(names) - set(specs))
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; expected names from {list(specs)}")
@@ -90,8 +111,8 @@ def main() -> None:
         raise SystemExit(f"{out} holds {previous['steps']}-step runs; got --steps {args.steps}")
     runs = dict(previous.get("runs", {}))
     for name in names:
-        config, recipe, batch, extra = specs[name]
-        runs[name] = launch(config, recipe, batch, tmp / name, extra, common)
+        config, recipe, batch, extra, *procs = specs[name]
+        runs[name] = launch(config, recipe, batch, tmp / name, extra, common, *procs)
     resumed = runs.get("fsdp2_resumed", {})
 
     summary: dict = {"steps": args.steps, "global_batch": gb, "runs": runs, "comparisons": {}}
@@ -121,6 +142,15 @@ def main() -> None:
             "max_rel_loss_diff": max_rel_diff(gather4["losses"], fsdp2["losses"]),
             "tokens_per_s_ratio": gather4["tokens_per_s"] / fsdp2["tokens_per_s"],
         }
+    for name, run in runs.items():
+        one = runs.get("scale1_" + name.partition("_")[2], {})
+        if name.startswith("scale") and "tokens_per_s" in run and "tokens_per_s" in one:
+            n = int(name[len("scale"):].partition("_")[0])
+            summary["comparisons"][f"{name}_efficiency"] = {
+                "gpus": n, "tokens_per_s": run["tokens_per_s"],
+                "scaling_efficiency": run["tokens_per_s"] / (n * one["tokens_per_s"]),
+                "peak_memory_mb": run.get("peak_memory_mb"),
+            }
     if "losses" in resumed and "losses" in runs.get("fsdp2_sr", {}):
         ref = runs["fsdp2_sr"]["losses"][half:]
         summary["comparisons"]["fsdp2_resume"] = {
