@@ -13,6 +13,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .distributed import world_size
 from .nn.conv1d import weight_matrix
 from .nn.linear import NVFP4Linear
+from .quant.fsdp import GatheredWeight
 from .schedule import PrecisionSchedule, switch_to_high_precision
 from .telemetry import SQRT3, role_stats, wgrad_noise_ratio
 
@@ -111,8 +112,10 @@ class QuantTelemetryCallback(TrainerCallback):
         with torch.no_grad():
             if specs.x is not None:
                 self._add("x", role_stats(x, specs.x))
-            if specs.w is not None:
-                self._add("w", role_stats(weight_matrix(layer), specs.w))
+            weight = weight_matrix(layer)
+            # A weight FSDP2 gathered as codes has no high-precision values to compare with.
+            if specs.w is not None and not isinstance(weight, GatheredWeight):
+                self._add("w", role_stats(weight, specs.w))
         if output.requires_grad:
             output.register_hook(lambda dy: self._grad_hook(layer, x, dy))
 

@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from hf_nvfp4 import NVFP4Config, NVFP4Linear, convert
+from hf_nvfp4 import NVFP4Config, NVFP4Linear, QuantTelemetryCallback, convert
 from hf_nvfp4.kernels import is_triton_available
 from hf_nvfp4.numerics.quantize import quantize, transpose_tiles
 from hf_nvfp4.numerics.testing import assert_qtensor_equal
@@ -219,3 +219,14 @@ def test_the_accelerate_recipe_turns_it_on():
     root = Path(__file__).resolve().parents[2]
     config = NVFP4Config.load(root / "integrations" / "accelerate" / "nvfp4_fsdp2_recipe.yaml")
     assert config.fsdp_quantized_all_gather and config.get_recipe().weight_2d
+
+
+def test_telemetry_skips_the_weight_stats_of_gathered_codes(mesh):
+    _, wrapped = _layers()
+    inputs, meta = _hooks(wrapped.weight, mesh)
+    wrapped.weight = torch.nn.Parameter(
+        wrapped.weight.fsdp_post_all_gather(inputs, meta, torch.float32)[0])
+    callback = QuantTelemetryCallback()
+    wrapped.register_forward_hook(callback._forward_hook)
+    wrapped(torch.randn(8, 64))
+    assert callback._acc["x_snr_db"] and not callback._acc["w_snr_db"]
