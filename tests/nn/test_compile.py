@@ -64,3 +64,20 @@ def test_compiled_blocks_train_like_eager_fullgraph():
         assert torch.equal(p, q), name
     steps = {m.sr_step for m in compiled.modules() if isinstance(m, NVFP4Linear)}
     assert steps == {2}
+
+
+@pytest.mark.parametrize("preset", ["mxfp4", "fp8_block"])
+def test_baseline_formats_compile_fullgraph(preset):
+    """The FP8-block and MXFP4 baselines trace whole (their kernels are custom ops with fake
+    implementations; bench/e2e.py's compiled columns need that) and train as in eager."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    eager = NVFP4Linear(128, 64, recipe=preset, backend="triton", sr_seed=1, device=device)
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    run = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)).to(device)
+    for step in (eager, run):
+        step(x).square().mean().backward()
+    assert torch.equal(run(x), eager(x))
+    assert torch.equal(compiled.weight.grad, eager.weight.grad)
