@@ -58,6 +58,18 @@ def _is_mxfp4(spec: QuantSpec, tile: tuple[int, int] = (1, 32)) -> bool:
     return spec.fmt == "mxfp4" and tuple(spec.tile) == tile
 
 
+def _tile_pair(
+    w: torch.Tensor, spec: QuantSpec, data: torch.Tensor, scale: torch.Tensor,
+    data_t: torch.Tensor, scale_t: torch.Tensor, global_scale: torch.Tensor | None = None,
+) -> tuple[QTensor, QTensor]:
+    """W [N, K] and W^T [K, N] in ``spec``'s square tiles, as a 2D weight kernel wrote them."""
+    n, k = w.shape
+    return (QTensor(data, scale, global_scale, spec.fmt, torch.Size((n, k)), w.dtype,
+                    tuple(spec.tile)),
+            QTensor(data_t, scale_t, global_scale, spec.fmt, torch.Size((k, n)), w.dtype,
+                    tuple(spec.tile)))
+
+
 def _fresh_generator() -> torch.Generator:
     return torch.Generator().manual_seed(draw_seed())
 
@@ -211,35 +223,19 @@ class TritonBackend:
     def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight`."""
         if _is_fp8_block(spec, (128, 128)) and self._runs_here(w):
-            n, k = w.shape
-            data, scale, data_t, scale_t = self._ops.quantize_2d_fp8(w)
-            return (QTensor(data, scale, None, "fp8_block", torch.Size((n, k)), w.dtype,
-                            (128, 128)),
-                    QTensor(data_t, scale_t, None, "fp8_block", torch.Size((k, n)), w.dtype,
-                            (128, 128)))
+            return _tile_pair(w, spec, *self._ops.quantize_2d_fp8(w))
         if _is_fp8_block(spec) and self._runs_here(w):
             return self._quantize_rowcol_fp8(w, spec, spec)
         if spec.fmt == "mxfp4" and not spec.rht and not _sr(spec) and self._runs_here(w):
             if _is_mxfp4(spec, (32, 32)):
-                n, k = w.shape
-                data, scale, data_t, scale_t = self._ops.quantize_2d_mxfp4(w)
-                return (QTensor(data, scale, None, "mxfp4", torch.Size((n, k)), w.dtype,
-                                (32, 32)),
-                        QTensor(data_t, scale_t, None, "mxfp4", torch.Size((k, n)), w.dtype,
-                                (32, 32)))
+                return _tile_pair(w, spec, *self._ops.quantize_2d_mxfp4(w))
             return self._quantize_rowcol_mx(w, spec, spec, None)
         if spec.fmt != "nvfp4" or spec.rht or spec.rounding != "nearest" or not self._runs_here(w):
             return self._reference.quantize_weight(w, spec)
         if tuple(spec.tile) == (1, 16):
             return self.quantize_rowcol(w, spec, spec)
-        n, k = w.shape
         data, scale, data_t, scale_t, gs = self._ops.quantize_2d(w)
-        s_dec = gs[0]
-        q_w = QTensor(data, scale, s_dec, "nvfp4", torch.Size((n, k)), w.dtype,
-                      (16, 16), False)
-        q_wt = QTensor(data_t, scale_t, s_dec, "nvfp4", torch.Size((k, n)),
-                       w.dtype, (16, 16), False)
-        return q_w, q_wt
+        return _tile_pair(w, spec, data, scale, data_t, scale_t, gs[0])
 
     def gemm(self, a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
         """See :meth:`Backend.gemm`: dequantize packed operands to BF16 block values, then
