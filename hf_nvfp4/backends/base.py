@@ -97,11 +97,15 @@ class Backend(Protocol):
         0 for a copy whose spec is None."""
         ...
 
-    def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
+    def quantize_weight(
+        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None
+    ) -> tuple[QTensor, QTensor]:
         """Quantize ``w`` [N, K] along K and ``w^T`` [K, N] along N.
 
         With square tiles both come from the same tiles, so ``w^T``'s values are exactly the
-        transpose of ``w``'s.
+        transpose of ``w``'s. ``amax``: the FP32 0-dim global amax to encode with instead of
+        ``w``'s own (formats with a global scale), e.g. that of a whole weight of which ``w``
+        is a shard (:mod:`hf_nvfp4.quant.fsdp`); NaN/Inf then propagate instead of raising.
         """
         ...
 

@@ -83,9 +83,11 @@ class NativeFP4Backend:
         """See :meth:`Backend.amax_rowcol` (the Triton kernel)."""
         return self._quantizer.amax_rowcol(x, row, col)
 
-    def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
+    def quantize_weight(
+        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None
+    ) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight` (the Triton kernels)."""
-        return self._quantizer.quantize_weight(w, spec)
+        return self._quantizer.quantize_weight(w, spec, amax=amax)
 
     def gemm(self, a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
         """``a @ b^T`` on FP4 tensor cores; other formats use the Triton GEMM.

@@ -115,9 +115,12 @@ class ReferenceBackend:
         """See :meth:`Backend.amax_rowcol`."""
         return reference_amax_rowcol(x, row, col)
 
-    def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
+    def quantize_weight(
+        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None
+    ) -> tuple[QTensor, QTensor]:
         """See :meth:`Backend.quantize_weight`."""
-        return self._quantize(w, spec), self._quantize(w.t().contiguous(), spec)
+        return (self._quantize(w, spec, amax=amax),
+                self._quantize(w.t().contiguous(), spec, amax=amax))
 
     def gemm(self, a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
         """See :meth:`Backend.gemm`."""

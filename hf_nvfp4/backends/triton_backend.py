@@ -220,8 +220,11 @@ class TritonBackend:
             if spec is not None and spec.rht and _is_nvfp4_1x16(spec):
                 self._ops.prepare_rht(tuple(spec.rht_sign), torch.device(device))
 
-    def quantize_weight(self, w: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, QTensor]:
-        """See :meth:`Backend.quantize_weight`."""
+    def quantize_weight(
+        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None
+    ) -> tuple[QTensor, QTensor]:
+        """See :meth:`Backend.quantize_weight` (``amax`` matters to NVFP4 only: the other
+        formats have no global scale)."""
         if _is_fp8_block(spec, (128, 128)) and self._runs_here(w):
             return _tile_pair(w, spec, *self._ops.quantize_2d_fp8(w))
         if _is_fp8_block(spec) and self._runs_here(w):
@@ -231,10 +234,12 @@ class TritonBackend:
                 return _tile_pair(w, spec, *self._ops.quantize_2d_mxfp4(w))
             return self._quantize_rowcol_mx(w, spec, spec, None)
         if spec.fmt != "nvfp4" or spec.rht or spec.rounding != "nearest" or not self._runs_here(w):
-            return self._reference.quantize_weight(w, spec)
+            return self._reference.quantize_weight(w, spec, amax=amax)
         if tuple(spec.tile) == (1, 16):
-            return self.quantize_rowcol(w, spec, spec)
-        data, scale, data_t, scale_t, gs = self._ops.quantize_2d(w)
+            pair = None if amax is None else amax.float().reshape(1).repeat(2)
+            return self.quantize_rowcol(w, spec, spec, amax=pair)
+        amax = None if amax is None else amax.float().reshape(1)
+        data, scale, data_t, scale_t, gs = self._ops.quantize_2d(w, amax)
         return _tile_pair(w, spec, data, scale, data_t, scale_t, gs[0])
 
     def gemm(self, a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:

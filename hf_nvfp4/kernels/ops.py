@@ -118,14 +118,16 @@ def _(x, row, col, col_rht_sign):
 
 
 @_custom_op("hf_nvfp4::quantize_2d")
-def quantize_2d(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def quantize_2d(
+    w: Tensor, amax: Optional[Tensor] = None,  # noqa: UP045
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`.quantize_2d.quantize_2d_nvfp4`."""
-    data, scale, data_t, scale_t, gs = quantize_2d_nvfp4(w.contiguous())
+    data, scale, data_t, scale_t, gs = quantize_2d_nvfp4(w.contiguous(), amax)
     return data, _e4m3(scale), data_t, _e4m3(scale_t), gs
 
 
 @quantize_2d.register_fake
-def _(w):
+def _(w, amax=None):
     n16, k16 = _pad16(w.shape[0]), _pad16(w.shape[1])
     new = w.new_empty
     return (

@@ -103,13 +103,17 @@ def _quantize_2d_kernel(
     )
 
 
-def _quantize_2d(w: torch.Tensor, tile: int, mx: bool) -> tuple[torch.Tensor, ...]:
+def _quantize_2d(w: torch.Tensor, tile: int, mx: bool,
+                 amax: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Launch the tile kernel on a contiguous 2D ``w``; see the two wrappers below."""
     n, k = w.shape
     np_, kp = -(-n // tile) * tile, -(-k // tile) * tile
     dev = w.device
     gs = torch.empty(1, dtype=torch.float32, device=dev)
-    amax = gs if mx else amax_rowcol(w, True, False, None)  # MXFP4 reads neither
+    if mx:
+        amax = gs  # MXFP4 reads neither
+    elif amax is None:
+        amax = amax_rowcol(w, True, False, None)
     data = torch.empty((np_, kp // 2), dtype=torch.uint8, device=dev)
     scale = torch.empty((np_, kp // tile), dtype=torch.uint8, device=dev)
     data_t = torch.empty((kp, np_ // 2), dtype=torch.uint8, device=dev)
@@ -122,14 +126,18 @@ def _quantize_2d(w: torch.Tensor, tile: int, mx: bool) -> tuple[torch.Tensor, ..
     return data, scale, data_t, scale_t, gs
 
 
-def quantize_2d_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def quantize_2d_nvfp4(w: torch.Tensor,
+                      amax: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """NVFP4 16x16-tile codes of a contiguous 2D ``w`` [N, K] in both orientations.
+
+    ``amax``: the FP32 global amax (first element read) to encode with instead of ``w``'s
+    own, e.g. that of the whole weight when ``w`` is a shard of it.
 
     Returns:
         ``(data [N16, K16/2], scale [N16, K16/16], data_t [K16, N16/2],
         scale_t [K16, N16/16], global_scale [1])``, scales as uint8 E4M3 bytes.
     """
-    return _quantize_2d(w, 16, False)
+    return _quantize_2d(w, 16, False, amax)
 
 
 def quantize_2d_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -117,7 +117,7 @@ class NVFP4Linear(nn.Linear):
         if not gathers_codes(specs.w, specs.w_dgrad):
             return False
         if not isinstance(self.weight, ShardedWeight):
-            self.weight = wrap_weight(self.weight, specs.w)
+            self.weight = wrap_weight(self.weight, specs.w, self.backend_name)
             self.register_state_dict_post_hook(plain_state_dict)
         return True
 

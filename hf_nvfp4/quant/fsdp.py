@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map_only
 
+from ..backends import backend_instance, resolve_backend
 from ..numerics.formats import get_format
-from ..numerics.quantize import QTensor, quantize, tensor_amax, transpose_tiles
+from ..numerics.quantize import QTensor, tensor_amax, transpose_tiles
 from ..recipe import QuantSpec
 from .quantizer import Quantized
 
@@ -75,13 +76,17 @@ class ShardedWeight(torch.Tensor):
 
     Attributes:
         spec: the weight's :class:`~hf_nvfp4.recipe.QuantSpec` (square tiles, RTN).
+        backend: the layer's backend name (``"auto"`` resolved per device), which quantizes
+            the shard before each all-gather.
     """
 
     _inner: torch.Tensor
     spec: QuantSpec
+    backend: str
 
     @staticmethod
-    def __new__(cls, inner: torch.Tensor, spec: QuantSpec) -> ShardedWeight:  # noqa: D102
+    def __new__(cls, inner: torch.Tensor, spec: QuantSpec,
+                backend: str = "auto") -> ShardedWeight:  # noqa: D102
         self = torch.Tensor._make_wrapper_subclass(
             cls, inner.size(), strides=inner.stride(), storage_offset=inner.storage_offset(),
             dtype=inner.dtype, layout=inner.layout, device=inner.device,
@@ -89,30 +94,33 @@ class ShardedWeight(torch.Tensor):
         )
         self._inner = inner
         self.spec = spec
+        self.backend = backend
         return self
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: D105
-        specs = []
+        seen = []
 
         def unwrap(t: ShardedWeight) -> torch.Tensor:
-            specs.append(t.spec)
+            seen.append(t)
             return t._inner
 
         args, kwargs = tree_map_only(ShardedWeight, unwrap, (args, kwargs or {}))
         out = func(*args, **kwargs)
         if func not in _KEEPS_WRAPPER:
             return out
-        return tree_map_only(torch.Tensor, lambda t: ShardedWeight(t, specs[0]), out)
+        first = seen[0]
+        return tree_map_only(torch.Tensor, lambda t: ShardedWeight(t, first.spec, first.backend),
+                             out)
 
-    def __tensor_flatten__(self) -> tuple[list[str], QuantSpec]:  # noqa: D105
-        return ["_inner"], self.spec
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[QuantSpec, str]]:  # noqa: D105
+        return ["_inner"], (self.spec, self.backend)
 
     @staticmethod
-    def __tensor_unflatten__(inner, spec, outer_size, outer_stride):  # noqa: D105
-        return ShardedWeight(inner["_inner"], spec)
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):  # noqa: D105
+        return ShardedWeight(inner["_inner"], *meta)
 
     def __repr__(self) -> str:  # noqa: D105
         return f"ShardedWeight({self._inner!r}, fmt={self.spec.fmt}, tile={self.spec.tile})"
@@ -146,10 +154,8 @@ class ShardedWeight(torch.Tensor):
             torch.distributed.all_reduce(
                 amax, op=torch.distributed.ReduceOp.MAX, group=mesh.get_group()
             )
-        q = quantize(
-            local, self.spec.fmt, tile=self.spec.tile, allow_nonfinite=True,
-            amax_reduce=None if amax is None else (lambda _local: amax),
-        )
+        backend = backend_instance(resolve_backend(self.backend, local.device))
+        q = backend.quantize_weight(local, self.spec, amax=amax)[0]
         return (q.data, q.scale), (q.global_scale, dtype, tuple(outer_size))
 
     def fsdp_post_all_gather(
@@ -248,12 +254,13 @@ def gathered_layouts(
     return Quantized(q, transpose_tiles(q))
 
 
-def wrap_weight(weight: torch.nn.Parameter, spec: QuantSpec) -> torch.nn.Parameter:
+def wrap_weight(weight: torch.nn.Parameter, spec: QuantSpec,
+                backend: str = "auto") -> torch.nn.Parameter:
     """A Parameter holding a :class:`ShardedWeight` of ``weight``'s tensor (shared, not
     copied), to give to ``fully_shard``; ``weight`` itself when it is wrapped already."""
     if isinstance(weight, ShardedWeight):
         return weight
-    return torch.nn.Parameter(ShardedWeight(weight.data, spec), weight.requires_grad)
+    return torch.nn.Parameter(ShardedWeight(weight.data, spec, backend), weight.requires_grad)
 
 
 def plain_state_dict(

@@ -435,6 +435,23 @@ def test_weight_bitwise(backends, dtype, shape, spec):
         assert_qtensor_equal(g, r, name=name)
 
 
+@pytest.mark.parametrize("spec", [pytest.param(SPECS.w, id="2d_16x16"),
+                                  pytest.param(Recipe(weight_2d=False).role_specs().w, id="1x16")])
+def test_weight_shard_with_the_whole_weights_amax(backends, spec):
+    """A shard quantized with the whole weight's amax (FSDP2's quantized all-gather) has the
+    whole weight's codes and scales on its rows, and its global scale."""
+    w = _x(64, 96, torch.bfloat16, seed=5)
+    w[40:48, :16] *= 50  # the whole weight's amax lies outside the shard
+    tri, ref = backends
+    whole = ref.quantize_weight(w, spec)[0]
+    amax = w.float().abs().amax()
+    for backend in (tri, ref):
+        shard = backend.quantize_weight(w[16:32].contiguous(), spec, amax=amax)[0]
+        assert torch.equal(shard.data, whole.data[16:32])
+        assert torch.equal(shard.scale.view(torch.uint8), whole.scale[16:32].view(torch.uint8))
+        assert torch.equal(shard.global_scale.reshape(()), whole.global_scale.reshape(()))
+
+
 def test_stochastic_rounding_statistics():
     """E[dequantize] = x for stochastic rounding, and the kernel's draws are the reference's."""
     m, k = 64, 256

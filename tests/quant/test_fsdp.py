@@ -20,6 +20,8 @@ from hf_nvfp4.quant.fsdp import GatheredWeight, ShardedWeight, gathered_layouts,
 from hf_nvfp4.recipe import get_recipe
 
 NO_SR = {"preset": "nvfp4", "stochastic_rounding": False}
+# the Triton path where Triton runs (compiled on a GPU, else the interpreter)
+BACKENDS = ["reference", "triton"] if is_triton_available()[0] else ["reference"]
 
 
 @pytest.mark.parametrize("fmt, tile, shape", [
@@ -46,9 +48,9 @@ def test_gathers_codes_only_for_square_round_to_nearest_tiles():
     assert not gathers_codes(specs.w, None)
 
 
-def _layers(seed=0):
+def _layers(seed=0, backend="reference"):
     torch.manual_seed(seed)
-    plain = NVFP4Linear(64, 48, recipe=NO_SR, backend="reference", sr_seed=3)
+    plain = NVFP4Linear(64, 48, recipe=NO_SR, backend=backend, sr_seed=3)
     wrapped = copy.deepcopy(plain)
     assert wrapped.gather_quantized()
     return plain, wrapped
@@ -104,8 +106,9 @@ def _hooks(weight: ShardedWeight, mesh, param_dtype=None):
     return inputs, meta
 
 
-def test_hooks_gather_the_codes_the_layer_would_quantize(mesh):
-    plain, wrapped = _layers()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hooks_gather_the_codes_the_layer_would_quantize(mesh, backend):
+    plain, wrapped = _layers(backend=backend)
     w = wrapped.weight
     inputs, meta = _hooks(w, mesh)
     assert [t.dtype for t in inputs] == [torch.uint8, torch.float8_e4m3fn]
@@ -125,10 +128,11 @@ def test_hooks_gather_the_codes_the_layer_would_quantize(mesh):
     assert new.row.global_scale is new_scale
 
 
-def test_gathered_weight_in_a_layer_is_the_weight(mesh):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gathered_weight_in_a_layer_is_the_weight(mesh, backend):
     """A layer whose weight is the gathered codes computes what the plain layer computes,
     and its weight gradient is the plain layer's."""
-    plain, wrapped = _layers()
+    plain, wrapped = _layers(backend=backend)
     inputs, meta = _hooks(wrapped.weight, mesh)
     gathered = wrapped.weight.fsdp_post_all_gather(inputs, meta, torch.float32)[0]
     wrapped.weight = torch.nn.Parameter(gathered)
