@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         restore_quantization,
         switch_to_high_precision,
     )
+    from .telemetry import QuantProbe
     from .trainer import NVFP4Trainer, NVFP4TrainingArguments, Trainer
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ _LAZY = {
     "NVFP4Plugin": "accelerate_plugin",
     "LateSwitchCallback": "callbacks",
     "QuantTelemetryCallback": "callbacks",
+    "QuantProbe": "telemetry",
     "NVFP4Config": "config",
     "ConversionSummary": "convert",
     "convert": "convert",
@@ -72,6 +74,7 @@ __all__ = [
     "NVFP4Plugin",
     "NVFP4Trainer",
     "NVFP4TrainingArguments",
+    "QuantProbe",
     "QuantTelemetryCallback",
     "Trainer",
     "PRESETS",

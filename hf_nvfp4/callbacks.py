@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .distributed import world_size
-from .nn.conv1d import weight_matrix
-from .nn.linear import NVFP4Linear
-from .quant.fsdp import GatheredWeight
 from .schedule import PrecisionSchedule, switch_to_high_precision
-from .telemetry import SQRT3, role_stats, wgrad_noise_ratio
+from .telemetry import SQRT3, QuantProbe
 
 logger = logging.getLogger(__name__)
 
@@ -85,17 +79,8 @@ class QuantTelemetryCallback(TrainerCallback):
         self.auto_switch, self.spike_factor = auto_switch, spike_factor
         self.pending: dict[str, float] = {}
         self.switched_at: int | None = None
-        self._handles: list = []
-        self._acc: dict[str, list[float]] = defaultdict(list)
+        self.probe = QuantProbe(max_layers)
         self._loss_mean: float | None = None
-
-    def _layers(self, model: nn.Module) -> list[NVFP4Linear]:
-        layers = [
-            m for m in _unwrap(model).modules()
-            if isinstance(m, NVFP4Linear) and not m.recipe.is_high_precision
-        ]
-        stride = max(1, len(layers) // self.max_layers)
-        return layers[::stride][: self.max_layers]
 
     def on_step_begin(  # noqa: D102
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -103,48 +88,16 @@ class QuantTelemetryCallback(TrainerCallback):
     ) -> None:
         if model is None or (state.global_step + 1) % self.every:
             return
-        for layer in self._layers(model):
-            self._handles.append(layer.register_forward_hook(self._forward_hook))
-
-    def _forward_hook(self, layer: NVFP4Linear, inputs, output) -> None:
-        specs = layer.recipe.role_specs()
-        x = inputs[0]
-        with torch.no_grad():
-            if specs.x is not None:
-                self._add("x", role_stats(x, specs.x))
-            weight = weight_matrix(layer)
-            # A weight FSDP2 gathered as codes has no high-precision values to compare with.
-            if specs.w is not None and not isinstance(weight, GatheredWeight):
-                self._add("w", role_stats(weight, specs.w))
-        if output.requires_grad:
-            output.register_hook(lambda dy: self._grad_hook(layer, x, dy))
-
-    def _grad_hook(self, layer: NVFP4Linear, x: torch.Tensor, dy: torch.Tensor) -> None:
-        specs = layer.recipe.role_specs()
-        with torch.no_grad():
-            if specs.dy is not None:
-                self._add("dy", role_stats(dy, specs.dy))
-            if specs.dy_t is not None:
-                ratio = wgrad_noise_ratio(x, dy, specs.dy_t, specs.x_t)
-                self._acc["wgrad_noise_ratio"].append(ratio)
-
-    def _add(self, role: str, stats: dict[str, float]) -> None:
-        for k, v in stats.items():
-            self._acc[f"{role}_{k}"].append(v)
+        self.probe.start(model)
 
     def on_step_end(  # noqa: D102
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         model: nn.Module | None = None, **kwargs: Any,
     ) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if self._acc:
-            keys = sorted(self._acc)
-            means = _mean_over_ranks([sum(self._acc[k]) / len(self._acc[k]) for k in keys], model)
-            self.pending = {f"nvfp4/{k}": v for k, v in zip(keys, means, strict=True)}
-            self._acc = defaultdict(list)
-            ratio = self.pending.get("nvfp4/wgrad_noise_ratio")
+        stats = self.probe.finish(model)
+        if stats:
+            self.pending = stats
+            ratio = stats.get("nvfp4/wgrad_noise_ratio")
             if self.auto_switch and ratio is not None and ratio < SQRT3:
                 self._switch(model, state.global_step, f"wgrad noise ratio {ratio:.2f} < sqrt(3)")
 
@@ -178,14 +131,3 @@ class QuantTelemetryCallback(TrainerCallback):
         self.pending["nvfp4/switched_to_bf16"] = float(step)
         logger.warning("hf_nvfp4: switched to BF16 at step %d: %s", step, why)
 
-
-def _mean_over_ranks(values: list[float], model: nn.Module | None) -> list[float]:
-    """``values`` averaged over the ranks of the default process group (as they are without
-    one): the statistics every rank logs and switches on."""
-    ranks = world_size()
-    if ranks == 1:
-        return values
-    device = next(_unwrap(model).parameters()).device if model is not None else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return (t / ranks).tolist()

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 
 from hf_nvfp4 import NVFP4Linear
-from hf_nvfp4.callbacks import _mean_over_ranks
 from hf_nvfp4.numerics.testing import assert_qtensor_equal
 from hf_nvfp4.quant.quantizer import Quantizer
 from hf_nvfp4.recipe import Recipe
+from hf_nvfp4.telemetry import _mean_over_ranks
 
 RECIPE = {"preset": "nvfp4", "stochastic_rounding": False}
 

@@ -12,12 +12,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from hf_nvfp4 import NVFP4Config, NVFP4Linear, QuantTelemetryCallback, convert
+from hf_nvfp4 import NVFP4Config, NVFP4Linear, convert
 from hf_nvfp4.kernels import is_triton_available
 from hf_nvfp4.numerics.quantize import quantize, transpose_tiles
 from hf_nvfp4.numerics.testing import assert_qtensor_equal
 from hf_nvfp4.quant.fsdp import GatheredWeight, ShardedWeight, gathered_layouts, gathers_codes
 from hf_nvfp4.recipe import get_recipe
+from hf_nvfp4.telemetry import QuantProbe
 
 NO_SR = {"preset": "nvfp4", "stochastic_rounding": False}
 # the Triton path where Triton runs (compiled on a GPU, else the interpreter)
@@ -230,7 +231,9 @@ def test_telemetry_skips_the_weight_stats_of_gathered_codes(mesh):
     inputs, meta = _hooks(wrapped.weight, mesh)
     wrapped.weight = torch.nn.Parameter(
         wrapped.weight.fsdp_post_all_gather(inputs, meta, torch.float32)[0])
-    callback = QuantTelemetryCallback()
-    wrapped.register_forward_hook(callback._forward_hook)
-    wrapped(torch.randn(8, 64))
-    assert callback._acc["x_snr_db"] and not callback._acc["w_snr_db"]
+    probe = QuantProbe()
+    probe.start(wrapped)
+    wrapped(torch.randn(8, 64)).sum().backward()
+    stats = probe.finish(wrapped)
+    assert "nvfp4/x_snr_db" in stats and "nvfp4/wgrad_noise_ratio" in stats
+    assert "nvfp4/w_snr_db" not in stats
