@@ -10,6 +10,12 @@ automatic when its checkpoint exists); the resumed curve equals the uninterrupte
     python bench/replicate.py --corpus /tmp/corpus --runs bf16,nvfp4 --tokens 50_000_000 \\
         --out eval/reports/replicate/runs --stop-after-seconds 500
 
+Quantized runs log :class:`hf_nvfp4.QuantProbe` statistics every ``--telemetry-every`` steps
+(the wgrad noise ratio against "FP4 All the Way"'s sqrt(3) criterion; the first step where it
+fell below is ``sqrt3_step``), and every command that advanced a run appends a segment (steps,
+seconds, host, device, command, ``--session``) to its JSON. ``--compile`` trains through
+``torch.compile`` (telemetry steps and validation run the same model eagerly).
+
 ``--probe-steps N`` instead times N steps of each run in isolation (after warm-up steps) and
 writes ``probe/<run>.json`` (tokens/s, peak memory): runs trained concurrently on one GPU
 report their throughput from there. ``--save-models`` writes each finished run as a
@@ -22,15 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import shutil
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_nvfp4 import NVFP4Config, PrecisionSchedule, convert
+from hf_nvfp4 import NVFP4Config, PrecisionSchedule, QuantProbe, convert
+from hf_nvfp4.telemetry import SQRT3
 
 RUNS: dict[str, dict | None] = {
     "bf16": None,
@@ -93,9 +103,13 @@ def make_optimizer(model: torch.nn.Module, steps: int, lr: float):
     return opt, sched
 
 
-def train_step(model, opt, sched, x: torch.Tensor, device: str) -> torch.Tensor:
-    """One optimizer step on the token blocks ``x``; returns the loss."""
+def train_step(model, opt, sched, x: torch.Tensor, device: str,
+               cudagraphs: bool = False) -> torch.Tensor:
+    """One optimizer step on the token blocks ``x``; returns the loss. ``cudagraphs``: the
+    model was compiled with CUDA graphs (a new step begins)."""
     x = x.to(device)
+    if cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         loss = model(input_ids=x, labels=x).loss
     loss.backward()
@@ -171,6 +185,11 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
     amp = device == "cuda"
     model, config = build_model(args.size, vocab, train.shape[1], run, args.backend)
     model.to(device)
+    step_model = model
+    if args.compile:
+        step_model = torch.compile(model, mode=args.compile_mode, backend=args.compile_backend)
+    graphs = args.compile and args.compile_mode == "reduce-overhead"
+    probe = QuantProbe() if config is not None and args.telemetry_every else None
     steps = max(1, args.tokens // (args.batch * train.shape[1]))
     opt, sched = make_optimizer(model, steps, args.lr)
     schedule = None
@@ -190,6 +209,7 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, result = state["step"], state["result"]
+    first_step = step
     if schedule is not None:
         schedule.update(model, step)
     if device == "cuda":
@@ -198,15 +218,28 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
     while step < steps:
         if not result["val"] or (step % args.val_every == 0 and result["val"][-1][0] != step):
             result["val"].append((step, val_loss(model, val, device, amp)))
-        loss = train_step(model, opt, sched, train[batch_indices(step, args.batch, len(train),
-                                                                 args.seed)], device)
+        x = train[batch_indices(step, args.batch, len(train), args.seed)]
+        if probe is not None and step % args.telemetry_every == 0:
+            probe.start(model)  # hooks need the eager model
+            loss = train_step(model, opt, sched, x, device)
+            log_telemetry(result, step, probe.finish(model))
+        else:
+            loss = train_step(step_model, opt, sched, x, device, graphs)
         step += 1
         if schedule is not None:
             schedule.update(model, step)
         result["train"].append((step, loss.float().item()))
         if args.stop_after_seconds and time.perf_counter() - t0 > args.stop_after_seconds:
             break
-    result["seconds"] += time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    result["seconds"] += seconds
+    result.setdefault("segments", []).append({
+        "from_step": first_step, "to_step": step, "seconds": seconds,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "command": args.command, "session": args.session,
+    })
     if step >= steps:
         result["val"].append((step, val_loss(model, val, device, amp)))
         result["final_val_loss"] = result["val"][-1][1]
@@ -225,6 +258,15 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
         f" val {result['final_val_loss']:.4f}" if result["done"] else " (saved, resume later)"),
         flush=True)
     return result
+
+
+def log_telemetry(result: dict, step: int, stats: dict[str, float]) -> None:
+    """Append one telemetry record; note the first step whose wgrad noise ratio fell below
+    sqrt(3) ("FP4 All the Way"'s criterion for the end of useful FP4 training)."""
+    result.setdefault("telemetry", []).append([step, stats])
+    ratio = stats.get("nvfp4/wgrad_noise_ratio")
+    if ratio is not None and ratio < SQRT3 and result.get("sqrt3_step") is None:
+        result["sqrt3_step"] = step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,8 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpus", type=int, default=1, help="GPUs for --plan-seconds")
     p.add_argument("--save-models", action="store_true",
                    help="save each finished run under OUT/models/<run> for the eval suite")
+    p.add_argument("--telemetry-every", type=int, default=100,
+                   help="QuantProbe statistics of quantized runs every this many steps (0: off)")
+    p.add_argument("--compile", action="store_true", help="train through torch.compile")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. "
+                   "reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--session", default="", help="a label stored with each segment of a run")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    args.command = " ".join(["bench/replicate.py", *(sys.argv[1:] if argv is None else argv)])
     unknown = sorted(set(args.runs.split(",")) - set(RUNS))
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; expected names from {list(RUNS)}")

@@ -155,18 +155,24 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
     isolated_throughput(folder, runs)
     out.mkdir(parents=True, exist_ok=True)
     plot(runs, out)
-    lines = [
-        "| run | val loss | vs BF16 | vs FP8 | tokens/s | peak MB |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in runs.items():
-        fp8 = f"{rel_gap(runs, name, 'fp8_block'):+.2f}%" if "fp8_block" in runs else "-"
-        lines.append(
-            f"| {name} | {r['final_val_loss']:.4f} | {rel_gap(runs, name, 'bf16'):+.2f}% | {fp8}"
-            f" | {r['tokens_per_s']:,.0f} | {r.get('peak_memory_mb', 0):,.0f} |"
-        )
     noise = seed_noise(runs, seed_folders) if seed_folders else None
     sd = noise["sd"] if noise else None
+    lines = [
+        "| run | val loss | vs BF16 | in seed sd | vs FP8 | tokens/s | peak MB "
+        "| wgrad noise ratio < sqrt(3) at step | commands |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        gap = rel_gap(runs, name, "bf16")
+        fp8 = f"{rel_gap(runs, name, 'fp8_block'):+.2f}%" if "fp8_block" in runs else "-"
+        in_sd = f"{gap / sd:+.1f}" if sd else "-"
+        tripped = "-" if "telemetry" not in r else (
+            "never" if r.get("sqrt3_step") is None else str(r["sqrt3_step"]))
+        lines.append(
+            f"| {name} | {r['final_val_loss']:.4f} | {gap:+.2f}% | {in_sd} | {fp8}"
+            f" | {r['tokens_per_s']:,.0f} | {r.get('peak_memory_mb', 0):,.0f} | {tripped}"
+            f" | {len(r.get('segments', [])) or '-'} |"
+        )
     if noise:
         lines += ["", "| NVFP4 vs BF16 by data-order seed | relative gap |", "|---|---|"]
         lines += [f"| {k} | {v:+.2f}% |" for k, v in noise["gaps"].items()]
@@ -189,7 +195,7 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
     )
     (out / "results.json").write_text(json.dumps({"runs": {
         n: {k: r.get(k) for k in ("final_val_loss", "tokens_per_s", "peak_memory_mb", "params",
-                                   "steps", "throughput")}
+                                   "steps", "throughput", "sqrt3_step", "segments")}
         for n, r in runs.items()}, "seed_noise": noise,
         "same_data_noise": floor}, indent=2))
     return md
