@@ -172,9 +172,12 @@ class NVFP4Config(QuantizationConfigMixin):
         for name in ("reduce_amax", "fsdp_quantized_all_gather"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
-        if self.fsdp_quantized_all_gather and self.switch_to_bf16_at is not None:
+        if self.fsdp_quantized_all_gather and (
+            self.switch_to_bf16_at is not None or self.switched is not None
+        ):
             raise ValueError(
-                "fsdp_quantized_all_gather cannot be combined with switch_to_bf16_at: after "
+                "fsdp_quantized_all_gather cannot be combined with switch_to_bf16_at or "
+                "switched: after "
                 "the late switch the layers need their high-precision weights, which the "
                 "quantized all-gather does not move"
             )

@@ -202,6 +202,8 @@ def test_config_and_convert():
     assert summary.gathered_quantized == []
     with pytest.raises(ValueError, match="switch_to_bf16_at"):
         NVFP4Config(fsdp_quantized_all_gather=True, switch_to_bf16_at=0.8)
+    with pytest.raises(ValueError, match="switched"):
+        NVFP4Config(fsdp_quantized_all_gather=True, switched="all")
     with pytest.raises(TypeError, match="fsdp_quantized_all_gather must be a bool"):
         NVFP4Config(fsdp_quantized_all_gather="yes")
 
