@@ -59,8 +59,9 @@ def _custom_op(name: str) -> Callable[[Callable[..., Any]], _EagerOp]:
     return lambda impl: _EagerOp(name, impl)
 
 
-def _pad16(n: int) -> int:
-    return -(-n // 16) * 16
+def _pad(n: int, block: int) -> int:
+    """``n`` rounded up to a multiple of ``block``."""
+    return -(-n // block) * block
 
 
 @_custom_op("hf_nvfp4::quantize_rowcol")
@@ -98,8 +99,8 @@ def _(x, row, col, col_rht_sign, row_sr, col_sr, keys, amax, row_values, col_val
         return new((rows, cols // 2), dtype=_U8), new((rows, cols // 16), dtype=_E4M3)
 
     return (
-        *copy(m, _pad16(k), row, row_values),
-        *copy(k, _pad16(m), col, col_values),
+        *copy(m, _pad(k, 16), row, row_values),
+        *copy(k, _pad(m, 16), col, col_values),
         new(2, dtype=torch.float32),
     )
 
@@ -128,7 +129,7 @@ def quantize_2d(
 
 @quantize_2d.register_fake
 def _(w, amax=None):
-    n16, k16 = _pad16(w.shape[0]), _pad16(w.shape[1])
+    n16, k16 = _pad(w.shape[0], 16), _pad(w.shape[1], 16)
     new = w.new_empty
     return (
         new((n16, k16 // 2), dtype=_U8),
@@ -137,10 +138,6 @@ def _(w, amax=None):
         new((k16, n16 // 16), dtype=_E4M3),
         new(1, dtype=torch.float32),
     )
-
-
-def _pad128(n: int) -> int:
-    return -(-n // 128) * 128
 
 
 @_custom_op("hf_nvfp4::quantize_rowcol_fp8")
@@ -159,7 +156,7 @@ def _(x, row, col):
             return new(0, dtype=_E4M3), new(0, dtype=torch.float32)
         return new((rows, cols), dtype=_E4M3), new((rows, cols // 128), dtype=torch.float32)
 
-    return (*copy(m, _pad128(k), row), *copy(k, _pad128(m), col))
+    return (*copy(m, _pad(k, 128), row), *copy(k, _pad(m, 128), col))
 
 
 @_custom_op("hf_nvfp4::quantize_2d_fp8")
@@ -170,7 +167,7 @@ def quantize_2d_fp8(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 @quantize_2d_fp8.register_fake
 def _(w):
-    n128, k128 = _pad128(w.shape[0]), _pad128(w.shape[1])
+    n128, k128 = _pad(w.shape[0], 128), _pad(w.shape[1], 128)
     new = w.new_empty
     return (
         new((n128, k128), dtype=_E4M3),
@@ -178,10 +175,6 @@ def _(w):
         new((k128, n128), dtype=_E4M3),
         new((k128, n128 // 128), dtype=torch.float32),
     )
-
-
-def _pad32(n: int) -> int:
-    return -(-n // 32) * 32
 
 
 @_custom_op("hf_nvfp4::quantize_rowcol_mxfp4")
@@ -209,7 +202,7 @@ def _(x, row, col, col_rht_sign, row_sr, col_sr, keys):
             return new(0, dtype=_U8), new(0, dtype=_U8)
         return new((rows, cols // 2), dtype=_U8), new((rows, cols // 32), dtype=_U8)
 
-    return (*copy(m, _pad32(k), row), *copy(k, _pad32(m), col))
+    return (*copy(m, _pad(k, 32), row), *copy(k, _pad(m, 32), col))
 
 
 @_custom_op("hf_nvfp4::quantize_2d_mxfp4")
@@ -220,7 +213,7 @@ def quantize_2d_mxfp4(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 @quantize_2d_mxfp4.register_fake
 def _(w):
-    n32, k32 = _pad32(w.shape[0]), _pad32(w.shape[1])
+    n32, k32 = _pad(w.shape[0], 32), _pad(w.shape[1], 32)
     new = w.new_empty
     return (
         new((n32, k32 // 2), dtype=_U8),

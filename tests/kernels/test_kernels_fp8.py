@@ -223,28 +223,12 @@ def backends():
     return get_backend("triton"), ReferenceBackend()
 
 
-def _spy(monkeypatch) -> dict[str, int]:
-    """Count the FP8 kernel ops the backend calls."""
-    from hf_nvfp4.kernels import ops
-
-    calls = {"quantize_rowcol_fp8": 0, "quantize_2d_fp8": 0}
-    for name in calls:
-        op = getattr(ops, name)
-
-        def counted(*args, _op=op, _name=name):
-            calls[_name] += 1
-            return _op(*args)
-
-        monkeypatch.setattr(ops, name, counted)
-    return calls
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backend_matches_reference(backends, monkeypatch, dtype):
+def test_backend_matches_reference(backends, count_op_calls, dtype):
     """Row/column copies (with and without a given amax, which fp8_block ignores) and the
     weight in 128x128 tiles and 1x128 blocks (weight_2d=False)."""
     tri, ref = backends
-    calls = _spy(monkeypatch)
+    calls = count_op_calls("quantize_rowcol_fp8", "quantize_2d_fp8")
     x = _x(150, 200, dtype, seed=5).to(DEV)
     amax = torch.tensor([3.0, 5.0], device=DEV)
     for kw in ({}, {"amax": amax}):
@@ -262,10 +246,10 @@ def test_backend_matches_reference(backends, monkeypatch, dtype):
     assert calls == {"quantize_rowcol_fp8": 4, "quantize_2d_fp8": 1}
 
 
-def test_backend_mixed_formats(backends, monkeypatch):
+def test_backend_mixed_formats(backends, count_op_calls):
     """An NVFP4 row copy with an FP8 column copy: each copy through its own kernel."""
     tri, ref = backends
-    calls = _spy(monkeypatch)
+    calls = count_op_calls("quantize_rowcol_fp8", "quantize_2d_fp8")
     specs = Recipe("nvfp4", "nvfp4", "fp8_block", rht=False,
                    stochastic_rounding=False).role_specs()
     x = _x(64, 160, torch.bfloat16, seed=6).to(DEV)
@@ -291,14 +275,14 @@ def test_fake_impls_match_shapes():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_linear_fwd_bwd_matches_reference_backend(backends, monkeypatch, dtype):
+def test_linear_fwd_bwd_matches_reference_backend(backends, count_op_calls, dtype):
     """A whole fp8_block NVFP4Linear step, triton vs reference backend: equal outputs and
     gradients (on the CPU both GEMMs are the reference GEMM; on a GPU the FP8 tensor cores
     accumulate in fewer bits, see backends.fp8_gemm)."""
     from hf_nvfp4.backends.fp8_gemm import ACCUMULATION_TOLERANCE
     from hf_nvfp4.nn import NVFP4Linear
 
-    calls = _spy(monkeypatch)
+    calls = count_op_calls("quantize_rowcol_fp8", "quantize_2d_fp8")
     torch.manual_seed(0)
     layers = [NVFP4Linear(200, 144, recipe="fp8_block", backend=b, device=DEV, dtype=dtype)
               for b in ("triton", "reference")]

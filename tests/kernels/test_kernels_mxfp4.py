@@ -276,28 +276,12 @@ def backends():
     return get_backend("triton"), ReferenceBackend()
 
 
-def _spy(monkeypatch) -> dict[str, int]:
-    """Count the MXFP4 kernel ops the backend calls."""
-    from hf_nvfp4.kernels import ops
-
-    calls = {"quantize_rowcol_mxfp4": 0, "quantize_2d_mxfp4": 0}
-    for name in calls:
-        op = getattr(ops, name)
-
-        def counted(*args, _op=op, _name=name):
-            calls[_name] += 1
-            return _op(*args)
-
-        monkeypatch.setattr(ops, name, counted)
-    return calls
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backend_matches_reference(backends, monkeypatch, dtype):
+def test_backend_matches_reference(backends, count_op_calls, dtype):
     """Activation and gradient copies (a generator's keys, as the reference splits it), and
     the weight in 32x32 tiles and 1x32 blocks (weight_2d=False)."""
     tri, ref = backends
-    calls = _spy(monkeypatch)
+    calls = count_op_calls("quantize_rowcol_mxfp4", "quantize_2d_mxfp4")
     x = _x(50, 96, dtype, seed=7).to(DEV)
     for row, col in ((MX.x, MX.x_t), (MX.dy, MX.dy_t)):
         got = tri.quantize_rowcol(x, row, col, torch.Generator().manual_seed(3),
@@ -312,11 +296,11 @@ def test_backend_matches_reference(backends, monkeypatch, dtype):
     assert calls == {"quantize_rowcol_mxfp4": 3, "quantize_2d_mxfp4": 1}
 
 
-def test_backend_mixed_formats(backends, monkeypatch):
+def test_backend_mixed_formats(backends, count_op_calls):
     """An NVFP4 row copy with an MXFP4 column copy, both stochastic with one generator: each
     copy through its own kernel, with the reference's keys."""
     tri, ref = backends
-    calls = _spy(monkeypatch)
+    calls = count_op_calls("quantize_rowcol_mxfp4", "quantize_2d_mxfp4")
     specs = Recipe("nvfp4", "nvfp4", "mxfp4").role_specs()
     x = _x(64, 96, torch.bfloat16, seed=8).to(DEV)
     got = tri.quantize_rowcol(x, specs.dy, specs.dy_t, torch.Generator().manual_seed(4))
@@ -326,11 +310,11 @@ def test_backend_mixed_formats(backends, monkeypatch):
     assert calls["quantize_rowcol_mxfp4"] == 1
 
 
-def test_backend_falls_back(backends, monkeypatch):
+def test_backend_falls_back(backends, count_op_calls):
     """What the kernels do not cover goes to the reference: a row copy with RHT, a
     stochastic weight, a 3D tensor."""
     tri, ref = backends
-    calls = _spy(monkeypatch)
+    calls = count_op_calls("quantize_rowcol_mxfp4", "quantize_2d_mxfp4")
     x = _x(64, 64, torch.bfloat16, seed=9).to(DEV)
     rht_row = QuantSpec("mxfp4", (1, 32), rht=True)
     got = tri.quantize_rowcol(x, rht_row, None)
@@ -359,7 +343,7 @@ def test_fake_impls_match_shapes():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, dtype):
+def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, count_op_calls, dtype):
     """A whole mxfp4 NVFP4Linear step (RHT, SR, 32x32 weight tiles), triton vs reference
     backend. On the CPU the triton backend's BF16 GEMM is pinned to the reference GEMM (the
     GEMM is tested in test_kernels_gemm.py), so outputs and gradients equal bit for bit
@@ -367,7 +351,7 @@ def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, dtype):
     import hf_nvfp4.backends.triton_backend as tb
     from hf_nvfp4.nn import NVFP4Linear
 
-    calls = _spy(monkeypatch)
+    calls = count_op_calls("quantize_rowcol_mxfp4", "quantize_2d_mxfp4")
     if DEV == "cpu":
         monkeypatch.setattr(tb.TritonBackend, "_bf16_gemm",
                             lambda self, a, b, out_dtype: reference_gemm(a, b, out_dtype))
