@@ -37,7 +37,7 @@ except Exception as exc:  # the HF integration may be mid-edit or missing; kerne
     sys.modules["hf_nvfp4"] = _pkg
 
 from hf_nvfp4.kernels._tuning import shape_bucket  # noqa: E402
-from hf_nvfp4.kernels.dequantize import dequantize_nvfp4  # noqa: E402
+from hf_nvfp4.kernels.dequantize import dequantize_fp4  # noqa: E402
 from hf_nvfp4.kernels.gemm import (  # noqa: E402
     gemm_choices,
     gemm_nvfp4,
@@ -191,7 +191,7 @@ def time_gemm(role: str, rows: int, cols: int, k: int, fused_ok: list[bool]) -> 
     dims = f"{shape_bucket(rows)}:{shape_bucket(cols)}:{shape_bucket(k)}:"
     row["scaled_pick"] = _tuned("gemm_scaled:" + dims, f"bfloat16:{row['out']}").get("choice")
     pa, pb = packed(rows, k), packed(cols, k)
-    row["dequantize_nvfp4_a_ms"] = ms(lambda: dequantize_nvfp4(pa[0], pa[1], None, rows))
+    row["dequantize_fp4_a_ms"] = ms(lambda: dequantize_fp4(pa[0], pa[1], None, rows))
     row["nvfp4_ms"] = ms(lambda: gemm_nvfp4(pa, pb, out_dtype))
     pick = _tuned("gemm:" + dims, str(row["out"]))
     row["nvfp4_pick"], row["nvfp4_candidates"] = pick.get("choice"), pick.get("ms")
@@ -236,7 +236,7 @@ def main() -> None:
         fused = f"{fused:7.3f}" if isinstance(fused, float) else f"{'-':>7}"
         print(f"{r['shape']:>17} {r['role']:>5} {r['cublas_bf16_ms']:7.3f} "
               f"{r['scaled_ms']:7.3f} {r['scaled_ratio']:5.2f} {r['nvfp4_ms']:7.3f} "
-              f"{r['nvfp4_ratio']:5.2f} {fused} {r['dequantize_nvfp4_a_ms']:6.3f}  "
+              f"{r['nvfp4_ratio']:5.2f} {fused} {r['dequantize_fp4_a_ms']:6.3f}  "
               f"{r['scaled_pick']} / {r['nvfp4_pick']}")
     print(f"total {time.time() - start:.0f} s")
 

@@ -176,7 +176,7 @@ class TritonBackend:
         self, x: torch.Tensor, row: QuantSpec | None, col: QuantSpec | None, rng: Rng
     ) -> tuple[QTensor | None, QTensor | None]:
         """The MXFP4 row copy of ``x`` and column copy of ``x^T`` in one pass (always packed
-        QTensors: MXFP4 operands reach the GEMM as QTensors, see :meth:`_bf16_gemm`)."""
+        QTensors: MXFP4 operands reach the GEMM as QTensors, see :meth:`gemm`)."""
         keys = None
         if _sr(row) or _sr(col):  # no keys given: fresh ones from torch's default generator
             keys = as_keys(rng if rng is not None else _fresh_generator(), x.device)
@@ -243,15 +243,14 @@ class TritonBackend:
         return _tile_pair(w, spec, data, scale, data_t, scale_t, gs[0])
 
     def gemm(self, a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
-        """See :meth:`Backend.gemm`: dequantize packed operands to BF16 block values, then
-        one Triton GEMM that applies both global scales in its epilogue."""
+        """See :meth:`Backend.gemm`: dequantize packed FP4 operands (NVFP4, MXFP4) to BF16
+        block values, then one Triton GEMM that applies both global scales in its epilogue;
+        FP8 block operands on the FP8 tensor cores where they run."""
         if not (self._fused(a) and self._fused(b)):
             if isinstance(a, QTensor) and isinstance(b, QTensor):
                 out = fp8_block_gemm(a, b, out_dtype)  # FP8 tensor cores where they run
                 if out is not None:
                     return out
-                if self._bf16_exact(a) and self._bf16_exact(b):
-                    return self._bf16_gemm(a, b, out_dtype)
             return reference_gemm(a, b, out_dtype)
         av, bv = self._values(a), self._values(b)
         if av.shape[1] != bv.shape[1]:
@@ -261,35 +260,27 @@ class TritonBackend:
             )
         if av.shape[0] == 0 or bv.shape[0] == 0:
             return av.new_zeros((av.shape[0], bv.shape[0]), dtype=out_dtype)
-        return self._ops.gemm_scaled_op(av, bv, a.global_scale, b.global_scale, out_dtype)
-
-    def _bf16_exact(self, q: QTensor) -> bool:
-        """MXFP4 without a global scale on the GPU: block values exact in BF16 (an E2M1 value
-        times 2^k, k in [-127, 127], lies within BF16's range and precision)."""
-        return q.fmt == "mxfp4" and q.global_scale is None and self._on_device(q.data)
-
-    def _bf16_gemm(self, a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """``a @ b^T`` of two BF16-exact operands: their block values in BF16 through the
-        Triton GEMM with unit global scales (FP32 accumulation, rounded once)."""
-        av, bv = (q.block_values().to(torch.bfloat16) for q in (a, b))
-        if av.shape[1] != bv.shape[1]:
-            raise ValueError(
-                f"gemm operands disagree on the padded reduction dimension: "
-                f"{av.shape[1]} vs {bv.shape[1]}"
-            )
-        one = torch.ones((), dtype=torch.float32, device=av.device)
-        out = self._ops.gemm_scaled_op(av, bv, one, one, out_dtype)
-        return out[: a.shape[0], : b.shape[0]]
+        return self._ops.gemm_scaled_op(av, bv, self._global(a, av), self._global(b, av),
+                                        out_dtype)
 
     def _fused(self, q: Operand) -> bool:
+        """Operands the dequantize-then-GEMM path reads: block values, NVFP4 with its global
+        scale and MXFP4 (no global scale), 2D on this backend's device. Their block values
+        are exact in BF16 (see :mod:`..kernels.dequantize`)."""
         if isinstance(q, BlockValues):
             return True
-        return (
-            q.fmt == "nvfp4" and q.global_scale is not None and q.data.dim() == 2
-            and self._on_device(q.data)
-        )
+        nvfp4 = q.fmt == "nvfp4" and q.global_scale is not None
+        mxfp4 = q.fmt == "mxfp4" and q.global_scale is None
+        return (nvfp4 or mxfp4) and q.data.dim() == 2 and self._on_device(q.data)
+
+    @staticmethod
+    def _global(q: Operand, like: torch.Tensor) -> torch.Tensor:
+        if q.global_scale is not None:
+            return q.global_scale
+        return torch.ones((), dtype=torch.float32, device=like.device)
 
     def _values(self, q: Operand) -> torch.Tensor:
         if isinstance(q, BlockValues):
             return q.values
-        return self._ops.dequantize(q.data, q.scale, None, q.shape[0], torch.bfloat16)
+        return self._ops.dequantize(q.data, q.scale, None, q.shape[0], torch.bfloat16,
+                                    q.format.block)

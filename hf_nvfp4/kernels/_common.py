@@ -401,6 +401,17 @@ def abs_max(x, axis: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def ue8m0_decode(b):
+    """FP32 values ``2^(b - 127)`` of int32 UE8M0 bytes (exact; byte 0 is the subnormal
+    2^-127, built on the bits so no flush-to-zero can touch it), NaN for the NaN byte 255."""
+    normal = (b << 23).to(tl.float32, bitcast=True)
+    value = tl.where(b == 0, tl.full(b.shape, 0x400000, tl.int32).to(tl.float32, bitcast=True),
+                     normal)
+    return tl.where(b == 255, tl.full(b.shape, 0x7FC00000, tl.int32).to(tl.float32,
+                                                                          bitcast=True), value)
+
+
+@triton.jit
 def ue8m0_scale(amax):
     """MXFP4 block scale byte (int32) and element multiplier ``2^-k`` (FP32) of FP32 block
     amaxes (non-negative, or NaN): ``k = scales.ue8m0_exponents(amax, 6)``, byte ``k + 127``.

@@ -286,7 +286,7 @@ def workload() -> list[Call]:
         scaled("wgrad gemm", hidden, hidden, tokens, fp32, every=True),
         Call("sr keys", lambda: sr_keys.advance_keys_triton(_meta(2, dtype=torch.int64), 0,
                                                             N_KEYS)),
-        Call("dequantize", lambda: dequantize.dequantize_nvfp4(
+        Call("dequantize", lambda: dequantize.dequantize_fp4(
             *packed(tokens, hidden)[:2], None, tokens, bf16)),
         Call("weight 16x16", lambda: quantize_2d.quantize_2d_nvfp4(_meta(hidden, hidden))),
         adam("adamw, odd step", 0.9, False, 1),

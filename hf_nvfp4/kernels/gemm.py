@@ -29,7 +29,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import cdiv, e2m1_decode, e4m3_decode, interpreting, round_bf16
 from ._tuning import choices, pick, shape_bucket
-from .dequantize import dequantize_nvfp4
+from .dequantize import dequantize_fp4
 
 
 class _Cfg(NamedTuple):
@@ -354,14 +354,14 @@ def _fused_gemm(a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
 
 def _dequant_triton_gemm(a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
     (ad, ascale, ags, m), (bd, bscale, bgs, n) = a, b
-    return gemm_scaled(dequantize_nvfp4(ad, ascale, None, m),
-                       dequantize_nvfp4(bd, bscale, None, n), ags, bgs, out_dtype)
+    return gemm_scaled(dequantize_fp4(ad, ascale, None, m),
+                       dequantize_fp4(bd, bscale, None, n), ags, bgs, out_dtype)
 
 
 def _cublas_gemm(a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
     (ad, ascale, ags, m), (bd, bscale, bgs, n) = a, b
-    acc = torch.mm(dequantize_nvfp4(ad, ascale, None, m),
-                   dequantize_nvfp4(bd, bscale, None, n).t(), out_dtype=torch.float32)
+    acc = torch.mm(dequantize_fp4(ad, ascale, None, m),
+                   dequantize_fp4(bd, bscale, None, n).t(), out_dtype=torch.float32)
     return _scale_cast(acc, ags, bgs, torch.empty_like(acc, dtype=out_dtype))
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .amax import amax_rowcol as _amax_rowcol
 from .amax import prepare_rht  # noqa: F401 - the backend reaches the kernels through here
-from .dequantize import dequantize_nvfp4
+from .dequantize import dequantize_fp4
 from .gemm import gemm_scaled
 from .quantize_2d import quantize_2d_mxfp4 as _quantize_2d_mxfp4
 from .quantize_2d import quantize_2d_nvfp4
@@ -230,13 +230,14 @@ def dequantize(
     global_scale: Optional[Tensor],  # noqa: UP045
     rows: int,
     out_dtype: torch.dtype,
+    block: int = 16,
 ) -> Tensor:
-    """See :func:`.dequantize.dequantize_nvfp4`."""
-    return dequantize_nvfp4(data, scale.view(_U8), global_scale, rows, out_dtype)
+    """See :func:`.dequantize.dequantize_fp4`."""
+    return dequantize_fp4(data, scale.view(_U8), global_scale, rows, out_dtype, block)
 
 
 @dequantize.register_fake
-def _(data, scale, global_scale, rows, out_dtype):
+def _(data, scale, global_scale, rows, out_dtype, block=16):
     return data.new_empty((rows, data.shape[1] * 2), dtype=out_dtype)
 
 

@@ -123,7 +123,7 @@ class _Batched:
 
     @staticmethod
     def backward(ctx, dy, w_shape, transposed):
-        from ..kernels.dequantize import dequantize_nvfp4
+        from ..kernels.dequantize import dequantize_fp4
         from ..kernels.grouped import grouped_amax, grouped_gemm, grouped_quantize_rowcol
 
         keys, ax, aw, wt_data, wt_scale, xt_data, xt_scale = ctx.saved_tensors
@@ -143,7 +143,7 @@ class _Batched:
         dx = dw = None
         if need_dx:
             # dgrad: dx = dy_row @ (W^T)^T   (W^T block values from the saved codes)
-            wt_vals = dequantize_nvfp4(wt_data.view(groups * k_in, n_out // 2),
+            wt_vals = dequantize_fp4(wt_data.view(groups * k_in, n_out // 2),
                                        wt_scale.view(groups * k_in, n_out // 16), None,
                                        groups * k_in).view(groups, k_in, n_out)
             dx = torch.empty((dy.shape[0], k_in), dtype=ctx.x_dtype, device=dy.device)
@@ -154,7 +154,7 @@ class _Batched:
             # wgrad: dW = dy_t @ x_t^T   (every group's column copies: one flat buffer, whose
             # 16-element blocks each have their scale byte: dequantized as rows of 256)
             rows = xt_scale.numel() // 16
-            xt_vals = dequantize_nvfp4(xt_data.view(rows, 128), xt_scale.view(rows, 16), None,
+            xt_vals = dequantize_fp4(xt_data.view(rows, 128), xt_scale.view(rows, 16), None,
                                        rows).view(-1) if rows else dy_col
             shape = (groups, k_in, n_out) if transposed else (groups, n_out, k_in)
             dw = torch.empty(shape, dtype=ctx.w_dtype, device=dy.device)

@@ -266,6 +266,31 @@ def test_ue8m0_scale_is_reference():
     assert torch.equal(mult.cpu(), torch.ldexp(torch.ones_like(a), -k.float()))
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_dequantize_is_block_values(out_dtype):
+    """The dequantize kernel at block 32 (UE8M0) gives ``QTensor.block_values`` bit for bit:
+    every code against every scale byte, the subnormal 2^-127 (byte 0) and the NaN byte 255
+    included, with ragged rows; with a global scale it is ``block values * S`` in FP32."""
+    from hf_nvfp4.kernels import ops
+
+    rows, cols = 37, 512
+    g = torch.Generator().manual_seed(11)
+    data = torch.randint(0, 256, (rows + 3, cols // 2), generator=g, dtype=torch.uint8)
+    data[0] = torch.arange(256, dtype=torch.uint8)[: cols // 2]  # all 16 codes in pairs
+    scale = torch.randint(0, 255, (rows + 3, cols // 32), generator=g, dtype=torch.uint8)
+    scale[0, :4] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)
+    scale[1] = torch.arange(16, dtype=torch.uint8) * 17  # 0, 17, ..., 255
+    q = QTensor(data, scale, None, "mxfp4", torch.Size((rows, cols)), torch.bfloat16, (1, 32))
+    want = q.block_values()[:rows]
+    got = ops.dequantize(data.to(DEV), scale.to(DEV), None, rows, out_dtype, 32).cpu()
+    torch.testing.assert_close(got, want.to(out_dtype), rtol=0, atol=0, equal_nan=True)
+    assert got[0, 0:32].isfinite().all() and got[0, 96:128].isnan().all()
+    assert (got[0, :32] != 0).sum() == 14  # byte 0: the nonzero codes stay nonzero
+    gs = torch.tensor([0.75])
+    got = ops.dequantize(data.to(DEV), scale.to(DEV), gs.to(DEV), rows, torch.float32, 32).cpu()
+    torch.testing.assert_close(got, want * gs, rtol=0, atol=0, equal_nan=True)
+
+
 # ------------------------------------------------------------------ through TritonBackend
 
 
@@ -353,7 +378,7 @@ def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, count_op_calls, d
 
     calls = count_op_calls("quantize_rowcol_mxfp4", "quantize_2d_mxfp4")
     if DEV == "cpu":
-        monkeypatch.setattr(tb.TritonBackend, "_bf16_gemm",
+        monkeypatch.setattr(tb.TritonBackend, "gemm",
                             lambda self, a, b, out_dtype: reference_gemm(a, b, out_dtype))
     torch.manual_seed(0)
     layers = [NVFP4Linear(96, 64, recipe="mxfp4", backend=b, device=DEV, dtype=dtype)
