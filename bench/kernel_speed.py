@@ -2,6 +2,7 @@
 
     python bench/kernel_speed.py --out bench/results/kernels.json   # timings, markdown table
     python bench/kernel_speed.py --check                            # bit-exactness vs reference
+    python bench/kernel_speed.py --linear-formats --out F.json      # linear per format
 
 Timings use CUDA events after warmup, median of repeats. Throughputs are in bytes of the
 input tensor per second, and the copy baseline is a ``clone`` of a 1 GiB tensor in the same
@@ -131,12 +132,13 @@ def _quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]
     return rows
 
 
-def nvfp4_step(backend, x, w, dy, gen):
-    """NVFP4 linear forward + backward through a backend (the NVFP4Linear composition)."""
-    x_row, x_col = backend.quantize_rowcol(x, SPECS.x, SPECS.x_t, None)
-    w_q, w_t = backend.quantize_weight(w, SPECS.w)
+def nvfp4_step(backend, x, w, dy, gen, specs=SPECS):
+    """A quantized linear's forward + backward through a backend (the NVFP4Linear
+    composition), NVFP4 unless ``specs`` says another format."""
+    x_row, x_col = backend.quantize_rowcol(x, specs.x, specs.x_t, None)
+    w_q, w_t = backend.quantize_weight(w, specs.w)
     y = backend.gemm(x_row, w_q, BF16)  # forward: y = x_row @ W^T
-    dy_row, dy_col = backend.quantize_rowcol(dy, SPECS.dy, SPECS.dy_t, gen)
+    dy_row, dy_col = backend.quantize_rowcol(dy, specs.dy, specs.dy_t, gen)
     dx = backend.gemm(dy_row, w_t, BF16)  # dgrad: dx = dy_sr @ W
     dw = backend.gemm(dy_col, x_col, BF16)  # wgrad: dW = dy_col^T @ x_col
     return y, dx, dw, x_col, w_t
@@ -170,6 +172,61 @@ def _linear_row(tri: TritonBackend, m: int, k: int, n: int, with_reference: bool
     print(f"linear {m}x{k}x{n}: bf16 {row['bf16_ms']:.3f} ms, triton "
           f"{row['triton_ms']:.3f} ms ({row['ratio']:.2f}x)", flush=True)
     return row
+
+
+FORMATS = (("nvfp4", SPECS), ("fp8_block", FP8), ("mxfp4", MX))
+# the issue's three shapes, then the 953M model's MLP and attention projections (16K tokens)
+FORMAT_SHAPES = (*LINEAR_SHAPES, (16384, 2048, 5632), (16384, 5632, 2048), (16384, 2048, 2048))
+
+
+def bench_linear_formats(tri: TritonBackend) -> list[dict]:
+    """Per format and shape: linear fwd+bwd vs BF16, its quantization, and each GEMM (from
+    operands quantized beforehand) vs the BF16 GEMM of the same shape."""
+    return [row for shape in FORMAT_SHAPES for row in _format_rows(tri, *shape)]
+
+
+def _format_rows(tri: TritonBackend, m: int, k: int, n: int) -> list[dict]:
+    x, w, dy = randn(m, k), randn(n, k), randn(m, n)
+    bf16 = {"step": bench_ms(lambda: bf16_step(x, w, dy)),
+            "fprop": bench_ms(lambda: x @ w.t()), "dgrad": bench_ms(lambda: dy @ w),
+            "wgrad": bench_ms(lambda: dy.t() @ x)}
+    return [_format_row(tri, fmt, specs, x, w, dy, bf16) for fmt, specs in FORMATS]
+
+
+def _format_row(tri: TritonBackend, fmt: str, specs, x, w, dy, bf16: dict) -> dict:
+    gen = torch.Generator()
+    (m, k), n = x.shape, w.shape[0]
+    x_row, x_col = tri.quantize_rowcol(x, specs.x, specs.x_t, None)
+    w_q, w_t = tri.quantize_weight(w, specs.w)
+    dy_row, dy_col = tri.quantize_rowcol(dy, specs.dy, specs.dy_t, gen)
+    row = {"format": fmt, "shape": [m, k, n], "bf16_ms": bf16["step"],
+           "ms": bench_ms(lambda: nvfp4_step(tri, x, w, dy, gen, specs)),
+           "quantize_ms": bench_ms(lambda: (
+               tri.quantize_rowcol(x, specs.x, specs.x_t, None), tri.quantize_weight(w, specs.w),
+               tri.quantize_rowcol(dy, specs.dy, specs.dy_t, gen)))}
+    row["ratio"] = row["ms"] / row["bf16_ms"]
+    for role, a, b in (("fprop", x_row, w_q), ("dgrad", dy_row, w_t), ("wgrad", dy_col, x_col)):
+        row[f"{role}_ms"] = bench_ms(lambda a=a, b=b: tri.gemm(a, b, BF16))
+        row[f"{role}_bf16_ms"] = bf16[role]
+        row[f"{role}_ratio"] = row[f"{role}_ms"] / bf16[role]
+    print(f"linear {fmt} {m}x{k}x{n}: {row['ms']:.3f} ms ({row['ratio']:.2f}x BF16; quantize "
+          f"{row['quantize_ms']:.3f}, GEMMs " + ", ".join(
+              f"{r} {row[r + '_ratio']:.2f}x" for r in ("fprop", "dgrad", "wgrad")) + ")",
+          flush=True)
+    return row
+
+
+def markdown_formats(rows: list[dict]) -> str:
+    """The per-format linear table (bench/README.md)."""
+    lines = ["| format | linear fwd+bwd (M,K,N) | BF16 ms | ms | ratio (<= 1.15) | quantize ms "
+             "| fprop / BF16 | dgrad / BF16 | wgrad / BF16 (each <= 1.10) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['format']} | {tuple(r['shape'])} | {r['bf16_ms']:.3f} | "
+                     f"{r['ms']:.3f} | {r['ratio']:.2f} | {r['quantize_ms']:.3f} | "
+                     f"{r['fprop_ratio']:.2f} | {r['dgrad_ratio']:.2f} | "
+                     f"{r['wgrad_ratio']:.2f} |")
+    return "\n".join(lines)
 
 
 def bench_module(m: int, k: int, n: int, x: torch.Tensor, dy: torch.Tensor) -> float | str:
@@ -365,6 +422,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--reference-shapes", type=int, default=1,
                         help="how many linear shapes also time the reference backend")
+    parser.add_argument("--linear-formats", action="store_true",
+                        help="only the per-format linear table (NVFP4, FP8 block, MXFP4)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernel_speed.py needs a CUDA device")
@@ -389,6 +448,11 @@ def main() -> None:
         print(f"bit exact: {report['check']['bit_exact']}")
         return
     tri = TritonBackend()
+    if args.linear_formats:
+        report["linear_formats"] = bench_linear_formats(tri)
+        save()
+        print(markdown_formats(report["linear_formats"]))
+        return
     report["copy"] = bench_copy()
     report["quantize"] = bench_quantize(tri, report["copy"])
     save()
