@@ -134,14 +134,19 @@ def _quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]
 
 def nvfp4_step(backend, x, w, dy, gen, specs=SPECS):
     """A quantized linear's forward + backward through a backend (the NVFP4Linear
-    composition), NVFP4 unless ``specs`` says another format."""
-    x_row, x_col = backend.quantize_rowcol(x, specs.x, specs.x_t, None)
+    composition, with its operand forms), NVFP4 unless ``specs`` says another format."""
+    x_row, x_col = backend.quantize_rowcol(x, specs.x, specs.x_t, None, values=X_VALUES)
     w_q, w_t = backend.quantize_weight(w, specs.w)
     y = backend.gemm(x_row, w_q, BF16)  # forward: y = x_row @ W^T
-    dy_row, dy_col = backend.quantize_rowcol(dy, specs.dy, specs.dy_t, gen)
+    dy_row, dy_col = backend.quantize_rowcol(dy, specs.dy, specs.dy_t, gen, values=DY_VALUES)
     dx = backend.gemm(dy_row, w_t, BF16)  # dgrad: dx = dy_sr @ W
     dw = backend.gemm(dy_col, x_col, BF16)  # wgrad: dW = dy_col^T @ x_col
     return y, dx, dw, x_col, w_t
+
+
+# Which copies the layer's quantizers ask as BF16 block values rather than packed codes
+# (hf_nvfp4.nn.functional): the copies no saved tensor keeps (x's row copy, both of dy's).
+X_VALUES, DY_VALUES = (True, False), (True, True)
 
 
 def bf16_step(x, w, dy):
@@ -160,8 +165,9 @@ def _linear_row(tri: TritonBackend, m: int, k: int, n: int, with_reference: bool
     row["triton_ms"] = bench_ms(lambda: nvfp4_step(tri, x, w, dy, gen))
     row["ratio"] = row["triton_ms"] / row["bf16_ms"]
     row["quantize_ms"] = bench_ms(lambda: (
-        tri.quantize_rowcol(x, SPECS.x, SPECS.x_t, None), tri.quantize_weight(w, SPECS.w),
-        tri.quantize_rowcol(dy, SPECS.dy, SPECS.dy_t, gen)))
+        tri.quantize_rowcol(x, SPECS.x, SPECS.x_t, None, values=X_VALUES),
+        tri.quantize_weight(w, SPECS.w),
+        tri.quantize_rowcol(dy, SPECS.dy, SPECS.dy_t, gen, values=DY_VALUES)))
     row["gemm_ms"] = row["triton_ms"] - row["quantize_ms"]
     _, _, _, x_col, w_t = nvfp4_step(tri, x, w, dy, gen)
     row["saved_bytes_ratio"] = (x_col.nbytes() + w_t.nbytes()) / (x.numel() * 2 + w.numel() * 2)
@@ -181,7 +187,8 @@ FORMAT_SHAPES = (*LINEAR_SHAPES, (16384, 2048, 5632), (16384, 5632, 2048), (1638
 
 def bench_linear_formats(tri: TritonBackend) -> list[dict]:
     """Per format and shape: linear fwd+bwd vs BF16, its quantization, and each GEMM (from
-    operands quantized beforehand) vs the BF16 GEMM of the same shape."""
+    operands quantized beforehand, in the layer's forms: a packed operand's time includes its
+    dequantization) vs the BF16 GEMM of the same shape."""
     return [row for shape in FORMAT_SHAPES for row in _format_rows(tri, *shape)]
 
 
@@ -196,14 +203,15 @@ def _format_rows(tri: TritonBackend, m: int, k: int, n: int) -> list[dict]:
 def _format_row(tri: TritonBackend, fmt: str, specs, x, w, dy, bf16: dict) -> dict:
     gen = torch.Generator()
     (m, k), n = x.shape, w.shape[0]
-    x_row, x_col = tri.quantize_rowcol(x, specs.x, specs.x_t, None)
+    x_row, x_col = tri.quantize_rowcol(x, specs.x, specs.x_t, None, values=X_VALUES)
     w_q, w_t = tri.quantize_weight(w, specs.w)
-    dy_row, dy_col = tri.quantize_rowcol(dy, specs.dy, specs.dy_t, gen)
+    dy_row, dy_col = tri.quantize_rowcol(dy, specs.dy, specs.dy_t, gen, values=DY_VALUES)
     row = {"format": fmt, "shape": [m, k, n], "bf16_ms": bf16["step"],
            "ms": bench_ms(lambda: nvfp4_step(tri, x, w, dy, gen, specs)),
            "quantize_ms": bench_ms(lambda: (
-               tri.quantize_rowcol(x, specs.x, specs.x_t, None), tri.quantize_weight(w, specs.w),
-               tri.quantize_rowcol(dy, specs.dy, specs.dy_t, gen)))}
+               tri.quantize_rowcol(x, specs.x, specs.x_t, None, values=X_VALUES),
+               tri.quantize_weight(w, specs.w),
+               tri.quantize_rowcol(dy, specs.dy, specs.dy_t, gen, values=DY_VALUES)))}
     row["ratio"] = row["ms"] / row["bf16_ms"]
     for role, a, b in (("fprop", x_row, w_q), ("dgrad", dy_row, w_t), ("wgrad", dy_col, x_col)):
         row[f"{role}_ms"] = bench_ms(lambda a=a, b=b: tri.gemm(a, b, BF16))
