@@ -14,7 +14,9 @@ Quantized runs log :class:`hf_nvfp4.QuantProbe` statistics every ``--telemetry-e
 (the wgrad noise ratio against "FP4 All the Way"'s sqrt(3) criterion; the first step where it
 fell below is ``sqrt3_step``), and every command that advanced a run appends a segment (steps,
 seconds, host, device, command, ``--session``) to its JSON. ``--compile`` trains through
-``torch.compile`` (telemetry steps and validation run the same model eagerly).
+``torch.compile`` (telemetry steps and validation run the same model eagerly), probes too.
+A run's ``tokens_per_s`` counts its ordinary training steps only (not validation, telemetry
+steps or each command's first ``WARMUP_STEPS``); ``seconds`` is the wall time of everything.
 
 ``--probe-steps N`` instead times N steps of each run in isolation (after warm-up steps) and
 writes ``probe/<run>.json`` (tokens/s, peak memory): runs trained concurrently on one GPU
@@ -127,6 +129,7 @@ def probe(run: str, args: argparse.Namespace, train: torch.Tensor, vocab: int,
     device = args.device
     model, _ = build_model(args.size, vocab, train.shape[1], run, args.backend)
     model.to(device)
+    step_model, graphs = compiled(model, args)
     opt, sched = make_optimizer(model, 1000, args.lr)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for i in range(warmup + args.probe_steps):
@@ -135,8 +138,8 @@ def probe(run: str, args: argparse.Namespace, train: torch.Tensor, vocab: int,
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-        train_step(model, opt, sched, train[batch_indices(i, args.batch, len(train), args.seed)],
-                   device)
+        train_step(step_model, opt, sched,
+                   train[batch_indices(i, args.batch, len(train), args.seed)], device, graphs)
     sync()
     seconds = time.perf_counter() - t0
     result = {"run": run, "steps": args.probe_steps, "seconds": seconds,
@@ -178,6 +181,15 @@ def save_model(model, config, corpus: Path, folder: Path) -> None:
         shutil.copy(f, folder / f.name)
 
 
+def compiled(model, args: argparse.Namespace) -> tuple[torch.nn.Module, bool]:
+    """The module the training steps call (``torch.compile`` of ``model`` with ``--compile``)
+    and whether it runs CUDA graphs."""
+    if not args.compile:
+        return model, False
+    step_model = torch.compile(model, mode=args.compile_mode, backend=args.compile_backend)
+    return step_model, args.compile_mode == "reduce-overhead"
+
+
 def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.Tensor,
             vocab: int) -> dict:
     """Train (or continue) one run; returns and writes its JSON."""
@@ -185,10 +197,7 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
     amp = device == "cuda"
     model, config = build_model(args.size, vocab, train.shape[1], run, args.backend)
     model.to(device)
-    step_model = model
-    if args.compile:
-        step_model = torch.compile(model, mode=args.compile_mode, backend=args.compile_backend)
-    graphs = args.compile and args.compile_mode == "reduce-overhead"
+    step_model, graphs = compiled(model, args)
     probe = QuantProbe() if config is not None and args.telemetry_every else None
     steps = max(1, args.tokens // (args.batch * train.shape[1]))
     opt, sched = make_optimizer(model, steps, args.lr)
@@ -223,12 +232,18 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
             probe.start(model)  # hooks need the eager model
             loss = train_step(model, opt, sched, x, device)
             log_telemetry(result, step, probe.finish(model))
+            result["train"].append((step + 1, loss.float().item()))
         else:
+            s0 = time.perf_counter()
             loss = train_step(step_model, opt, sched, x, device, graphs)
+            result["train"].append((step + 1, loss.float().item()))  # waits for the step
+            if step - first_step >= WARMUP_STEPS:
+                result["train_seconds"] = result.get("train_seconds", 0.0) + (
+                    time.perf_counter() - s0)
+                result["timed_steps"] = result.get("timed_steps", 0) + 1
         step += 1
         if schedule is not None:
             schedule.update(model, step)
-        result["train"].append((step, loss.float().item()))
         if args.stop_after_seconds and time.perf_counter() - t0 > args.stop_after_seconds:
             break
     seconds = time.perf_counter() - t0
@@ -243,7 +258,7 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
     if step >= steps:
         result["val"].append((step, val_loss(model, val, device, amp)))
         result["final_val_loss"] = result["val"][-1][1]
-        result["tokens_per_s"] = steps * result["tokens_per_step"] / result["seconds"]
+        result["tokens_per_s"] = tokens_per_s(result)
         if device == "cuda":
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         if args.save_models:
@@ -258,6 +273,18 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
         f" val {result['final_val_loss']:.4f}" if result["done"] else " (saved, resume later)"),
         flush=True)
     return result
+
+
+def tokens_per_s(result: dict) -> float:
+    """Training throughput of a run: over its timed steps (not validation, telemetry steps or
+    each command's first WARMUP_STEPS, which compile), else over its wall time ("seconds")."""
+    if result.get("train_seconds"):
+        return result["timed_steps"] * result["tokens_per_step"] / result["train_seconds"]
+    return result["steps"] * result["tokens_per_step"] / result["seconds"]
+
+
+WARMUP_STEPS = 3
+"""Steps at the start of each command left out of tokens/s (compilation, allocator warm-up)."""
 
 
 def log_telemetry(result: dict, step: int, stats: dict[str, float]) -> None:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -82,6 +83,11 @@ def test_probe_plan_and_saved_models(tiny_corpus, tmp_path, capsys):
     probes = {r: json.loads((out / "probe" / f"{r}.json").read_text()) for r in ("bf16", "nvfp4")}
     assert all(p["steps"] == 2 and p["tokens_per_s"] > 0 for p in probes.values())
     assert not (out / "bf16.json").exists()  # probing trains nothing
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    replicate.main([*_args(a, tmp_path / "probe_compiled", "nvfp4", **{"--probe-steps": 1}),
+                    "--compile", "--compile-backend", "aot_eager"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # --compile is honoured
 
     capsys.readouterr()
     replicate.main(_args(a, out, "bf16,nvfp4", **{"--plan-seconds": 10.0, "--gpus": 2}))
@@ -116,6 +122,11 @@ def test_telemetry_segments_and_compile(tiny_corpus, tmp_path):
     tripped = [s for s, st in eager["telemetry"] if st["nvfp4/wgrad_noise_ratio"] < SQRT3]
     assert eager.get("sqrt3_step") == (tripped[0] if tripped else None)
     assert "telemetry" not in json.loads((eager_dir / "bf16.json").read_text())
+    # tokens/s over ordinary steps only: steps 3-11 (after the 3 warm-up steps) less the
+    # telemetry steps 4 and 8
+    assert eager["timed_steps"] == 7
+    assert eager["tokens_per_s"] == pytest.approx(7 * 4 * 64 / eager["train_seconds"])
+    assert eager["train_seconds"] < eager["seconds"]
     (segment,) = eager["segments"]
     assert (segment["from_step"], segment["to_step"], segment["session"]) == (0, 12, "s1")
     assert "--telemetry-every 4" in segment["command"] and segment["device"] == "cpu"
