@@ -35,7 +35,7 @@ _ROW, _TILE = (1, _BLOCK), (_BLOCK, _BLOCK)
 ACCUMULATION_TOLERANCE = 2e-3
 """Largest error of the FP8 path against the exact reference GEMM, relative to the output's
 largest magnitude, that the self-check and tests accept (~9x the error measured on an H200)."""
-_CHECKED: dict[str, bool] = {}
+_CHECKED: dict[tuple, bool] = {}
 
 
 def block_scaled_mm_available(device: torch.device) -> tuple[bool, str]:
@@ -84,9 +84,24 @@ def _scaled_mm(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
     return out[: a.shape[0], : b.shape[0]]
 
 
+def _key(device: torch.device, b_tile: tuple[int, int]) -> tuple:
+    return device.type, device.index, tuple(b_tile)
+
+
+def prepare(device: torch.device, b_tiles: tuple[tuple[int, int], ...]) -> None:
+    """Run the availability and self-checks for ``device`` now, eagerly, so traced code
+    (``torch.compile``, CUDA graphs) only reads their results: the self-check draws random
+    data and syncs, which would break the graph."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    for tile in b_tiles:
+        _usable(device, tile)
+
+
 def _usable(device: torch.device, b_tile: tuple[int, int]) -> bool:
     """Available, accepted by this torch, and equal to the reference on a random case."""
-    key = f"{device} {b_tile[0]}x{b_tile[1]}"
+    key = _key(device, b_tile)
     if key not in _CHECKED:
         _CHECKED[key] = block_scaled_mm_available(device)[0] and _self_check(device, b_tile)
     return _CHECKED[key]
@@ -129,6 +144,7 @@ def _warn_off(device: torch.device, what: str, why: str) -> None:
 
 
 __all__ = [
-    "ACCUMULATION_TOLERANCE", "block_scaled_mm_available", "fp8_block_gemm", "row_block_scales",
+    "ACCUMULATION_TOLERANCE", "block_scaled_mm_available", "fp8_block_gemm", "prepare",
+    "row_block_scales",
     "row_block_scales_b", "tile_scales",
 ]

@@ -29,6 +29,7 @@ from ..numerics.rng import draw_seed
 from ..recipe import QuantSpec, RoleSpecs
 from .base import BlockValues, Operand, Rng, as_keys
 from .fp8_gemm import fp8_block_gemm
+from .fp8_gemm import prepare as fp8_prepare
 from .reference import ReferenceBackend, reference_amax_rowcol, reference_gemm
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -213,7 +214,14 @@ class TritonBackend:
         """Build the constant device tensors the kernels of ``specs`` read on ``device`` (the
         RHT matrices of the amax pass) now, eagerly: first built inside a CUDA graph's warm-up,
         a cached tensor would live in the graph's memory pool without being one of its
-        outputs, which torch's CUDA graph trees refuse."""
+        outputs, which torch's CUDA graph trees refuse. Likewise the FP8 GEMMs' self-check,
+        which would break a traced graph."""
+        # the FP8 GEMM path's one-time checks (1x128 operands; the weight's tiles): their
+        # cached answer is a side effect that a traced autograd.Function cannot contain
+        roles = (specs.x, specs.w, specs.dy, specs.dy_t, specs.x_t, specs.w_dgrad)
+        tiles = {tuple(s.tile) for s in roles if s is not None and s.fmt == "fp8_block"}
+        if tiles:
+            fp8_prepare(device, tuple({(1, 128), *(t for t in tiles if t == (128, 128))}))
         if torch.device(device).type != "cuda":
             return
         for spec in (specs.x_t, specs.dy_t):

@@ -98,7 +98,7 @@ def test_a_failing_self_check_warns_and_keeps_the_path_off(monkeypatch):
     w = quantize(torch.randn(128, 128), "fp8_block", tile=(128, 128))
     with pytest.warns(RuntimeWarning, match="fail their self-check.*error against the reference"):
         assert fp8_block_gemm(x, w, torch.float32) is None
-    assert fp8._CHECKED == {"cpu 128x128": False}
+    assert fp8._CHECKED == {("cpu", None, (128, 128)): False}
     monkeypatch.setattr(fp8, "_CHECKED", {})
     monkeypatch.setattr(fp8, "_scaled_mm", lambda a, b, out_dtype: reference_gemm(
         a, b, out_dtype))  # right: the path turns on

@@ -69,7 +69,9 @@ def test_compiled_blocks_train_like_eager_fullgraph():
 @pytest.mark.parametrize("preset", ["mxfp4", "fp8_block"])
 def test_baseline_formats_compile_fullgraph(preset):
     """The FP8-block and MXFP4 baselines trace whole (their kernels are custom ops with fake
-    implementations; bench/e2e.py's compiled columns need that) and train as in eager."""
+    implementations; bench/e2e.py's compiled columns need that) and train as in eager. The
+    compiled layer runs first: its first trace meets the one-time checks (the FP8 GEMM's
+    self-check on a GPU), which the layer's plan must have run eagerly."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     eager = NVFP4Linear(128, 64, recipe=preset, backend="triton", sr_seed=1, device=device)
@@ -77,7 +79,7 @@ def test_baseline_formats_compile_fullgraph(preset):
     torch._dynamo.reset()
     run = torch.compile(compiled, backend="aot_eager", fullgraph=True)
     x = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)).to(device)
-    for step in (eager, run):
+    for step in (run, eager):
         step(x).square().mean().backward()
     assert torch.equal(run(x), eager(x))
     assert torch.equal(compiled.weight.grad, eager.weight.grad)
