@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import NVFP4Config
 from .convert import iter_nvfp4_linears
+from .quant.fsdp import is_gathered_quantized
 from .recipe import HIGH_PRECISION, PRESETS, Recipe
 
 _SAVED_RECIPE = "_hf_nvfp4_quantized_recipe"
@@ -34,13 +35,33 @@ def _record_switch(model: nn.Module, mode: str | None) -> None:
         qc.switched = mode
 
 
+def _refuse_gathered_codes(model: nn.Module) -> None:
+    """Raise when a layer of ``model`` all-gathers its weight as codes under FSDP2: BF16
+    GEMMs need the weight's values, which that all-gather never delivers."""
+    names = [name or "<model>" for name, mod in iter_nvfp4_linears(model)
+             if is_gathered_quantized(mod.weight)]
+    if names:
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        raise ValueError(
+            f"cannot switch to BF16: {len(names)} layer(s) all-gather their weights under "
+            f"FSDP2 as quantized codes ({shown}), and BF16 GEMMs need the weights' values. "
+            "Turn fsdp_quantized_all_gather off (NVFP4Config(fsdp_quantized_all_gather="
+            "False), no NVFP4Linear.gather_quantized()) to use the late switch."
+        )
+
+
 def switch_to_high_precision(model: nn.Module, mode: str = "all") -> int:
     """Run the quantized layers' forward (``"forward"``) or every GEMM (``"all"``) in BF16.
 
     The quantized recipe is remembered, so :func:`restore_quantization` undoes it. A
     transformers model records the switch in its NVFP4Config (``switched``): saved with
     ``save_pretrained``, it loads switched. Returns the number of layers switched.
+
+    Raises:
+        ValueError: some layer all-gathers its weight as quantized codes
+            (``fsdp_quantized_all_gather``); nothing is switched.
     """
+    _refuse_gathered_codes(model)
     n = 0
     for _, mod in iter_nvfp4_linears(model):
         if not hasattr(mod, _SAVED_RECIPE):

@@ -11,7 +11,7 @@ from torch import nn
 from ..backends import BACKENDS, backend_instance, resolve_backend
 from ..backends import te as _te
 from ..distributed import rank, world_size
-from ..quant.fsdp import ShardedWeight, gathers_codes, plain_state_dict, wrap_weight
+from ..quant.fsdp import ShardedWeight, gathers_codes, register_state_dict_hooks, wrap_weight
 from ..quant.sr import advance_keys, new_state
 from ..recipe import Recipe, RoleSpecs, get_recipe
 from .functional import LinearPlan, quantized_linear
@@ -118,7 +118,7 @@ class NVFP4Linear(nn.Linear):
             return False
         if not isinstance(self.weight, ShardedWeight):
             self.weight = wrap_weight(self.weight, specs.w, self.backend_name)
-            self.register_state_dict_post_hook(plain_state_dict)
+            register_state_dict_hooks(self)
         return True
 
     # ---- decisions made once per device, not per forward ------------------------------

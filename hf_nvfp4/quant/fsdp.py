@@ -24,11 +24,17 @@ Training is therefore bitwise that of the unsharded layer (same global batch, ``
 for the activations). Weights whose shape does not split into whole tiles per rank, and
 layers whose recipe does not quantize W in square RTN tiles, all-gather their values as usual.
 The gathered weight supports only what a quantized linear needs; any other op on it raises,
-naming the op (e.g. the late switch to BF16 needs the master weights: it is refused).
+naming the op (e.g. the late switch to BF16 needs the master weights:
+:func:`~hf_nvfp4.schedule.switch_to_high_precision` refuses it up front).
+
+State dicts hold the plain master (:func:`plain_state_dict`), and a
+``load_state_dict(..., assign=True)``, which replaces the parameter, wraps the loaded tensor
+again (:func:`register_state_dict_hooks`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -124,6 +130,20 @@ class ShardedWeight(torch.Tensor):
 
     def __repr__(self) -> str:  # noqa: D105
         return f"ShardedWeight({self._inner!r}, fmt={self.spec.fmt}, tile={self.spec.tile})"
+
+    @property
+    def data(self) -> torch.Tensor:
+        """As ``Tensor.data``: a detached :class:`ShardedWeight` sharing the master."""
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        # ``param.data = param.data.to(torch.float32)`` (Accelerate's FSDP2 upcast) changes
+        # the wrapper's metadata; the master it wraps must follow or the two disagree.
+        if not isinstance(new, ShardedWeight):
+            new = ShardedWeight(new, self.spec, self.backend)
+        torch.Tensor.data.__set__(self, new)
+        self._inner = new._inner
 
     @property
     def master(self) -> torch.Tensor:
@@ -263,6 +283,22 @@ def wrap_weight(weight: torch.nn.Parameter, spec: QuantSpec,
     return torch.nn.Parameter(ShardedWeight(weight.data, spec, backend), weight.requires_grad)
 
 
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """``weight``'s local shard when it is an FSDP2 DTensor, ``weight`` otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        with torch.no_grad():
+            return weight.to_local()
+    return weight
+
+
+def is_gathered_quantized(weight: torch.Tensor) -> bool:
+    """Whether FSDP2 all-gathers ``weight`` as codes: a :class:`ShardedWeight` (plain or as
+    an FSDP2 DTensor's shard), or the :class:`GatheredWeight` such an all-gather gave."""
+    return isinstance(_local(weight), (ShardedWeight, GatheredWeight))
+
+
 def plain_state_dict(
     module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
@@ -282,6 +318,43 @@ def plain_state_dict(
         )
 
 
+def _rewrap_assigned(
+    spec: QuantSpec, backend: str, module: torch.nn.Module, incompatible_keys: Any
+) -> None:
+    """``load_state_dict`` post-hook: ``assign=True`` replaced the wrapped weight by the
+    state dict's plain tensor (or an FSDP2 DTensor of one); wrap it again."""
+    from torch.distributed.tensor import DTensor
+
+    weight = module.weight
+    local = _local(weight)
+    if isinstance(local, (ShardedWeight, GatheredWeight)):
+        return
+    with torch.no_grad():
+        if isinstance(weight, DTensor):
+            wrapped = DTensor.from_local(
+                ShardedWeight(local, spec, backend), weight.device_mesh, weight.placements,
+                run_check=False, shape=weight.shape, stride=weight.stride(),
+            )
+        else:
+            wrapped = ShardedWeight(weight.data, spec, backend)
+    module.weight = torch.nn.Parameter(wrapped, weight.requires_grad)
+
+
+def register_state_dict_hooks(module: torch.nn.Module) -> None:
+    """Keep ``module.weight``, a :class:`ShardedWeight` from :func:`wrap_weight`, wrapped
+    through state dicts: it saves as its plain master (:func:`plain_state_dict`), and a
+    ``load_state_dict(..., assign=True)`` (Accelerate's ``cpu_ram_efficient_loading``,
+    meta-device loads), which replaces the parameter, wraps the loaded tensor again with the
+    same spec and backend. Call once per module, after wrapping its weight."""
+    weight = _local(module.weight)
+    if not isinstance(weight, ShardedWeight):
+        raise TypeError(f"module.weight is not a ShardedWeight: {type(weight).__name__}")
+    module.register_state_dict_post_hook(plain_state_dict)
+    module.register_load_state_dict_post_hook(
+        functools.partial(_rewrap_assigned, weight.spec, weight.backend)
+    )
+
+
 def master_tensor(weight: torch.Tensor) -> torch.Tensor:
     """The tensor a quantizer reads: the wrapped master of a :class:`ShardedWeight` (not
     under FSDP: the whole weight), ``weight`` otherwise."""
@@ -289,7 +362,7 @@ def master_tensor(weight: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "GatheredWeight", "ShardedWeight", "gathered_layouts", "gathers_codes", "master_tensor",
-    "plain_state_dict",
+    "GatheredWeight", "ShardedWeight", "gathered_layouts", "gathers_codes",
+    "is_gathered_quantized", "master_tensor", "plain_state_dict", "register_state_dict_hooks",
     "wrap_weight",
 ]

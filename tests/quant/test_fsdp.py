@@ -9,14 +9,37 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
-from hf_nvfp4 import NVFP4Config, NVFP4Linear, convert
+from hf_nvfp4 import (
+    LateSwitchCallback,
+    NVFP4Config,
+    NVFP4Linear,
+    PrecisionSchedule,
+    convert,
+    quantization_disabled,
+    switch_to_high_precision,
+)
 from hf_nvfp4.kernels import is_triton_available
 from hf_nvfp4.numerics.quantize import quantize, transpose_tiles
 from hf_nvfp4.numerics.testing import assert_qtensor_equal
-from hf_nvfp4.quant.fsdp import GatheredWeight, ShardedWeight, gathered_layouts, gathers_codes
+from hf_nvfp4.quant.fsdp import (
+    GatheredWeight,
+    ShardedWeight,
+    gathered_layouts,
+    gathers_codes,
+    wrap_weight,
+)
 from hf_nvfp4.recipe import get_recipe
 from hf_nvfp4.telemetry import QuantProbe
 
@@ -81,6 +104,76 @@ def test_wrapped_layer_trains_and_saves_like_the_plain_one(tmp_path):
     fresh.load_state_dict(load_file(tmp_path / "w.safetensors"))
     assert isinstance(fresh.weight, ShardedWeight)
     assert torch.equal(fresh.weight.master, plain.weight.detach())
+
+
+def test_replacing_the_data_replaces_the_master():
+    """Accelerate's FSDP2 upcast, ``param.data = param.data.to(torch.float32)``, upcasts
+    the wrapped master too (fully_shard refuses a wrapper and master of different dtypes)."""
+    torch.manual_seed(0)
+    layer = NVFP4Linear(64, 48, recipe=NO_SR, backend="reference", dtype=torch.bfloat16)
+    bf16 = layer.weight.detach().clone()
+    assert layer.gather_quantized()
+    p = layer.weight
+    p.data = p.data.to(torch.float32)
+    assert layer.weight is p and isinstance(p, ShardedWeight)
+    assert p.dtype == p.master.dtype == torch.float32
+    assert p.spec == layer.plan().specs.w and p.backend == "reference"
+    assert torch.equal(p.master, bf16.float())
+    sd = layer.state_dict()
+    assert type(sd["weight"]) is torch.Tensor and sd["weight"].dtype == torch.float32
+    assert torch.equal(sd["weight"], bf16.float())
+    # A plain tensor assigned to the data of a bare wrapped Parameter is wrapped too.
+    q = wrap_weight(torch.nn.Parameter(bf16.clone()), p.spec, "reference")
+    q.data = torch.ones(48, 64)
+    assert isinstance(q.data, ShardedWeight) and q.master.dtype == torch.float32
+    assert torch.equal(q.master, torch.ones(48, 64))
+
+
+def test_assign_load_keeps_the_weight_wrapped():
+    """``load_state_dict(sd, assign=True)`` (Accelerate's cpu_ram_efficient_loading, meta
+    loads) installs the loaded tensor wrapped again: same values, same spec, same forward."""
+    plain, wrapped = _layers()
+    spec = wrapped.weight.spec
+    sd = {k: v.clone() for k, v in plain.state_dict().items()}
+    sd["weight"] = torch.randn(48, 64, generator=torch.Generator().manual_seed(5))
+    wrapped.load_state_dict(sd, assign=True)
+    w = wrapped.weight
+    assert isinstance(w, ShardedWeight) and isinstance(w, torch.nn.Parameter)
+    assert w.requires_grad and w.spec == spec and w.backend == "reference"
+    assert w.master.data_ptr() == sd["weight"].data_ptr()  # assigned, not copied
+    assert torch.equal(w.master, sd["weight"])
+    plain.load_state_dict(sd)
+    x = torch.randn(8, 64)
+    assert torch.equal(wrapped(x), plain(x))
+    assert type(wrapped.state_dict()["weight"]) is torch.Tensor
+    # a meta-device layer (DCP's and Accelerate's loads) gets its real weight wrapped
+    with torch.device("meta"):
+        meta = NVFP4Linear(64, 48, recipe=NO_SR, backend="reference", sr_seed=3)
+    assert meta.gather_quantized()
+    meta.load_state_dict(sd, assign=True)
+    assert isinstance(meta.weight, ShardedWeight) and not meta.weight.is_meta
+    assert torch.equal(meta(x), plain(x))
+
+
+def test_assign_load_under_fully_shard_keeps_the_shard_wrapped(mesh):
+    """Under fully_shard the assigned DTensor's shard is wrapped again (FSDP2 reads its
+    all-gather hooks from the shard), and those hooks gather the loaded weight's codes."""
+    plain, wrapped = _layers()
+    fully_shard(wrapped, mesh=mesh)
+    sd = wrapped.state_dict()
+    new = torch.randn(48, 64, generator=torch.Generator().manual_seed(5))
+    sd["weight"] = DTensor.from_local(new, mesh, sd["weight"].placements)
+    wrapped.load_state_dict(sd, assign=True)
+    w = wrapped.weight
+    assert isinstance(w, DTensor) and isinstance(w, torch.nn.Parameter) and w.requires_grad
+    local = w.to_local()
+    assert isinstance(local, ShardedWeight) and torch.equal(local.master, new)
+    inputs, meta = _hooks(local, mesh)
+    gathered = local.fsdp_post_all_gather(inputs, meta, torch.float32)[0]
+    specs = plain.plan().specs
+    assert_qtensor_equal(gathered_layouts(gathered, specs.w, specs.w_dgrad).row,
+                         quantize(new, "nvfp4", tile=(16, 16)))
+    assert type(wrapped.state_dict()["weight"].to_local()) is torch.Tensor
 
 
 def test_only_square_tile_linears_gather_codes():
@@ -239,3 +332,67 @@ def test_telemetry_skips_the_weight_stats_of_gathered_codes(mesh):
     stats = probe.finish(wrapped)
     assert "nvfp4/x_snr_db" in stats and "nvfp4/wgrad_noise_ratio" in stats
     assert "nvfp4/w_snr_db" not in stats
+
+
+def _tiny_llama(gather: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4))
+    convert(model, NVFP4Config(first_bf16_blocks=0, last_bf16_blocks=0, backend="reference",
+                               fsdp_quantized_all_gather=gather), verbose=False)
+    return model
+
+
+def _recipes(model):
+    return [m.recipe for m in model.modules() if isinstance(m, NVFP4Linear)]
+
+
+def test_late_switch_is_refused_when_weights_gather_as_codes():
+    """Every route to the BF16 switch (a manual call, the schedule, the Trainer callback,
+    quantization_disabled) refuses up front, naming the layers, and switches nothing."""
+    model = _tiny_llama(gather=True)
+    before = _recipes(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*"
+                       r"fsdp_quantized_all_gather off"):
+        switch_to_high_precision(model)
+    with pytest.raises(ValueError, match="14 layer"):
+        switch_to_high_precision(model, "forward")
+    schedule = PrecisionSchedule(0.5, 10)
+    with pytest.raises(ValueError, match="fsdp_quantized_all_gather"):
+        schedule.update(model, 5)
+    assert not schedule.switched
+    callback = LateSwitchCallback(0.5)
+    state = TrainerState(max_steps=10, global_step=4)
+    args = TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    callback.on_train_begin(args, state, TrainerControl(), model=model)
+    state.global_step = 5
+    with pytest.raises(ValueError, match="fsdp_quantized_all_gather"):
+        callback.on_step_end(args, state, TrainerControl(), model=model)
+    with pytest.raises(ValueError, match="fsdp_quantized_all_gather"), quantization_disabled(model):
+        pass
+    assert _recipes(model) == before
+    plain = _tiny_llama(gather=False)
+    assert switch_to_high_precision(plain) == 14
+    assert all(r.is_high_precision for r in _recipes(plain))
+
+
+def test_late_switch_is_refused_under_fully_shard(mesh):
+    """Under fully_shard (a DTensor of the wrapped shard, or the gathered codes between
+    all-gather and reshard) the switch is refused before the next forward would fail."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        NVFP4Linear(64, 64, recipe=NO_SR, backend="reference"), torch.nn.ReLU(),
+        NVFP4Linear(64, 48, recipe=NO_SR, backend="reference"))
+    assert model[2].gather_quantized()
+    fully_shard(model, mesh=mesh)
+    assert isinstance(model[2].weight, DTensor)
+    with pytest.raises(ValueError, match=r"1 layer\(s\).*\(2\)"):
+        switch_to_high_precision(model)
+    _, wrapped = _layers()
+    inputs, meta = _hooks(wrapped.weight, mesh)
+    wrapped.weight = torch.nn.Parameter(
+        wrapped.weight.fsdp_post_all_gather(inputs, meta, torch.float32)[0])
+    with pytest.raises(ValueError, match=r"\(<model>\)"):
+        switch_to_high_precision(wrapped)
+    assert not wrapped.recipe.is_high_precision
