@@ -11,7 +11,12 @@ from torch import nn
 from ..backends import BACKENDS, backend_instance, resolve_backend
 from ..backends import te as _te
 from ..distributed import rank, world_size
-from ..quant.fsdp import ShardedWeight, gathers_codes, register_state_dict_hooks, wrap_weight
+from ..quant.fsdp import (
+    gathers_codes,
+    is_gathered_quantized,
+    register_state_dict_hooks,
+    wrap_weight,
+)
 from ..quant.sr import advance_keys, new_state
 from ..recipe import Recipe, RoleSpecs, get_recipe
 from .functional import LinearPlan, quantized_linear
@@ -116,9 +121,18 @@ class NVFP4Linear(nn.Linear):
         specs = _role_specs(self.recipe)
         if not gathers_codes(specs.w, specs.w_dgrad):
             return False
-        if not isinstance(self.weight, ShardedWeight):
-            self.weight = wrap_weight(self.weight, specs.w, self.backend_name)
-            register_state_dict_hooks(self)
+        if is_gathered_quantized(self.weight):
+            return True
+        from torch.distributed.tensor import DTensor  # imported when used: ~1 s
+
+        if isinstance(self.weight, DTensor):
+            raise ValueError(
+                "gather_quantized() must be called before fully_shard: this layer's weight is "
+                "already an FSDP2 DTensor (NVFP4Config(fsdp_quantized_all_gather=True) and "
+                "hf_nvfp4.convert.gather_quantized_weights do it at load)"
+            )
+        self.weight = wrap_weight(self.weight, specs.w, self.backend_name)
+        register_state_dict_hooks(self)
         return True
 
     # ---- decisions made once per device, not per forward ------------------------------

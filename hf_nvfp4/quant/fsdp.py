@@ -158,25 +158,33 @@ class ShardedWeight(torch.Tensor):
         module: torch.nn.Module,
         mp_policy: Any,
     ) -> tuple[tuple[torch.Tensor, ...], Any]:
-        """FSDP2 hook: this rank's quantized shard (codes, tile scales), or its values when
-        the weight does not split into whole tiles per rank."""
+        """FSDP2 hook: this rank's quantized shard (codes, tile scales; :meth:`shard_codes`),
+        or its values when the weight does not split into whole tiles per rank or the mesh
+        has one rank (nothing crosses a wire, and FSDP2's one-rank path copies only the
+        first all-gather input)."""
         dtype = mp_policy.param_dtype or self.dtype
         local = self._inner.to(dtype)
         world = mesh.size()
-        if not _splits_into_tiles(outer_size, world, self.spec.tile[0]):
+        if world == 1 or not _splits_into_tiles(outer_size, world, self.spec.tile[0]):
             rows = -(-outer_size[0] // world)
             if local.shape[0] < rows:  # FSDP2 pads uneven shards at the end
                 local = torch.nn.functional.pad(local, (0, 0, 0, rows - local.shape[0]))
             return (local,), None
+        return self.shard_codes(local, outer_size, mesh.get_group())
+
+    def shard_codes(
+        self, local: torch.Tensor, outer_size: torch.Size, group: Any = None
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple]:
+        """The shard ``local`` (whole tiles of the weight of shape ``outer_size``) as codes
+        and tile scales, encoded with the whole weight's scale (NVFP4: the amax all-reduced
+        over ``group``), and the metadata :meth:`fsdp_post_all_gather` reads."""
         amax = None
         if get_format(self.spec.fmt).global_scale:
             amax = tensor_amax(local).float()
-            torch.distributed.all_reduce(
-                amax, op=torch.distributed.ReduceOp.MAX, group=mesh.get_group()
-            )
+            torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
         backend = backend_instance(resolve_backend(self.backend, local.device))
         q = backend.quantize_weight(local, self.spec, amax=amax)[0]
-        return (q.data, q.scale), (q.global_scale, dtype, tuple(outer_size))
+        return (q.data, q.scale), (q.global_scale, local.dtype, tuple(outer_size))
 
     def fsdp_post_all_gather(
         self,

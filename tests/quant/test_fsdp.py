@@ -36,6 +36,7 @@ from hf_nvfp4.numerics.testing import assert_qtensor_equal
 from hf_nvfp4.quant.fsdp import (
     GatheredWeight,
     ShardedWeight,
+    _splits_into_tiles,
     gathered_layouts,
     gathers_codes,
     wrap_weight,
@@ -195,9 +196,36 @@ def mesh(tmp_path_factory):
 
 
 def _hooks(weight: ShardedWeight, mesh, param_dtype=None):
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype)
-    inputs, meta = weight.fsdp_pre_all_gather(mesh, weight.shape, weight.stride(), None, policy)
-    return inputs, meta
+    """What the pre-all-gather hook gives on a mesh of more ranks, computed on this one
+    (the one-rank mesh itself gathers values: test_one_rank_gathers_values)."""
+    if not _splits_into_tiles(weight.shape, 1, weight.spec.tile[0]):
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype)
+        return weight.fsdp_pre_all_gather(mesh, weight.shape, weight.stride(), None, policy)
+    local = weight.master.to(param_dtype or weight.dtype)
+    return weight.shard_codes(local, weight.shape, mesh.get_group())
+
+
+def test_one_rank_gathers_values_and_trains_like_the_plain_layer(mesh):
+    """On one rank the hook hands FSDP2 the values (its one-rank path copies one input),
+    and a fully_shard-ed wrapped layer trains exactly like the plain one."""
+    plain, wrapped = _layers()
+    policy = MixedPrecisionPolicy()
+    w = wrapped.weight
+    inputs, meta = w.fsdp_pre_all_gather(mesh, w.shape, w.stride(), None, policy)
+    assert meta is None and torch.equal(inputs[0], w.master)
+    fully_shard(wrapped, mesh=mesh)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(6))
+    for step in range(2):
+        ys = [m(x) for m in (plain, wrapped)]
+        assert torch.equal(ys[0], ys[1].full_tensor() if isinstance(ys[1], DTensor) else ys[1])
+        for y in ys:
+            y.square().mean().backward()
+        assert torch.equal(plain.weight.grad, wrapped.weight.grad.full_tensor()), step
+        for m in (plain, wrapped):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -396,3 +424,17 @@ def test_late_switch_is_refused_under_fully_shard(mesh):
     with pytest.raises(ValueError, match=r"\(<model>\)"):
         switch_to_high_precision(wrapped)
     assert not wrapped.recipe.is_high_precision
+
+
+def test_gather_quantized_before_and_after_fully_shard(mesh):
+    """After fully_shard a wrapped layer stays wrapped once (no wrapper around the DTensor);
+    a plain layer already sharded is refused with the order to follow."""
+    _, wrapped = _layers()
+    fully_shard(wrapped, mesh=mesh)
+    assert wrapped.gather_quantized()
+    assert type(wrapped.weight.to_local()) is ShardedWeight
+    plain = NVFP4Linear(64, 48, recipe=NO_SR, backend="reference")
+    fully_shard(plain, mesh=mesh)
+    with pytest.raises(ValueError, match="before fully_shard"):
+        plain.gather_quantized()
+
