@@ -38,7 +38,7 @@ import functools
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ..backends import backend_instance, resolve_backend
 from ..numerics.formats import get_format
@@ -236,13 +236,17 @@ class GatheredWeight(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: D105
-        w = args[0]
-        if func in (aten.detach.default, aten.alias.default):
-            return w._same()
-        if func is aten.as_strided.default and tuple(args[1]) == tuple(w.shape):
-            return w._same()  # FSDP2 views the unsharded parameter at its own shape
-        if func is aten.view.default and tuple(args[1]) == tuple(w.shape):
-            return w._same()
+        # the gathered weight need not be the first argument (torch.cat([x, w]), x + w)
+        w = next(t for t in tree_flatten((args, kwargs or {}))[0]
+                 if isinstance(t, GatheredWeight))
+        if args[0] is w:
+            if func in (aten.detach.default, aten.alias.default):
+                return w._same()
+            # FSDP2 views the unsharded parameter at its own shape
+            if func in (aten.as_strided.default, aten.view.default) and (
+                tuple(args[1]) == tuple(w.shape)
+            ):
+                return w._same()
         raise NotImplementedError(
             f"{func} on an NVFP4 weight that FSDP2 all-gathered as {w.spec.fmt} codes "
             "(NVFP4Config(fsdp_quantized_all_gather=True)): only quantized linear layers can "

@@ -266,6 +266,9 @@ def test_gathered_weight_in_a_layer_is_the_weight(mesh, backend):
     assert torch.equal(plain.weight.grad, wrapped.weight.grad)
     with pytest.raises(NotImplementedError, match="fsdp_quantized_all_gather"):
         wrapped.weight + 1
+    for other_first in (lambda w: torch.ones(48, 64) + w, lambda w: torch.cat([x[:1], w])):
+        with pytest.raises(NotImplementedError, match="all-gathered as nvfp4 codes"):
+            other_first(wrapped.weight.detach())
 
 
 @pytest.mark.skipif(not is_triton_available()[0], reason="Triton is not installed")
