@@ -7,12 +7,33 @@
 #   OUT=/some/dir bash bench/gpu_session4.sh moe       # bench/moe.py (MoE experts fwd+bwd)
 #   OUT=/some/dir bash bench/gpu_session4.sh formats   # FP8/MXFP4/NVFP4 quantize kernel tests,
 #                                                      # kernel_speed --check, format e2e columns
+#   OUT=/some/dir bash bench/gpu_session4.sh kernel-tests [SECONDS]
+#       # tests/kernels file by file, each file's result in $OUT/pytest_<file>.txt, stopping
+#       # before SECONDS (default 540) run out; files already passed (listed in
+#       # .gpu_cache/passed, kept between calls on a warm machine) are skipped, and the Triton
+#       # and Inductor caches live in .gpu_cache too, so repeated calls finish the suite
 # e2e resumes: JSONs of a cut-off call copied back into bench/results/ are continued.
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=16
 what=${1:-tests}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 case $what in
+  kernel-tests)
+    budget=${2:-540}
+    mkdir -p .gpu_cache && touch .gpu_cache/passed
+    export TRITON_CACHE_DIR=$PWD/.gpu_cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu_cache/inductor
+    start=$SECONDS
+    for f in tests/kernels/test_*.py; do
+      grep -qx "$f" .gpu_cache/passed && { echo "$f: passed in an earlier call"; continue; }
+      left=$((budget - (SECONDS - start)))
+      (( left < 60 )) && { echo "stopping: ${left}s left"; break; }
+      name=$(basename "$f" .py)
+      timeout "$left" python3 -m pytest -q -p no:cacheprovider "$f" > "$OUT/pytest_$name.txt" 2>&1
+      rc=$?
+      echo "$f: rc=$rc $(tail -1 "$OUT/pytest_$name.txt")"
+      [[ $rc == 0 ]] && echo "$f" >> .gpu_cache/passed
+    done
+    ;;
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/kernels tests/quant tests/nn tests/backends \
       tests/test_experts.py > "$OUT/pytest_gpu.txt" 2>&1; tail -12 "$OUT/pytest_gpu.txt"
