@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backends import backend_instance
-from ..numerics.quantize import QTensor
-from ..quant.fsdp import GatheredWeight, gathered_layouts, master_tensor
+from ..numerics.quantize import QTensor, transpose_tiles
+from ..quant.fsdp import GatheredWeight, gathered_weight, master_tensor
 from ..quant.quantizer import Quantized, Quantizer
 from ..quant.shared import quantize_input
 from ..recipe import RoleSpecs
@@ -93,10 +93,11 @@ def unpack_qtensor(tensors: list[torch.Tensor | None], meta: object) -> QTensor 
 
 
 def _quantize_weight(weight: torch.Tensor, plan: LinearPlan) -> Quantized:
-    """W and W^T per the plan: from the codes FSDP2 gathered (:mod:`hf_nvfp4.quant.fsdp`),
-    else by the plan's weight quantizer."""
+    """W and W^T per the plan, by the plan's weight quantizer; for the codes FSDP2 gathered
+    (:mod:`hf_nvfp4.quant.fsdp`) W alone: the backward transposes the tiles FSDP2 gathers
+    again (or kept), so no W^T is saved."""
     if isinstance(weight, GatheredWeight):
-        return gathered_layouts(weight, plan.specs.w, plan.specs.w_dgrad)
+        return Quantized(gathered_weight(weight, plan.specs.w, plan.specs.w_dgrad), None)
     return plan.weight(master_tensor(weight).detach())
 
 
@@ -123,7 +124,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
             y = y + bias.to(y.dtype)
 
         saved_x = x2 if specs.x_t is None else None
-        saved_w = weight if specs.w_dgrad is None else None
+        ctx.gathered = isinstance(weight, GatheredWeight)
+        saved_w = weight if specs.w_dgrad is None or ctx.gathered else None
         x_t_tensors, ctx.x_t_meta = pack_qtensor(q_x.col)
         w_t_tensors, ctx.w_t_meta = pack_qtensor(w.col)
         ctx.save_for_backward(saved_x, saved_w, keys, *x_t_tensors, *w_t_tensors)
@@ -153,6 +155,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
             if specs.dy is None:
                 dx = dy2 @ weight.to(dy2.dtype)
             else:
+                if ctx.gathered:
+                    q_w_t = transpose_tiles(gathered_weight(weight, specs.w, specs.w_dgrad))
                 dx = backend.gemm(q_dy, q_w_t, ctx.x_dtype)
             dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
         if need_dw:

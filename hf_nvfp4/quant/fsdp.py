@@ -16,9 +16,10 @@ How, through FSDP2's own extension points (the tensor hooks ``fsdp_pre_all_gathe
   of ``world x tile``), so each tile, its scale and its codes are exactly those of the
   unsharded weight.
 * :class:`GatheredWeight` is the whole weight as FSDP hands it to the layer: the gathered
-  codes and tile scales plus the global scale. The forward reads W from them and derives W^T
-  locally by transposing the tiles (:func:`hf_nvfp4.numerics.quantize.transpose_tiles`): the
-  same codes and scales quantizing W^T would give.
+  codes and tile scales plus the global scale. The forward reads W from them; the backward
+  derives W^T by transposing the tiles FSDP2 gathered again (or kept)
+  (:func:`hf_nvfp4.numerics.quantize.transpose_tiles`): the same codes and scales quantizing
+  W^T would give, and no W^T held from forward to backward.
 
 Training is therefore bitwise that of the unsharded layer (same global batch, ``reduce_amax``
 for the activations). Weights whose shape does not split into whole tiles per rank, and
@@ -269,20 +270,28 @@ class GatheredWeight(torch.Tensor):
                 f"tile={self.spec.tile})")
 
 
-def gathered_layouts(
+def gathered_weight(
     weight: GatheredWeight, spec: QuantSpec | None, spec_t: QuantSpec | None
-) -> Quantized:
-    """W along K and W^T along N from a :class:`GatheredWeight`, as the layer's weight
-    quantizer (``spec``, ``spec_t``) would give for the unsharded weight; raises when those
-    are not the gathered spec. (A function, not a method: torch.compile traces it.)"""
+) -> QTensor:
+    """W along K from a :class:`GatheredWeight`, as the layer's weight quantizer (``spec``,
+    ``spec_t``) would give for the unsharded weight; raises when those are not the gathered
+    spec. (A function, not a method: torch.compile traces it.)"""
     if spec != weight.spec or spec_t != weight.spec:
         raise ValueError(
             f"this weight was all-gathered as {weight.spec} codes but the layer now "
             f"quantizes W as {spec} and W^T as {spec_t}; the recipe changed after "
             "fully_shard"
         )
-    q = QTensor(weight._data, weight._scale, weight._global_scale, weight.spec.fmt,
-                weight.shape, weight.dtype, weight.spec.tile)
+    return QTensor(weight._data, weight._scale, weight._global_scale, weight.spec.fmt,
+                   weight.shape, weight.dtype, weight.spec.tile)
+
+
+def gathered_layouts(
+    weight: GatheredWeight, spec: QuantSpec | None, spec_t: QuantSpec | None
+) -> Quantized:
+    """W along K and W^T along N from a :class:`GatheredWeight` (see
+    :func:`gathered_weight`); W^T is W's tiles transposed."""
+    q = gathered_weight(weight, spec, spec_t)
     return Quantized(q, transpose_tiles(q))
 
 
@@ -374,7 +383,7 @@ def master_tensor(weight: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "GatheredWeight", "ShardedWeight", "gathered_layouts", "gathers_codes",
+    "GatheredWeight", "ShardedWeight", "gathered_layouts", "gathered_weight", "gathers_codes",
     "is_gathered_quantized", "master_tensor", "plain_state_dict", "register_state_dict_hooks",
     "wrap_weight",
 ]

@@ -259,8 +259,15 @@ def test_gathered_weight_in_a_layer_is_the_weight(mesh, backend):
     gathered = wrapped.weight.fsdp_post_all_gather(inputs, meta, torch.float32)[0]
     wrapped.weight = torch.nn.Parameter(gathered)
     x = torch.randn(8, 64)
-    ys = [m(x) for m in (plain, wrapped)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ys = [m(x) for m in (plain, wrapped)]
     assert torch.equal(ys[0], ys[1])
+    # the plain layer saves W^T's codes [K, N/2]; the gathered one saves the gathered weight
+    # itself (FSDP2 gathers it again for backward) and transposes its tiles there
+    w_t_codes = [t for t in saved if t.dtype == torch.uint8 and tuple(t.shape) == (64, 24)]
+    assert len(w_t_codes) == 1 and any(t is gathered or isinstance(t, GatheredWeight)
+                                       for t in saved)
     for y in ys:
         y.square().mean().backward()
     assert torch.equal(plain.weight.grad, wrapped.weight.grad)
