@@ -60,7 +60,11 @@ class ExpertsQuantization:
         if plan is None:
             plan = LinearPlan(self.recipe.role_specs(), resolve_backend(self.backend, device),
                               reduce_amax=False, share_input=False)
-            backend_instance(plan.backend)
+            # before the quantized autograd.Function, never inside it: a backend's one-time
+            # checks (the FP8 GEMM's) are side effects a traced Function cannot contain
+            backend = backend_instance(plan.backend)
+            if hasattr(backend, "prepare"):
+                backend.prepare(plan.specs, device)
             self.plans[key] = plan
         return plan
 

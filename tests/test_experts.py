@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_nvfp4.experts import (
     IMPLEMENTATION,
+    ExpertsQuantization,
     convert_experts_module,
     expert_shapes,
     is_experts_module,
@@ -213,3 +214,30 @@ def test_from_pretrained_and_save_pretrained_round_trip(tmp_path):
         model.eval()
         reloaded.eval()
         assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_fp8_block_experts_trace_whole_on_first_use(monkeypatch):
+    """The experts' plan runs the backend's one-time checks (the FP8 GEMM's) before the
+    quantized autograd.Function: the grouped FP8 GEMMs then trace whole under
+    torch.compile(fullgraph=True) instead of failing on the check's side effect."""
+    from hf_nvfp4.backends import fp8_gemm
+    from hf_nvfp4.kernels import is_triton_available
+    from hf_nvfp4.nn.grouped import quantized_grouped_linear
+    from hf_nvfp4.recipe import get_recipe
+
+    if not is_triton_available()[0]:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(fp8_gemm, "_CHECKED", {})
+    torch._dynamo.reset()
+    quant = ExpertsQuantization(get_recipe("fp8_block"), "triton", None, 0)
+    w = torch.randn(2, 128, 128, requires_grad=True)
+    x = torch.randn(256, 128)
+
+    plan = quant.plan(x.device)  # what the experts forward calls before the Function
+
+    def step(x, w):
+        return quantized_grouped_linear(x, w, None, [128, 128], plan)
+
+    torch.compile(step, backend="aot_eager", fullgraph=True)(x, w).sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    assert fp8_gemm._CHECKED  # the check ran, outside the traced Function

@@ -2,7 +2,8 @@
 
 NVFP4: blocks of 16 with E4M3 scales; MXFP4: blocks of 32 with UE8M0 (power-of-two) scales.
 Block values ``fp4(q) * s_b`` are exact in BF16 for both (an E2M1 value has two significant
-bits; ``2^-127 .. 2^127`` times it stays within BF16's range, subnormals included), so
+bits, and BF16 keeps them down to its subnormals; a UE8M0 scale of 2^126 or 2^127, which the
+quantizer never writes for finite inputs, can overflow to Inf as in the reference), so
 dequantizing to BF16 without the global scale loses nothing: that is the operand form of the
 dequantize-then-GEMM path.
 """

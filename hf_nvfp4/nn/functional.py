@@ -124,10 +124,12 @@ class QuantizedLinearFunction(torch.autograd.Function):
             y = y + bias.to(y.dtype)
 
         saved_x = x2 if specs.x_t is None else None
-        ctx.gathered = isinstance(weight, GatheredWeight)
-        saved_w = weight if specs.w_dgrad is None or ctx.gathered else None
+        saved_w = weight if specs.w_dgrad is None else None
         x_t_tensors, ctx.x_t_meta = pack_qtensor(q_x.col)
-        w_t_tensors, ctx.w_t_meta = pack_qtensor(w.col)
+        # FSDP2's gathered codes: save W's buffers (FSDP2 refills them for the backward, or
+        # keeps them); the backward transposes their tiles
+        ctx.gathered = isinstance(weight, GatheredWeight)
+        w_t_tensors, ctx.w_t_meta = pack_qtensor(w.row if ctx.gathered else w.col)
         ctx.save_for_backward(saved_x, saved_w, keys, *x_t_tensors, *w_t_tensors)
         ctx.plan = plan
         ctx.has_bias = bias is not None
@@ -156,7 +158,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 dx = dy2 @ weight.to(dy2.dtype)
             else:
                 if ctx.gathered:
-                    q_w_t = transpose_tiles(gathered_weight(weight, specs.w, specs.w_dgrad))
+                    q_w_t = transpose_tiles(q_w_t)
                 dx = backend.gemm(q_dy, q_w_t, ctx.x_dtype)
             dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
         if need_dw:

@@ -263,14 +263,21 @@ def test_gathered_weight_in_a_layer_is_the_weight(mesh, backend):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         ys = [m(x) for m in (plain, wrapped)]
     assert torch.equal(ys[0], ys[1])
-    # the plain layer saves W^T's codes [K, N/2]; the gathered one saves the gathered weight
-    # itself (FSDP2 gathers it again for backward) and transposes its tiles there
+    # the plain layer saves W^T's codes [K, N/2]; the gathered one saves the gathered codes
+    # buffer itself (FSDP2 refills it for the backward) and transposes its tiles there
     w_t_codes = [t for t in saved if t.dtype == torch.uint8 and tuple(t.shape) == (64, 24)]
-    assert len(w_t_codes) == 1 and any(t is gathered or isinstance(t, GatheredWeight)
-                                       for t in saved)
+    assert len(w_t_codes) == 1 and any(t is gathered._data for t in saved)
+    assert not any(isinstance(t, GatheredWeight) for t in saved)  # hooks may copy what is saved
     for y in ys:
         y.square().mean().backward()
     assert torch.equal(plain.weight.grad, wrapped.weight.grad)
+    # saved-tensor hooks that copy (activation offloading) see plain tensors only
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        ys = [m(x) for m in (plain, wrapped)]
+    for m, y in zip((plain, wrapped), ys, strict=True):
+        m.weight.grad = None
+        y.square().mean().backward()
+    assert torch.equal(ys[0], ys[1]) and torch.equal(plain.weight.grad, wrapped.weight.grad)
     with pytest.raises(NotImplementedError, match="fsdp_quantized_all_gather"):
         wrapped.weight + 1
     for other_first in (lambda w: torch.ones(48, 64) + w, lambda w: torch.cat([x[:1], w])):
