@@ -84,10 +84,6 @@ def _scaled_mm(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
     return out[: a.shape[0], : b.shape[0]]
 
 
-def _key(device: torch.device, b_tile: tuple[int, int]) -> tuple:
-    return device.type, device.index, tuple(b_tile)
-
-
 def prepare(device: torch.device, b_tiles: tuple[tuple[int, int], ...]) -> None:
     """Run the availability and self-checks for ``device`` now, eagerly, so traced code
     (``torch.compile``, CUDA graphs) only reads their results: the self-check draws random
@@ -101,7 +97,7 @@ def prepare(device: torch.device, b_tiles: tuple[tuple[int, int], ...]) -> None:
 
 def _usable(device: torch.device, b_tile: tuple[int, int]) -> bool:
     """Available, accepted by this torch, and equal to the reference on a random case."""
-    key = _key(device, b_tile)
+    key = (device.type, device.index, tuple(b_tile))
     if key not in _CHECKED:
         _CHECKED[key] = block_scaled_mm_available(device)[0] and _self_check(device, b_tile)
     return _CHECKED[key]

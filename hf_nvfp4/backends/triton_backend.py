@@ -219,9 +219,8 @@ class TritonBackend:
         # the FP8 GEMM path's one-time checks (1x128 operands; the weight's tiles): their
         # cached answer is a side effect that a traced autograd.Function cannot contain
         roles = (specs.x, specs.w, specs.dy, specs.dy_t, specs.x_t, specs.w_dgrad)
-        tiles = {tuple(s.tile) for s in roles if s is not None and s.fmt == "fp8_block"}
-        if tiles:
-            fp8_prepare(device, tuple({(1, 128), *(t for t in tiles if t == (128, 128))}))
+        if any(s is not None and s.fmt == "fp8_block" for s in roles):
+            fp8_prepare(device, ((1, 128), (128, 128)))
         if torch.device(device).type != "cuda":
             return
         for spec in (specs.x_t, specs.dy_t):

@@ -43,9 +43,8 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ..backends import backend_instance, resolve_backend
 from ..numerics.formats import get_format
-from ..numerics.quantize import QTensor, tensor_amax, transpose_tiles
+from ..numerics.quantize import QTensor, tensor_amax
 from ..recipe import QuantSpec
-from .quantizer import Quantized
 
 aten = torch.ops.aten
 
@@ -213,7 +212,7 @@ class GatheredWeight(torch.Tensor):
     """A whole weight ``[N, K]`` as gathered codes and tile scales (FSDP2's unsharded
     parameter of a :class:`ShardedWeight`).
 
-    :func:`gathered_layouts` gives the layouts the linear GEMMs read; gradients flow to it as
+    :func:`gathered_weight` gives W as the linear GEMMs read it; gradients flow to it as
     to any parameter. Other ops raise: its high-precision values were never gathered.
     """
 
@@ -284,15 +283,6 @@ def gathered_weight(
         )
     return QTensor(weight._data, weight._scale, weight._global_scale, weight.spec.fmt,
                    weight.shape, weight.dtype, weight.spec.tile)
-
-
-def gathered_layouts(
-    weight: GatheredWeight, spec: QuantSpec | None, spec_t: QuantSpec | None
-) -> Quantized:
-    """W along K and W^T along N from a :class:`GatheredWeight` (see
-    :func:`gathered_weight`); W^T is W's tiles transposed."""
-    q = gathered_weight(weight, spec, spec_t)
-    return Quantized(q, transpose_tiles(q))
 
 
 def wrap_weight(weight: torch.nn.Parameter, spec: QuantSpec,
@@ -383,7 +373,7 @@ def master_tensor(weight: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "GatheredWeight", "ShardedWeight", "gathered_layouts", "gathered_weight", "gathers_codes",
+    "GatheredWeight", "ShardedWeight", "gathered_weight", "gathers_codes",
     "is_gathered_quantized", "master_tensor", "plain_state_dict", "register_state_dict_hooks",
     "wrap_weight",
 ]

@@ -37,7 +37,7 @@ from hf_nvfp4.quant.fsdp import (
     GatheredWeight,
     ShardedWeight,
     _splits_into_tiles,
-    gathered_layouts,
+    gathered_weight,
     gathers_codes,
     wrap_weight,
 )
@@ -172,7 +172,7 @@ def test_assign_load_under_fully_shard_keeps_the_shard_wrapped(mesh):
     inputs, meta = _hooks(local, mesh)
     gathered = local.fsdp_post_all_gather(inputs, meta, torch.float32)[0]
     specs = plain.plan().specs
-    assert_qtensor_equal(gathered_layouts(gathered, specs.w, specs.w_dgrad).row,
+    assert_qtensor_equal(gathered_weight(gathered, specs.w, specs.w_dgrad),
                          quantize(new, "nvfp4", tile=(16, 16)))
     assert type(wrapped.state_dict()["weight"].to_local()) is torch.Tensor
 
@@ -239,15 +239,15 @@ def test_hooks_gather_the_codes_the_layer_would_quantize(mesh, backend):
     assert isinstance(gathered, GatheredWeight) and gathered.shape == w.shape
     plan = plain.plan()
     want = plan.weight(plain.weight.detach())
-    got = gathered_layouts(gathered, plan.specs.w, plan.specs.w_dgrad)
-    assert_qtensor_equal(got.row, want.row)
-    assert_qtensor_equal(got.col, want.col)
+    got = gathered_weight(gathered, plan.specs.w, plan.specs.w_dgrad)
+    assert_qtensor_equal(got, want.row)
+    assert_qtensor_equal(transpose_tiles(got), want.col)  # the backward's W^T
     # Later steps refill the same buffers; only the global scale is new.
     new_scale = torch.tensor(0.5)
     assert w.fsdp_post_all_gather(inputs, (new_scale, *meta[1:]), torch.float32,
                                   out=gathered) is None
-    new = gathered_layouts(gathered, plan.specs.w, plan.specs.w_dgrad)
-    assert new.row.global_scale is new_scale
+    new = gathered_weight(gathered, plan.specs.w, plan.specs.w_dgrad)
+    assert new.global_scale is new_scale
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -312,7 +312,7 @@ def test_hooks_follow_the_mixed_precision_dtype(mesh):
     assert gathered.dtype == torch.bfloat16
     specs = plain.plan().specs
     want = quantize(plain.weight.detach().bfloat16(), "nvfp4", tile=(16, 16))
-    assert_qtensor_equal(gathered_layouts(gathered, specs.w, specs.w_dgrad).row, want)
+    assert_qtensor_equal(gathered_weight(gathered, specs.w, specs.w_dgrad), want)
 
 
 def test_weights_that_do_not_split_into_tiles_gather_values(mesh):
