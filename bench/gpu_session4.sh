@@ -7,6 +7,11 @@
 #   OUT=/some/dir bash bench/gpu_session4.sh moe       # bench/moe.py (MoE experts fwd+bwd)
 #   OUT=/some/dir bash bench/gpu_session4.sh formats   # FP8/MXFP4/NVFP4 quantize kernel tests,
 #                                                      # kernel_speed --check, format e2e columns
+#   OUT=/some/dir bash bench/gpu_session4.sh gpu-tests [SECONDS]
+#       # tests/kernels, nn, backends, quant and the experts tests in 12 pytest-xdist workers
+#       # (Triton compiles on the CPU: the workers compile in parallel), stopping at SECONDS
+#       # (default 560); the Triton cache in .gpu_cache makes a repeated call on a warm
+#       # machine finish faster
 #   OUT=/some/dir bash bench/gpu_session4.sh kernel-tests [SECONDS]
 #       # tests/kernels file by file, each file's result in $OUT/pytest_<file>.txt, stopping
 #       # before SECONDS (default 540) run out; files already passed (listed in
@@ -33,6 +38,14 @@ case $what in
       echo "$f: rc=$rc $(tail -1 "$OUT/pytest_$name.txt")"
       [[ $rc == 0 ]] && echo "$f" >> .gpu_cache/passed
     done
+    ;;
+  gpu-tests)
+    mkdir -p .gpu_cache
+    export TRITON_CACHE_DIR=$PWD/.gpu_cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu_cache/inductor
+    timeout "${2:-560}" python3 -m pytest -q -n 12 -p no:cacheprovider -rfE --durations=10 \
+      tests/kernels tests/nn tests/backends tests/quant tests/test_experts.py \
+      > "$OUT/pytest_gpu.txt" 2>&1
+    echo "rc=$?"; grep -E "passed|failed|FAILED|ERROR" "$OUT/pytest_gpu.txt" | tail -40
     ;;
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/kernels tests/quant tests/nn tests/backends \
