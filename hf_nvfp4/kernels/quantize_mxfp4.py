@@ -20,7 +20,7 @@ row copy loads it as four [BM, BK/32, 8] quarters of the 1x32 blocks, so each th
 whole blocks: amax, scale and packing into four int32 words per block are in-thread. The
 column copy loads it again (an L2 hit) as 32 tensors [BM/32, BK], token j of every 32-token
 block, so a thread holds whole column blocks: the RHT is two in-register butterflies
-(:func:`._common.rht16`) per block.
+(:func:`._common.rht16`, with its exact redo) per block.
 
 Scales (:func:`._common.ue8m0_scale`): ``k = ceil(log2(amax / 6))`` clamped to [-127, 127],
 byte ``k + 127``; the element is ``e2m1(clamp(x * 2^-k, -6, 6))``. Block amaxes propagate
@@ -45,6 +45,7 @@ from ._common import (
     pack8,
     pack_words,
     rht16,
+    rht16_exact,
     sign_mask,
     split8,
     ue8m0_scale,
@@ -135,7 +136,11 @@ def _mx_rowcol_kernel(
             for j in tl.static_range(16 * h, 16 * h + 16):
                 v = v + (tl.load(p + j * stride_m, mask=kin & (brow[:, None] + j < M), other=0.0),)
             if COL_RHT:
-                y = y + rht16(v, RHT_SIGN, INTERPRET)
+                yh, redo = rht16(v, RHT_SIGN, INTERPRET)
+                if redo:  # rare: a block whose FP32 sum may round unlike the exact one
+                    yh = rht16_exact(p + 16 * h * stride_m, stride_m, M - brow[:, None] - 16 * h,
+                                     kin, RHT_SIGN, INTERPRET)
+                y = y + yh
             else:
                 for j in tl.static_range(16):
                     y = y + (v[j].to(tl.float32),)

@@ -18,8 +18,10 @@ halves (the first and last 8 elements of each 1x16 block), so each thread holds 
 blocks: the block amax, scale and packing into two int32 words per block are in-thread. The
 column copy loads the tile again (an L2 hit) as 16 tensors [BM/16, BK], token j of every
 16-token block, so each thread holds whole column blocks too: the RHT is an in-register
-butterfly (:func:`._common.rht16`), and the block amax, E4M3 scale and reciprocal are computed
-once per block, without shuffles. It is written as int32 words (8 codes, or 2 BF16 values).
+butterfly (:func:`._common.rht16`, rounded as the reference rounds: a program with a block
+whose FP32 sum might round otherwise redoes its blocks exactly), and the block amax, E4M3
+scale and reciprocal are computed once per block, without shuffles. It is written as int32
+words (8 codes, or 2 BF16 values).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ._common import (
     pack8,
     pack_words,
     rht16,
+    rht16_exact,
     sign_mask,
     split8,
 )
@@ -144,7 +147,9 @@ def _rowcol_kernel(
         if first:
             tl.store(gs_ptr + 1, s_decc)
         if COL_RHT:
-            y = rht16(v, RHT_SIGN, INTERPRET)
+            y, redo = rht16(v, RHT_SIGN, INTERPRET)
+            if redo:  # rare: a block whose FP32 sum may round unlike the exact one
+                y = rht16_exact(p, stride_m, M - brow[:, None], kin, RHT_SIGN, INTERPRET)
         else:
             y = ()
             for j in tl.static_range(16):
