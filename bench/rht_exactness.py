@@ -1,0 +1,120 @@
+"""The correctly rounded RHT on the GPU (issue 17): Triton column copies vs the reference, the
+reference on the GPU vs on the CPU, and the quantize timings with the exact-redo check in.
+
+For each shape ``x`` [M, K] (the RHT runs over M, as in the column copy ``x^T``), RHT sign
+vector (Transformer Engine's, or all +1) and input distribution (``randn``; ``wide``: randn
+times 2^U(-40, 40), so blocks span more binades than the FP32 butterfly sums exactly and the
+kernels' exact redo runs), this compares on one CUDA device:
+
+* the NVFP4 x^T (RTN + RHT) and dy^T (SR + RHT) copies and the MXFP4 x^T copy of
+  ``TritonBackend`` with ``ReferenceBackend`` (codes, scales, global scale: byte counts);
+* ``numerics.hadamard_transform`` of x^T on the GPU with the same on the CPU (bits).
+
+Then it times the quantizers as ``bench/kernel_speed.py`` does (fraction of copy bandwidth).
+
+    python bench/rht_exactness.py --out bench/results/rht_exactness_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_speed import (  # noqa: E402
+    MX,
+    QUANT_SHAPES,
+    SPECS,
+    _compare,
+    _mx_quantize_rows,
+    _quantize_rows,
+    bench_copy,
+)
+
+from hf_nvfp4.backends.reference import ReferenceBackend  # noqa: E402
+from hf_nvfp4.backends.triton_backend import TritonBackend  # noqa: E402
+from hf_nvfp4.numerics.hadamard import hadamard_transform  # noqa: E402
+from hf_nvfp4.recipe import Recipe  # noqa: E402
+
+SHAPES = ((128, 128), (256, 272), (1024, 1024), (2048, 5120), (4096, 3072), (8192, 512),
+          (8192, 11328), (16384, 4096))
+ONES = Recipe(rht_sign=(1,) * 16).role_specs()
+MX_ONES = Recipe("mxfp4", "mxfp4", "mxfp4", rht_sign=(1,) * 16).role_specs()
+
+
+def make(m: int, k: int, dist: str, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    if dist == "wide":
+        x = x * torch.exp2(torch.randint(-40, 41, (m, k), device="cuda", generator=g).float())
+    return x.to(torch.bfloat16)
+
+
+def bits_differ(a: torch.Tensor, b: torch.Tensor) -> int:
+    return int((a.reshape(-1).view(torch.int16) != b.reshape(-1).view(torch.int16)).sum())
+
+
+def check_case(tri, ref, m: int, k: int, sign: str, dist: str, cpu_limit: int) -> list[dict]:
+    specs, mx = (SPECS, MX) if sign == "te" else (ONES, MX_ONES)
+    x = make(m, k, dist, seed=m * 7 + k)
+    tag = {"shape": [m, k], "sign": sign, "dist": dist}
+    out = []
+    for name, role, fmt_specs, gen_seed in (("nvfp4 x_t rtn", "x_t", specs, None),
+                                            ("nvfp4 dy_t sr", "dy_t", specs, 5),
+                                            ("mxfp4 x_t rtn", "x_t", mx, None)):
+        spec = getattr(fmt_specs, role)
+        gens = [torch.Generator().manual_seed(gen_seed) if gen_seed else None for _ in range(2)]
+        got = tri.quantize_rowcol(x, None, spec, gens[0])[1]
+        want = ref.quantize_rowcol(x, None, spec, gens[1])[1]
+        out.append({**tag, **_compare(name, got, want)})
+    if m * k <= cpu_limit:
+        xt = x.t().contiguous()
+        on_gpu = hadamard_transform(xt, specs.x_t.rht_sign)
+        on_cpu = hadamard_transform(xt.cpu(), specs.x_t.rht_sign)
+        out.append({**tag, "tensor": "hadamard_transform gpu vs cpu",
+                    "bits_mismatch": bits_differ(on_gpu.cpu(), on_cpu), "elements": xt.numel()})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cpu-limit", type=int, default=40_000_000,
+                    help="largest M*K also transformed on the CPU")
+    ap.add_argument("--no-timing", action="store_true")
+    args = ap.parse_args()
+    tri, ref = TritonBackend(), ReferenceBackend()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "results": []}
+    for m, k in SHAPES:
+        for sign in ("te", "ones"):
+            for dist in ("randn", "wide"):
+                rows = check_case(tri, ref, m, k, sign, dist, args.cpu_limit)
+                report["results"].extend(rows)
+                bad = [r for r in rows if r.get("codes_mismatch", 0) or r.get("scales_mismatch", 0)
+                       or not r.get("global_equal", True) or r.get("bits_mismatch", 0)]
+                print(f"{m}x{k} sign={sign} {dist}: {'MISMATCH ' + str(bad) if bad else 'exact'}",
+                      flush=True)
+    report["bit_exact"] = all(
+        r.get("codes_mismatch", 0) == 0 and r.get("scales_mismatch", 0) == 0
+        and r.get("global_equal", True) and r.get("bits_mismatch", 0) == 0
+        for r in report["results"])
+    report["values_compared"] = sum(r["elements"] for r in report["results"])
+    print(f"bit exact: {report['bit_exact']} over {report['values_compared']:.3e} values")
+    if not args.no_timing:
+        copy = bench_copy()
+        report["copy"] = copy
+        report["quantize"] = [r for m, k in QUANT_SHAPES
+                              for r in (*_quantize_rows(tri, copy, m, k),
+                                        *_mx_quantize_rows(tri, copy, m, k))]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
