@@ -64,13 +64,14 @@ def check_case(tri, ref, m: int, k: int, sign: str, dist: str, cpu_limit: int) -
     x = make(m, k, dist, seed=m * 7 + k)
     tag = {"shape": [m, k], "sign": sign, "dist": dist}
     out = []
-    for name, role, fmt_specs, gen_seed in (("nvfp4 x_t rtn", "x_t", specs, None),
-                                            ("nvfp4 dy_t sr", "dy_t", specs, 5),
-                                            ("mxfp4 x_t rtn", "x_t", mx, None)):
-        spec = getattr(fmt_specs, role)
+    # both copies, as training quantizes (the kernel variants the timing below runs too)
+    for name, roles, fmt_specs, gen_seed in (("nvfp4 x_t rtn", ("x", "x_t"), specs, None),
+                                             ("nvfp4 dy_t sr", ("dy", "dy_t"), specs, 5),
+                                             ("mxfp4 x_t rtn", ("x", "x_t"), mx, None)):
+        row, col = (getattr(fmt_specs, r) for r in roles)
         gens = [torch.Generator().manual_seed(gen_seed) if gen_seed else None for _ in range(2)]
-        got = tri.quantize_rowcol(x, None, spec, gens[0])[1]
-        want = ref.quantize_rowcol(x, None, spec, gens[1])[1]
+        got = tri.quantize_rowcol(x, row, col, gens[0])[1]
+        want = ref.quantize_rowcol(x, row, col, gens[1])[1]
         out.append({**tag, **_compare(name, got, want)})
     if m * k <= cpu_limit:
         xt = x.t().contiguous()
@@ -91,6 +92,8 @@ def main() -> None:
     tri, ref = TritonBackend(), ReferenceBackend()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "results": []}
+    # untimed kernel variants while checking (each compiles once, not every tuning candidate)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     for m, k in SHAPES:
         for sign in ("te", "ones"):
             for dist in ("randn", "wide"):
@@ -106,6 +109,7 @@ def main() -> None:
         for r in report["results"])
     report["values_compared"] = sum(r["elements"] for r in report["results"])
     print(f"bit exact: {report['bit_exact']} over {report['values_compared']:.3e} values")
+    torch.use_deterministic_algorithms(False)
     if not args.no_timing:
         copy = bench_copy()
         report["copy"] = copy

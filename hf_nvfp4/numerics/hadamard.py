@@ -25,9 +25,14 @@ def rht_matrix(
     sign: Sequence[int] | torch.Tensor | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """``D H / 4`` (fp32, 16x16): diagonal signs times Sylvester Hadamard, orthonormal."""
-    s = torch.as_tensor(TE_RHT_SIGN if sign is None else sign, dtype=torch.float32)
-    if s.shape != (RHT_SIZE,) or not bool(torch.all(s.abs() == 1)):
-        raise ValueError(f"RHT sign must be 16 entries of +1/-1; got {s.tolist()}")
+    if sign is None:
+        sign = TE_RHT_SIGN
+    # checked on Python numbers (a tensor's are read once), so torch.compile traces a
+    # constant sign vector without a data-dependent branch
+    vals = sign.tolist() if isinstance(sign, torch.Tensor) else list(sign)
+    if len(vals) != RHT_SIZE or any(v not in (1, -1) for v in vals):
+        raise ValueError(f"RHT sign must be 16 entries of +1/-1; got {vals}")
+    s = torch.tensor(vals, dtype=torch.float32)
     m = s[:, None] * sylvester_hadamard(RHT_SIZE) / 4.0
     return m.to(device) if device is not None else m
 

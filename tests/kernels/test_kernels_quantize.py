@@ -583,6 +583,19 @@ def test_rowcol_rht_correctly_rounded_at_midpoints():
     assert torch.all(scales == 5.5)
 
 
+def test_rowcol_fixup_pass_redoes_only_flagged_programs():
+    """Midpoint-tie blocks in one program's tile of an otherwise ordinary x: the main pass
+    flags that program, the fix-up launch redoes its column copy exactly, and every other
+    program keeps the butterfly's output: both copies, RTN and SR, equal the reference."""
+    from hf_nvfp4.numerics.testing import rht_tie_blocks
+
+    xt = _x(256, 256, torch.bfloat16, seed=11)  # x^T [K, M]: blocks along M
+    xt[:8, :16] = rht_tie_blocks(8, torch.bfloat16, seed=12)  # program (0, 0) only
+    x = xt.t().contiguous()
+    _check_rowcol(x, SPECS.x, SPECS.x_t)
+    _check_rowcol(x, SPECS.dy, SPECS.dy_t)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_amax_rht_correctly_rounded_at_midpoints(dtype):
     """The amax pass's RHT maximum is the correctly rounded one when the largest output sits
