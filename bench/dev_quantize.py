@@ -253,8 +253,8 @@ def offline_amax(rev: str | None) -> list[dict]:
         bk, tiles, warps, stages = cfg
         types_ = {"x_ptr": "*bf16", "out_ptr": "*fp32", "bd_ptr": "*bf16", "M": "i32",
                   "K": "i32", "stride_m": "i32"}
-        consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, RHT_SIGN=sign_mask(SIGN),
-                      INTERPRET=False, BM=am._BM, BK=bk, TILES=tiles)
+        consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, INTERPRET=False, BM=am._BM,
+                      BK=bk, TILES=tiles)
         st = sass_stats(compile_sm90(am._amax_kernel, types_, consts, warps, stages))
         executed = st["sass"] + st["loop_body"] * (tiles - 1)
         st.update(kernel="amax", role="row+rht col", config=str(cfg),

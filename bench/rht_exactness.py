@@ -1,16 +1,18 @@
-"""The correctly rounded RHT on the GPU (issue 17): Triton column copies vs the reference, the
-reference on the GPU vs on the CPU, and the quantize timings with the exact-redo check in.
+"""The RHT column copies on the GPU at many shapes (issue 17): Triton vs the reference, the
+reference on the GPU vs on the CPU, and the quantize timings.
 
 For each shape ``x`` [M, K] (the RHT runs over M, as in the column copy ``x^T``), RHT sign
 vector (Transformer Engine's, or all +1) and input distribution (``randn``; ``wide``: randn
-times 2^U(-40, 40), so blocks span more binades than the FP32 butterfly sums exactly and the
-kernels' exact redo runs), this compares on one CUDA device:
+times 2^U(-40, 40), blocks spanning more binades than an FP32 sum of 16 terms holds
+exactly), this compares on one CUDA device:
 
 * the NVFP4 x^T (RTN + RHT) and dy^T (SR + RHT) copies and the MXFP4 x^T copy of
   ``TritonBackend`` with ``ReferenceBackend`` (codes, scales, global scale: byte counts);
 * ``numerics.hadamard_transform`` of x^T on the GPU with the same on the CPU (bits).
 
 Then it times the quantizers as ``bench/kernel_speed.py`` does (fraction of copy bandwidth).
+The 2026-12-03 run of a correctly rounded RHT (commit f1c28e8, reverted) is in
+``bench/results/rht_exactness_h200_correctly_rounded.json``.
 
     python bench/rht_exactness.py --out bench/results/rht_exactness_h200.json
 """
