@@ -7,6 +7,13 @@
 Timings use CUDA events after warmup, median of repeats. Throughputs are in bytes of the
 input tensor per second, and the copy baseline is a ``clone`` of a 1 GiB tensor in the same
 units (bytes copied per second); ``copy_rw_GBps`` counts its reads plus writes.
+
+Two times per case: ``ms`` times the Python call as a user's eager loop runs it (the host
+work of a call, ~20-70 us of allocations, tuning lookup and launches, is included whenever
+it exceeds the kernels'); ``graph_ms`` replays the same call from a CUDA graph of
+``GRAPH_CALLS`` calls, so it is GPU time alone, as the CUDA-graph training step of
+``bench/e2e.py``'s compiled columns sees it. Stochastic rounding draws with fixed device keys
+in the graphs (the same kernels; a new generator draw per call would be a host copy).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ except ImportError as exc:  # the package's HF integration needs transformers; k
     _pkg.__path__ = [str(ROOT / "hf_nvfp4")]
     sys.modules["hf_nvfp4"] = _pkg
 
+from hf_nvfp4.backends.base import as_keys  # noqa: E402
 from hf_nvfp4.backends.reference import ReferenceBackend, reference_gemm  # noqa: E402
 from hf_nvfp4.backends.triton_backend import TritonBackend  # noqa: E402
 from hf_nvfp4.kernels._tuning import choices, median_ms  # noqa: E402
@@ -41,13 +49,45 @@ FP8 = Recipe("fp8_block", "fp8_block", "fp8_block", rht=False,
              stochastic_rounding=False).role_specs()
 MX = Recipe("mxfp4", "mxfp4", "mxfp4").role_specs()
 LINEAR_SHAPES = ((8192, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 14336))
-QUANT_SHAPES = ((8192, 4096), (16384, 14336))
+# the issue's two shapes, then the 124M and 953M models' activations (32K and 16K tokens)
+QUANT_SHAPES = ((8192, 4096), (16384, 14336), (32768, 768), (16384, 2048))
 BF16 = torch.bfloat16
 
 
 def bench_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` CUDA-event-timed runs."""
     return median_ms(fn, reps=reps, warmup=warmup)
+
+
+GRAPH_CALLS = 10
+
+
+def graph_ms(fn, calls: int = GRAPH_CALLS) -> float | str:
+    """Median milliseconds per call of ``fn()`` replayed from one CUDA graph of ``calls``
+    calls (GPU time without host overhead), or the error that stopped the capture."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # tuning picks and lazy state before the capture
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        ms = bench_ms(graph.replay) / calls
+        del graph
+        return ms
+    except Exception as exc:  # report instead of failing the whole benchmark
+        torch.cuda.synchronize()
+        return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def device_keys(seed: int = 0) -> torch.Tensor:
+    """Fixed SR keys on the GPU for the CUDA-graph timings."""
+    return as_keys(torch.Generator().manual_seed(seed), torch.device("cuda"))
 
 
 def randn(*shape: int, dtype=BF16) -> torch.Tensor:
@@ -74,40 +114,54 @@ def _fp8_quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[d
     x = randn(m, k)
     out_bytes = 2 * (x.numel() + x.numel() // 128 * 4)  # two E4M3 copies + FP32 scales
     return _one_pass_rows(x, copy, out_bytes, (
-        ("fp8_block x: row + col", lambda: tri.quantize_rowcol(x, FP8.x, FP8.x_t)),
-        ("fp8_block w: 128x128 + w^T", lambda: tri.quantize_weight(x, FP8.w))))
+        ("fp8_block x: row + col", lambda rng: tri.quantize_rowcol(x, FP8.x, FP8.x_t)),
+        ("fp8_block w: 128x128 + w^T", lambda rng: tri.quantize_weight(x, FP8.w))))
 
 
 def _mx_quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]:
     """mxfp4: x's 1x32 row and column (RHT) copies in one pass, nearest and stochastic, and
     a weight's 32x32 tiles with its transpose; no amax pass (no global scale)."""
     x = randn(m, k)
-    gen = torch.Generator()
     out_bytes = 2 * (x.numel() // 2 + x.numel() // 32)  # two packed copies + UE8M0 scales
     return _one_pass_rows(x, copy, out_bytes, (
-        ("mxfp4 x: rtn + rht", lambda: tri.quantize_rowcol(x, MX.x, MX.x_t)),
-        ("mxfp4 dy: sr + rht", lambda: tri.quantize_rowcol(x, MX.dy, MX.dy_t, gen)),
-        ("mxfp4 w: 32x32 + w^T", lambda: tri.quantize_weight(x, MX.w))))
+        ("mxfp4 x: rtn + rht", lambda rng: tri.quantize_rowcol(x, MX.x, MX.x_t)),
+        ("mxfp4 dy: sr + rht", lambda rng: tri.quantize_rowcol(x, MX.dy, MX.dy_t, rng)),
+        ("mxfp4 w: 32x32 + w^T", lambda rng: tri.quantize_weight(x, MX.w))))
 
 
 def _one_pass_rows(x: torch.Tensor, copy: dict, out_bytes: int, cases) -> list[dict]:
     """Timing rows of quantizers that read ``x`` once (no amax pass): ``cases`` are
-    ``(name, fn)``; ``out_bytes`` is what each writes."""
+    ``(name, fn)``, ``fn(rng)`` one call (rng: a CPU generator eagerly, device keys in the
+    CUDA graph); ``out_bytes`` is what each writes."""
     m, k = x.shape
     in_bytes = x.numel() * x.element_size()
     rows = []
+    gen, keys = torch.Generator(), device_keys()
     for name, fn in cases:
-        ms = bench_ms(fn)
+        ms = bench_ms(lambda fn=fn: fn(gen))
         rows.append({
             "shape": [m, k], "role": name, "ms": ms, "amax_pass_ms": 0.0, "encode_pass_ms": ms,
             "input_GBps": in_bytes / ms / 1e6,
             "fraction_of_copy": in_bytes / ms / 1e6 / copy["copy_GBps"],
             "traffic_fraction_of_copy_rw": (in_bytes + out_bytes) / ms / 1e6
             / copy["copy_rw_GBps"],
+            "graph_amax_pass_ms": 0.0,
         })
-        print(f"quantize {m}x{k} {name}: {ms:.3f} ms "
-              f"({rows[-1]['fraction_of_copy']:.2f} of copy)", flush=True)
+        _add_graph(rows[-1], lambda fn=fn: fn(keys), in_bytes, copy)
+        print(f"quantize {m}x{k} {name}: {ms:.3f} ms ({rows[-1]['fraction_of_copy']:.2f} of "
+              f"copy), GPU {_fmt(rows[-1]['graph_ms'])} ms", flush=True)
     return rows
+
+
+def _add_graph(row: dict, fn, in_bytes: int, copy: dict) -> None:
+    """``row``'s CUDA-graph time of ``fn`` and its input bytes per second over copy's."""
+    row["graph_ms"] = graph_ms(fn)
+    if isinstance(row["graph_ms"], float):
+        row["graph_fraction_of_copy"] = in_bytes / row["graph_ms"] / 1e6 / copy["copy_GBps"]
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, float) else "-"
 
 
 def _quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]:
@@ -115,7 +169,9 @@ def _quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]
     gen = torch.Generator()
     in_bytes = x.numel() * x.element_size()
     out_bytes = 2 * (x.numel() // 2 + x.numel() // 16)
-    amax_ms = bench_ms(lambda: amax_rowcol(x, True, True, SPECS.x_t.rht_sign))
+    amax = lambda: amax_rowcol(x, True, True, SPECS.x_t.rht_sign)  # noqa: E731
+    amax_ms, graph_amax_ms = bench_ms(amax), graph_ms(amax)
+    keys = device_keys()
     rows = []
     for name, row, col in (("x: rtn + rht", SPECS.x, SPECS.x_t),
                            ("dy: sr + rht", SPECS.dy, SPECS.dy_t)):
@@ -126,9 +182,13 @@ def _quantize_rows(tri: TritonBackend, copy: dict, m: int, k: int) -> list[dict]
             "fraction_of_copy": in_bytes / ms / 1e6 / copy["copy_GBps"],
             "traffic_fraction_of_copy_rw": (2 * in_bytes + out_bytes) / ms / 1e6
             / copy["copy_rw_GBps"],
+            "graph_amax_pass_ms": graph_amax_ms,
         })
-        print(f"quantize {m}x{k} {name}: {ms:.3f} ms "
-              f"({rows[-1]['fraction_of_copy']:.2f} of copy)", flush=True)
+        _add_graph(rows[-1], lambda row=row, col=col: tri.quantize_rowcol(x, row, col, keys),
+                   in_bytes, copy)
+        print(f"quantize {m}x{k} {name}: {ms:.3f} ms ({rows[-1]['fraction_of_copy']:.2f} of "
+              f"copy), GPU {_fmt(rows[-1]['graph_ms'])} ms (amax {_fmt(graph_amax_ms)})",
+              flush=True)
     return rows
 
 
@@ -158,12 +218,20 @@ def bench_linear(tri: TritonBackend, reference_shapes: int) -> list[dict]:
             for i, shape in enumerate(LINEAR_SHAPES)]
 
 
+def _graph_ratio(row: dict, bf16_fn, fn) -> None:
+    """``row``'s CUDA-graph (GPU-only) times of the BF16 and the quantized step, side by side."""
+    row["graph_bf16_ms"], row["graph_ms"] = graph_ms(bf16_fn), graph_ms(fn)
+    if isinstance(row["graph_bf16_ms"], float) and isinstance(row["graph_ms"], float):
+        row["graph_ratio"] = row["graph_ms"] / row["graph_bf16_ms"]
+
+
 def _linear_row(tri: TritonBackend, m: int, k: int, n: int, with_reference: bool) -> dict:
-    gen = torch.Generator()
+    gen, keys = torch.Generator(), device_keys()
     x, w, dy = randn(m, k), randn(n, k), randn(m, n)
     row = {"shape": [m, k, n], "bf16_ms": bench_ms(lambda: bf16_step(x, w, dy))}
     row["triton_ms"] = bench_ms(lambda: nvfp4_step(tri, x, w, dy, gen))
     row["ratio"] = row["triton_ms"] / row["bf16_ms"]
+    _graph_ratio(row, lambda: bf16_step(x, w, dy), lambda: nvfp4_step(tri, x, w, dy, keys))
     row["quantize_ms"] = bench_ms(lambda: (
         tri.quantize_rowcol(x, SPECS.x, SPECS.x_t, None, values=X_VALUES),
         tri.quantize_weight(w, SPECS.w),
@@ -176,13 +244,16 @@ def _linear_row(tri: TritonBackend, m: int, k: int, n: int, with_reference: bool
             lambda: nvfp4_step(ReferenceBackend(), x, w, dy, gen), reps=3, warmup=1)
     row["nvfp4linear_ms"] = bench_module(m, k, n, x, dy)
     print(f"linear {m}x{k}x{n}: bf16 {row['bf16_ms']:.3f} ms, triton "
-          f"{row['triton_ms']:.3f} ms ({row['ratio']:.2f}x)", flush=True)
+          f"{row['triton_ms']:.3f} ms ({row['ratio']:.2f}x); GPU {_fmt(row['graph_bf16_ms'])} "
+          f"-> {_fmt(row['graph_ms'])} ms ({_fmt(row.get('graph_ratio'), 2)}x)", flush=True)
     return row
 
 
 FORMATS = (("nvfp4", SPECS), ("fp8_block", FP8), ("mxfp4", MX))
 # the issue's three shapes, then the 953M model's MLP and attention projections (16K tokens)
-FORMAT_SHAPES = (*LINEAR_SHAPES, (16384, 2048, 5632), (16384, 5632, 2048), (16384, 2048, 2048))
+# and the 124M model's (32K tokens)
+FORMAT_SHAPES = (*LINEAR_SHAPES, (16384, 2048, 5632), (16384, 5632, 2048), (16384, 2048, 2048),
+                 (32768, 768, 2048), (32768, 2048, 768), (32768, 768, 768))
 
 
 def bench_linear_formats(tri: TritonBackend) -> list[dict]:
@@ -213,27 +284,31 @@ def _format_row(tri: TritonBackend, fmt: str, specs, x, w, dy, bf16: dict) -> di
                tri.quantize_weight(w, specs.w),
                tri.quantize_rowcol(dy, specs.dy, specs.dy_t, gen, values=DY_VALUES)))}
     row["ratio"] = row["ms"] / row["bf16_ms"]
+    keys = device_keys()
+    _graph_ratio(row, lambda: bf16_step(x, w, dy), lambda: nvfp4_step(tri, x, w, dy, keys, specs))
     for role, a, b in (("fprop", x_row, w_q), ("dgrad", dy_row, w_t), ("wgrad", dy_col, x_col)):
         row[f"{role}_ms"] = bench_ms(lambda a=a, b=b: tri.gemm(a, b, BF16))
         row[f"{role}_bf16_ms"] = bf16[role]
         row[f"{role}_ratio"] = row[f"{role}_ms"] / bf16[role]
     print(f"linear {fmt} {m}x{k}x{n}: {row['ms']:.3f} ms ({row['ratio']:.2f}x BF16; quantize "
           f"{row['quantize_ms']:.3f}, GEMMs " + ", ".join(
-              f"{r} {row[r + '_ratio']:.2f}x" for r in ("fprop", "dgrad", "wgrad")) + ")",
-          flush=True)
+              f"{r} {row[r + '_ratio']:.2f}x" for r in ("fprop", "dgrad", "wgrad"))
+          + f"); GPU {_fmt(row.get('graph_ratio'), 2)}x BF16", flush=True)
     return row
 
 
 def markdown_formats(rows: list[dict]) -> str:
     """The per-format linear table (bench/README.md)."""
-    lines = ["| format | linear fwd+bwd (M,K,N) | BF16 ms | ms | ratio (<= 1.15) | quantize ms "
-             "| fprop / BF16 | dgrad / BF16 | wgrad / BF16 (each <= 1.10) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| format | linear fwd+bwd (M,K,N) | BF16 ms | ms | ratio (<= 1.15) | GPU BF16 ms "
+             "| GPU ms | GPU ratio | quantize ms | fprop / BF16 | dgrad / BF16 | wgrad / BF16 "
+             "(each <= 1.10) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['format']} | {tuple(r['shape'])} | {r['bf16_ms']:.3f} | "
-                     f"{r['ms']:.3f} | {r['ratio']:.2f} | {r['quantize_ms']:.3f} | "
-                     f"{r['fprop_ratio']:.2f} | {r['dgrad_ratio']:.2f} | "
-                     f"{r['wgrad_ratio']:.2f} |")
+                     f"{r['ms']:.3f} | {r['ratio']:.2f} | {_fmt(r.get('graph_bf16_ms'))} | "
+                     f"{_fmt(r.get('graph_ms'))} | {_fmt(r.get('graph_ratio'), 2)} | "
+                     f"{r['quantize_ms']:.3f} | {r['fprop_ratio']:.2f} | "
+                     f"{r['dgrad_ratio']:.2f} | {r['wgrad_ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -394,21 +469,25 @@ def check(cases=CHECK_CASES) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"Device: {report['device']}; copy {report['copy']['copy_GBps']:.0f} GB/s "
              f"(bytes copied/s; {report['copy']['copy_rw_GBps']:.0f} GB/s read+write)", "",
-             "| quantize (bf16) | ms | amax pass ms | input GB/s | of copy (>= 0.80) |",
-             "|---|---|---|---|---|"]
+             "| quantize (bf16) | ms | amax pass ms | of copy | GPU ms | GPU amax pass ms "
+             "| GPU of copy (>= 0.65) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["quantize"]:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} {r['role']} | {r['ms']:.3f} | "
-                     f"{r['amax_pass_ms']:.3f} | {r['input_GBps']:.0f} | "
-                     f"{r['fraction_of_copy']:.2f} |")
-    lines += ["", "| linear fwd+bwd (M,K,N) | BF16 ms | triton ms | ratio (<= 1.25) | "
-              "quantize ms | gemm ms | saved bytes / BF16 (<= 0.6) | reference ms | "
-              "NVFP4Linear ms |", "|---|---|---|---|---|---|---|---|---|"]
+                     f"{r['amax_pass_ms']:.3f} | {r['fraction_of_copy']:.2f} | "
+                     f"{_fmt(r.get('graph_ms'))} | {_fmt(r.get('graph_amax_pass_ms'))} | "
+                     f"{_fmt(r.get('graph_fraction_of_copy'), 2)} |")
+    lines += ["", "| linear fwd+bwd (M,K,N) | BF16 ms | triton ms | ratio (<= 1.15) | "
+              "GPU BF16 ms | GPU ms | GPU ratio | quantize ms | gemm ms | saved bytes / BF16 "
+              "| reference ms | NVFP4Linear ms |", "|---" * 12 + "|"]
     for r in report["linear"]:
         ref = f"{r['reference_ms']:.1f}" if "reference_ms" in r else "-"
         mod = r["nvfp4linear_ms"]
         mod = f"{mod:.3f}" if isinstance(mod, float) else "skipped"
         lines.append(f"| {tuple(r['shape'])} | {r['bf16_ms']:.3f} | {r['triton_ms']:.3f} | "
-                     f"{r['ratio']:.2f} | {r['quantize_ms']:.3f} | {r['gemm_ms']:.3f} | "
+                     f"{r['ratio']:.2f} | {_fmt(r.get('graph_bf16_ms'))} | "
+                     f"{_fmt(r.get('graph_ms'))} | {_fmt(r.get('graph_ratio'), 2)} | "
+                     f"{r['quantize_ms']:.3f} | {r['gemm_ms']:.3f} | "
                      f"{r['saved_bytes_ratio']:.3f} | {ref} | {mod} |")
     lines += ["", "| side by side (M,K,N) | BF16 module ms | NVFP4Linear ms | torchao float8 "
               "ms | BF16 fwd ms | NVFP4Linear fwd ms | fp-quant fwd ms |",

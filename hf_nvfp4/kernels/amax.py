@@ -19,8 +19,11 @@ from ._common import cdiv, interpreting, rht_blockdiag, round_bf16
 from ._tuning import pick, shape_bucket
 
 _BM = 64  # the RHT block-diagonal size
-# (BK, TILES, num_warps, num_stages), measured per shape
-_CONFIGS = ((64, 16, 4, 4), (128, 8, 4, 3), (256, 4, 8, 3), (128, 4, 8, 2), (64, 8, 4, 3))
+# (BK, TILES, num_warps, num_stages), measured per shape; the last two, one or two row tiles
+# per program, fill the GPU for weights (a 768x768 weight is 12x12 tiles: strips of 4-16
+# tiles would leave most SMs idle)
+_CONFIGS = ((64, 16, 4, 4), (128, 8, 4, 3), (256, 4, 8, 3), (128, 4, 8, 2), (64, 8, 4, 3),
+            (64, 1, 4, 2), (64, 2, 4, 3))
 
 
 @triton.jit
