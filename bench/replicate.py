@@ -210,10 +210,12 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
     result = {"run": run, "seed": args.seed,
               "nvfp4": None if config is None else config.to_dict(), "steps": steps,
               "tokens_per_step": args.batch * train.shape[1], "train": [], "val": [],
-              "params": sum(p.numel() for p in model.parameters()), "seconds": 0.0}
+              "params": sum(p.numel() for p in model.parameters()), "seconds": 0.0,
+              "corpus": args.corpus_manifest}
     step = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
+        check_corpus(state["result"], args.corpus_manifest, ckpt, Path(args.corpus))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -275,6 +277,18 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
     return result
 
 
+def check_corpus(result: dict, manifest: dict, source: Path, corpus: Path) -> None:
+    """Refuse to continue a run on another corpus than it started on (a corpus is rebuilt on
+    every fresh machine: its manifest's file hash says whether it is the same text)."""
+    had = result.get("corpus")
+    if had is not None and had != manifest:
+        raise SystemExit(
+            f"{source}: the run started on a corpus with files_sha256 "
+            f"{had.get('files_sha256')} ({had.get('tokens')} tokens), but {corpus} has "
+            f"{manifest.get('files_sha256')} ({manifest.get('tokens')} tokens): rebuild the "
+            "same corpus (bench/corpus.py, same --max-bytes, same machine image) or start over")
+
+
 def tokens_per_s(result: dict) -> float:
     """Training throughput of a run: over its timed steps (not validation, telemetry steps or
     each command's first WARMUP_STEPS, which compile), else over its wall time ("seconds")."""
@@ -333,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; expected names from {list(RUNS)}")
     corpus = Path(args.corpus)
-    vocab = json.loads((corpus / "manifest.json").read_text())["vocab_size"]
+    args.corpus_manifest = json.loads((corpus / "manifest.json").read_text())
+    vocab = args.corpus_manifest["vocab_size"]
     train = torch.from_numpy(np.load(corpus / "train.npy").astype(np.int64))[:, : args.seq]
     val = torch.from_numpy(np.load(corpus / "val.npy").astype(np.int64))[: args.val_blocks,
                                                                            : args.seq]

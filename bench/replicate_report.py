@@ -86,6 +86,19 @@ def load_runs(folder: Path) -> dict[str, dict]:
     return runs
 
 
+def same_corpus(runs: dict[str, dict]) -> None:
+    """Stop unless every run trained on the same corpus (its manifest's ``files_sha256`` and
+    token count; runs from before manifests were recorded count as one unknown corpus)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, r in runs.items():
+        c = r.get("corpus") or {}
+        groups.setdefault((c.get("files_sha256"), c.get("tokens")), []).append(name)
+    if len(groups) > 1:
+        listing = "; ".join(f"{sha or 'not recorded'} ({tokens} tokens): {', '.join(names)}"
+                            for (sha, tokens), names in groups.items())
+        raise SystemExit(f"the runs trained on different corpora, not comparable: {listing}")
+
+
 def isolated_throughput(folder: Path, runs: dict[str, dict]) -> None:
     """Replace each run's tokens/s by its ``--probe-steps`` measurement (the run alone on the
     GPU) where one exists, and mark the run ``"throughput": "probe"``. Peak memory is the
@@ -152,6 +165,8 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
     runs = load_runs(folder)
     if "bf16" not in runs:
         raise SystemExit(f"no finished bf16 run in {folder}: the baseline is needed")
+    same_corpus({f"{folder}/{n}": r for n, r in runs.items()} | {
+        f"{f}/{n}": r for f in seed_folders or [] for n, r in load_runs(f).items()})
     isolated_throughput(folder, runs)
     out.mkdir(parents=True, exist_ok=True)
     plot(runs, out)

@@ -74,6 +74,28 @@ def test_runs_resume_exactly_and_report(tiny_corpus, tmp_path, monkeypatch):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
 
+def test_runs_record_their_corpus_and_never_mix_two(tiny_corpus, tmp_path):
+    """A corpus is rebuilt on every fresh machine: a run resumed on a different one, or a
+    report over runs of different ones, stops and names what differs."""
+    import sysconfig
+
+    a, _, manifest, _ = tiny_corpus
+    other = corpus.build(tmp_path / "other", 150_000, 512,
+                         roots=[Path(sysconfig.get_paths()["stdlib"]) / "json"])
+    assert other["files_sha256"] != manifest["files_sha256"]
+    part = tmp_path / "part"
+    replicate.main(_args(a, part, "nvfp4", **{"--stop-after-seconds": 1e-9}))
+    assert json.loads((part / "nvfp4.json").read_text())["corpus"] == manifest
+    started = r"nvfp4\.pt: the run started on a corpus with files_sha256 "
+    with pytest.raises(SystemExit, match=started + manifest["files_sha256"]):
+        replicate.main(_args(tmp_path / "other", part, "nvfp4"))
+
+    replicate.main(_args(a, tmp_path / "main", "bf16"))
+    replicate.main(_args(tmp_path / "other", tmp_path / "seed1", "bf16"))
+    with pytest.raises(SystemExit, match="different corpora.*" + other["files_sha256"]):
+        replicate_report.report(tmp_path / "main", tmp_path / "report", [tmp_path / "seed1"])
+
+
 def test_probe_plan_and_saved_models(tiny_corpus, tmp_path, capsys):
     from hf_nvfp4.eval.modeling import load_model
 
@@ -151,3 +173,33 @@ def test_telemetry_segments_and_compile(tiny_corpus, tmp_path):
     assert max(abs(c - e) / e for (_, c), (_, e) in
                zip(compiled["train"], eager["train"], strict=True)) < 1e-3
     assert [s for s, _ in compiled["telemetry"]] == [0, 4, 8]
+
+
+def test_gpu_replicate_script_resumes_until_all_done(tiny_corpus, tmp_path):
+    """bench/gpu_replicate.sh (issue 19's per-session runner) on a CPU with tiny settings:
+    a call cut short leaves 'call again', the next call resumes, each run's JSON comes back."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RUNS": "bf16,nvfp4",
+           "CORPUS": str(tiny_corpus[0]), "RUNS_DIR": str(tmp_path / "runs"), "TOKENS": "3072",
+           "EVAL": "0",
+           "TRAIN_ARGS": "--size tiny --seq 64 --batch 4 --val-every 4 --val-blocks 4 "
+                         "--backend reference --device cpu",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def call(limit: int) -> str:
+        proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_replicate.sh")], cwd=ROOT,
+                              env={**env, "LIMIT_S": str(limit)}, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    first = call(91)  # training gets 1 s: bf16 stops early
+    assert "call again" in first and "bf16: step" in first
+    assert "all done" in call(300)
+    for run in ("bf16", "nvfp4"):
+        result = json.loads((tmp_path / "out" / "runs" / f"{run}.json").read_text())
+        assert result["done"] and result["corpus"] == tiny_corpus[2]
+    bf16 = json.loads((tmp_path / "out" / "runs" / "bf16.json").read_text())
+    assert len(bf16["segments"]) == 2

@@ -44,9 +44,11 @@ def quantize_input(
 
     ``x`` matches when it is the same tensor object with the same version counter (an
     in-place change in between invalidates it). ``key`` must capture everything else the
-    result depends on (specs, backend, amax reduction, requested layouts).
+    result depends on (specs, backend, amax reduction, requested layouts). Tensors made
+    under ``torch.inference_mode`` have no version counter, so an in-place change could not
+    be seen: they are quantized on every call.
     """
-    if not share or torch.compiler.is_compiling():
+    if not share or torch.compiler.is_compiling() or x.is_inference():
         return compute()
     last = _LAST
     if last.ref is not None and last.ref() is x and last.key == (key, x._version):

@@ -261,3 +261,21 @@ def test_cli_eval_without_data_is_one_line_naming_the_flags(tiny_models, tmp_pat
     assert main(["eval", "--model", str(tmp_path / "missing"), "--tasks", "gsm8k"]) == 2
     err = capsys.readouterr().err
     assert err.strip().startswith("hf-nvfp4: error:") and "Traceback" not in err
+
+
+def test_evaluate_an_nvfp4_model(tiny_models, tiny_data):
+    """The suite scores a model whose blocks run NVFP4 (under torch.inference_mode, whose
+    tensors have no version counter: the shared input quantization must not need one)."""
+    from hf_nvfp4 import NVFP4Config, convert
+
+    model, tok = load_model(tiny_models["base"], device="cpu", dtype="float32")
+    want = evaluate(model, "loglik,mmlu_pro_mc", _options(tiny_data), tokenizer=tok)
+    summary = convert(model, NVFP4Config(backend="reference", first_bf16_blocks=0,
+                                         last_bf16_blocks=0), verbose=False)
+    assert len(summary.quantized_layers) == 14
+    got = evaluate(model, "loglik,mmlu_pro_mc", _options(tiny_data), tokenizer=tok)
+    for name, result in got.items():
+        value, base = result["metrics"][result["metric"]], want[name]["metrics"][result["metric"]]
+        assert math.isfinite(value)
+        if name.endswith("_loglik"):  # 4-bit weights and activations move every score a little
+            assert value != base and abs(value - base) < 0.5

@@ -88,3 +88,26 @@ def test_in_place_change_or_new_tensor_invalidates(data):
     assert torch.equal(b(x), a(x.clone()))
     assert not torch.equal(ya, b(x))
     shared.clear()
+
+
+def test_inference_mode_tensors_are_quantized_each_call(data):
+    """Inference tensors carry no version counter (the evaluation suite runs under
+    torch.inference_mode): siblings still give the separate layers' outputs, and an
+    in-place change between two calls is seen."""
+    x, _ = data
+    shared_layers, separate = _siblings(True), _siblings(False)
+    with torch.no_grad():
+        want = [layer(x) for layer in separate]
+    with torch.inference_mode():
+        xi = x.clone()
+        got = [layer(xi) for layer in shared_layers]
+        a, b = shared_layers[1:]
+        b.load_state_dict(a.state_dict())
+        ya = a(xi)
+        xi.mul_(2)
+        yb = b(xi)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    with torch.no_grad():
+        assert torch.equal(yb, a(x * 2)) and not torch.equal(ya, yb)
+    shared.clear()
