@@ -18,6 +18,10 @@
 # copy back each run's JSON and a tarball of its eval results (8 files at most; EVAL=0: none;
 # an eval cut off by the call's limit keeps its finished tasks and resumes in the next call).
 # Reported later with bench/replicate_report.py over the copied JSONs (see eval/reports/replicate).
+# Measured on the H200 (bench/results/replicate_probe_h200.json, replicate_trial_h200.json):
+# alone, 250M tokens take ~7 min (bf16), ~8 (fp8_block), ~10 (nvfp4, mxfp4); each call
+# spends ~1 min compiling before its first timed step; the device image holds ~412 MB of
+# candidate text, so MAX_BYTES=400000000 gives ~110M tokens (250M tokens: ~2.3 epochs).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 T0=$(date +%s); LIMIT_S=${LIMIT_S:-560}
