@@ -1,7 +1,11 @@
 """Report of the replication runs: curves, relative gaps, a table, and the paper's predictions.
 
     python bench/replicate_report.py --runs eval/reports/replicate/runs \\
-        --out eval/reports/replicate
+        --out eval/reports/replicate [--eval FOLDER]
+
+``--eval``: a folder of the ``eval_<run>.tgz`` result tarballs bench/gpu_replicate.sh copies
+back (each ``<run>/<task>.json`` of the eval suite, run on the device while the model
+existed); the BF16, FP8 block and NVFP4 ones are compared into ``OUT/eval``.
 """
 
 from __future__ import annotations
@@ -216,6 +220,41 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
     return md
 
 
+EVAL_RUNS = ("bf16", "fp8_block", "nvfp4")
+
+
+def eval_comparison(folder: Path, out: Path) -> dict | None:
+    """The eval suite's comparison of the BF16, FP8 block and NVFP4 models, from the result
+    tarballs in ``folder`` (``eval_<run>.tgz``, each holding ``<run>/<task>.json``), written
+    to ``out`` (comparison.md/json/png, BF16 the baseline); None when none is there. Every
+    model must have been scored on the same tasks and items."""
+    import tarfile
+    import tempfile
+
+    from hf_nvfp4.eval.compare import write_comparison
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in EVAL_RUNS:
+            archive = folder / f"eval_{run}.tgz"
+            if not archive.is_file():
+                continue
+            with tarfile.open(archive) as tar:  # Python < 3.10.12 has no extraction filter
+                tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter")
+                                       else {}))
+            tasks = sorted(p for p in (Path(tmp) / run).glob("*.json") if p.stem != "summary")
+            if not tasks:
+                raise SystemExit(f"{archive}: no task results inside (expected {run}/<task>.json)")
+            results[run] = {p.stem: json.loads(p.read_text()) for p in tasks}
+    if not results:
+        return None
+    names = {run: sorted(r) for run, r in results.items()}
+    if len({tuple(v) for v in names.values()}) > 1:
+        raise SystemExit(f"the eval tarballs in {folder} scored different tasks: {names}")
+    return write_comparison(results, out, "bf16" if "bf16" in results else None,
+                            {run: f"{folder}/eval_{run}.tgz" for run in results})
+
+
 def main() -> None:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -224,9 +263,15 @@ def main() -> None:
     p.add_argument("--seed-runs", nargs="*", default=[],
                    help="folders of bf16 + nvfp4 runs with other --seed values (noise estimate)")
     p.add_argument("--notes", default=None, help="markdown appended to README.md")
+    p.add_argument("--eval", default=None,
+                   help="folder of eval_<run>.tgz tarballs: compared into OUT/eval")
     args = p.parse_args()
     print(report(Path(args.runs), Path(args.out), [Path(f) for f in args.seed_runs],
                  Path(args.notes) if args.notes else None))
+    if args.eval:
+        summary = eval_comparison(Path(args.eval), Path(args.out) / "eval")
+        print("no eval tarballs in " + args.eval if summary is None
+              else f"eval comparison: {summary['files']['markdown']}")
 
 
 if __name__ == "__main__":

@@ -161,8 +161,23 @@ def compare(
         name: evaluate(path, tasks, options, output_dir=out / name, model_name=name, reuse=reuse)
         for name, path in models.items()
     }
+    return write_comparison(results, out, baseline, {n: str(p) for n, p in models.items()})
+
+
+def write_comparison(
+    results: Mapping[str, Mapping[str, TaskResult]],
+    output_dir: str | os.PathLike,
+    baseline: str | None = None,
+    paths: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``comparison.{md,json,png}`` in ``output_dir`` from results already computed
+    (``{model: {task: result}}``, e.g. read back from the per-task JSON files of
+    :func:`evaluate`); ``paths`` names each model's checkpoint in the table. Returns the
+    summary written to ``comparison.json``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     summary = compare_results(results, baseline)
-    paths = {name: str(path) for name, path in models.items()}
+    paths = dict(paths) if paths is not None else {name: name for name in results}
     scores = {t: e["scores"] for t, e in summary["tasks"].items()}
     metrics = {t: e["metric"] for t, e in summary["tasks"].items()}
     files = {
