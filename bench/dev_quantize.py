@@ -5,6 +5,7 @@ compiled kernels' registers and instruction counts (no GPU needed).
     python bench/dev_quantize.py --quick    # 8192x4096 checked + one training shape (< 2 min)
     python bench/dev_quantize.py --ncu      # one x and one dy call at 8192x4096 (for ncu)
     python bench/dev_quantize.py --offline [--base REV]   # sm_90 compile stats, no GPU
+    python bench/dev_quantize.py --attribution   # instructions per element by copy, no GPU
 
 GPU: checks codes, scales, global scales and BF16 block values against the reference
 (``numerics.quantize`` of x and x^T, one child generator each) computed on the GPU (x: RTN
@@ -224,7 +225,8 @@ def offline_rowcol(rev: str | None) -> list[dict]:
         for cfg in qr._CONFIGS:
             bm, bk, warps = cfg[:3]
             row_packed = "*u8" if "TLOAD" in qr._rowcol_kernel.arg_names else "*i32"
-            col_words = hasattr(qr, "_join8")  # the column copy written as int32 words
+            # the column copy written as int32 words (join8 moved to _common later)
+            col_words = hasattr(qr, "_join8") or hasattr(qr, "join8")
             col_type = "*i32" if col_words else "*bf16" if col_values else "*u8"
             types_ = {"x_ptr": "*bf16", "amax_ptr": "*fp32", "keys_ptr": "*i32",
                       "bd_ptr": "*bf16", "gs_ptr": "*fp32",
@@ -242,6 +244,44 @@ def offline_rowcol(rev: str | None) -> list[dict]:
                       instr_per_elem=round(st["sass"] * warps * 32 / (bm * bk), 1))
             rows.append(st)
             print(json.dumps(st), flush=True)
+    return rows
+
+
+# One copy at a time, then the two calls of training: what each part of the row/column
+# kernel costs (bf16 input, config BM=64, BK=128, 4 warps; RHT on unless said otherwise).
+ATTRIBUTION = (
+    ("row copy alone, packed, nearest", dict(DO_COL=False)),
+    ("row copy alone, BF16 values, nearest", dict(DO_COL=False, ROW_VALUES=True)),
+    ("row copy alone, BF16 values, stochastic", dict(DO_COL=False, ROW_VALUES=True, ROW_SR=True)),
+    ("column copy alone, packed, nearest, no RHT", dict(DO_ROW=False, COL_RHT=False)),
+    ("column copy alone, packed, nearest, RHT", dict(DO_ROW=False)),
+    ("column copy alone, BF16 values, stochastic, RHT", dict(DO_ROW=False, COL_VALUES=True,
+                                                             COL_SR=True)),
+    ("x in training (row values + RHT column packed)", dict(ROW_VALUES=True)),
+    ("dy in training (both copies values, stochastic, RHT)",
+     dict(ROW_VALUES=True, COL_VALUES=True, ROW_SR=True, COL_SR=True)),
+)
+
+
+def offline_attribution() -> list[dict]:
+    """Instructions per element of the working tree's row/column kernel per ATTRIBUTION
+    variant, with the argument types its launcher passes."""
+    qr = load_module("quantize_rowcol", None)
+    bm, bk, warps = 64, 128, 4
+    rows = []
+    for label, flags in ATTRIBUTION:
+        consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, RHT_SIGN=sign_mask(SIGN),
+                      INTERPRET=False, ROW_SR=False, COL_SR=False, ROW_VALUES=False,
+                      COL_VALUES=False, BM=bm, BK=bk) | flags
+        types_ = {"x_ptr": "*bf16", "amax_ptr": "*fp32", "keys_ptr": "*i32", "gs_ptr": "*fp32",
+                  "row_data_ptr": "*bf16" if consts["ROW_VALUES"] else "*i32",
+                  "row_scale_ptr": "*u8", "col_data_ptr": "*i32", "col_scale_ptr": "*u8",
+                  "M": "i32", "K": "i32", "stride_m": "i32", "M16": "i32"}
+        st = sass_stats(compile_sm90(qr._rowcol_kernel, types_, consts, warps))
+        st.update(variant=label, instr_per_elem=round(st["sass"] * warps * 32 / (bm * bk), 1))
+        rows.append(st)
+        print(f"{label:55s} REG {st['reg']:>3} LOCAL {st['local']:>3} "
+              f"instructions/element {st['instr_per_elem']:>5}", flush=True)
     return rows
 
 
@@ -290,7 +330,17 @@ def main() -> None:
     ap.add_argument("--offline", action="store_true",
                     help="sm_90 registers / instruction counts of every config, no GPU")
     ap.add_argument("--base", default=None, help="with --offline: also the kernels at this rev")
+    ap.add_argument("--attribution", action="store_true",
+                    help="instructions per element of each copy alone and of the training "
+                         "calls (sm_90, no GPU)")
     args = ap.parse_args()
+    if args.attribution:
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        rows = offline_attribution()
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "quantize_attribution.json").write_text(
+                json.dumps(rows, indent=1))
+        return
     if args.offline:
         offline(args.base)
         return
