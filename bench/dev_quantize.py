@@ -217,6 +217,19 @@ def sass_stats(kernel) -> dict:
             "local_alloc": ttgir.count("ttg.local_alloc")}
 
 
+def rowcol_types(qr: types.ModuleType, row_values: bool, col_values: bool) -> dict:
+    """The pointer and integer argument types the launcher of ``qr`` (a quantize_rowcol
+    module, possibly of an older revision) passes to its row/column kernel."""
+    row_packed = "*u8" if "TLOAD" in qr._rowcol_kernel.arg_names else "*i32"
+    # the column copy written as int32 words (join8 moved to _common later)
+    col_words = hasattr(qr, "_join8") or hasattr(qr, "join8")
+    col_type = "*i32" if col_words else "*bf16" if col_values else "*u8"
+    return {"x_ptr": "*bf16", "amax_ptr": "*fp32", "keys_ptr": "*i32", "bd_ptr": "*bf16",
+            "gs_ptr": "*fp32", "row_data_ptr": "*bf16" if row_values else row_packed,
+            "row_scale_ptr": "*u8", "col_data_ptr": col_type, "col_scale_ptr": "*u8",
+            "M": "i32", "K": "i32", "stride_m": "i32", "M16": "i32"}
+
+
 def offline_rowcol(rev: str | None) -> list[dict]:
     """Stats of every row/column kernel config for each role (bf16 x, RHT column)."""
     qr = load_module("quantize_rowcol", rev)
@@ -224,16 +237,7 @@ def offline_rowcol(rev: str | None) -> list[dict]:
     for role, (row_sr, col_sr, row_values, col_values) in OFFLINE_ROLES.items():
         for cfg in qr._CONFIGS:
             bm, bk, warps = cfg[:3]
-            row_packed = "*u8" if "TLOAD" in qr._rowcol_kernel.arg_names else "*i32"
-            # the column copy written as int32 words (join8 moved to _common later)
-            col_words = hasattr(qr, "_join8") or hasattr(qr, "join8")
-            col_type = "*i32" if col_words else "*bf16" if col_values else "*u8"
-            types_ = {"x_ptr": "*bf16", "amax_ptr": "*fp32", "keys_ptr": "*i32",
-                      "bd_ptr": "*bf16", "gs_ptr": "*fp32",
-                      "row_data_ptr": "*bf16" if row_values else row_packed,
-                      "row_scale_ptr": "*u8", "col_data_ptr": col_type,
-                      "col_scale_ptr": "*u8", "M": "i32", "K": "i32", "stride_m": "i32",
-                      "M16": "i32"}
+            types_ = rowcol_types(qr, row_values, col_values)
             consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, RHT_SIGN=sign_mask(SIGN),
                           INTERPRET=False,
                           ROW_SR=row_sr, COL_SR=col_sr, ROW_VALUES=row_values,
@@ -273,10 +277,7 @@ def offline_attribution() -> list[dict]:
         consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, RHT_SIGN=sign_mask(SIGN),
                       INTERPRET=False, ROW_SR=False, COL_SR=False, ROW_VALUES=False,
                       COL_VALUES=False, BM=bm, BK=bk) | flags
-        types_ = {"x_ptr": "*bf16", "amax_ptr": "*fp32", "keys_ptr": "*i32", "gs_ptr": "*fp32",
-                  "row_data_ptr": "*bf16" if consts["ROW_VALUES"] else "*i32",
-                  "row_scale_ptr": "*u8", "col_data_ptr": "*i32", "col_scale_ptr": "*u8",
-                  "M": "i32", "K": "i32", "stride_m": "i32", "M16": "i32"}
+        types_ = rowcol_types(qr, consts["ROW_VALUES"], consts["COL_VALUES"])
         st = sass_stats(compile_sm90(qr._rowcol_kernel, types_, consts, warps))
         st.update(variant=label, instr_per_elem=round(st["sass"] * warps * 32 / (bm * bk), 1))
         rows.append(st)
@@ -306,7 +307,6 @@ def offline_amax(rev: str | None) -> list[dict]:
 
 def offline(base: str | None) -> None:
     """Print the offline table of the working tree (and of ``base``, when given)."""
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launcher's default
     tables = {"working tree": None} | ({f"git {base}": base} if base else {})
     out = {}
     for label, rev in tables.items():
@@ -334,8 +334,9 @@ def main() -> None:
                     help="instructions per element of each copy alone and of the training "
                          "calls (sm_90, no GPU)")
     args = ap.parse_args()
+    if args.offline or args.attribution:
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launcher's default
     if args.attribution:
-        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         rows = offline_attribution()
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "quantize_attribution.json").write_text(
