@@ -227,7 +227,7 @@ def rowcol_types(qr: types.ModuleType, row_values: bool, col_values: bool) -> di
     return {"x_ptr": "*bf16", "amax_ptr": "*fp32", "keys_ptr": "*i32", "bd_ptr": "*bf16",
             "gs_ptr": "*fp32", "row_data_ptr": "*bf16" if row_values else row_packed,
             "row_scale_ptr": "*u8", "col_data_ptr": col_type, "col_scale_ptr": "*u8",
-            "M": "i32", "K": "i32", "stride_m": "i32", "M16": "i32"}
+            "flags_ptr": "*i32", "M": "i32", "K": "i32", "stride_m": "i32", "M16": "i32"}
 
 
 def offline_rowcol(rev: str | None) -> list[dict]:
@@ -239,7 +239,7 @@ def offline_rowcol(rev: str | None) -> list[dict]:
             bm, bk, warps = cfg[:3]
             types_ = rowcol_types(qr, row_values, col_values)
             consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, RHT_SIGN=sign_mask(SIGN),
-                          INTERPRET=False,
+                          INTERPRET=False, FIX=0,
                           ROW_SR=row_sr, COL_SR=col_sr, ROW_VALUES=row_values,
                           COL_VALUES=col_values,
                           BM=bm, BK=bk, TLOAD=cfg[3] if len(cfg) > 3 else False)
@@ -275,7 +275,7 @@ def offline_attribution() -> list[dict]:
     rows = []
     for label, flags in ATTRIBUTION:
         consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, RHT_SIGN=sign_mask(SIGN),
-                      INTERPRET=False, ROW_SR=False, COL_SR=False, ROW_VALUES=False,
+                      INTERPRET=False, FIX=0, ROW_SR=False, COL_SR=False, ROW_VALUES=False,
                       COL_VALUES=False, BM=bm, BK=bk) | flags
         types_ = rowcol_types(qr, consts["ROW_VALUES"], consts["COL_VALUES"])
         st = sass_stats(compile_sm90(qr._rowcol_kernel, types_, consts, warps))
@@ -294,8 +294,8 @@ def offline_amax(rev: str | None) -> list[dict]:
         bk, tiles, warps, stages = cfg
         types_ = {"x_ptr": "*bf16", "out_ptr": "*fp32", "bd_ptr": "*bf16", "M": "i32",
                   "K": "i32", "stride_m": "i32"}
-        consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, INTERPRET=False, BM=am._BM,
-                      BK=bk, TILES=tiles)
+        consts = dict(DO_ROW=True, DO_COL=True, COL_RHT=True, RHT_SIGN=sign_mask(SIGN),
+                      INTERPRET=False, BM=am._BM, BK=bk, TILES=tiles)
         st = sass_stats(compile_sm90(am._amax_kernel, types_, consts, warps, stages))
         executed = st["sass"] + st["loop_body"] * (tiles - 1)
         st.update(kernel="amax", role="row+rht col", config=str(cfg),

@@ -251,69 +251,227 @@ def sign_mask(sign: tuple[int, ...]) -> int:
 
 
 @triton.jit
+def bf16x2_word(a, b):
+    """FP32 ``a`` and ``b`` rounded to BF16 (nearest even) and packed in an int32, ``a`` in
+    the low half: one ``cvt.rn.bf16x2.f32`` (an ALU instruction) for two elements instead of
+    two ``F2F`` on the quarter-rate conversion pipe. Compiled code only (inline PTX)."""
+    return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def round_bf16_pair(a, b):
-    """FP32 ``a`` and ``b`` rounded to BF16 (nearest even), returned as FP32: one packed
-    conversion (``cvt.rn.bf16x2.f32``, an ALU instruction) for two elements instead of two
-    ``F2F`` on the quarter-rate conversion pipe. Compiled code only (inline PTX)."""
-    w = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [a, b],
-                                  dtype=tl.int32, is_pure=True, pack=1)
+    """FP32 ``a`` and ``b`` rounded to BF16 (nearest even), returned as FP32 (the two halves
+    of :func:`bf16x2_word`). Compiled code only (inline PTX)."""
+    w = bf16x2_word(a, b)
     return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rht_signs(SIGN: tl.constexpr):
+    """The 16 factors ``d_i / 4`` (+-1/4) of the bit mask ``SIGN`` (:func:`sign_mask`)."""
+    c = ()
+    for i in tl.static_range(16):
+        c = c + (0.25 - 0.5 * ((SIGN >> i) % 2),)
+    return c
+
+
+@triton.jit
+def round_to_odd_fp32(z):
+    """FP64 ``z`` to FP32 by round-to-odd (toward zero, last bit set when inexact), as
+    ``numerics.hadamard.round_to_odd_fp32``: then one nearest-even rounding to BF16/FP16
+    gives the nearest-even rounding of ``z``."""
+    f = z.to(tl.float32)
+    back = f.to(tl.float64)
+    bits = f.to(tl.int32, bitcast=True) - (tl.abs(back) > tl.abs(z)).to(tl.int32)
+    return (bits | (back != z).to(tl.int32)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_exact(acc, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """An FP64 sum rounded once to ``dtype`` (FP32: nearest even; BF16/FP16: through
+    :func:`round_to_odd_fp32`), returned as FP32."""
+    if dtype == tl.float32:
+        return acc.to(tl.float32)
+    f = round_to_odd_fp32(acc)
+    if dtype != tl.bfloat16:
+        return f.to(dtype).to(tl.float32)
+    if INTERPRET:
+        return round_bf16(f)
+    return f.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def rht16_exact_one(p, stride_m, lim, ok, j: tl.constexpr, SIGN: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    """Output ``j`` of :func:`rht16_exact` (FP32 value of the rounded output)."""
+    sign = tl.full([], SIGN, tl.int32)
+    acc = tl.zeros(p.shape, tl.float64)
+    # a trip count the compiler cannot see (stride_m >= 0): a loop, not 16 unrolled loads
+    # hoisted and kept live across the outputs
+    for i in range(tl.minimum(stride_m, 0) + 16):
+        x = tl.load(p + i * stride_m, mask=ok & (lim > i), other=0.0)
+        par = i & j
+        par = par ^ (par >> 2)
+        par = (par ^ (par >> 1) ^ (sign >> i)) & 1
+        acc = acc + x.to(tl.float64) * (0.25 - 0.5 * par.to(tl.float64))
+    return _round_exact(acc, p.dtype.element_ty, INTERPRET)
+
+
+@triton.jit
+def rht16_exact(p, stride_m, lim, ok, SIGN: tl.constexpr, INTERPRET: tl.constexpr):
+    """:func:`rht16` the slow way, for every input, loading the tokens itself: token i of
+    each block at ``p + i * stride_m`` where ``ok & (i < lim)`` (else 0). Each output is the
+    sum of its 16 products (exact) in FP64, in token order from +0, rounded once to the
+    inputs' dtype (FP32: nearest even; BF16/FP16: through :func:`round_to_odd_fp32`): bit
+    for bit ``numerics.hadamard_transform``. Compiled, the tokens are reloaded for every
+    output (registers); the interpreter loads them once (its time goes to operations)."""
+    y = ()
+    if INTERPRET:
+        c = _rht_signs(SIGN)
+        v = ()
+        for i in tl.static_range(16):
+            v = v + (tl.load(p + i * stride_m, mask=ok & (lim > i), other=0.0).to(tl.float64)
+                     * c[i],)
+        if p.dtype.element_ty == tl.float16:
+            # FP16 products are multiples of 2^-26 below 2^18: every FP64 sum is exact, in
+            # any order (the butterfly's 64 sums instead of 256)
+            for s in tl.static_range(4):
+                u = ()
+                for i in tl.static_range(16):
+                    if (i >> s) % 2 == 0:
+                        u = u + (v[i] + v[i + (1 << s)],)
+                    else:
+                        u = u + (v[i - (1 << s)] - v[i],)
+                v = u
+            for j in tl.static_range(16):
+                y = y + (_round_exact(v[j] + 0.0, p.dtype.element_ty, INTERPRET),)
+            return y
+        for j in tl.static_range(16):
+            acc = tl.zeros(p.shape, tl.float64)
+            for i in tl.static_range(16):
+                par = i & j
+                if (par ^ (par >> 1) ^ (par >> 2) ^ (par >> 3)) % 2 == 0:
+                    acc = acc + v[i]
+                else:
+                    acc = acc - v[i]
+            y = y + (_round_exact(acc, p.dtype.element_ty, INTERPRET),)
+        return y
+    for j in tl.static_range(16):
+        y = y + (rht16_exact_one(p, stride_m, lim, ok, j, SIGN, INTERPRET),)
+    return y
+
+
+@triton.jit
+def add_directed(a, b, UP: tl.constexpr, SUB: tl.constexpr, INTERPRET: tl.constexpr):
+    """FP32 ``a + b`` (``a - b`` when ``SUB``) rounded toward +inf (``UP``) or -inf: IEEE
+    ``add.rp`` / ``add.rm`` compiled (subnormals kept). The interpreter derives it from the
+    nearest-even sum and its exact error (TwoSum), with two differences that
+    :func:`rht16` makes harmless: an exact zero rounded down is +0 (IEEE: -0 unless both
+    terms are +0), and an overflow is infinite in both directions (IEEE: the largest finite
+    value toward zero)."""
+    if INTERPRET:
+        if SUB:
+            b = -b
+        s = a + b
+        bb = s - a
+        e = (a - (s - bb)) + (b - bb)
+        bits = s.to(tl.int32, bitcast=True)
+        if UP:
+            return tl.where(e > 0, bits + tl.where(s > 0, 1, -1), bits).to(tl.float32,
+                                                                           bitcast=True)
+        return tl.where(e < 0, bits + tl.where(s > 0, -1, 1), bits).to(tl.float32,
+                                                                       bitcast=True)
+    # the subtraction inside the PTX: a negated operand outside it would cost an instruction
+    op: tl.constexpr = ("sub" if SUB else "add") + (".rp" if UP else ".rm")
+    return tl.inline_asm_elementwise(op + ".f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _butterfly16_bounds(t, INTERPRET: tl.constexpr):
+    """The 4-stage Sylvester butterfly ``y_j = sum_i t_i (-1)^popcount(i & j)`` of the tuple
+    ``t`` (16 tensors of exact values; stage s pairs ``i`` with ``i + 2^s`` as ``(a + b,
+    a - b)``) in interval arithmetic: ``(lo, hi)`` tuples, every sum of ``lo`` rounded toward
+    -inf and of ``hi`` toward +inf, so ``lo_j <= y_j <= hi_j`` for the exact ``y_j``.
+    A difference takes the subtrahend's other bound: ``lo(a - b) = rd(lo_a - hi_b)``,
+    ``hi(a - b) = ru(hi_a - lo_b)``."""
+    lo = t
+    hi = t
+    for s in tl.static_range(4):
+        nlo = ()
+        nhi = ()
+        for i in tl.static_range(16):
+            if (i >> s) % 2 == 0:
+                nlo = nlo + (add_directed(lo[i], lo[i + (1 << s)], False, False, INTERPRET),)
+                nhi = nhi + (add_directed(hi[i], hi[i + (1 << s)], True, False, INTERPRET),)
+            else:
+                nlo = nlo + (add_directed(lo[i - (1 << s)], hi[i], False, True, INTERPRET),)
+                nhi = nhi + (add_directed(hi[i - (1 << s)], lo[i], True, True, INTERPRET),)
+        lo = nlo
+        hi = nhi
+    return lo, hi
 
 
 @triton.jit
 def rht16(v, SIGN: tl.constexpr, INTERPRET: tl.constexpr):
     """16-point RHT of the tuple ``v`` of 16 tensors (the 16 tokens of each block), element by
-    element, rounded to their dtype: ``y_j = sum_i v_i * (D H / 4)[i, j]``. Returns FP32.
+    element: ``y_j = sum_i v_i * (D H / 4)[i, j]`` rounded to v's dtype exactly as
+    ``numerics.hadamard_transform`` (one rounding of the exact sum). Returns ``(y, redo)``:
+    FP32 values, and a program-wide flag: when ``redo`` is set the caller must replace ``y``
+    by :func:`rht16_exact` of the same inputs (which reloads them: keeping ``v`` live across
+    the check would cost registers).
 
     ``SIGN``: the diagonal of D as a bit mask (bit i set: ``d_i = -1``, :func:`sign_mask`);
     ``(D H / 4)[i, j] = d_i / 4 * (-1)^popcount(i & j)``, so every factor is a compile-time
     +-1/4. Each thread holds whole blocks: no shuffles and no tensor cores.
 
-    16-bit inputs: the products are exact in FP32, summed by a 4-stage butterfly. The
-    reference (a sequential FP32 sum from +0, like the tensor cores' sum) gives the same bits
-    whenever every partial sum is exact, i.e. when the 16 products' bits span at most 24
-    binary places: for BF16 (8-bit significands) when their exponents lie within 12 binades
-    of each other (a zero product does not count), in any summation order. FP32 inputs: the
-    reference's own order, one fused multiply-add per term (FP32 sums are rarely exact).
-    Term 0 enters every output with a plus sign and carries a ``+ 0``, so an all-zero block
-    gives +0 as the reference's sum from +0 does (never -0).
+    BF16 inputs: the products are exact in FP32. An interval butterfly sums them twice, every
+    sum rounded down for the lower bound ``lo`` and up for the upper bound ``hi``, so the
+    exact output lies in ``[lo, hi]``. Where ``lo`` and ``hi`` round to the same BF16 value,
+    so does the exact output (rounding is monotone): ``y = RN_bf16(hi)``, the correctly
+    rounded value. Otherwise a BF16 midpoint lies in ``[lo, hi]`` (the exact sum is on or
+    next to it) and the block sets ``redo``: about 2^-12 of the outputs of the rare inexact
+    blocks (wide exponent spreads). ``lo`` is compared after ``+ 0``: an exact zero
+    rounded down is -0, and the correctly rounded zero +0. ``hi`` never is -0 for an exact
+    zero: term 0 carries a ``+ 0`` and is the first operand of every output's chain of
+    sums (a sum rounded up is -0 only from two -0), and a zero's sign as the second operand
+    changes no sum of a first operand that is +0 or nonzero, so the signs of ``lo``'s zeros
+    never reach ``hi`` or the canonical ``lo``. Where the reference's FP64 token-order sum
+    is itself inexact (blocks spanning more than 41 binades), a decisive interval still
+    gives its bits: a term lost in that sum is lost in an FP32 sum of this butterfly at the
+    same magnitude, which widens the interval past a BF16 ulp of the output (tested on
+    blocks spanning 200 binades). FP16 and FP32 inputs always take
+    :func:`rht16_exact` (``redo`` the constant 1, ``y`` a placeholder).
     """
-    c = ()
-    for i in tl.static_range(16):
-        c = c + (0.25 - 0.5 * ((SIGN >> i) % 2),)
-    t0 = v[0].to(tl.float32) * c[0] + 0.0
-    y = ()
-    if v[0].dtype == tl.float32:
+    if v[0].dtype != tl.bfloat16:
+        y = ()
         for j in tl.static_range(16):
-            acc = t0
-            for i in tl.static_range(1, 16):
-                p = i & j
-                if (p ^ (p >> 1) ^ (p >> 2) ^ (p >> 3)) % 2 == 0:
-                    acc = acc + v[i] * c[i]
-                else:
-                    acc = acc - v[i] * c[i]
-            y = y + (acc,)
-    else:
-        t = (t0,)
-        for i in tl.static_range(1, 16):
-            t = t + (v[i].to(tl.float32) * c[i],)
-        for s in tl.static_range(4):
-            u = ()
-            for i in tl.static_range(16):
-                if (i >> s) % 2 == 0:
-                    u = u + (t[i] + t[i + (1 << s)],)
-                else:
-                    u = u + (t[i - (1 << s)] - t[i],)
-            t = u
-        for j in tl.static_range(0, 16, 2):
-            if v[0].dtype != tl.bfloat16:
-                y = y + (t[j].to(v[0].dtype).to(tl.float32),
-                         t[j + 1].to(v[0].dtype).to(tl.float32))
-            elif INTERPRET:
-                y = y + (round_bf16(t[j]), round_bf16(t[j + 1]))
-            else:
-                y = y + round_bf16_pair(t[j], t[j + 1])
-    return y
+            y = y + (v[j].to(tl.float32),)
+        return y, 1
+    c = _rht_signs(SIGN)
+    t = (v[0].to(tl.float32) * c[0] + 0.0,)
+    for i in tl.static_range(1, 16):
+        t = t + (v[i].to(tl.float32) * c[i],)
+    lo, hi = _butterfly16_bounds(t, INTERPRET)
+    y = ()
+    bad = tl.zeros(t[0].shape, tl.int1)
+    for j in tl.static_range(0, 16, 2):
+        if INTERPRET:  # and a bound that overflowed (add_directed's interpreter version)
+            bad = bad | ~(tl.abs(lo[j]) < float("inf")) | ~(tl.abs(lo[j + 1]) < float("inf"))
+            a = round_bf16(hi[j])
+            b = round_bf16(hi[j + 1])
+            bad = bad | (a.to(tl.int32, bitcast=True) != round_bf16(lo[j] + 0.0).to(
+                tl.int32, bitcast=True))
+            bad = bad | (b.to(tl.int32, bitcast=True) != round_bf16(lo[j + 1] + 0.0).to(
+                tl.int32, bitcast=True))
+            y = y + (a, b)
+        else:
+            w = bf16x2_word(hi[j], hi[j + 1])
+            bad = bad | (w != bf16x2_word(lo[j] + 0.0, lo[j + 1] + 0.0))
+            y = y + ((w << 16).to(tl.float32, bitcast=True),
+                     (w & -65536).to(tl.float32, bitcast=True))
+    return y, tl.max(bad.to(tl.int32))
 
 
 @triton.jit

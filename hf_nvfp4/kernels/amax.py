@@ -5,8 +5,12 @@ element is encoded. Each program walks a strip of ``TILES`` row tiles of one col
 keeps elementwise running maxima (``max|x|`` in x's dtype: exact, two per register for 16-bit
 inputs), and folds them in with one atomic max per output.
 
-The RHT output is rounded to ``x.dtype`` before its amax in the reference; rounding is
-monotone, so the kernel rounds the FP32 maximum once instead of every element.
+The RHT output is rounded to ``x.dtype`` before its amax in the reference
+(``numerics.hadamard_transform``: one rounding of the FP64 butterfly sum); rounding is
+monotone, so for BF16 the kernel takes the maximum of a tensor-core FP32 transform and rounds
+it once, redoing the strip with the reference's arithmetic (:func:`._common.rht16_exact`) in
+the rare case where that maximum lies too close to a BF16 midpoint for the FP32 sum's error.
+FP16 and FP32 inputs always take the exact path.
 """
 
 from __future__ import annotations
@@ -15,7 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, rht_blockdiag, round_bf16
+from ._common import (
+    cdiv,
+    interpreting,
+    rht16_exact,
+    rht16_exact_one,
+    rht_blockdiag,
+    round_bf16,
+    sign_mask,
+)
 from ._tuning import pick, shape_bucket
 
 _BM = 64  # the RHT block-diagonal size
@@ -24,6 +36,29 @@ _BM = 64  # the RHT block-diagonal size
 # tiles would leave most SMs idle)
 _CONFIGS = ((64, 16, 4, 4), (128, 8, 4, 3), (256, 4, 8, 3), (128, 4, 8, 2), (64, 8, 4, 3),
             (64, 1, 4, 2), (64, 2, 4, 3))
+
+
+@triton.jit
+def _exact_rht_amax(x_ptr, row0, cols, M, K, stride_m, SIGN: tl.constexpr,
+                    INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                    TILES: tl.constexpr):
+    """``max|RHT(x^T)|`` over the strip from row ``row0`` (``TILES`` tiles of BM rows), each
+    output as the reference rounds it (:func:`._common.rht16_exact_one`, on [BM/16, BK] blocks:
+    token j of every 16-token block; the interpreter takes all 16 at once)."""
+    m = tl.zeros([BM // 16, BK], dtype=tl.float32)
+    kin = cols[None, :] < K
+    for t in range(TILES):
+        brow = row0 + t * BM + 16 * tl.arange(0, BM // 16)
+        p = x_ptr + brow[:, None].to(tl.int64) * stride_m + cols[None, :]
+        if INTERPRET:
+            y = rht16_exact(p, stride_m, M - brow[:, None], kin, SIGN, INTERPRET)
+            for j in tl.static_range(16):
+                m = tl.maximum(m, tl.abs(y[j]))
+        else:
+            for j in tl.static_range(16):  # one output at a time: no tuple of 16 in registers
+                m = tl.maximum(m, tl.abs(rht16_exact_one(p, stride_m, M - brow[:, None], kin,
+                                                         j, SIGN, INTERPRET)))
+    return tl.max(tl.max(m, axis=1), axis=0)
 
 
 @triton.jit
@@ -37,6 +72,7 @@ def _amax_kernel(
     DO_ROW: tl.constexpr,
     DO_COL: tl.constexpr,
     COL_RHT: tl.constexpr,
+    RHT_SIGN: tl.constexpr,
     INTERPRET: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
@@ -46,9 +82,10 @@ def _amax_kernel(
     pid_k = tl.program_id(1)
     cols = pid_k * BK + tl.arange(0, BK)
     offs = tl.arange(0, BM)
-    if COL_RHT:
+    is_bf16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    if COL_RHT and is_bf16:
         bd = tl.load(bd_ptr + offs[:, None] * BM + offs[None, :])
-        if INTERPRET or x_ptr.dtype.element_ty == tl.float32:
+        if INTERPRET:
             bd = bd.to(tl.float32)
     acc_row = tl.zeros([BM, BK], dtype=x_ptr.dtype.element_ty)
     acc_col = tl.zeros([BM, BK], dtype=tl.float32)
@@ -61,30 +98,48 @@ def _amax_kernel(
             acc_row = tl.maximum(acc_row, tl.abs(x)).to(acc_row.dtype)
         if DO_COL:
             if COL_RHT:
-                if INTERPRET or x.dtype == tl.float32:
-                    y = tl.dot(bd, x.to(tl.float32), input_precision="ieee")
-                else:
-                    y = tl.dot(bd, x)
+                if is_bf16:
+                    if INTERPRET:
+                        y = tl.dot(bd, x.to(tl.float32), input_precision="ieee")
+                    else:
+                        y = tl.dot(bd, x)
+                    acc_col = tl.maximum(acc_col, tl.abs(y))
             else:
-                y = x.to(tl.float32)
-            acc_col = tl.maximum(acc_col, tl.abs(y))
+                acc_col = tl.maximum(acc_col, tl.abs(x.to(tl.float32)))
     if DO_ROW:
         tl.atomic_max(out_ptr, tl.max(tl.max(acc_row.to(tl.float32), axis=1), axis=0))
     if DO_COL:
         cmax = tl.max(tl.max(acc_col, axis=1), axis=0)
         if COL_RHT:
-            if INTERPRET and x_ptr.dtype.element_ty == tl.bfloat16:
-                cmax = round_bf16(cmax)
+            if is_bf16:
+                # Every tensor-core output is within eps of its exact value, so the exact
+                # maximum is within eps of cmax and rounds as cmax does unless a BF16
+                # midpoint (low 16 bits 0x8000) lies within eps: then the strip is redone
+                # exactly (2^-8 to 2^-7 of the programs). eps = 2^-16 cmax: a block's sum of
+                # |products| T is at most 4 max|y| (||y||_2 = ||x||_2, T = ||x||_1 / 4), and
+                # the tensor cores' error is assumed below 2^-18 T (exact products, an FP32
+                # sum of 16; the interpreter's IEEE sum: 16 * 2^-24 T);
+                # bench/rht_exactness.py measures it on the GPU.
+                eps = tl.math.fma(cmax, 1.52587890625e-05, 1.401298464324817e-45)
+                mid = ((cmax.to(tl.int32, bitcast=True) & -65536) | 32768).to(tl.float32,
+                                                                                bitcast=True)
+                if ~(tl.abs(cmax - mid) >= eps):
+                    cmax = _exact_rht_amax(x_ptr, pid_m * TILES * BM, cols, M, K, stride_m,
+                                           RHT_SIGN, INTERPRET, BM, BK, TILES)
+                elif INTERPRET:
+                    cmax = round_bf16(cmax)
+                else:
+                    cmax = cmax.to(tl.bfloat16).to(tl.float32)
             else:
-                cmax = cmax.to(x_ptr.dtype.element_ty).to(tl.float32)
+                cmax = _exact_rht_amax(x_ptr, pid_m * TILES * BM, cols, M, K, stride_m,
+                                       RHT_SIGN, INTERPRET, BM, BK, TILES)
         tl.atomic_max(out_ptr + 1, cmax)
 
 
 def prepare_rht(rht_sign: tuple[int, ...], device: torch.device) -> None:
     """Build (and cache) the RHT matrices :func:`amax_rowcol` reads on ``device``, one per
     input dtype, ahead of the first call."""
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        rht_blockdiag(rht_sign, _BM, dtype, device)
+    rht_blockdiag(rht_sign, _BM, torch.bfloat16, device)
 
 
 def amax_rowcol(
@@ -101,12 +156,14 @@ def amax_rowcol(
     out = torch.zeros(2, dtype=torch.float32, device=x.device)
     if not (row or col) or x.numel() == 0:
         return out
-    bd = rht_blockdiag(rht_sign, _BM, x.dtype, x.device) if rht_sign is not None else out
+    bf16_rht = rht_sign is not None and x.dtype == torch.bfloat16
+    bd = rht_blockdiag(rht_sign, _BM, x.dtype, x.device) if bf16_rht else out
 
     def launch(bk: int, tiles: int, warps: int, stages: int) -> None:  # idempotent
         _amax_kernel[(cdiv(m, _BM * tiles), cdiv(k, bk))](
             x, out, bd, m, k, x.stride(0),
             DO_ROW=row, DO_COL=col, COL_RHT=col and rht_sign is not None,
+            RHT_SIGN=sign_mask(rht_sign) if rht_sign is not None else 0,
             INTERPRET=interpreting(), BM=_BM, BK=bk, TILES=tiles,
             num_warps=warps, num_stages=stages,
         )

@@ -49,6 +49,7 @@ from ._common import (
     pack8,
     pack_pairs,
     rht16,
+    rht16_exact,
     round_bf16,
     sign_mask,
 )
@@ -149,13 +150,14 @@ def _load_blocks(x_ptr, row0, local, count, cols, valid, K, stride_m):
 
 @triton.jit
 def _column(v, COL_RHT: tl.constexpr, RHT_SIGN: tl.constexpr, INTERPRET: tl.constexpr):
-    """The column copy's FP32 inputs: the RHT of each block (rounded to x's dtype) or x."""
+    """The column copy's FP32 inputs: the RHT of each block (rounded to x's dtype, as
+    :func:`._common.rht16`: with its redo flag) or x (flag 0)."""
     if COL_RHT:
         return rht16(v, RHT_SIGN, INTERPRET)
     y = ()
     for j in tl.static_range(16):
         y = y + (v[j].to(tl.float32),)
-    return y
+    return y, 0
 
 
 @triton.jit
@@ -173,7 +175,11 @@ def _grouped_amax_kernel(x_ptr, meta_ptr, amax_ptr, K, stride_m, NB, G,
             m = tl.maximum(m, tl.abs(v[j]).to(tl.float32))
         tl.atomic_max(amax_ptr + 2 * e, tl.max(m, axis=1), mask=valid)
     if DO_COL:
-        y = _column(v, COL_RHT, RHT_SIGN, INTERPRET)
+        y, redo = _column(v, COL_RHT, RHT_SIGN, INTERPRET)
+        if redo:  # rare: a block whose FP32 sum may round unlike the exact one
+            y = rht16_exact(x_ptr + row0[:, None].to(tl.int64) * stride_m + cols[None, :],
+                            stride_m, tl.where(valid, count - local, 0)[:, None],
+                            cols[None, :] < K, RHT_SIGN, INTERPRET)
         m = tl.abs(y[0])
         for j in tl.static_range(1, 16):
             m = tl.maximum(m, tl.abs(y[j]))
@@ -211,7 +217,11 @@ def _grouped_rowcol_kernel(x_ptr, meta_ptr, amax_ptr, keys_ptr, row_ptr, col_dat
 
     if DO_COL:  # each thread holds whole column blocks (16 tokens of one feature)
         mult6c, s_decc = global_scales(tl.load(amax_ptr + 2 * e + 1))
-        y = _column(v, COL_RHT, RHT_SIGN, INTERPRET)
+        y, redo = _column(v, COL_RHT, RHT_SIGN, INTERPRET)
+        if redo:  # rare: a block whose FP32 sum may round unlike the exact one
+            y = rht16_exact(x_ptr + row0[:, None].to(tl.int64) * stride_m + cols[None, :],
+                            stride_m, tl.where(valid, count - local, 0)[:, None],
+                            cols[None, :] < K, RHT_SIGN, INTERPRET)
         bamax = tl.abs(y[0])
         for j in tl.static_range(1, 16):
             bamax = tl.maximum(bamax, tl.abs(y[j]))
@@ -329,8 +339,7 @@ def grouped_quantize_rowcol(
 
 def _check_tokens(x: torch.Tensor) -> None:
     if x.dtype not in (torch.bfloat16, torch.float16):
-        # the RHT butterfly of the amax pass matches the reference bit for bit on exact
-        # (16-bit) products; FP32 inputs would need the reference's summation order
+        # the MoE token path is 16-bit (its row copies are BF16 block values)
         raise ValueError(f"grouped token kernels take bf16 or fp16 rows; got {x.dtype}")
     if x.dim() != 2 or x.shape[1] % 16 or (x.stride(1) != 1 and x.shape[0] > 1):
         raise ValueError(f"grouped kernels need a K-contiguous [S, K] with K a multiple of 16; "

@@ -20,7 +20,11 @@ row copy loads it as four [BM, BK/32, 8] quarters of the 1x32 blocks, so each th
 whole blocks: amax, scale and packing into four int32 words per block are in-thread. The
 column copy loads it again (an L2 hit) as 32 tensors [BM/32, BK], token j of every 32-token
 block, so a thread holds whole column blocks: the RHT is two in-register butterflies
-(:func:`._common.rht16`) per block.
+(:func:`._common.rht16`) per block. The RHT output is rounded as the reference rounds it, as
+in :mod:`.quantize_rowcol`: the BF16 interval butterfly flags the programs holding an output
+whose bounds round apart, and a fix-up launch (``FIX=1``, on tiles 32 columns wide: the
+exact path's 32 outputs per block fit the registers) redoes their column copies with the
+exact sum; FP16/FP32 inputs take the exact sum in the one launch (``FIX=2``).
 
 Scales (:func:`._common.ue8m0_scale`): ``k = ceil(log2(amax / 6))`` clamped to [-127, 127],
 byte ``k + 127``; the element is ``e2m1(clamp(x * 2^-k, -6, 6))``. Block amaxes propagate
@@ -45,6 +49,7 @@ from ._common import (
     pack8,
     pack_words,
     rht16,
+    rht16_exact,
     sign_mask,
     split8,
     ue8m0_scale,
@@ -53,7 +58,8 @@ from ._tuning import pick, shape_bucket
 
 BLOCK = 32
 # (BM, BK, num_warps): BM tokens (a multiple of the 32-token column block) x BK features
-_CONFIGS = ((64, 128, 4), (64, 64, 4), (128, 64, 8), (128, 128, 8))
+# ((128, 64, 8) left out: its SR variant keeps a register on the stack under Triton 3.6)
+_CONFIGS = ((64, 128, 4), (64, 64, 4), (128, 128, 8))
 
 
 @triton.jit
@@ -70,11 +76,15 @@ def _mx_rowcol_kernel(
     row_scale_ptr,
     col_data_ptr,
     col_scale_ptr,
+    flags_ptr,
+    NKF,
     M,
     K,
     stride_m,
     M32,
     K32,
+    FIX: tl.constexpr,
+    FLAG_BK: tl.constexpr,
     DO_ROW: tl.constexpr,
     DO_COL: tl.constexpr,
     COL_RHT: tl.constexpr,
@@ -87,6 +97,11 @@ def _mx_rowcol_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    # the main pass's program (NKF programs along K, FLAG_BK columns each) holding this tile
+    flag = flags_ptr + pid_m * NKF + (pid_k * BK) // FLAG_BK
+    if FIX == 1:  # the fix-up pass: only the programs the main pass flagged
+        if tl.load(flag) == 0:
+            return
     m0 = pid_m * BM
     k0 = pid_k * BK
     rows = m0 + tl.arange(0, BM)
@@ -130,15 +145,25 @@ def _mx_rowcol_kernel(
         kin = cols[None, :] < K
         p = x_ptr + brow[:, None].to(tl.int64) * stride_m + cols[None, :]
         y = ()
+        redo = 0
         for h in tl.static_range(2):
-            v = ()
-            for j in tl.static_range(16 * h, 16 * h + 16):
-                v = v + (tl.load(p + j * stride_m, mask=kin & (brow[:, None] + j < M), other=0.0),)
-            if COL_RHT:
-                y = y + rht16(v, RHT_SIGN, INTERPRET)
+            if COL_RHT and FIX != 0:  # the exact sum (reloading the tokens)
+                y = y + rht16_exact(p + 16 * h * stride_m, stride_m, M - brow[:, None] - 16 * h,
+                                    kin, RHT_SIGN, INTERPRET)
             else:
+                v = ()
+                for j in tl.static_range(16 * h, 16 * h + 16):
+                    v = v + (tl.load(p + j * stride_m, mask=kin & (brow[:, None] + j < M),
+                                     other=0.0),)
+            if COL_RHT and FIX == 0:
+                yh, rh = rht16(v, RHT_SIGN, INTERPRET)
+                y = y + yh
+                redo = redo | rh
+            elif not COL_RHT:
                 for j in tl.static_range(16):
                     y = y + (v[j].to(tl.float32),)
+        if COL_RHT and FIX == 0:
+            tl.store(flag, redo)
         bamax = tl.abs(y[0])
         for j in tl.static_range(1, 32):
             bamax = tl.maximum(bamax, tl.abs(y[j]), propagate_nan=tl.PropagateNan.ALL)
@@ -218,14 +243,26 @@ def quantize_rowcol_mxfp4(
     if keys is None:  # never read: any int32 tensor on the device will do
         keys = row_out if row else col_out
 
+    col_rht = col and col_rht_sign is not None
+    fix = 0 if not col_rht or x.dtype == torch.bfloat16 else 2  # see the module docstring
+
     def launch(bm: int, bk: int, warps: int) -> None:  # idempotent
-        _mx_rowcol_kernel[(cdiv(m32, bm), cdiv(k32, bk))](
-            x, keys, row_out, row_scale, col_out, col_scale, m, k, x.stride(0), m32, k32,
-            DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None,
-            RHT_SIGN=sign_mask(col_rht_sign) if col_rht_sign is not None else 0,
-            INTERPRET=interpreting(), ROW_SR=row and row_sr, COL_SR=col and col_sr,
-            BM=bm, BK=bk, num_warps=warps,
-        )
+        grid = (cdiv(m32, bm), cdiv(k32, bk))
+        flags = torch.empty(grid[0] * grid[1] if col_rht else 0, dtype=torch.int32, device=dev)
+        # The exact path holds a block's 32 outputs: it runs on tiles 32 columns wide (the
+        # fix-up pass reads the flag of the main-pass program that holds its tile), one
+        # element of each output per thread.
+        passes = ((fix, row, bk, warps), (1, False, 32, bm // 32)) if col_rht and fix == 0 else \
+            ((fix, row, bk, warps),)
+        for fix_pass, do_row, pass_bk, pass_warps in passes:
+            _mx_rowcol_kernel[(grid[0], cdiv(k32, pass_bk))](
+                x, keys, row_out, row_scale, col_out, col_scale, flags, grid[1], m, k,
+                x.stride(0), m32, k32, FIX=fix_pass, FLAG_BK=bk, DO_ROW=do_row, DO_COL=col,
+                COL_RHT=col_rht_sign is not None,
+                RHT_SIGN=sign_mask(col_rht_sign) if col_rht_sign is not None else 0,
+                INTERPRET=interpreting(), ROW_SR=do_row and row_sr, COL_SR=col and col_sr,
+                BM=bm, BK=pass_bk, num_warps=pass_warps,
+            )
 
     key = ("mxrowcol", shape_bucket(m), shape_bucket(k), x.dtype, row, col,
            col_rht_sign is not None, row and row_sr, col and col_sr, dev)

@@ -18,8 +18,17 @@ halves (the first and last 8 elements of each 1x16 block), so each thread holds 
 blocks: the block amax, scale and packing into two int32 words per block are in-thread. The
 column copy loads the tile again (an L2 hit) as 16 tensors [BM/16, BK], token j of every
 16-token block, so each thread holds whole column blocks too: the RHT is an in-register
-butterfly (:func:`._common.rht16`), and the block amax, E4M3 scale and reciprocal are computed
-once per block, without shuffles. It is written as int32 words (8 codes, or 2 BF16 values).
+butterfly (:func:`._common.rht16`), and the block amax, E4M3 scale and reciprocal are
+computed once per block, without shuffles. It is written as int32 words (8 codes, or 2 BF16
+values).
+
+The RHT output is rounded as the reference rounds it (one rounding of the exact sum). The
+BF16 butterfly runs in interval arithmetic and flags each program holding an output whose
+bounds round to different BF16 values (an exact sum on or next to a midpoint: rare); a
+second launch of the same kernel (``FIX=1``) redoes the column copy of just the
+flagged programs with the exact sum (:func:`._common.rht16_exact`), the others return at
+once. Keeping the exact path out of the main pass keeps that pass free of register spills.
+FP16/FP32 inputs take the exact sum in the one launch (``FIX=2``).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from ._common import (
     pack8,
     pack_words,
     rht16,
+    rht16_exact,
     sign_mask,
     split8,
 )
@@ -63,10 +73,12 @@ def _rowcol_kernel(
     row_scale_ptr,
     col_data_ptr,
     col_scale_ptr,
+    flags_ptr,
     M,
     K,
     stride_m,
     M16,
+    FIX: tl.constexpr,
     DO_ROW: tl.constexpr,
     DO_COL: tl.constexpr,
     COL_RHT: tl.constexpr,
@@ -81,12 +93,16 @@ def _rowcol_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    flag = flags_ptr + pid_m * tl.num_programs(1) + pid_k
+    if FIX == 1:  # the fix-up pass: only the programs the main pass flagged
+        if tl.load(flag) == 0:
+            return
     m0 = pid_m * BM
     k0 = pid_k * BK
     rows = m0 + tl.arange(0, BM)
     cols = k0 + tl.arange(0, BK)
     first = (pid_m == 0) & (pid_k == 0)
-    if first:  # a copy not produced keeps global scale 1
+    if first and FIX != 1:  # a copy not produced keeps global scale 1
         if not DO_ROW:
             tl.store(gs_ptr, 1.0)
         if not DO_COL:
@@ -137,15 +153,20 @@ def _rowcol_kernel(
         brow = m0 + 16 * tl.arange(0, BM // 16)
         kin = cols[None, :] < K
         p = x_ptr + brow[:, None].to(tl.int64) * stride_m + cols[None, :]
-        v = ()
-        for j in tl.static_range(16):
-            v = v + (tl.load(p + j * stride_m, mask=kin & (brow[:, None] + j < M), other=0.0),)
         mult6c, s_decc = global_scales(tl.load(amax_ptr + 1))
         if first:
             tl.store(gs_ptr + 1, s_decc)
-        if COL_RHT:
-            y = rht16(v, RHT_SIGN, INTERPRET)
+        if COL_RHT and FIX != 0:  # the exact sum (reloading the tokens)
+            y = rht16_exact(p, stride_m, M - brow[:, None], kin, RHT_SIGN, INTERPRET)
         else:
+            v = ()
+            for j in tl.static_range(16):
+                v = v + (tl.load(p + j * stride_m, mask=kin & (brow[:, None] + j < M),
+                                 other=0.0),)
+        if COL_RHT and FIX == 0:
+            y, redo = rht16(v, RHT_SIGN, INTERPRET)
+            tl.store(flag, redo)
+        elif not COL_RHT:
             y = ()
             for j in tl.static_range(16):
                 y = y + (v[j].to(tl.float32),)
@@ -256,17 +277,25 @@ def quantize_rowcol_nvfp4(
     row_out = row_data.view(torch.int32) if row and not row_values else row_data
     col_out = col_data.view(torch.int32) if col else col_data  # words: codes or BF16 pairs
 
+    col_rht = col and col_rht_sign is not None
+    # FIX: see the module docstring; a BF16 RHT column copy takes a second, fix-up launch
+    fix = 0 if not col_rht or x.dtype == torch.bfloat16 else 2
+
     def launch(bm: int, bk: int, warps: int) -> None:  # idempotent
-        _rowcol_kernel[(cdiv(m16, bm), cdiv(k16, bk))](
-            x, amax, keys, gs, row_out, row_scale, col_out, col_scale,
-            m, k, x.stride(0), m16,
-            DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None,
-            RHT_SIGN=sign_mask(col_rht_sign) if col_rht_sign is not None else 0,
-            INTERPRET=interpreting(),
-            ROW_SR=row and row_sr, COL_SR=col and col_sr,
-            ROW_VALUES=row_values, COL_VALUES=col_values,
-            BM=bm, BK=bk, num_warps=warps,
-        )
+        grid = (cdiv(m16, bm), cdiv(k16, bk))
+        flags = torch.empty(grid[0] * grid[1] if col_rht else 0, dtype=torch.int32, device=dev)
+        passes = ((fix, row), (1, False)) if col_rht and fix == 0 else ((fix, row),)
+        for fix_pass, do_row in passes:
+            _rowcol_kernel[grid](
+                x, amax, keys, gs, row_out, row_scale, col_out, col_scale, flags,
+                m, k, x.stride(0), m16, FIX=fix_pass,
+                DO_ROW=do_row, DO_COL=col, COL_RHT=col_rht_sign is not None,
+                RHT_SIGN=sign_mask(col_rht_sign) if col_rht_sign is not None else 0,
+                INTERPRET=interpreting(),
+                ROW_SR=do_row and row_sr, COL_SR=col and col_sr,
+                ROW_VALUES=do_row and row_values, COL_VALUES=col_values,
+                BM=bm, BK=bk, num_warps=warps,
+            )
 
     if not (row or col):
         return row_data, row_scale, col_data, col_scale, gs.fill_(1.0)

@@ -155,3 +155,35 @@ def test_grouped_gemms_equal_per_expert_reference_gemms():
         _close(y[s:s + COUNTS[g]], reference_gemm(q_x, q_w, torch.float32))
         _close(dw[g], reference_gemm(q_dyt, q_xt, torch.float32))
     assert torch.equal(y[sum(COUNTS):], torch.full((2, n), 7.0, device=DEV))  # untouched
+
+
+def test_rht_correctly_rounded_at_midpoints():
+    """The grouped amax and row/column kernels at RHT midpoint ties (redo path): each
+    expert's column amax is the correctly rounded maximum (expert 0: 1.2578125, where
+    rounding the FP32 sum gives 1.25) and its column copy is the reference's."""
+    from hf_nvfp4.kernels.grouped import GroupLayout, grouped_amax, grouped_quantize_rowcol
+    from hf_nvfp4.numerics.testing import exact_rht, rht_amax_tie_blocks, rht_tie_blocks
+
+    counts, k = [16, 32], 16
+    sign = tuple(SPECS.x_t.rht_sign)
+    blocks = torch.cat([rht_amax_tie_blocks(16, seed=6), rht_tie_blocks(32, torch.bfloat16,
+                                                                        seed=7)])
+    # token block t (16 rows) of feature c holds blocks[16 t + c]: expert 0 the amax ties
+    x = blocks.reshape(3, k, 16).transpose(1, 2).reshape(48, k).contiguous().to(DEV)
+    layout = GroupLayout.build(counts, x.device)
+    amax = grouped_amax(x, layout, True, True, sign)
+    assert float(amax[0, 1]) == 1.2578125
+    assert float(amax[1, 1]) == float(exact_rht(blocks[16:]).float().abs().max())
+    rows, cdata, cscale = grouped_quantize_rowcol(
+        x, layout, amax, None, row=True, col=True, col_rht_sign=sign, row_sr=False,
+        col_sr=False, col_values=False)
+    ref = ReferenceBackend()
+    for g, (start, off) in enumerate(zip(layout.starts, layout.off16, strict=True)):
+        xe = x[start:start + counts[g]]
+        q_row, q_col = ref.quantize_rowcol(xe, SPECS.x, SPECS.x_t, None)
+        m16 = counts[g]
+        lo = k * off
+        assert torch.equal(cdata[lo // 2: (lo + k * m16) // 2].view(k, m16 // 2), q_col.data)
+        assert torch.equal(cscale[lo // 16: (lo + k * m16) // 16].view(k, m16 // 16),
+                           q_col.scale.view(torch.uint8))
+        assert torch.equal(_s_dec(amax[g, 1]), q_col.global_scale.reshape(()))

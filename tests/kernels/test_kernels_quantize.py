@@ -186,6 +186,7 @@ if importlib.util.find_spec("triton") is not None:
     import triton.language as tl
 
     from hf_nvfp4.kernels._common import (
+        add_directed,
         e2m1_decode,
         e2m1_decode_scaled,
         e2m1_nearest,
@@ -196,10 +197,22 @@ if importlib.util.find_spec("triton") is not None:
         e4m3_decode,
         interpreting,
         rht16,
+        rht16_exact,
         round_bf16,
         sr_offsets,
         uniform24,
     )
+
+    @triton.jit
+    def _directed_sums(a_ptr, b_ptr, out_ptr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+        """Columns of out: a + b rounded down, up; a - b rounded down, up."""
+        offs = tl.arange(0, BLOCK)
+        a = tl.load(a_ptr + offs)
+        b = tl.load(b_ptr + offs)
+        tl.store(out_ptr + offs * 4, add_directed(a, b, False, False, INTERPRET))
+        tl.store(out_ptr + offs * 4 + 1, add_directed(a, b, True, False, INTERPRET))
+        tl.store(out_ptr + offs * 4 + 2, add_directed(a, b, False, True, INTERPRET))
+        tl.store(out_ptr + offs * 4 + 3, add_directed(a, b, True, True, INTERPRET))
 
     @triton.jit
     def _both_encoders(v_ptr, a_ptr, b_ptr, n, BLOCK: tl.constexpr):
@@ -244,15 +257,19 @@ if importlib.util.find_spec("triton") is not None:
         tl.store(word_ptr + rows, e2m1_nearest_word(v, 0))
 
     @triton.jit
-    def _rht_both(x_ptr, m_ptr, out_ptr, dot_ptr, SIGN: tl.constexpr, INTERPRET: tl.constexpr,
-                  BLOCK: tl.constexpr):
-        """Rows of 16 of x [BLOCK, 16]: rht16 (out) and a tl.dot with D H / 4 (dot), both
-        rounded to x's dtype."""
+    def _rht_both(x_ptr, m_ptr, out_ptr, dot_ptr, redo_ptr, SIGN: tl.constexpr,
+                  INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+        """Rows of 16 of x [BLOCK, 16]: rht16 (out; redone by rht16_exact when it says so,
+        the flag in redo) and a tl.dot with D H / 4 (dot), both rounded to x's dtype."""
         rows = tl.arange(0, BLOCK)
         v = ()
         for j in tl.static_range(16):
             v = v + (tl.load(x_ptr + rows * 16 + j),)
-        y = rht16(v, SIGN, INTERPRET)
+        y, redo = rht16(v, SIGN, INTERPRET)
+        tl.store(redo_ptr, tl.zeros([], tl.int32) + (redo & (x_ptr.dtype.element_ty
+                                                             == tl.bfloat16)))
+        if redo:
+            y = rht16_exact(x_ptr + rows * 16, 1, 16, rows >= 0, SIGN, INTERPRET)
         for j in tl.static_range(16):
             tl.store(out_ptr + rows * 16 + j, y[j].to(out_ptr.dtype.element_ty))
         c16 = tl.arange(0, 16)
@@ -282,13 +299,24 @@ def _exact_sum_blocks(n: int, dtype: torch.dtype) -> torch.Tensor:
     return x
 
 
+def _rht16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """rht16 (with its redo) and the tensor-core-style dot of the rows of 16 of x."""
+    from hf_nvfp4.kernels._common import sign_mask
+    from hf_nvfp4.numerics.hadamard import TE_RHT_SIGN, rht_matrix
+
+    out = torch.empty_like(x, device=DEV)
+    dot = torch.empty_like(out)
+    redo = torch.zeros(1, dtype=torch.int32, device=DEV)
+    _rht_both[(1,)](x.to(DEV), rht_matrix(TE_RHT_SIGN).to(DEV), out, dot, redo,
+                    SIGN=sign_mask(TE_RHT_SIGN), INTERPRET=interpreting(), BLOCK=x.shape[0])
+    return out.cpu(), dot.cpu(), bool(redo.item())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rht16_butterfly_exact(dtype):
-    """rht16 (butterfly for 16-bit inputs, sequential FMAs for FP32) gives the reference's
-    and the tensor-core dot's bits on blocks whose 16-term sums are exact, over the whole
-    exponent range and on signed zeros (never -0); FP32 on any input (the reference's
-    order)."""
-    from hf_nvfp4.kernels._common import sign_mask
+    """rht16 gives the reference's bits; on 16-bit blocks whose 16-term sums are exact in
+    FP32 (over the whole exponent range, and signed zeros: never -0) without a redo, and
+    equal to the tensor-core dot's; FP32 on any input (the exact path, always)."""
     from hf_nvfp4.numerics.hadamard import TE_RHT_SIGN, rht_matrix
 
     n = 1024
@@ -298,15 +326,146 @@ def test_rht16_butterfly_exact(dtype):
     neg = torch.cat([rht_matrix(TE_RHT_SIGN).t() > 0,
                      torch.rand(16, 16, generator=torch.Generator().manual_seed(4)) < 0.5])
     x[:32] = torch.where(neg, -0.0, 0.0).to(dtype)
-    out = torch.empty_like(x, device=DEV)
-    dot = torch.empty_like(out)
-    _rht_both[(1,)](x.to(DEV), rht_matrix(TE_RHT_SIGN).to(DEV), out, dot,
-                    SIGN=sign_mask(TE_RHT_SIGN), INTERPRET=interpreting(), BLOCK=n)
+    out, dot, redo = _rht16(x)
     want = hadamard_transform(x, TE_RHT_SIGN)
     assert torch.equal(_bits(out), _bits(want))
+    if dtype == torch.bfloat16:
+        assert not redo  # exact FP32 sums never take the slow path
     if dtype != torch.float32:
         assert torch.equal(_bits(dot), _bits(want))
-    assert not torch.signbit(out.cpu()[:32]).any()
+    assert not torch.signbit(out[:32]).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES[::2])
+def test_rht16_correctly_rounded_at_midpoints(dtype):
+    """Blocks whose exact outputs lie within half an FP32 ulp of a BF16/FP16 midpoint (both
+    sides), or cancel after an FP32 rounding: rht16 (BF16: through its redo) gives the
+    correctly rounded transform (exact integers) as the reference does; rounding the FP32
+    sum, as the tensor-core dot does, misses about half of them."""
+    from hf_nvfp4.numerics.testing import exact_rht, rht_tie_blocks
+
+    x = rht_tie_blocks(64, dtype, seed=1)
+    want = exact_rht(x)
+    assert torch.equal(_bits(hadamard_transform(x)), _bits(want))
+    out, dot, redo = _rht16(x)
+    assert torch.equal(_bits(out), _bits(want))
+    assert redo == (dtype == torch.bfloat16)
+    assert (_bits(dot) != _bits(want)).sum() > 100  # the test data can tell
+
+
+def test_rht16_fast_path_on_wide_blocks():
+    """BF16 blocks spanning many binades (inexact FP32 sums, mostly far from midpoints): the
+    FP32 butterfly's outputs, kept where the check passes, are the reference's bits; a
+    program of such blocks rarely needs the redo."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(512, 16, generator=g)
+         * torch.pow(2.0, torch.randint(-40, 1, (512, 16), generator=g).double())).bfloat16()
+    want = hadamard_transform(x)
+    out, _, _ = _rht16(x)
+    assert torch.equal(_bits(out), _bits(want))
+    redos = [_rht16(x[i:i + 32])[2] for i in range(0, 512, 32)]
+    assert sum(redos) < len(redos)
+
+
+def _directed_reference(a: float, b: float, up: bool) -> float:
+    """``a + b`` (FP32 values) rounded to FP32 toward +inf (``up``) or -inf, from the exact
+    rational sum; IEEE's signs of zero (an exact zero is -0 rounding down, unless both
+    operands are +0, and +0 rounding up, unless both are -0)."""
+    import math
+    from fractions import Fraction
+
+    import numpy as np
+
+    big = float(np.finfo(np.float32).max)
+    exact = Fraction(a) + Fraction(b)
+    if exact == 0:
+        both = math.copysign(1, a) + math.copysign(1, b)
+        return 0.0 if (both > 0 if not up else both >= 0) else -0.0
+    if exact > Fraction(big):
+        return math.inf if up else big
+    if exact < -Fraction(big):
+        return -big if up else -math.inf
+    c = np.float32(float(exact))
+    toward = np.float32(math.inf if up else -math.inf)
+    away = np.float32(-math.inf if up else math.inf)
+    while (Fraction(float(c)) < exact) if up else (Fraction(float(c)) > exact):
+        c = np.nextafter(c, toward)
+    while True:  # the bound closest to the exact sum
+        d = np.nextafter(c, away)
+        if not math.isfinite(float(d)) or ((Fraction(float(d)) < exact) if up
+                                           else (Fraction(float(d)) > exact)):
+            break
+        c = d
+    return float(c)
+
+
+def test_add_directed():
+    """add_directed (PTX add.rm/add.rp compiled; TwoSum in the interpreter) is IEEE's
+    directed rounding on sums and differences near and far apart in magnitude, subnormal
+    steps, signed zeros, exact cancellations and overflow (the interpreter's version: but
+    for the sign of an exact zero rounded down and overflows, which rht16 does not need)."""
+    import math
+
+    g = torch.Generator().manual_seed(21)
+    n = 1024
+    big = torch.finfo(torch.float32).max
+    a = torch.randn(n, generator=g) * torch.pow(2.0, torch.randint(-30, 30, (n,), generator=g))
+    b = torch.randn(n, generator=g) * torch.pow(2.0, torch.randint(-30, 30, (n,), generator=g))
+    b[:64] = -a[:64]  # exact cancellations
+    b[64:128] = a[64:128] * 2.0**-24  # the last bit and below
+    special = [(0.0, -0.0), (-0.0, -0.0), (0.0, 0.0), (-0.0, 0.0), (1.0, 2.0**-149),
+               (-1.0, 2.0**-149), (2.0**-149, 2.0**-149), (2.0**-126, -2.0**-149),
+               (big, big), (-big, -big), (big, -big), (big, 2.0**103), (3.0, 2.0**-100),
+               (-3.0, -(2.0**-100)), (1.0, -(2.0**-25)), (math.inf, 1.0), (-math.inf, 1.0)]
+    for i, (x, y) in enumerate(special):
+        a[128 + i], b[128 + i] = x, y
+    out = torch.empty(n, 4, device=DEV)
+    _directed_sums[(1,)](a.to(DEV), b.to(DEV), out, INTERPRET=interpreting(), BLOCK=n)
+    got = out.cpu()
+    for i in range(n):
+        x, y = float(a[i]), float(b[i])
+        if not (math.isfinite(x) and math.isfinite(y)):
+            want = [x + y] * 4
+        else:
+            want = [_directed_reference(x, y, False), _directed_reference(x, y, True),
+                    _directed_reference(x, -y, False), _directed_reference(x, -y, True)]
+        w = torch.tensor(want, dtype=torch.float32)
+        if interpreting():
+            emulated = (w != 0) & (w.abs() < big)  # zeros and overflows: IEEE compiled only
+            if i < 64:  # exact cancellations: +0 in every direction
+                assert torch.equal(_bits(got[i, [0, 1]]), _bits(torch.zeros(2)))
+            got[i][~emulated] = w[~emulated]
+        assert torch.equal(_bits(got[i]), _bits(w)), (i, x, y, got[i].tolist(), want)
+
+
+def test_rht16_on_blocks_spanning_the_exponent_range():
+    """BF16 blocks spanning up to 200 binades, with exactly cancelling pairs of large terms
+    around small ones (sums an FP32 interval cannot decide, FP64 token-order sums that are
+    inexact): rht16 with its redo gives the reference's bits, and on the blocks that the
+    reference's FP64 sum holds exactly, the correctly rounded transform (exact integers)."""
+    from hf_nvfp4.numerics.hadamard import TE_RHT_SIGN, rht_matrix
+    from hf_nvfp4.numerics.testing import exact_rht
+
+    g = torch.Generator().manual_seed(8)
+    n = 256
+    e = torch.randint(-100, 100, (n, 16), generator=g)
+    e[1::2] = e[1::2, :1] // 4 + torch.randint(0, 30, (n // 2, 16), generator=g)  # narrow
+    x = torch.randn(n, 16, generator=g).double() * torch.pow(2.0, e.double())
+    m = rht_matrix(TE_RHT_SIGN).double() * 4  # +-1
+    for r in range(0, n, 2):  # wide blocks: a large pair cancelling in half of the outputs
+        i, j = torch.randperm(16, generator=g)[:2].tolist()
+        big = float(2.0 ** torch.randint(20, 60, (1,), generator=g))
+        x[r, i] = big * m[i, 0]
+        x[r, j] = -big * m[j, 0] if r % 4 else big * m[j, 0]
+    x = x.clamp(-2.0**120, 2.0**120).bfloat16()
+    x[(x != 0) & (x.abs() < 2.0**-120)] = 0.0  # the interpreter's BF16 subnormals
+    want = hadamard_transform(x)
+    out, _, _ = _rht16(x)
+    assert torch.equal(_bits(out), _bits(want))
+    spread = x.float().abs().clamp_min(2.0**-126).log2()
+    held = (spread.amax(1) - spread.amin(1)) <= 40
+    assert held.sum() > 20
+    assert torch.equal(_bits(want[held]), _bits(exact_rht(x[held])))
 
 
 def test_e2m1_nearest_fma_on_ties():
@@ -511,3 +670,65 @@ def test_clear_error_without_triton(monkeypatch):
             triton_backend.TritonBackend()
     finally:
         triton_backend._load_ops.cache_clear()
+
+
+def _tokens(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """x [M, k] whose column copy x^T [k, M] holds ``blocks`` [k * M / 16, 16] row by row."""
+    return blocks.reshape(k, -1).t().contiguous()
+
+
+def test_rowcol_rht_correctly_rounded_at_midpoints():
+    """The column copy's RHT through the row/column kernel (redo path) at midpoint ties:
+    codes, scales and values are the reference's (the exact transform). The second tensor's
+    block scales depend on the rounding: 5.5 from the correctly rounded maximum, 5.0 from
+    the FP32 sum rounded to BF16."""
+    from hf_nvfp4.numerics.testing import exact_rht, rht_amax_tie_blocks, rht_tie_blocks
+
+    ties = rht_tie_blocks(24, torch.bfloat16, seed=2)
+    _check_rowcol(_tokens(ties, 8), SPECS.x, SPECS.x_t)
+    blocks = rht_amax_tie_blocks(24, seed=3)
+    assert float(exact_rht(blocks).abs().max()) == 1.2578125
+    x = _tokens(blocks, 8)
+    _check_rowcol(x, SPECS.x, SPECS.x_t, amax_reduce=lambda a: torch.tensor(107.0))
+    _check_rowcol(x, SPECS.dy, SPECS.dy_t, amax_reduce=lambda a: torch.tensor(107.0))
+    scales = quantize(x.t().contiguous(), "nvfp4", rht=True, amax_reduce=lambda a: torch.tensor(
+        107.0)).scale.float()
+    assert torch.all(scales == 5.5)
+
+
+def test_rowcol_fixup_pass_redoes_only_flagged_programs():
+    """Midpoint-tie blocks in one program's tile of an otherwise ordinary x: the main pass
+    flags that program, the fix-up launch redoes its column copy exactly, and every other
+    program keeps the butterfly's output: both copies, RTN and SR, equal the reference."""
+    from hf_nvfp4.numerics.testing import rht_tie_blocks
+
+    xt = _x(256, 256, torch.bfloat16, seed=11)  # x^T [K, M]: blocks along M
+    xt[:8, :16] = rht_tie_blocks(8, torch.bfloat16, seed=12)  # program (0, 0) only
+    x = xt.t().contiguous()
+    _check_rowcol(x, SPECS.x, SPECS.x_t)
+    _check_rowcol(x, SPECS.dy, SPECS.dy_t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_amax_rht_correctly_rounded_at_midpoints(dtype):
+    """The amax pass's RHT maximum is the correctly rounded one when the largest output sits
+    just above a midpoint (BF16: tensor-core sum, then the exact redo of the strip), and on
+    the midpoint-tie blocks (a block's exact outputs, the maximum over them), FP16/FP32 on
+    the exact path."""
+    from hf_nvfp4.kernels.amax import amax_rowcol
+    from hf_nvfp4.numerics.testing import exact_rht, rht_amax_tie_blocks, rht_tie_blocks
+
+    sign = tuple(SPECS.x_t.rht_sign)
+    cases = [rht_amax_tie_blocks(8, seed=4)] if dtype == torch.bfloat16 else []
+    if dtype != torch.float32:
+        ties = rht_tie_blocks(32, dtype, seed=5)
+        cases += [ties[i:i + 1] for i in range(0, 32, 5)]  # one block: its maximum decides
+    else:
+        cases = [_x(4, 16, dtype, seed=6).reshape(-1, 16)]
+    for blocks in cases:
+        x = _tokens(blocks, blocks.shape[0])
+        got = amax_rowcol(x.to(DEV), True, True, sign).cpu()
+        want = exact_rht(blocks).float().abs().max() if dtype != torch.float32 else \
+            hadamard_transform(blocks).abs().max()
+        assert float(got[1]) == float(want)
+        assert float(got[0]) == float(x.float().abs().max())

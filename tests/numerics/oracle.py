@@ -140,16 +140,25 @@ def rht_matrix(sign=TE_SIGN) -> np.ndarray:
 
 
 def rht(x: np.ndarray, dtype: str, sign=TE_SIGN) -> np.ndarray:
-    """``chunk @ (D H / 4)`` per 16-chunk of the last dim; sequential FP32 sum; round to dtype."""
+    """``chunk @ (D H / 4)`` per 16-chunk of the last dim, rounded once to dtype: each output
+    summed in float64 in chunk order from +0 (exact unless the chunk spans > 41 binades),
+    then to FP32 by nearest even (float32 inputs) or by round-to-odd followed by the nearest
+    even rounding to bfloat16/float16 (the one rounding of the float64 sum)."""
     m = rht_matrix(sign).astype(np.float64)
     c = x.astype(np.float32).reshape(*x.shape[:-1], x.shape[-1] // 16, 16).astype(np.float64)
-    acc = np.zeros(c.shape, dtype=np.float32)
+    acc = np.zeros(c.shape, dtype=np.float64)
     for k in range(16):
-        # one fused multiply-add per step: the product (x * +-1/4) and the sum are exact in
-        # float64, then rounded once to FP32 (innocuous double rounding for a sum of two
-        # FP32-precision numbers)
-        acc = (acc.astype(np.float64) + c[..., k : k + 1] * m[k]).astype(np.float32)
-    return round_to_dtype(acc.reshape(x.shape), dtype)
+        acc = acc + c[..., k : k + 1] * m[k]  # the product (x * +-1/4) is exact
+    acc = acc.reshape(x.shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = acc.astype(np.float32)
+        if dtype == "float32":
+            return f
+        back = f.astype(np.float64)
+        inexact = back != acc
+        bits = f.view(np.int32) - (inexact & (np.abs(back) > np.abs(acc))).astype(np.int32)
+        odd = (bits | inexact.astype(np.int32)).view(np.float32)
+    return round_to_dtype(odd, dtype)
 
 
 # --- scales ------------------------------------------------------------------------------
