@@ -10,6 +10,10 @@ exactly), this compares on one CUDA device:
   ``TritonBackend`` with ``ReferenceBackend`` (codes, scales, global scale: byte counts);
 * ``numerics.hadamard_transform`` of x^T on the GPU with the same on the CPU (bits).
 
+It also measures the tensor cores' error on the RHT, which the amax pass's midpoint test
+assumes below 2^-18 of a block's sum of |products| (``hf_nvfp4/kernels/amax.py``): the
+largest ``|tl.dot(RHT, x) - exact| / sum|products|`` over every block, in log2.
+
 Then it times the quantizers as ``bench/kernel_speed.py`` does (fraction of copy bandwidth).
 The 2026-12-03 run of a correctly rounded RHT (commit f1c28e8, reverted) is in
 ``bench/results/rht_exactness_h200_correctly_rounded.json``.
@@ -26,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_speed import (  # noqa: E402
@@ -40,7 +46,8 @@ from kernel_speed import (  # noqa: E402
 
 from hf_nvfp4.backends.reference import ReferenceBackend  # noqa: E402
 from hf_nvfp4.backends.triton_backend import TritonBackend  # noqa: E402
-from hf_nvfp4.numerics.hadamard import hadamard_transform  # noqa: E402
+from hf_nvfp4.kernels._common import rht_blockdiag  # noqa: E402
+from hf_nvfp4.numerics.hadamard import TE_RHT_SIGN, hadamard_transform, rht_matrix  # noqa: E402
 from hf_nvfp4.recipe import Recipe  # noqa: E402
 
 SHAPES = ((128, 128), (256, 272), (1024, 1024), (2048, 5120), (4096, 3072), (8192, 512),
@@ -55,6 +62,32 @@ def make(m: int, k: int, dist: str, seed: int) -> torch.Tensor:
     if dist == "wide":
         x = x * torch.exp2(torch.randint(-40, 41, (m, k), device="cuda", generator=g).float())
     return x.to(torch.bfloat16)
+
+
+@triton.jit
+def _tc_rht(x_ptr, bd_ptr, y_ptr, K, BK: tl.constexpr):
+    """``blockdiag(RHT^T) @ x`` of one [64, BK] tile on the tensor cores (FP32 result), as
+    the amax pass computes it."""
+    rows = tl.program_id(0) * 64 + tl.arange(0, 64)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    offs = tl.arange(0, 64)
+    bd = tl.load(bd_ptr + offs[:, None] * 64 + offs[None, :])
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :])
+    tl.store(y_ptr + rows[:, None] * K + cols[None, :], tl.dot(bd, x))
+
+
+def tc_error(x: torch.Tensor) -> float:
+    """log2 of the largest tensor-core RHT error over the sum of |products| of its block
+    (x [M, K] BF16, M a multiple of 64, K of 64; the RHT runs over M)."""
+    m, k = x.shape
+    bd = rht_blockdiag(TE_RHT_SIGN, 64, torch.bfloat16, x.device)
+    y = torch.empty(m, k, device=x.device, dtype=torch.float32)
+    _tc_rht[(m // 64, k // 64)](x, bd, y, k, BK=64)
+    chunks = x.t().double().reshape(k, m // 16, 16)
+    exact = (chunks @ rht_matrix(TE_RHT_SIGN).double().to(x.device)).reshape(k, m).t()
+    total = (chunks.abs().sum(-1) / 4).repeat_interleave(16, dim=1).t()
+    ratio = ((y.double() - exact).abs() / total.clamp_min(1e-300)).max().item()
+    return float(torch.tensor(ratio).log2()) if ratio > 0 else float("-inf")
 
 
 def bits_differ(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -111,6 +144,12 @@ def main() -> None:
         for r in report["results"])
     report["values_compared"] = sum(r["elements"] for r in report["results"])
     print(f"bit exact: {report['bit_exact']} over {report['values_compared']:.3e} values")
+    report["tensor_core_rht_error_log2"] = {}
+    for dist in ("randn", "wide"):
+        worst = max(tc_error(make(8192, 4096, dist, seed=s)) for s in range(4))
+        report["tensor_core_rht_error_log2"][dist] = worst
+        print(f"tensor-core RHT error, {dist}: 2^{worst:.2f} of the block's sum of |products| "
+              "(the amax pass assumes < 2^-18)", flush=True)
     torch.use_deterministic_algorithms(False)
     if not args.no_timing:
         copy = bench_copy()
