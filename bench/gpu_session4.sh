@@ -12,6 +12,9 @@
 #       # (Triton compiles on the CPU: the workers compile in parallel), stopping at SECONDS
 #       # (default 560); the Triton cache in .gpu_cache makes a repeated call on a warm
 #       # machine finish faster
+#   OUT=/some/dir bash bench/gpu_session4.sh rht       # issue 17: the correctly rounded RHT's
+#       # bit exactness at large shapes, the tensor cores' RHT error and the quantize timings
+#       # (bench/rht_exactness.py), then the 124M e2e figure with CUDA graphs
 #   OUT=/some/dir bash bench/gpu_session4.sh kernel-tests [SECONDS]
 #       # tests/kernels file by file, each file's result in $OUT/pytest_<file>.txt, stopping
 #       # before SECONDS (default 540) run out; files already passed (listed in
@@ -80,6 +83,13 @@ case $what in
       && cp bench/results/e2e_124m_h200_formats2.json "$OUT/"
     python3 bench/e2e.py --size 124m --modes bf16_params --out "$OUT/e2e_124m_h200_formats2.json" \
       --columns bf16_eager,bf16_compiled,nvfp4_compiled,fp8_block_eager,fp8_block_compiled,mxfp4_eager,mxfp4_compiled \
+      2>&1 | grep -E "^\[|^\|"
+    ;;
+  rht)
+    python3 bench/rht_exactness.py --out "$OUT/rht_exactness_h200_interval.json" 2>&1 \
+      | grep -v -i warn | tail -40
+    python3 bench/e2e.py --size 124m --modes bf16_params --compile-mode reduce-overhead \
+      --columns bf16_compiled,nvfp4_compiled --out "$OUT/e2e_124m_h200_interval_rht.json" \
       2>&1 | grep -E "^\[|^\|"
     ;;
   moe)
