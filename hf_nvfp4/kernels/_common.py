@@ -319,6 +319,22 @@ def rht16_exact_one(p, stride_m, lim, ok, j: tl.constexpr, SIGN: tl.constexpr,
 
 
 @triton.jit
+def _butterfly16(t):
+    """The 4-stage Sylvester butterfly ``y_j = sum_i t_i (-1)^popcount(i & j)`` of the tuple
+    ``t`` (16 tensors), stage s pairing ``i`` with ``i + 2^s`` as ``(a + b, a - b)``, each
+    sum rounded to nearest (:func:`_butterfly16_bounds`: the same in interval arithmetic)."""
+    for s in tl.static_range(4):
+        u = ()
+        for i in tl.static_range(16):
+            if (i >> s) % 2 == 0:
+                u = u + (t[i] + t[i + (1 << s)],)
+            else:
+                u = u + (t[i - (1 << s)] - t[i],)
+        t = u
+    return t
+
+
+@triton.jit
 def rht16_exact(p, stride_m, lim, ok, SIGN: tl.constexpr, INTERPRET: tl.constexpr):
     """:func:`rht16` the slow way, for every input, loading the tokens itself: token i of
     each block at ``p + i * stride_m`` where ``ok & (i < lim)`` (else 0). Each output is the
@@ -336,14 +352,7 @@ def rht16_exact(p, stride_m, lim, ok, SIGN: tl.constexpr, INTERPRET: tl.constexp
         if p.dtype.element_ty == tl.float16:
             # FP16 products are multiples of 2^-26 below 2^18: every FP64 sum is exact, in
             # any order (the butterfly's 64 sums instead of 256)
-            for s in tl.static_range(4):
-                u = ()
-                for i in tl.static_range(16):
-                    if (i >> s) % 2 == 0:
-                        u = u + (v[i] + v[i + (1 << s)],)
-                    else:
-                        u = u + (v[i - (1 << s)] - v[i],)
-                v = u
+            v = _butterfly16(v)
             for j in tl.static_range(16):
                 y = y + (_round_exact(v[j] + 0.0, p.dtype.element_ty, INTERPRET),)
             return y
@@ -390,9 +399,8 @@ def add_directed(a, b, UP: tl.constexpr, SUB: tl.constexpr, INTERPRET: tl.conste
 
 @triton.jit
 def _butterfly16_bounds(t, INTERPRET: tl.constexpr):
-    """The 4-stage Sylvester butterfly ``y_j = sum_i t_i (-1)^popcount(i & j)`` of the tuple
-    ``t`` (16 tensors of exact values; stage s pairs ``i`` with ``i + 2^s`` as ``(a + b,
-    a - b)``) in interval arithmetic: ``(lo, hi)`` tuples, every sum of ``lo`` rounded toward
+    """:func:`_butterfly16` of the tuple ``t`` (16 tensors of exact values) in interval
+    arithmetic: ``(lo, hi)`` tuples, every sum of ``lo`` rounded toward
     -inf and of ``hi`` toward +inf, so ``lo_j <= y_j <= hi_j`` for the exact ``y_j``.
     A difference takes the subtrahend's other bound: ``lo(a - b) = rd(lo_a - hi_b)``,
     ``hi(a - b) = ru(hi_a - lo_b)``."""

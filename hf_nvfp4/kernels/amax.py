@@ -6,7 +6,7 @@ keeps elementwise running maxima (``max|x|`` in x's dtype: exact, two per regist
 inputs), and folds them in with one atomic max per output.
 
 The RHT output is rounded to ``x.dtype`` before its amax in the reference
-(``numerics.hadamard_transform``: one rounding of the FP64 butterfly sum); rounding is
+(``numerics.hadamard_transform``: one rounding of the FP64 token-order sum); rounding is
 monotone, so for BF16 the kernel takes the maximum of a tensor-core FP32 transform and rounds
 it once, redoing the strip with the reference's arithmetic (:func:`._common.rht16_exact`) in
 the rare case where that maximum lies too close to a BF16 midpoint for the FP32 sum's error.
