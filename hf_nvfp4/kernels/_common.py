@@ -319,19 +319,23 @@ def rht16_exact_one(p, stride_m, lim, ok, j: tl.constexpr, SIGN: tl.constexpr,
 
 
 @triton.jit
-def _butterfly16(t):
-    """The 4-stage Sylvester butterfly ``y_j = sum_i t_i (-1)^popcount(i & j)`` of the tuple
-    ``t`` (16 tensors), stage s pairing ``i`` with ``i + 2^s`` as ``(a + b, a - b)``, each
-    sum rounded to nearest (:func:`_butterfly16_bounds`: the same in interval arithmetic)."""
-    for s in tl.static_range(4):
-        u = ()
-        for i in tl.static_range(16):
-            if (i >> s) % 2 == 0:
-                u = u + (t[i] + t[i + (1 << s)],)
-            else:
-                u = u + (t[i - (1 << s)] - t[i],)
-        t = u
-    return t
+def rht16_exact_tokens(p, stride_m, lim, ok, SIGN: tl.constexpr, INTERPRET: tl.constexpr):
+    """The interpreter's :func:`rht16_exact`: all 16 outputs at once, as one
+    ``[R, 16, C]`` tensor (output j of the block at ``[r, c]`` in ``[r, j, c]``) for ``p`` of
+    shape ``[R, C]``. The same FP64 sums in token order from +0, each token's products
+    for the 16 outputs in one operation (the interpreter's time goes to operations, not to
+    their size)."""
+    k = tl.arange(0, 16)
+    par = k[:, None] & k[None, :]
+    par = par ^ (par >> 2)
+    par = (par ^ (par >> 1) ^ (SIGN >> k[:, None])) & 1
+    h = 0.25 - 0.5 * par.to(tl.float64)  # [i, j]: d_i / 4 * (-1)^popcount(i & j)
+    acc = tl.zeros([p.shape[0], 16, p.shape[1]], tl.float64)
+    for i in tl.static_range(16):
+        x = tl.load(p + i * stride_m, mask=ok & (lim > i), other=0.0).to(tl.float64)
+        row = tl.sum(tl.where(k[:, None] == i, h, 0.0), axis=0)  # h[i, :], exactly
+        acc = acc + x[:, None, :] * row[None, :, None]
+    return _round_exact(acc, p.dtype.element_ty, INTERPRET)
 
 
 @triton.jit
@@ -341,30 +345,20 @@ def rht16_exact(p, stride_m, lim, ok, SIGN: tl.constexpr, INTERPRET: tl.constexp
     sum of its 16 products (exact) in FP64, in token order from +0, rounded once to the
     inputs' dtype (FP32: nearest even; BF16/FP16: through :func:`round_to_odd_fp32`): bit
     for bit ``numerics.hadamard_transform``. Compiled, the tokens are reloaded for every
-    output (registers); the interpreter loads them once (its time goes to operations)."""
+    output (registers); the interpreter computes all outputs at once
+    (:func:`rht16_exact_tokens`) and takes them apart (as bits: a sum of one output's bits
+    and zeros)."""
     y = ()
     if INTERPRET:
-        c = _rht_signs(SIGN)
-        v = ()
-        for i in tl.static_range(16):
-            v = v + (tl.load(p + i * stride_m, mask=ok & (lim > i), other=0.0).to(tl.float64)
-                     * c[i],)
-        if p.dtype.element_ty == tl.float16:
-            # FP16 products are multiples of 2^-26 below 2^18: every FP64 sum is exact, in
-            # any order (the butterfly's 64 sums instead of 256)
-            v = _butterfly16(v)
-            for j in tl.static_range(16):
-                y = y + (_round_exact(v[j] + 0.0, p.dtype.element_ty, INTERPRET),)
-            return y
+        if len(p.shape) == 1:  # blocks along one axis: [R, 1] (``lim`` a scalar)
+            yy = rht16_exact_tokens(p[:, None], stride_m, lim, ok[:, None], SIGN, INTERPRET)
+        else:
+            yy = rht16_exact_tokens(p, stride_m, lim, ok, SIGN, INTERPRET)
+        k = tl.arange(0, 16)[None, :, None]
+        bits = yy.to(tl.int32, bitcast=True)
         for j in tl.static_range(16):
-            acc = tl.zeros(p.shape, tl.float64)
-            for i in tl.static_range(16):
-                par = i & j
-                if (par ^ (par >> 1) ^ (par >> 2) ^ (par >> 3)) % 2 == 0:
-                    acc = acc + v[i]
-                else:
-                    acc = acc - v[i]
-            y = y + (_round_exact(acc, p.dtype.element_ty, INTERPRET),)
+            yj = tl.sum(tl.where(k == j, bits, 0), axis=1).to(tl.float32, bitcast=True)
+            y = y + (tl.reshape(yj, p.shape),)
         return y
     for j in tl.static_range(16):
         y = y + (rht16_exact_one(p, stride_m, lim, ok, j, SIGN, INTERPRET),)
@@ -399,9 +393,10 @@ def add_directed(a, b, UP: tl.constexpr, SUB: tl.constexpr, INTERPRET: tl.conste
 
 @triton.jit
 def _butterfly16_bounds(t, INTERPRET: tl.constexpr):
-    """:func:`_butterfly16` of the tuple ``t`` (16 tensors of exact values) in interval
-    arithmetic: ``(lo, hi)`` tuples, every sum of ``lo`` rounded toward
-    -inf and of ``hi`` toward +inf, so ``lo_j <= y_j <= hi_j`` for the exact ``y_j``.
+    """The 4-stage Sylvester butterfly ``y_j = sum_i t_i (-1)^popcount(i & j)`` of the tuple
+    ``t`` (16 tensors of exact values), stage s pairing ``i`` with ``i + 2^s`` as
+    ``(a + b, a - b)``, in interval arithmetic: ``(lo, hi)`` tuples, every sum of ``lo``
+    rounded toward -inf and of ``hi`` toward +inf, so ``lo_j <= y_j <= hi_j`` for the exact ``y_j``.
     A difference takes the subtrahend's other bound: ``lo(a - b) = rd(lo_a - hi_b)``,
     ``hi(a - b) = ru(hi_a - lo_b)``."""
     lo = t
