@@ -392,13 +392,14 @@ def add_directed(a, b, UP: tl.constexpr, SUB: tl.constexpr, INTERPRET: tl.conste
 
 
 @triton.jit
-def _butterfly16_bounds(t, INTERPRET: tl.constexpr):
+def _butterfly16_bounds(t):
     """The 4-stage Sylvester butterfly ``y_j = sum_i t_i (-1)^popcount(i & j)`` of the tuple
     ``t`` (16 tensors of exact values), stage s pairing ``i`` with ``i + 2^s`` as
     ``(a + b, a - b)``, in interval arithmetic: ``(lo, hi)`` tuples, every sum of ``lo``
-    rounded toward -inf and of ``hi`` toward +inf, so ``lo_j <= y_j <= hi_j`` for the exact ``y_j``.
-    A difference takes the subtrahend's other bound: ``lo(a - b) = rd(lo_a - hi_b)``,
-    ``hi(a - b) = ru(hi_a - lo_b)``."""
+    rounded toward -inf and of ``hi`` toward +inf, so ``lo_j <= y_j <= hi_j`` for the exact
+    ``y_j``. A difference takes the subtrahend's other bound: ``lo(a - b) = rd(lo_a - hi_b)``,
+    ``hi(a - b) = ru(hi_a - lo_b)``. Compiled code (the interpreter:
+    :func:`_rht16_bounds_interpreted`)."""
     lo = t
     hi = t
     for s in tl.static_range(4):
@@ -406,11 +407,11 @@ def _butterfly16_bounds(t, INTERPRET: tl.constexpr):
         nhi = ()
         for i in tl.static_range(16):
             if (i >> s) % 2 == 0:
-                nlo = nlo + (add_directed(lo[i], lo[i + (1 << s)], False, False, INTERPRET),)
-                nhi = nhi + (add_directed(hi[i], hi[i + (1 << s)], True, False, INTERPRET),)
+                nlo = nlo + (add_directed(lo[i], lo[i + (1 << s)], False, False, False),)
+                nhi = nhi + (add_directed(hi[i], hi[i + (1 << s)], True, False, False),)
             else:
-                nlo = nlo + (add_directed(lo[i - (1 << s)], hi[i], False, True, INTERPRET),)
-                nhi = nhi + (add_directed(hi[i - (1 << s)], lo[i], True, True, INTERPRET),)
+                nlo = nlo + (add_directed(lo[i - (1 << s)], hi[i], False, True, False),)
+                nhi = nhi + (add_directed(hi[i - (1 << s)], lo[i], True, True, False),)
         lo = nlo
         hi = nhi
     return lo, hi
@@ -456,25 +457,59 @@ def rht16(v, SIGN: tl.constexpr, INTERPRET: tl.constexpr):
     t = (v[0].to(tl.float32) * c[0] + 0.0,)
     for i in tl.static_range(1, 16):
         t = t + (v[i].to(tl.float32) * c[i],)
-    lo, hi = _butterfly16_bounds(t, INTERPRET)
+    if INTERPRET:
+        return _rht16_bounds_interpreted(t)
+    lo, hi = _butterfly16_bounds(t)
     y = ()
     bad = tl.zeros(t[0].shape, tl.int1)
     for j in tl.static_range(0, 16, 2):
-        if INTERPRET:  # and a bound that overflowed (add_directed's interpreter version)
-            bad = bad | ~(tl.abs(lo[j]) < float("inf")) | ~(tl.abs(lo[j + 1]) < float("inf"))
-            a = round_bf16(hi[j])
-            b = round_bf16(hi[j + 1])
-            bad = bad | (a.to(tl.int32, bitcast=True) != round_bf16(lo[j] + 0.0).to(
-                tl.int32, bitcast=True))
-            bad = bad | (b.to(tl.int32, bitcast=True) != round_bf16(lo[j + 1] + 0.0).to(
-                tl.int32, bitcast=True))
-            y = y + (a, b)
-        else:
-            w = bf16x2_word(hi[j], hi[j + 1])
-            bad = bad | (w != bf16x2_word(lo[j] + 0.0, lo[j + 1] + 0.0))
-            y = y + ((w << 16).to(tl.float32, bitcast=True),
-                     (w & -65536).to(tl.float32, bitcast=True))
+        w = bf16x2_word(hi[j], hi[j + 1])
+        bad = bad | (w != bf16x2_word(lo[j] + 0.0, lo[j + 1] + 0.0))
+        y = y + ((w << 16).to(tl.float32, bitcast=True),
+                 (w & -65536).to(tl.float32, bitcast=True))
     return y, tl.max(bad.to(tl.int32))
+
+
+@triton.jit
+def _rht16_bounds_interpreted(t):
+    """The interpreter's :func:`rht16` of the BF16 products ``t``: the same interval
+    butterfly (the same directed sums of the same operands, stage by stage), on one
+    ``[n, 16]`` tensor of the n blocks' 16 terms, so each stage is a few operations on the
+    whole tile instead of 64 (the interpreter's time goes to operations, not to their size).
+    Stage s pairs the terms whose indices differ in bit s: each stage leaves the index bits
+    rotated right by one (the pair's axis moved to the front), which puts bit s + 1 last for
+    the next stage, and the four rotations restore the order. Also flags a bound that
+    overflowed (:func:`add_directed`'s interpreter version)."""
+    n: tl.constexpr = t[0].numel
+    x = ()
+    for i in tl.static_range(16):
+        x = x + (tl.reshape(t[i], [n]),)
+    for level in tl.static_range(4):  # joins pairing i with i + 8, 4, 2, 1: index i last
+        h: tl.constexpr = 8 >> level
+        z = ()
+        for k in tl.static_range(h):
+            z = z + (tl.join(x[k], x[k + h]),)
+        x = z
+    lo = tl.reshape(x[0], [n, 16])
+    hi = lo
+    for _stage in tl.static_range(4):
+        a_lo, b_lo = tl.split(tl.reshape(lo, [n, 8, 2]))
+        a_hi, b_hi = tl.split(tl.reshape(hi, [n, 8, 2]))
+        lo = tl.join(add_directed(a_lo, b_lo, False, False, True),
+                     add_directed(a_lo, b_hi, False, True, True))
+        hi = tl.join(add_directed(a_hi, b_hi, True, False, True),
+                     add_directed(a_hi, b_lo, True, True, True))
+        lo = tl.reshape(tl.permute(lo, (0, 2, 1)), [n, 16])
+        hi = tl.reshape(tl.permute(hi, (0, 2, 1)), [n, 16])
+    rounded = round_bf16(hi).to(tl.int32, bitcast=True)
+    bad = ~(tl.abs(lo) < float("inf")) | (
+        rounded != round_bf16(lo + 0.0).to(tl.int32, bitcast=True))
+    k = tl.arange(0, 16)[None, :]
+    y = ()
+    for j in tl.static_range(16):
+        yj = tl.sum(tl.where(k == j, rounded, 0), axis=1).to(tl.float32, bitcast=True)
+        y = y + (tl.reshape(yj, t[0].shape),)
+    return y, tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0)
 
 
 @triton.jit
