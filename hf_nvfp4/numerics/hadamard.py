@@ -77,10 +77,12 @@ def hadamard_transform(
     m = rht_matrix(sign).to(device=x.device, dtype=torch.float64)  # +-1/4
     chunks = x.double().reshape(*x.shape[:-1], x.shape[-1] // RHT_SIZE, RHT_SIZE)
     # each output summed in token order from +0 (an all-zero chunk gives +0, never -0), as
-    # the Triton kernels' exact path (kernels._common.rht16_exact) does
+    # the Triton kernels' exact path (kernels._common.rht16_exact) does; in place, one
+    # operation per token (a fused multiply-add where the CPU has one changes nothing: the
+    # products are exact)
     z = torch.zeros_like(chunks)
     for i in range(RHT_SIZE):
-        z = z + chunks[..., i : i + 1] * m[i]
+        z.addcmul_(chunks[..., i : i + 1], m[i])
     z = z.reshape(x.shape)
     if x.dtype == torch.float64:
         return z
