@@ -170,6 +170,23 @@ def test_amax_rowcol(dtype, rht):
     assert torch.equal(got, torch.stack(_local_amax(x, col)))
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"),
+                                   pytest.param(torch.float32, id="fp32")])
+def test_amax_all_configs(monkeypatch, dtype):
+    """Every tuning candidate of the amax pass gives the same maxima, the multi-tile strips
+    included (the interpreter's untimed choice runs one tile per program): BF16 through the
+    tensor-core maximum, FP32 through the exact path."""
+    from hf_nvfp4.kernels import amax
+
+    x = _x(100, 128, dtype, seed=9)
+    sign = tuple(SPECS.x_t.rht_sign)
+    want = torch.stack(_local_amax(x, SPECS.x_t))
+    for bk, tiles, warps, stages in amax._CONFIGS:
+        name = f"BK={bk},tiles={tiles},warps={warps},stages={stages}"
+        monkeypatch.setattr(amax, "pick", lambda *a, name=name, **k: name)
+        assert torch.equal(amax.amax_rowcol(x.to(DEV), True, True, sign).cpu(), want), name
+
+
 def test_all_configs(monkeypatch):
     """Every tuning candidate of the row/column kernel gives the same bits."""
     from hf_nvfp4.kernels import quantize_rowcol as qr
