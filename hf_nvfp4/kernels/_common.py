@@ -339,6 +339,18 @@ def rht16_exact_tokens(p, stride_m, lim, ok, SIGN: tl.constexpr, INTERPRET: tl.c
 
 
 @triton.jit
+def _unstack16(bits, k, shape):
+    """The interpreter's 16 outputs held along axis 1 of ``bits`` (their FP32 bits; ``k`` the
+    index 0..15 broadcast along that axis) as a tuple of 16 FP32 tensors of ``shape``: each
+    the sum of its own bits and zeros, so -0 and NaN payloads stay as they are."""
+    y = ()
+    for j in tl.static_range(16):
+        yj = tl.sum(tl.where(k == j, bits, 0), axis=1).to(tl.float32, bitcast=True)
+        y = y + (tl.reshape(yj, shape),)
+    return y
+
+
+@triton.jit
 def rht16_exact(p, stride_m, lim, ok, SIGN: tl.constexpr, INTERPRET: tl.constexpr):
     """:func:`rht16` the slow way, for every input, loading the tokens itself: token i of
     each block at ``p + i * stride_m`` where ``ok & (i < lim)`` (else 0). Each output is the
@@ -346,20 +358,15 @@ def rht16_exact(p, stride_m, lim, ok, SIGN: tl.constexpr, INTERPRET: tl.constexp
     inputs' dtype (FP32: nearest even; BF16/FP16: through :func:`round_to_odd_fp32`): bit
     for bit ``numerics.hadamard_transform``. Compiled, the tokens are reloaded for every
     output (registers); the interpreter computes all outputs at once
-    (:func:`rht16_exact_tokens`) and takes them apart (as bits: a sum of one output's bits
-    and zeros)."""
+    (:func:`rht16_exact_tokens`) and takes them apart (:func:`_unstack16`)."""
     y = ()
     if INTERPRET:
         if len(p.shape) == 1:  # blocks along one axis: [R, 1] (``lim`` a scalar)
             yy = rht16_exact_tokens(p[:, None], stride_m, lim, ok[:, None], SIGN, INTERPRET)
         else:
             yy = rht16_exact_tokens(p, stride_m, lim, ok, SIGN, INTERPRET)
-        k = tl.arange(0, 16)[None, :, None]
-        bits = yy.to(tl.int32, bitcast=True)
-        for j in tl.static_range(16):
-            yj = tl.sum(tl.where(k == j, bits, 0), axis=1).to(tl.float32, bitcast=True)
-            y = y + (tl.reshape(yj, p.shape),)
-        return y
+        return _unstack16(yy.to(tl.int32, bitcast=True), tl.arange(0, 16)[None, :, None],
+                          p.shape)
     for j in tl.static_range(16):
         y = y + (rht16_exact_one(p, stride_m, lim, ok, j, SIGN, INTERPRET),)
     return y
@@ -504,11 +511,7 @@ def _rht16_bounds_interpreted(t):
     rounded = round_bf16(hi).to(tl.int32, bitcast=True)
     bad = ~(tl.abs(lo) < float("inf")) | (
         rounded != round_bf16(lo + 0.0).to(tl.int32, bitcast=True))
-    k = tl.arange(0, 16)[None, :]
-    y = ()
-    for j in tl.static_range(16):
-        yj = tl.sum(tl.where(k == j, rounded, 0), axis=1).to(tl.float32, bitcast=True)
-        y = y + (tl.reshape(yj, t[0].shape),)
+    y = _unstack16(rounded, tl.arange(0, 16)[None, :], t[0].shape)
     return y, tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0)
 
 
