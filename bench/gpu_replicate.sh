@@ -18,6 +18,9 @@
 # carried);
 # copy back each run's JSON and a tarball of its eval results (8 files at most; EVAL=0: none;
 # an eval cut off by the call's limit keeps its finished tasks and resumes in the next call).
+# Training stops MARGIN_S (default 60) seconds before LIMIT_S, leaving time to save.
+# FORK=1 passes --fork: RUNS=nvfp4,nvfp4_late_switch trains their shared 82% once (the late
+# switch starts from NVFP4's state at its switch step; see bench/replicate.py).
 # Reported later with bench/replicate_report.py over the copied JSONs (see eval/reports/replicate).
 # Measured on the H200 (bench/results/replicate_probe_h200.json, replicate_trial_h200.json):
 # alone, 250M tokens take ~7 min (bf16), ~8 (fp8_block), ~10 (nvfp4, mxfp4); each call
@@ -42,7 +45,8 @@ TRAIN_ARGS=${TRAIN_ARGS:---seq 1024 --batch 16 --val-every 250 --val-blocks 64 \
 # shellcheck disable=SC2086
 timeout $(( $(left) - 30 )) python3 bench/replicate.py --corpus "$C" --out "$R" --runs "$RUNS" \
   --seed "$SEED" --tokens "$TOKENS" $TRAIN_ARGS --save-models \
-  --session "${SESSION:-}" --stop-after-seconds $(( $(left) - 90 )) 2>&1 \
+  --session "${SESSION:-}" --stop-after-seconds $(( $(left) - ${MARGIN_S:-60} )) ${FORK:+--fork} \
+  2>&1 \
   | grep -v -i warn | tee -a "$R/train.log"
 for run in ${RUNS//,/ }; do
   [ -f "$R/$run.json" ] && cp "$R/$run.json" "$OUT/runs/"

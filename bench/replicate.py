@@ -15,6 +15,11 @@ Quantized runs log :class:`hf_nvfp4.QuantProbe` statistics every ``--telemetry-e
 fell below is ``sqrt3_step``), and every command that advanced a run appends a segment (steps,
 seconds, host, device, command, ``--session``) to its JSON. ``--compile`` trains through
 ``torch.compile`` (telemetry steps and validation run the same model eagerly), probes too.
+``--fork`` trains the steps a run shares with its parent (:data:`FORKS`: the late switch and
+NVFP4, identical until the switch step) once: the parent, listed first in ``--runs``, saves its
+state at the child's switch step as the child's checkpoint, and the child resumes from there.
+The child's JSON names its parent and step (``forked_from``) and carries the parent's curve up
+to that step.
 A run's ``tokens_per_s`` counts its ordinary training steps only (not validation, telemetry
 steps or each command's first ``WARMUP_STEPS``); ``seconds`` is the wall time of everything.
 
@@ -55,6 +60,9 @@ RUNS: dict[str, dict | None] = {
     "mxfp4": {"recipe": "mxfp4"},
     "nvfp4_late_switch": {"recipe": "nvfp4", "switch_to_bf16_at": 0.82},
 }
+# runs that are another run until their switch step (same recipe, seed and batches): with
+# --fork they start from that run's state there instead of training the shared steps again
+FORKS = {"nvfp4_late_switch": "nvfp4"}
 SIZES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
              "num_attention_heads": 4},
@@ -190,6 +198,34 @@ def compiled(model, args: argparse.Namespace) -> tuple[torch.nn.Module, bool]:
     return step_model, args.compile_mode == "reduce-overhead"
 
 
+def fork_steps(run: str, args: argparse.Namespace, steps: int) -> dict[int, str]:
+    """``{step: child}`` for each child of ``run`` in ``--runs`` that ``--fork`` starts from
+    ``run``'s state at its switch step, when the child has neither started nor finished."""
+    out = {}
+    for child in args.runs.split(","):
+        started = any((Path(args.out) / f"{child}{ext}").exists() for ext in (".pt", ".json"))
+        if args.fork and FORKS.get(child) == run and not started:
+            switch = PrecisionSchedule(RUNS[child]["switch_to_bf16_at"], steps).switch_step
+            out[switch] = child
+    return out
+
+
+def save_fork(child: str, run: str, step: int, result: dict, segment: dict, model, opt,
+              sched, args: argparse.Namespace) -> None:
+    """Write ``child``'s checkpoint from ``run``'s state at ``step`` (before that step): its
+    result is ``run``'s so far, renamed, with this command's steps as a segment (each of those
+    segments names ``run``)."""
+    forked = json.loads(json.dumps(result))
+    forked.update(run=child, nvfp4=NVFP4Config(backend=args.backend, **RUNS[child]).to_dict(),
+                  forked_from={"run": run, "step": step},
+                  seconds=result["seconds"] + segment["seconds"])
+    forked["segments"] = [dict(seg, run=run) for seg in forked.get("segments", []) + [segment]]
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "step": step, "result": forked},
+               Path(args.out) / f"{child}.pt")
+    print(f"{child}: forked from {run} at step {step}", flush=True)
+
+
 def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.Tensor,
             vocab: int) -> dict:
     """Train (or continue) one run; returns and writes its JSON."""
@@ -221,6 +257,7 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
         sched.load_state_dict(state["sched"])
         step, result = state["step"], state["result"]
     first_step = step
+    forks = fork_steps(run, args, steps)
     if schedule is not None:
         schedule.update(model, step)
     if device == "cuda":
@@ -229,6 +266,10 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
     while step < steps:
         if not result["val"] or (step % args.val_every == 0 and result["val"][-1][0] != step):
             result["val"].append((step, val_loss(model, val, device, amp)))
+        if step in forks:
+            save_fork(forks.pop(step), run, step, result,
+                      segment(first_step, step, time.perf_counter() - t0, args, device), model,
+                      opt, sched, args)
         x = train[batch_indices(step, args.batch, len(train), args.seed)]
         if probe is not None and step % args.telemetry_every == 0:
             probe.start(model)  # hooks need the eager model
@@ -250,13 +291,7 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
             break
     seconds = time.perf_counter() - t0
     result["seconds"] += seconds
-    result.setdefault("segments", []).append({
-        "from_step": first_step, "to_step": step, "seconds": seconds,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "command": args.command, "session": args.session,
-    })
+    result.setdefault("segments", []).append(segment(first_step, step, seconds, args, device))
     if step >= steps:
         result["val"].append((step, val_loss(model, val, device, amp)))
         result["final_val_loss"] = result["val"][-1][1]
@@ -275,6 +310,18 @@ def run_one(run: str, args: argparse.Namespace, train: torch.Tensor, val: torch.
         f" val {result['final_val_loss']:.4f}" if result["done"] else " (saved, resume later)"),
         flush=True)
     return result
+
+
+def segment(first_step: int, step: int, seconds: float, args: argparse.Namespace,
+            device: str) -> dict:
+    """The record of one command's part of a run: its steps, time, machine and command."""
+    return {
+        "from_step": first_step, "to_step": step, "seconds": seconds,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "command": args.command, "session": args.session,
+    }
 
 
 def check_corpus(result: dict, manifest: dict, source: Path, corpus: Path) -> None:
@@ -340,12 +387,21 @@ def main(argv: list[str] | None = None) -> None:
                    "reduce-overhead (CUDA graphs)")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--session", default="", help="a label stored with each segment of a run")
+    p.add_argument("--fork", action="store_true",
+                   help="start each run of FORKS from its parent's state at its switch step "
+                        "(both in --runs, the parent first)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     args.command = " ".join(["bench/replicate.py", *(sys.argv[1:] if argv is None else argv)])
     unknown = sorted(set(args.runs.split(",")) - set(RUNS))
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; expected names from {list(RUNS)}")
+    names = args.runs.split(",")
+    for child, parent in FORKS.items():
+        if args.fork and child in names and (parent not in names
+                                             or names.index(parent) > names.index(child)):
+            raise SystemExit(f"--fork: {child} starts from {parent}'s state, so --runs must "
+                             f"list {parent} before {child}; got --runs {args.runs}")
     corpus = Path(args.corpus)
     args.corpus_manifest = json.loads((corpus / "manifest.json").read_text())
     vocab = args.corpus_manifest["vocab_size"]

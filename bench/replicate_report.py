@@ -27,16 +27,17 @@ PREDICTIONS = (
 )
 
 
-def seed_noise(runs: dict[str, dict], seed_folders: list[Path]) -> dict:
-    """Relative NVFP4-vs-BF16 gap (%) per data-order seed and its sample standard deviation:
-    the run-to-run noise of a difference between two runs."""
-    gaps = {"main runs": rel_gap(runs, "nvfp4", "bf16")}
-    for folder in seed_folders:
-        gaps[folder.name] = rel_gap(load_runs(folder), "nvfp4", "bf16")
+def seed_noise(pools: list[tuple[str, dict[str, dict]]]) -> dict | None:
+    """Relative NVFP4-vs-BF16 gap (%) per data-order seed (each pool with both runs) and its
+    sample standard deviation: the run-to-run noise of a difference between two runs. None
+    when fewer than two seeds have both."""
+    gaps = {label: rel_gap(runs, "nvfp4", "bf16") for label, runs in pools
+            if "nvfp4" in runs and "bf16" in runs}
+    if len(gaps) < 2:
+        return None
     values = list(gaps.values())
     mean = sum(values) / len(values)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 \
-        else None
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     return {"gaps": gaps, "mean": mean, "sd": sd}
 
 
@@ -44,10 +45,14 @@ def same_data_noise(runs: dict[str, dict]) -> float | None:
     """Largest relative val-loss difference (%) between ``nvfp4`` and ``nvfp4_late_switch``
     over the second half of training before the switch: the same configuration on the same
     data and initialization, so this is the run-to-run noise of the GPU itself (atomics,
-    kernel choices), the floor for differences between runs of one seed."""
+    kernel choices), the floor for differences between runs of one seed. None when the late
+    switch was forked from ``nvfp4`` (``bench/replicate.py --fork``: one computation before
+    the switch, so no second sample of it)."""
     if "nvfp4" not in runs or "nvfp4_late_switch" not in runs:
         return None
     r = runs["nvfp4_late_switch"]
+    if r.get("forked_from"):
+        return None
     switch = r["nvfp4"]["switch_to_bf16_at"] * r["steps"]
     ref = dict(runs["nvfp4"]["val"])
     diffs = [100 * abs(v - ref[s]) / ref[s] for s, v in r["val"]
@@ -55,28 +60,49 @@ def same_data_noise(runs: dict[str, dict]) -> float | None:
     return max(diffs) if diffs else None
 
 
-def verdict(runs: dict[str, dict], a: str, b: str, floor: float | None,
+def pool_for(pools: list[tuple[str, dict[str, dict]]], a: str,
+             b: str) -> tuple[str, dict[str, dict]] | None:
+    """The first seed's runs holding ``a`` and ``b`` (and, for the late switch, the NVFP4 and
+    BF16 runs it is judged against): a prediction compares runs of one data order."""
+    need = {a, b} | ({"nvfp4", "bf16"} if a == "nvfp4_late_switch" else set())
+    return next(((label, runs) for label, runs in pools if need <= set(runs)), None)
+
+
+def verdict(pools: list[tuple[str, dict[str, dict]]], a: str, b: str,
             sd: float | None) -> str:
-    """The outcome of one prediction, with its numbers: ``held`` / ``not held`` when the
-    difference exceeds twice the seed noise ``sd``, ``weak`` when it only exceeds the
-    same-data ``floor``, ``within noise`` below that."""
-    if a not in runs or b not in runs:
-        return f"not run ({a if a not in runs else b})"
+    """The outcome of one prediction, with its numbers, from the first seed that ran ``a``
+    and ``b`` (named when it is not the first pool): ``held`` / ``not held`` when the
+    difference exceeds twice the seed noise ``sd``, ``weak`` when it does not (but exceeds
+    that seed's same-data floor, where one was measured), ``within noise`` below the floor.
+    The late switch holds when it closes more than half of NVFP4's gap to BF16."""
+    found = pool_for(pools, a, b)
+    if found is None:
+        have = set().union(*(runs for _, runs in pools))
+        return f"not run ({', '.join(sorted({a, b} - have)) or f'{a} and {b} in one seed'})"
+    seed, runs = found
+    where = "" if seed == pools[0][0] else f"{seed}: "
+    floor = same_data_noise(runs)
     d = rel_gap(runs, a, b)
     if a == "nvfp4" and b == "bf16":
-        return f"{'held' if d <= 1.5 else 'not held'} ({d:+.2f}%)"
+        return f"{'held' if d <= 1.5 else 'not held'} ({where}{d:+.2f}%)"
     if a == "nvfp4_late_switch":
-        d, what = -rel_gap(runs, a, "nvfp4"), f"switch vs NVFP4 {rel_gap(runs, a, 'nvfp4'):+.2f}%"
-        what += f", NVFP4 vs BF16 {rel_gap(runs, 'nvfp4', 'bf16'):+.2f}%"
-        if rel_gap(runs, "nvfp4", "bf16") <= 0:
+        gap = rel_gap(runs, "nvfp4", "bf16")
+        d = -rel_gap(runs, a, "nvfp4")
+        what = f"{where}switch vs NVFP4 {-d:+.2f}%, NVFP4 vs BF16 {gap:+.2f}%"
+        if gap <= 0:
             return f"untestable: NVFP4 is not behind BF16 ({what})"
+        closed = (runs["nvfp4"]["final_val_loss"] - runs[a]["final_val_loss"]) / (
+            runs["nvfp4"]["final_val_loss"] - runs["bf16"]["final_val_loss"])
+        what += f": closes {100 * closed:.0f}% of the gap"
+        sign = "held" if closed > 0.5 else "not held"
     else:
-        what = f"{a} vs {b}: {d:+.2f}%"
+        what = f"{where}{a} vs {b}: {d:+.2f}%"
+        sign = "held" if d > 0 else "not held"
     if floor is not None and abs(d) <= floor:
         return f"within noise ({what})"
-    sign = "held" if d > 0 else "not held"
     if sd is not None and abs(d) <= 2 * sd:
-        return f"{sign}, weak: above same-data noise, within seed noise ({what})"
+        above = "above same-data noise, " if floor is not None else ""
+        return f"{sign}, weak: {above}within seed noise ({what})"
     return f"{sign} ({what})"
 
 
@@ -120,40 +146,54 @@ def rel_gap(runs: dict[str, dict], a: str, b: str) -> float:
         "final_val_loss"]
 
 
-def plot(runs: dict[str, dict], out: Path) -> None:
-    """loss_curves.png and relative_gap.png."""
+def plot(pools: list[tuple[str, dict[str, dict]]], out: Path) -> None:
+    """loss_curves.png and relative_gap.png: the first seed's runs solid, the others dashed
+    (each gap against the BF16 / FP8 run of its own seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def label(name: str, seed: str, i: int) -> str:
+        return name if i == 0 else f"{name} ({seed})"
+
+    names = list(dict.fromkeys(n for _, runs in pools for n in runs))
+    color = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one color per run in every seed
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, r in runs.items():
-        steps, losses = zip(*r["val"], strict=True)
-        ax.plot([s * r["tokens_per_step"] / 1e6 for s in steps], losses, label=name)
+    for i, (seed, runs) in enumerate(pools):
+        for name, r in runs.items():
+            steps, losses = zip(*r["val"], strict=True)
+            ax.plot([s * r["tokens_per_step"] / 1e6 for s in steps], losses,
+                    label=label(name, seed, i), ls="-" if i == 0 else "--", c=color[name])
     ax.set(xlabel="tokens (M)", ylabel="validation loss", title="Validation loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, base in zip(axes, ("bf16", "fp8_block"), strict=True):
-        if base not in runs:
-            continue
-        ref = dict(runs[base]["val"])
-        for name, r in runs.items():
-            if name == base:
+        for i, (seed, runs) in enumerate(pools):
+            if base not in runs:
                 continue
-            pts = [(s, 100 * (v - ref[s]) / ref[s]) for s, v in r["val"] if s in ref and s > 0]
-            if pts:
-                steps, gaps = zip(*pts, strict=True)
-                ax.plot([s * r["tokens_per_step"] / 1e6 for s in steps], gaps, label=name)
+            ref = dict(runs[base]["val"])
+            for name, r in runs.items():
+                if name == base:
+                    continue
+                pts = [(s, 100 * (v - ref[s]) / ref[s]) for s, v in r["val"]
+                       if s in ref and s > 0]
+                if pts:
+                    steps, gaps = zip(*pts, strict=True)
+                    ax.plot([s * r["tokens_per_step"] / 1e6 for s in steps], gaps,
+                            label=label(name, seed, i), ls="-" if i == 0 else "--",
+                            c=color[name])
         ax.axhline(0, color="k", lw=0.8)
         ax.set(xlabel="tokens (M)", ylabel=f"relative val-loss gap vs {base} (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "relative_gap.png", dpi=120)
     plt.close(fig)
@@ -163,60 +203,75 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
            notes: Path | None = None) -> str:
     """Write README.md, results.json and the PNGs into ``out``; returns the markdown.
 
-    ``seed_folders`` hold the bf16 and nvfp4 runs repeated with other data-order seeds: their
-    spread is the noise against which each prediction's difference is judged. ``notes`` (a
-    markdown file: setup, commands, findings) is placed after the tables."""
+    ``folder`` holds the main runs; ``seed_folders`` runs repeated with other data-order
+    seeds (each folder one seed, named by the folder). Every run is compared with the BF16
+    and FP8 runs of its own seed; the spread of the NVFP4-BF16 gap over the seeds is the
+    noise against which each prediction's difference is judged. ``notes`` (a markdown file:
+    setup, commands, findings) is placed after the tables."""
     runs = load_runs(folder)
     if "bf16" not in runs:
         raise SystemExit(f"no finished bf16 run in {folder}: the baseline is needed")
-    same_corpus({f"{folder}/{n}": r for n, r in runs.items()} | {
-        f"{f}/{n}": r for f in seed_folders or [] for n, r in load_runs(f).items()})
+    pools = [(folder.name, runs)] + [(f.name, load_runs(f)) for f in seed_folders or []]
+    same_corpus({f"{seed}/{n}": r for seed, pool in pools for n, r in pool.items()})
     isolated_throughput(folder, runs)
     out.mkdir(parents=True, exist_ok=True)
-    plot(runs, out)
-    noise = seed_noise(runs, seed_folders) if seed_folders else None
+    plot(pools, out)
+    noise = seed_noise(pools)
     sd = noise["sd"] if noise else None
     lines = [
-        "| run | val loss | vs BF16 | in seed sd | vs FP8 | tokens/s | peak MB "
+        "| seed | run | val loss | vs BF16 | in seed sd | vs FP8 | tokens/s | peak MB "
         "| wgrad noise ratio < sqrt(3) at step | commands |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in runs.items():
-        gap = rel_gap(runs, name, "bf16")
-        fp8 = f"{rel_gap(runs, name, 'fp8_block'):+.2f}%" if "fp8_block" in runs else "-"
-        in_sd = f"{gap / sd:+.1f}" if sd else "-"
-        tripped = "-" if "telemetry" not in r else (
-            "never" if r.get("sqrt3_step") is None else str(r["sqrt3_step"]))
-        lines.append(
-            f"| {name} | {r['final_val_loss']:.4f} | {gap:+.2f}% | {in_sd} | {fp8}"
-            f" | {r['tokens_per_s']:,.0f} | {r.get('peak_memory_mb', 0):,.0f} | {tripped}"
-            f" | {len(r.get('segments', [])) or '-'} |"
-        )
+    for seed, pool in pools:
+        for name, r in pool.items():
+            gap = rel_gap(pool, name, "bf16") if "bf16" in pool else None
+            fp8 = f"{rel_gap(pool, name, 'fp8_block'):+.2f}%" if "fp8_block" in pool else "-"
+            in_sd = f"{gap / sd:+.1f}" if sd and gap is not None else "-"
+            tripped = "-" if "telemetry" not in r else (
+                "never" if r.get("sqrt3_step") is None else str(r["sqrt3_step"]))
+            fork = r.get("forked_from")
+            label = name + (f" (forked from {fork['run']} at step {fork['step']})" if fork
+                            else "")
+            lines.append(
+                f"| {seed} | {label} | {r['final_val_loss']:.4f} | "
+                f"{'-' if gap is None else f'{gap:+.2f}%'} | {in_sd} | {fp8}"
+                f" | {r['tokens_per_s']:,.0f} | {r.get('peak_memory_mb', 0):,.0f} | {tripped}"
+                f" | {len(r.get('segments', [])) or '-'} |"
+            )
     if noise:
         lines += ["", "| NVFP4 vs BF16 by data-order seed | relative gap |", "|---|---|"]
         lines += [f"| {k} | {v:+.2f}% |" for k, v in noise["gaps"].items()]
         lines.append(f"| mean (sd) | {noise['mean']:+.2f}% ({sd:.2f}%) |")
     lines += ["", "| the paper predicts | here |", "|---|---|"]
-    floor = same_data_noise(runs)
-    lines += [f"| {text} | {verdict(runs, a, b, floor, sd)} |" for text, a, b in PREDICTIONS]
+    lines += [f"| {text} | {verdict(pools, a, b, sd)} |" for text, a, b in PREDICTIONS]
+    floors = {seed: same_data_noise(pool) for seed, pool in pools
+              if "nvfp4" in pool and "nvfp4_late_switch" in pool}
+    forked = "n/a (the late switch was forked from nvfp4: one computation before the switch)"
+    same = "; ".join(f"{seed} {forked if v is None else f'{v:.2f}%'}"
+                     for seed, v in floors.items()) or "n/a (no late-switch run)"
     lines += ["", f"Noise: same-data (nvfp4 vs nvfp4_late_switch before the switch, second "
-              f"half) {'n/a' if floor is None else f'{floor:.2f}%'}; across data-order seeds "
-              f"2 sd = {'n/a' if sd is None else f'{2 * sd:.2f}%'} (NVFP4 vs BF16 gap)."]
+              f"half) {same}; across data-order seeds 2 sd = "
+              f"{'n/a' if sd is None else f'{2 * sd:.2f}%'} (NVFP4 vs BF16 gap)."]
     md = "\n".join(lines)
+    first = next(iter(runs.values()))
     (out / "README.md").write_text(
         "# Replication at small scale\n\n"
-        f"Runs: `{folder}`; params {next(iter(runs.values()))['params']:,}; tokens per run "
-        f"{next(iter(runs.values()))['steps'] * next(iter(runs.values()))['tokens_per_step']:,}."
+        f"Runs: `{folder}`" + "".join(f", `{f}`" for f in seed_folders or [])
+        + f"; params {first['params']:,}; tokens per run "
+        f"{first['steps'] * first['tokens_per_step']:,}."
         "\n\ntokens/s: the run alone on its GPU (`--probe-steps`) where marked in results.json "
         "(`throughput: probe`), else the run's own average."
         f"\n\n![loss](loss_curves.png)\n![gap](relative_gap.png)\n\n{md}\n"
         + (f"\n{notes.read_text()}" if notes else "")
     )
-    (out / "results.json").write_text(json.dumps({"runs": {
-        n: {k: r.get(k) for k in ("final_val_loss", "tokens_per_s", "peak_memory_mb", "params",
-                                   "steps", "throughput", "sqrt3_step", "segments")}
-        for n, r in runs.items()}, "seed_noise": noise,
-        "same_data_noise": floor}, indent=2))
+    keys = ("final_val_loss", "tokens_per_s", "peak_memory_mb", "params", "steps",
+            "throughput", "sqrt3_step", "forked_from", "segments")
+    (out / "results.json").write_text(json.dumps({
+        "runs": {n: {k: r.get(k) for k in keys} for n, r in runs.items()},
+        "seeds": {seed: {n: {k: r.get(k) for k in keys} for n, r in pool.items()}
+                  for seed, pool in pools[1:]},
+        "seed_noise": noise, "same_data_noise": floors}, indent=2))
     return md
 
 

@@ -74,6 +74,43 @@ def test_runs_resume_exactly_and_report(tiny_corpus, tmp_path, monkeypatch):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
 
+def test_fork_gives_the_late_switch_run_trained_alone(tiny_corpus, tmp_path):
+    """--fork: the late switch starts from NVFP4's state at its switch step (step 10 of 12)
+    and ends as the run trained alone, step for step; it also resumes across commands."""
+    a = tiny_corpus[0]
+    runs = "nvfp4,nvfp4_late_switch"
+    replicate.main(_args(a, tmp_path / "alone", runs))
+    alone = json.loads((tmp_path / "alone" / "nvfp4_late_switch.json").read_text())
+    for out, kw in ((tmp_path / "fork", {}), (tmp_path / "cut", {"--stop-after-seconds": 1e-9})):
+        path = out / "nvfp4_late_switch.json"
+        for _ in range(30):
+            replicate.main([*_args(a, out, runs, **kw), "--fork"])
+            if path.exists() and json.loads(path.read_text())["done"]:
+                break
+        forked = json.loads(path.read_text())
+        assert forked["done"] and forked["forked_from"] == {"run": "nvfp4", "step": 10}
+        assert forked["train"] == alone["train"] and forked["val"] == alone["val"]
+        own = [s for s in forked["segments"] if "run" not in s]
+        assert {s["run"] for s in forked["segments"] if "run" in s} == {"nvfp4"}
+        assert own[0]["from_step"] == 10 and own[-1]["to_step"] == 12
+    with pytest.raises(SystemExit, match="must list nvfp4 before nvfp4_late_switch"):
+        replicate.main([*_args(a, tmp_path / "x", "nvfp4_late_switch,nvfp4"), "--fork"])
+
+    # The report judges the late switch in the seed that ran it (here "fork", against that
+    # seed's NVFP4 and BF16), and has no same-data noise from a forked late switch.
+    import shutil
+
+    replicate.main(_args(a, tmp_path / "fork", "bf16"))
+    (tmp_path / "main").mkdir()
+    for run in ("bf16", "nvfp4"):
+        shutil.copy(tmp_path / "fork" / f"{run}.json", tmp_path / "main")
+    md = replicate_report.report(tmp_path / "main", tmp_path / "report", [tmp_path / "fork"])
+    assert "| fork | nvfp4_late_switch (forked from nvfp4 at step 10) |" in md
+    late = next(line for line in md.splitlines() if line.startswith("| late switch"))
+    assert "fork: switch vs NVFP4" in late and "of the gap" in late
+    assert "fork n/a (the late switch was forked" in md
+
+
 def test_runs_record_their_corpus_and_never_mix_two(tiny_corpus, tmp_path):
     """A corpus is rebuilt on every fresh machine: a run resumed on a different one, or a
     report over runs of different ones, stops and names what differs."""
@@ -181,9 +218,9 @@ def test_gpu_replicate_script_resumes_until_all_done(tiny_corpus, tmp_path):
     import os
     import subprocess
 
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "RUNS": "bf16,nvfp4",
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RUNS": "bf16,nvfp4,nvfp4_late_switch",
            "CORPUS": str(tiny_corpus[0]), "RUNS_DIR": str(tmp_path / "runs"), "TOKENS": "3072",
-           "EVAL": "0",
+           "EVAL": "0", "FORK": "1", "MARGIN_S": "90",
            "TRAIN_ARGS": "--size tiny --seq 64 --batch 4 --val-every 4 --val-blocks 4 "
                          "--backend reference --device cpu",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -198,8 +235,9 @@ def test_gpu_replicate_script_resumes_until_all_done(tiny_corpus, tmp_path):
     first = call(89)  # training gets a negative budget: bf16 stops after its first step
     assert "call again" in first and "bf16: step" in first
     assert "all done" in call(300)
-    for run in ("bf16", "nvfp4"):
+    for run in ("bf16", "nvfp4", "nvfp4_late_switch"):
         result = json.loads((tmp_path / "out" / "runs" / f"{run}.json").read_text())
         assert result["done"] and result["corpus"] == tiny_corpus[2]
+    assert result["forked_from"] == {"run": "nvfp4", "step": 10}
     bf16 = json.loads((tmp_path / "out" / "runs" / "bf16.json").read_text())
     assert len(bf16["segments"]) == 2
