@@ -1,11 +1,12 @@
 """Report of the replication runs: curves, relative gaps, a table, and the paper's predictions.
 
     python bench/replicate_report.py --runs eval/reports/replicate/runs \\
-        --out eval/reports/replicate [--eval FOLDER]
+        --out eval/reports/replicate [--seed-runs FOLDER ...] [--eval FOLDER ...]
 
-``--eval``: a folder of the ``eval_<run>.tgz`` result tarballs bench/gpu_replicate.sh copies
-back (each ``<run>/<task>.json`` of the eval suite, run on the device while the model
-existed); the BF16, FP8 block and NVFP4 ones are compared into ``OUT/eval``.
+``--eval``: folders (one per seed) of the ``eval_<run>.tgz`` result tarballs
+bench/gpu_replicate.sh copies back (each ``<run>/<task>.json`` of the eval suite, run on the
+device while the model existed); each folder's BF16, FP8 block and NVFP4 ones are compared,
+the first folder's into ``OUT/eval``, the others' into ``OUT/eval_<folder name>``.
 """
 
 from __future__ import annotations
@@ -318,14 +319,16 @@ def main() -> None:
     p.add_argument("--seed-runs", nargs="*", default=[],
                    help="folders of bf16 + nvfp4 runs with other --seed values (noise estimate)")
     p.add_argument("--notes", default=None, help="markdown appended to README.md")
-    p.add_argument("--eval", default=None,
-                   help="folder of eval_<run>.tgz tarballs: compared into OUT/eval")
+    p.add_argument("--eval", nargs="*", default=[],
+                   help="folders of eval_<run>.tgz tarballs, one per seed: the first compared "
+                        "into OUT/eval, each other one into OUT/eval_<folder name>")
     args = p.parse_args()
     print(report(Path(args.runs), Path(args.out), [Path(f) for f in args.seed_runs],
                  Path(args.notes) if args.notes else None))
-    if args.eval:
-        summary = eval_comparison(Path(args.eval), Path(args.out) / "eval")
-        print("no eval tarballs in " + args.eval if summary is None
+    for i, folder in enumerate(map(Path, args.eval)):
+        summary = eval_comparison(folder, Path(args.out) / ("eval" if i == 0
+                                                            else f"eval_{folder.name}"))
+        print(f"no eval tarballs in {folder}" if summary is None
               else f"eval comparison: {summary['files']['markdown']}")
 
 

@@ -241,3 +241,21 @@ def test_gpu_replicate_script_resumes_until_all_done(tiny_corpus, tmp_path):
     assert result["forked_from"] == {"run": "nvfp4", "step": 10}
     bf16 = json.loads((tmp_path / "out" / "runs" / "bf16.json").read_text())
     assert len(bf16["segments"]) == 2
+
+
+def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
+    """bench/replicate_report.py over the committed 250M-token runs (issue 19): two seeds,
+    each run against its own seed's baselines, and one eval comparison per seed folder."""
+    runs = ROOT / "eval" / "reports" / "replicate" / "250m"
+    monkeypatch.setattr(sys, "argv", [
+        "replicate_report.py", "--runs", str(runs / "seed0"), "--seed-runs", str(runs / "seed1"),
+        "--out", str(tmp_path), "--eval", str(runs / "seed0"), str(runs / "seed1")])
+    replicate_report.main()
+    md = (tmp_path / "README.md").read_text()
+    assert "| seed0 | nvfp4 | 1.7820 | +1.43% |" in md
+    assert "| seed1 | fp8_block | 1.7583 | +0.38% |" in md
+    seed0 = (tmp_path / "eval" / "comparison.md").read_text()
+    assert "| gsm8k_loglik | loglik_per_byte | -1.4727 |" in seed0 and "nvfp4" in seed0
+    seed1 = json.loads((tmp_path / "eval_seed1" / "comparison.json").read_text())
+    assert seed1["baseline"] == "bf16" and "fp8_block" in seed1["models"]
+    assert seed1["paths"]["fp8_block"].endswith("seed1/eval_fp8_block.tgz")
