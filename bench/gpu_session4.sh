@@ -15,6 +15,10 @@
 #   OUT=/some/dir bash bench/gpu_session4.sh rht       # issue 17: the correctly rounded RHT's
 #       # bit exactness at large shapes, the tensor cores' RHT error and the quantize timings
 #       # (bench/rht_exactness.py), then the 124M e2e figure with CUDA graphs
+#   OUT=/some/dir bash bench/gpu_session4.sh verify [SECONDS]
+#       # a quantizer change's checks in about five minutes: the quantize, grouped and MXFP4
+#       # kernel tests compiled (stopping at SECONDS, default 200), the quantize table with the
+#       # amax pass's GPU time (kernel_speed --quantize-only) and the 124M e2e with CUDA graphs
 #   OUT=/some/dir bash bench/gpu_session4.sh kernel-tests [SECONDS]
 #       # tests/kernels file by file, each file's result in $OUT/pytest_<file>.txt, stopping
 #       # before SECONDS (default 540) run out; files already passed (listed in
@@ -49,6 +53,19 @@ case $what in
       tests/kernels tests/nn tests/backends tests/quant tests/test_experts.py \
       > "$OUT/pytest_gpu.txt" 2>&1
     echo "rc=$?"; grep -E "passed|failed|FAILED|ERROR" "$OUT/pytest_gpu.txt" | tail -40
+    ;;
+  verify)
+    mkdir -p .gpu_cache
+    export TRITON_CACHE_DIR=$PWD/.gpu_cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu_cache/inductor
+    timeout "${2:-200}" python3 -m pytest -q -n 12 -p no:cacheprovider -rfE \
+      tests/kernels/test_kernels_quantize.py tests/kernels/test_kernels_grouped.py \
+      tests/kernels/test_kernels_mxfp4.py > "$OUT/pytest_verify.txt" 2>&1
+    echo "rc=$?"; tail -3 "$OUT/pytest_verify.txt"
+    python3 bench/kernel_speed.py --quantize-only --out "$OUT/kernel_speed_quantize.json" 2>&1 \
+      | grep "^|"
+    python3 bench/e2e.py --size 124m --modes bf16_params --compile-mode reduce-overhead \
+      --columns bf16_compiled,nvfp4_compiled --out "$OUT/e2e_124m_verify.json" 2>&1 \
+      | grep -E "^\[|^\|"
     ;;
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/kernels tests/quant tests/nn tests/backends \

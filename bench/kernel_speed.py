@@ -477,6 +477,8 @@ def markdown(report: dict) -> str:
                      f"{r['amax_pass_ms']:.3f} | {r['fraction_of_copy']:.2f} | "
                      f"{_fmt(r.get('graph_ms'))} | {_fmt(r.get('graph_amax_pass_ms'))} | "
                      f"{_fmt(r.get('graph_fraction_of_copy'), 2)} |")
+    if "linear" not in report:  # --quantize-only
+        return "\n".join(lines)
     lines += ["", "| linear fwd+bwd (M,K,N) | BF16 ms | triton ms | ratio (<= 1.15) | "
               "GPU BF16 ms | GPU ms | GPU ratio | quantize ms | gemm ms | saved bytes / BF16 "
               "| reference ms | NVFP4Linear ms |", "|---" * 12 + "|"]
@@ -511,6 +513,8 @@ def main() -> None:
                         help="how many linear shapes also time the reference backend")
     parser.add_argument("--linear-formats", action="store_true",
                         help="only the per-format linear table (NVFP4, FP8 block, MXFP4)")
+    parser.add_argument("--quantize-only", action="store_true",
+                        help="only the copy bandwidth and the quantize table (a minute)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernel_speed.py needs a CUDA device")
@@ -543,6 +547,9 @@ def main() -> None:
     report["copy"] = bench_copy()
     report["quantize"] = bench_quantize(tri, report["copy"])
     save()
+    if args.quantize_only:
+        print(markdown(report))
+        return
     report["linear"] = bench_linear(tri, args.reference_shapes)
     report["kernel_choices"] = choices()
     save()
