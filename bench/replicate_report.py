@@ -107,6 +107,71 @@ def verdict(pools: list[tuple[str, dict[str, dict]]], a: str, b: str,
     return f"{sign} ({what})"
 
 
+RATIO = "nvfp4/wgrad_noise_ratio"  # QuantProbe's statistic behind the sqrt(3) criterion
+
+
+def gap_trend(runs: dict[str, dict]) -> dict | None:
+    """"FP4 All the Way": the FP4 penalty grows late in training. The mean relative NVFP4-BF16
+    gap (%) over the validations of the second quarter of training (``mid``) and of the last
+    quarter (``late``), their difference (``trend``) and its standard error (``se``, the
+    points taken as independent). None without both runs or with fewer than two points in a
+    quarter."""
+    if not {"nvfp4", "bf16"} <= set(runs):
+        return None
+    ref, steps = dict(runs["bf16"]["val"]), runs["nvfp4"]["steps"]
+    pts = [(s, 100 * (v - ref[s]) / ref[s]) for s, v in runs["nvfp4"]["val"] if s in ref]
+    mid = [g for s, g in pts if steps / 4 <= s < steps / 2]
+    late = [g for s, g in pts if s >= 3 * steps / 4]
+    if len(mid) < 2 or len(late) < 2:
+        return None
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    def var(xs: list[float]) -> float:
+        return sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)
+
+    return {"mid": mean(mid), "late": mean(late), "trend": mean(late) - mean(mid),
+            "se": (var(mid) / len(mid) + var(late) / len(late)) ** 0.5}
+
+
+def trend_verdict(pools: list[tuple[str, dict[str, dict]]]) -> str:
+    """The gap-growth prediction over every seed with NVFP4 and BF16: ``held`` when each
+    seed's trend exceeds twice its standard error, ``not held`` when each is below minus
+    twice it, ``within noise`` otherwise."""
+    trends = {seed: t for seed, runs in pools if (t := gap_trend(runs)) is not None}
+    if not trends:
+        return "not run (nvfp4 and bf16 in one seed)"
+    what = "; ".join(f"{seed}: {t['mid']:+.2f}% -> {t['late']:+.2f}% ({t['trend']:+.2f} "
+                     f"+- {t['se']:.2f})" for seed, t in trends.items())
+    if all(t["trend"] > 2 * t["se"] for t in trends.values()):
+        return f"held ({what})"
+    if all(t["trend"] < -2 * t["se"] for t in trends.values()):
+        return f"not held ({what})"
+    return f"within noise ({what})"
+
+
+def sqrt3_verdict(pools: list[tuple[str, dict[str, dict]]]) -> str:
+    """Whether the wgrad noise ratio of each seed's NVFP4 run fell below sqrt(3) ("FP4 All the
+    Way"'s point where FP4 gradients stop being useful), with its smallest value."""
+    parts = []
+    for seed, runs in pools:
+        ratios = [(s, st[RATIO]) for s, st in runs.get("nvfp4", {}).get("telemetry", [])
+                  if RATIO in st]
+        if not ratios:
+            continue
+        step, low = min(ratios, key=lambda sr: sr[1])
+        r = runs["nvfp4"]
+        tripped = r.get("sqrt3_step")
+        parts.append(f"{seed}: " + (f"below at step {tripped}" if tripped is not None else
+                                    f"never below; smallest {low:.2f} at step {step} of "
+                                    f"{r['steps']} ({low / 3 ** 0.5:.1f}x sqrt(3))"))
+    if not parts:
+        return "not run (no NVFP4 telemetry)"
+    reached = any("below at" in p for p in parts)
+    return ("reached" if reached else "not reached at this length") + f" ({'; '.join(parts)})"
+
+
 def load_runs(folder: Path) -> dict[str, dict]:
     """Finished runs by name."""
     runs = {}
@@ -148,8 +213,9 @@ def rel_gap(runs: dict[str, dict], a: str, b: str) -> float:
 
 
 def plot(pools: list[tuple[str, dict[str, dict]]], out: Path) -> None:
-    """loss_curves.png and relative_gap.png: the first seed's runs solid, the others dashed
-    (each gap against the BF16 / FP8 run of its own seed)."""
+    """loss_curves.png, relative_gap.png and telemetry.png (the wgrad noise ratio against
+    sqrt(3)): the first seed's runs solid, the others dashed (each gap against the BF16 / FP8
+    run of its own seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,6 +265,24 @@ def plot(pools: list[tuple[str, dict[str, dict]]], out: Path) -> None:
     fig.savefig(out / "relative_gap.png", dpi=120)
     plt.close(fig)
 
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (seed, runs) in enumerate(pools):
+        for name, r in runs.items():
+            pts = [(s, st[RATIO]) for s, st in r.get("telemetry", []) if RATIO in st]
+            if pts:
+                steps, ratios = zip(*pts, strict=True)
+                ax.plot([s * r["tokens_per_step"] / 1e6 for s in steps], ratios,
+                        label=label(name, seed, i), ls="-" if i == 0 else "--",
+                        c=color[name])
+    ax.axhline(3 ** 0.5, color="k", lw=0.8, ls=":", label="sqrt(3)")
+    ax.set(xlabel="tokens (M)", ylabel="wgrad noise ratio (gradient / quantization noise)",
+           yscale="log", title="The sqrt(3) criterion of FP4 All the Way")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "telemetry.png", dpi=120)
+    plt.close(fig)
+
 
 def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
            notes: Path | None = None) -> str:
@@ -246,6 +330,10 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
         lines.append(f"| mean (sd) | {noise['mean']:+.2f}% ({sd:.2f}%) |")
     lines += ["", "| the paper predicts | here |", "|---|---|"]
     lines += [f"| {text} | {verdict(pools, a, b, sd)} |" for text, a, b in PREDICTIONS]
+    lines += [f"| the NVFP4 gap to BF16 grows late in training (mean gap, 2nd -> last quarter) "
+              f"| {trend_verdict(pools)} |",
+              f"| the wgrad noise ratio falls below sqrt(3) (FP4 gradients stop helping) "
+              f"| {sqrt3_verdict(pools)} |"]
     floors = {seed: same_data_noise(pool) for seed, pool in pools
               if "nvfp4" in pool and "nvfp4_late_switch" in pool}
     forked = "n/a (the late switch was forked from nvfp4: one computation before the switch)"
@@ -263,7 +351,8 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
         f"{first['steps'] * first['tokens_per_step']:,}."
         "\n\ntokens/s: the run alone on its GPU (`--probe-steps`) where marked in results.json "
         "(`throughput: probe`), else the run's own average."
-        f"\n\n![loss](loss_curves.png)\n![gap](relative_gap.png)\n\n{md}\n"
+        f"\n\n![loss](loss_curves.png)\n![gap](relative_gap.png)\n"
+        f"![sqrt(3) criterion](telemetry.png)\n\n{md}\n"
         + (f"\n{notes.read_text()}" if notes else "")
     )
     keys = ("final_val_loss", "tokens_per_s", "peak_memory_mb", "params", "steps",
@@ -272,7 +361,8 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
         "runs": {n: {k: r.get(k) for k in keys} for n, r in runs.items()},
         "seeds": {seed: {n: {k: r.get(k) for k in keys} for n, r in pool.items()}
                   for seed, pool in pools[1:]},
-        "seed_noise": noise, "same_data_noise": floors}, indent=2))
+        "seed_noise": noise, "same_data_noise": floors,
+        "gap_trend": {seed: gap_trend(pool) for seed, pool in pools}}, indent=2))
     return md
 
 

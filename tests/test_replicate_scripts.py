@@ -254,8 +254,32 @@ def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
     md = (tmp_path / "README.md").read_text()
     assert "| seed0 | nvfp4 | 1.7820 | +1.43% |" in md
     assert "| seed1 | fp8_block | 1.7583 | +0.38% |" in md
+    assert "within noise (seed0: +1.31% -> +1.45% (+0.14 +- 0.07))" in md
+    assert "seed0: never below; smallest 6.12 at step 13250 of 15258 (3.5x sqrt(3))" in md
+    assert (tmp_path / "telemetry.png").stat().st_size > 0
     seed0 = (tmp_path / "eval" / "comparison.md").read_text()
     assert "| gsm8k_loglik | loglik_per_byte | -1.4727 |" in seed0 and "nvfp4" in seed0
     seed1 = json.loads((tmp_path / "eval_seed1" / "comparison.json").read_text())
     assert seed1["baseline"] == "bf16" and "fp8_block" in seed1["models"]
     assert seed1["paths"]["fp8_block"].endswith("seed1/eval_fp8_block.tgz")
+
+
+def test_gap_trend_verdicts():
+    """The gap-growth prediction: held when every seed's gap grows by more than twice its
+    standard error from the second to the last quarter, not held when it shrinks so."""
+    def runs(late_gap: float) -> dict:
+        """16 steps: NVFP4 1% above BF16 until step 12, then ``late_gap``, +-0.01% jitter."""
+        def gap(s: int) -> float:
+            return (0.01 if s < 12 else late_gap) + (-1) ** s * 1e-4
+
+        return {"bf16": {"val": [(s, 2.0) for s in range(17)], "steps": 16},
+                "nvfp4": {"val": [(s, 2.0 * (1 + gap(s))) for s in range(17)], "steps": 16}}
+
+    t = replicate_report.gap_trend(runs(0.02))
+    assert t["mid"] == pytest.approx(1.0, abs=0.02) and t["late"] == pytest.approx(2.0, abs=0.02)
+    assert replicate_report.trend_verdict([("s0", runs(0.02)), ("s1", runs(0.03))]).startswith(
+        "held (s0: +1.00% -> +2.00%")
+    assert replicate_report.trend_verdict([("s0", runs(0.0))]).startswith("not held")
+    assert replicate_report.trend_verdict([("s0", runs(0.02)), ("s1", runs(0.0))]).startswith(
+        "within noise")
+    assert replicate_report.trend_verdict([("s0", {})]) == "not run (nvfp4 and bf16 in one seed)"
