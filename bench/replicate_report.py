@@ -15,6 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
+# the finished runs of each data-order seed, by run name, labelled by their folder's name
+# (the main folder first)
+Pools = list[tuple[str, dict[str, dict]]]
 # (claim, run a, run b): the paper predicts loss(a) > loss(b), except the first claim
 # (gap <= 1.5%) and the late switch (judged by its gain over the run that stays in NVFP4).
 PREDICTIONS = (
@@ -28,7 +31,7 @@ PREDICTIONS = (
 )
 
 
-def seed_noise(pools: list[tuple[str, dict[str, dict]]]) -> dict | None:
+def seed_noise(pools: Pools) -> dict | None:
     """Relative NVFP4-vs-BF16 gap (%) per data-order seed (each pool with both runs) and its
     sample standard deviation: the run-to-run noise of a difference between two runs. None
     when fewer than two seeds have both."""
@@ -61,16 +64,14 @@ def same_data_noise(runs: dict[str, dict]) -> float | None:
     return max(diffs) if diffs else None
 
 
-def pool_for(pools: list[tuple[str, dict[str, dict]]], a: str,
-             b: str) -> tuple[str, dict[str, dict]] | None:
+def pool_for(pools: Pools, a: str, b: str) -> tuple[str, dict[str, dict]] | None:
     """The first seed's runs holding ``a`` and ``b`` (and, for the late switch, the NVFP4 and
     BF16 runs it is judged against): a prediction compares runs of one data order."""
     need = {a, b} | ({"nvfp4", "bf16"} if a == "nvfp4_late_switch" else set())
     return next(((label, runs) for label, runs in pools if need <= set(runs)), None)
 
 
-def verdict(pools: list[tuple[str, dict[str, dict]]], a: str, b: str,
-            sd: float | None) -> str:
+def verdict(pools: Pools, a: str, b: str, sd: float | None) -> str:
     """The outcome of one prediction, with its numbers, from the first seed that ran ``a``
     and ``b`` (named when it is not the first pool): ``held`` / ``not held`` when the
     difference exceeds twice the seed noise ``sd``, ``weak`` when it does not (but exceeds
@@ -135,7 +136,7 @@ def gap_trend(runs: dict[str, dict]) -> dict | None:
             "se": (var(mid) / len(mid) + var(late) / len(late)) ** 0.5}
 
 
-def trend_verdict(pools: list[tuple[str, dict[str, dict]]]) -> str:
+def trend_verdict(pools: Pools) -> str:
     """The gap-growth prediction over every seed with NVFP4 and BF16: ``held`` when each
     seed's trend exceeds twice its standard error, ``not held`` when each is below minus
     twice it, ``within noise`` otherwise."""
@@ -151,7 +152,7 @@ def trend_verdict(pools: list[tuple[str, dict[str, dict]]]) -> str:
     return f"within noise ({what})"
 
 
-def sqrt3_verdict(pools: list[tuple[str, dict[str, dict]]]) -> str:
+def sqrt3_verdict(pools: Pools) -> str:
     """Whether the wgrad noise ratio of each seed's NVFP4 run fell below sqrt(3) ("FP4 All the
     Way"'s point where FP4 gradients stop being useful), with its smallest value."""
     parts = []
@@ -212,7 +213,7 @@ def rel_gap(runs: dict[str, dict], a: str, b: str) -> float:
         "final_val_loss"]
 
 
-def plot(pools: list[tuple[str, dict[str, dict]]], out: Path) -> None:
+def plot(pools: Pools, out: Path) -> None:
     """loss_curves.png, relative_gap.png and telemetry.png (the wgrad noise ratio against
     sqrt(3)): the first seed's runs solid, the others dashed (each gap against the BF16 / FP8
     run of its own seed)."""
