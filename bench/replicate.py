@@ -47,7 +47,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_nvfp4 import NVFP4Config, PrecisionSchedule, QuantProbe, convert
-from hf_nvfp4.telemetry import SQRT3
+from hf_nvfp4.telemetry import SQRT3, WGRAD_NOISE_RATIO
 
 RUNS: dict[str, dict | None] = {
     "bf16": None,
@@ -202,11 +202,10 @@ def fork_steps(run: str, args: argparse.Namespace, steps: int) -> dict[int, str]
     """``{step: child}`` for each child of ``run`` in ``--runs`` that ``--fork`` starts from
     ``run``'s state at its switch step, when the child has neither started nor finished."""
     out = {}
-    for child in args.runs.split(","):
+    for child in args.runs.split(",") if args.fork else []:
         started = any((Path(args.out) / f"{child}{ext}").exists() for ext in (".pt", ".json"))
-        if args.fork and FORKS.get(child) == run and not started:
-            switch = PrecisionSchedule(RUNS[child]["switch_to_bf16_at"], steps).switch_step
-            out[switch] = child
+        if FORKS.get(child) == run and not started:
+            out[PrecisionSchedule(RUNS[child]["switch_to_bf16_at"], steps).switch_step] = child
     return out
 
 
@@ -352,7 +351,7 @@ def log_telemetry(result: dict, step: int, stats: dict[str, float]) -> None:
     """Append one telemetry record; note the first step whose wgrad noise ratio fell below
     sqrt(3) ("FP4 All the Way"'s criterion for the end of useful FP4 training)."""
     result.setdefault("telemetry", []).append([step, stats])
-    ratio = stats.get("nvfp4/wgrad_noise_ratio")
+    ratio = stats.get(WGRAD_NOISE_RATIO)
     if ratio is not None and ratio < SQRT3 and result.get("sqrt3_step") is None:
         result["sqrt3_step"] = step
 
@@ -397,9 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; expected names from {list(RUNS)}")
     names = args.runs.split(",")
-    for child, parent in FORKS.items():
-        if args.fork and child in names and (parent not in names
-                                             or names.index(parent) > names.index(child)):
+    for child, parent in FORKS.items() if args.fork else ():
+        if child in names and (parent not in names or names.index(parent) > names.index(child)):
             raise SystemExit(f"--fork: {child} starts from {parent}'s state, so --runs must "
                              f"list {parent} before {child}; got --runs {args.runs}")
     corpus = Path(args.corpus)

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from hf_nvfp4.telemetry import SQRT3, WGRAD_NOISE_RATIO
+
 # the finished runs of each data-order seed, by run name, labelled by their folder's name
 # (the main folder first)
 Pools = list[tuple[str, dict[str, dict]]]
@@ -108,7 +110,10 @@ def verdict(pools: Pools, a: str, b: str, sd: float | None) -> str:
     return f"{sign} ({what})"
 
 
-RATIO = "nvfp4/wgrad_noise_ratio"  # QuantProbe's statistic behind the sqrt(3) criterion
+def gap_curve(run: dict, base: dict) -> list[tuple[int, float]]:
+    """``(step, relative val-loss gap of run over base in %)`` at every step both validated."""
+    ref = dict(base["val"])
+    return [(s, 100 * (v - ref[s]) / ref[s]) for s, v in run["val"] if s in ref]
 
 
 def gap_trend(runs: dict[str, dict]) -> dict | None:
@@ -119,8 +124,8 @@ def gap_trend(runs: dict[str, dict]) -> dict | None:
     quarter."""
     if not {"nvfp4", "bf16"} <= set(runs):
         return None
-    ref, steps = dict(runs["bf16"]["val"]), runs["nvfp4"]["steps"]
-    pts = [(s, 100 * (v - ref[s]) / ref[s]) for s, v in runs["nvfp4"]["val"] if s in ref]
+    steps = runs["nvfp4"]["steps"]
+    pts = gap_curve(runs["nvfp4"], runs["bf16"])
     mid = [g for s, g in pts if steps / 4 <= s < steps / 2]
     late = [g for s, g in pts if s >= 3 * steps / 4]
     if len(mid) < 2 or len(late) < 2:
@@ -155,22 +160,27 @@ def trend_verdict(pools: Pools) -> str:
 def sqrt3_verdict(pools: Pools) -> str:
     """Whether the wgrad noise ratio of each seed's NVFP4 run fell below sqrt(3) ("FP4 All the
     Way"'s point where FP4 gradients stop being useful), with its smallest value."""
-    parts = []
+    parts, reached = [], False
     for seed, runs in pools:
-        ratios = [(s, st[RATIO]) for s, st in runs.get("nvfp4", {}).get("telemetry", [])
-                  if RATIO in st]
+        ratios = ratio_curve(runs.get("nvfp4", {}))
         if not ratios:
             continue
         step, low = min(ratios, key=lambda sr: sr[1])
         r = runs["nvfp4"]
         tripped = r.get("sqrt3_step")
+        reached |= tripped is not None
         parts.append(f"{seed}: " + (f"below at step {tripped}" if tripped is not None else
                                     f"never below; smallest {low:.2f} at step {step} of "
-                                    f"{r['steps']} ({low / 3 ** 0.5:.1f}x sqrt(3))"))
+                                    f"{r['steps']} ({low / SQRT3:.1f}x sqrt(3))"))
     if not parts:
         return "not run (no NVFP4 telemetry)"
-    reached = any("below at" in p for p in parts)
     return ("reached" if reached else "not reached at this length") + f" ({'; '.join(parts)})"
+
+
+def ratio_curve(run: dict) -> list[tuple[int, float]]:
+    """``(step, wgrad noise ratio)`` of every telemetry record of ``run`` that has one."""
+    return [(s, st[WGRAD_NOISE_RATIO]) for s, st in run.get("telemetry", [])
+            if WGRAD_NOISE_RATIO in st]
 
 
 def load_runs(folder: Path) -> dict[str, dict]:
@@ -222,18 +232,21 @@ def plot(pools: Pools, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def label(name: str, seed: str, i: int) -> str:
-        return name if i == 0 else f"{name} ({seed})"
-
     names = list(dict.fromkeys(n for _, runs in pools for n in runs))
     color = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one color per run in every seed
+
+    def draw(ax, i: int, seed: str, name: str, run: dict, pts: list) -> None:
+        """One curve over tokens: seed ``i`` of the pools, solid for the first."""
+        if pts:
+            steps, values = zip(*pts, strict=True)
+            ax.plot([s * run["tokens_per_step"] / 1e6 for s in steps], values,
+                    label=name if i == 0 else f"{name} ({seed})", ls="-" if i == 0 else "--",
+                    c=color[name])
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (seed, runs) in enumerate(pools):
         for name, r in runs.items():
-            steps, losses = zip(*r["val"], strict=True)
-            ax.plot([s * r["tokens_per_step"] / 1e6 for s in steps], losses,
-                    label=label(name, seed, i), ls="-" if i == 0 else "--", c=color[name])
+            draw(ax, i, seed, name, r, r["val"])
     ax.set(xlabel="tokens (M)", ylabel="validation loss", title="Validation loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -244,19 +257,10 @@ def plot(pools: Pools, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, base in zip(axes, ("bf16", "fp8_block"), strict=True):
         for i, (seed, runs) in enumerate(pools):
-            if base not in runs:
-                continue
-            ref = dict(runs[base]["val"])
             for name, r in runs.items():
-                if name == base:
-                    continue
-                pts = [(s, 100 * (v - ref[s]) / ref[s]) for s, v in r["val"]
-                       if s in ref and s > 0]
-                if pts:
-                    steps, gaps = zip(*pts, strict=True)
-                    ax.plot([s * r["tokens_per_step"] / 1e6 for s in steps], gaps,
-                            label=label(name, seed, i), ls="-" if i == 0 else "--",
-                            c=color[name])
+                if base in runs and name != base:
+                    draw(ax, i, seed, name, r, [(s, g) for s, g in gap_curve(r, runs[base])
+                                                if s > 0])
         ax.axhline(0, color="k", lw=0.8)
         ax.set(xlabel="tokens (M)", ylabel=f"relative val-loss gap vs {base} (%)")
         ax.grid(alpha=0.3)
@@ -269,13 +273,8 @@ def plot(pools: Pools, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (seed, runs) in enumerate(pools):
         for name, r in runs.items():
-            pts = [(s, st[RATIO]) for s, st in r.get("telemetry", []) if RATIO in st]
-            if pts:
-                steps, ratios = zip(*pts, strict=True)
-                ax.plot([s * r["tokens_per_step"] / 1e6 for s in steps], ratios,
-                        label=label(name, seed, i), ls="-" if i == 0 else "--",
-                        c=color[name])
-    ax.axhline(3 ** 0.5, color="k", lw=0.8, ls=":", label="sqrt(3)")
+            draw(ax, i, seed, name, r, ratio_curve(r))
+    ax.axhline(SQRT3, color="k", lw=0.8, ls=":", label="sqrt(3)")
     ax.set(xlabel="tokens (M)", ylabel="wgrad noise ratio (gradient / quantization noise)",
            yscale="log", title="The sqrt(3) criterion of FP4 All the Way")
     ax.grid(alpha=0.3)

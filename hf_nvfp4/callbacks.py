@@ -9,7 +9,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .schedule import PrecisionSchedule, switch_to_high_precision
-from .telemetry import SQRT3, QuantProbe
+from .telemetry import SQRT3, WGRAD_NOISE_RATIO, QuantProbe
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class QuantTelemetryCallback(TrainerCallback):
         stats = self.probe.finish(model)
         if stats:
             self.pending = stats
-            ratio = stats.get("nvfp4/wgrad_noise_ratio")
+            ratio = stats.get(WGRAD_NOISE_RATIO)
             if self.auto_switch and ratio is not None and ratio < SQRT3:
                 self._switch(model, state.global_step, f"wgrad noise ratio {ratio:.2f} < sqrt(3)")
 

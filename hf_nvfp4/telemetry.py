@@ -24,6 +24,8 @@ from .quant.fsdp import GatheredWeight
 from .recipe import QuantSpec
 
 SQRT3 = math.sqrt(3.0)
+WGRAD_NOISE_RATIO = "nvfp4/wgrad_noise_ratio"
+"""The key of :meth:`QuantProbe.finish`'s wgrad noise ratio, compared with :data:`SQRT3`."""
 
 
 def _block_limit(q: QTensor) -> torch.Tensor:
