@@ -284,15 +284,57 @@ def plot(pools: Pools, out: Path) -> None:
     plt.close(fig)
 
 
+def previous_study(folder: Path, pools: Pools) -> list[str]:
+    """Markdown comparing these runs with an earlier, shorter study of the same runs (its
+    report folder: ``results.json`` and the run JSONs of its seed folders, which give its
+    tokens per step): each run's validation loss and gap to BF16 then and now (now: the mean
+    over the seeds that ran it), and the seed spread of the NVFP4-BF16 gap then and now."""
+    old = json.loads((folder / "results.json").read_text())
+    per_step = next((json.loads(p.read_text())["tokens_per_step"]
+                     for p in sorted(folder.glob("*/*.json"))
+                     if "tokens_per_step" in json.loads(p.read_text())), None)
+    if per_step is None:
+        raise SystemExit(f"{folder}: no run JSON with tokens_per_step in its seed folders")
+    then = next(iter(old["runs"].values()))["steps"] * per_step
+    first = next(iter(pools[0][1].values()))
+    now = first["steps"] * first["tokens_per_step"]
+    lines = [f"## Against the earlier study ({then / 1e6:.1f}M tokens per run, `{folder}`)",
+             "", f"| run | val loss, {then / 1e6:.1f}M | vs BF16, {then / 1e6:.1f}M "
+             f"| val loss, {now / 1e6:.0f}M ({pools[0][0]}) | vs BF16, {now / 1e6:.0f}M "
+             "(mean over seeds) |", "|---|---|---|---|---|"]
+    base = old["runs"].get("bf16")
+    for name, r in old["runs"].items():
+        gap = 100 * (r["final_val_loss"] / base["final_val_loss"] - 1) if base else None
+        gaps = [rel_gap(runs, name, "bf16") for _, runs in pools
+                if name in runs and "bf16" in runs]
+        loss = pools[0][1][name]["final_val_loss"] if name in pools[0][1] else None
+        lines.append(
+            f"| {name} | {r['final_val_loss']:.4f} | "
+            f"{'-' if gap is None else f'{gap:+.2f}%'} | "
+            f"{'-' if loss is None else f'{loss:.4f}'} | "
+            + (f"{sum(gaps) / len(gaps):+.2f}% ({len(gaps)} seed{'s' * (len(gaps) > 1)})"
+               if gaps else "not run yet") + " |")
+    noise, sd_now = old.get("seed_noise"), seed_noise(pools)
+    lines += ["", "NVFP4 vs BF16 across data-order seeds: "
+              + (f"{len(noise['gaps'])} seeds, mean {noise['mean']:+.2f}%, sd {noise['sd']:.2f}%"
+                 if noise else "n/a") + f" at {then / 1e6:.1f}M tokens; "
+              + (f"{len(sd_now['gaps'])} seeds, mean {sd_now['mean']:+.2f}%, sd "
+                 f"{sd_now['sd']:.2f}%" if sd_now else "n/a") + f" at {now / 1e6:.0f}M.",
+              "", "The two studies' corpora (and so their tokenizers) differ in size: compare "
+              "the gaps, not the losses."]
+    return lines
+
+
 def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
-           notes: Path | None = None) -> str:
+           notes: Path | None = None, previous: Path | None = None) -> str:
     """Write README.md, results.json and the PNGs into ``out``; returns the markdown.
 
     ``folder`` holds the main runs; ``seed_folders`` runs repeated with other data-order
     seeds (each folder one seed, named by the folder). Every run is compared with the BF16
     and FP8 runs of its own seed; the spread of the NVFP4-BF16 gap over the seeds is the
     noise against which each prediction's difference is judged. ``notes`` (a markdown file:
-    setup, commands, findings) is placed after the tables."""
+    setup, commands, findings) is placed after the tables; ``previous`` (an earlier study's
+    report folder) adds a section comparing both (:func:`previous_study`)."""
     runs = load_runs(folder)
     if "bf16" not in runs:
         raise SystemExit(f"no finished bf16 run in {folder}: the baseline is needed")
@@ -342,6 +384,8 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
     lines += ["", f"Noise: same-data (nvfp4 vs nvfp4_late_switch before the switch, second "
               f"half) {same}; across data-order seeds 2 sd = "
               f"{'n/a' if sd is None else f'{2 * sd:.2f}%'} (NVFP4 vs BF16 gap)."]
+    if previous is not None:
+        lines += [""] + previous_study(previous, pools)
     md = "\n".join(lines)
     first = next(iter(runs.values()))
     (out / "README.md").write_text(
@@ -356,7 +400,7 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
         + (f"\n{notes.read_text()}" if notes else "")
     )
     keys = ("final_val_loss", "tokens_per_s", "peak_memory_mb", "params", "steps",
-            "throughput", "sqrt3_step", "forked_from", "segments")
+            "tokens_per_step", "throughput", "sqrt3_step", "forked_from", "segments")
     (out / "results.json").write_text(json.dumps({
         "runs": {n: {k: r.get(k) for k in keys} for n, r in runs.items()},
         "seeds": {seed: {n: {k: r.get(k) for k in keys} for n, r in pool.items()}
@@ -409,12 +453,16 @@ def main() -> None:
     p.add_argument("--seed-runs", nargs="*", default=[],
                    help="folders of bf16 + nvfp4 runs with other --seed values (noise estimate)")
     p.add_argument("--notes", default=None, help="markdown appended to README.md")
+    p.add_argument("--previous", default=None,
+                   help="an earlier study's report folder (results.json and seed folders of "
+                        "run JSONs): a section comparing its runs with these")
     p.add_argument("--eval", nargs="*", default=[],
                    help="folders of eval_<run>.tgz tarballs, one per seed: the first compared "
                         "into OUT/eval, each other one into OUT/eval_<folder name>")
     args = p.parse_args()
     print(report(Path(args.runs), Path(args.out), [Path(f) for f in args.seed_runs],
-                 Path(args.notes) if args.notes else None))
+                 Path(args.notes) if args.notes else None,
+                 Path(args.previous) if args.previous else None))
     for i, folder in enumerate(map(Path, args.eval)):
         summary = eval_comparison(folder, Path(args.out) / ("eval" if i == 0
                                                             else f"eval_{folder.name}"))

@@ -245,17 +245,23 @@ def test_gpu_replicate_script_resumes_until_all_done(tiny_corpus, tmp_path):
 
 def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
     """bench/replicate_report.py over the committed 250M-token runs (issue 19): two seeds,
-    each run against its own seed's baselines, and one eval comparison per seed folder."""
+    each run against its own seed's baselines, one eval comparison per seed folder, and the
+    8.6M-token study's numbers beside them."""
     runs = ROOT / "eval" / "reports" / "replicate" / "250m"
     monkeypatch.setattr(sys, "argv", [
         "replicate_report.py", "--runs", str(runs / "seed0"), "--seed-runs", str(runs / "seed1"),
-        "--out", str(tmp_path), "--eval", str(runs / "seed0"), str(runs / "seed1")])
+        "--out", str(tmp_path), "--eval", str(runs / "seed0"), str(runs / "seed1"),
+        "--previous", str(runs.parent)])
     replicate_report.main()
     md = (tmp_path / "README.md").read_text()
     assert "| seed0 | nvfp4 | 1.7820 | +1.43% |" in md
     assert "| seed1 | fp8_block | 1.7583 | +0.38% |" in md
     assert "within noise (seed0: +1.31% -> +1.45% (+0.14 +- 0.07))" in md
     assert "seed0: never below; smallest 6.12 at step 13250 of 15258 (3.5x sqrt(3))" in md
+    assert "## Against the earlier study (8.6M tokens per run" in md
+    assert "| fp8_block | 4.1504 | -0.06% | 1.7595 | +0.27% (2 seeds) |" in md
+    assert "| nvfp4 | 4.1323 | -0.50% | 1.7820 |" in md
+    assert "3 seeds, mean +0.20%, sd 0.77% at 8.6M tokens" in md
     assert (tmp_path / "telemetry.png").stat().st_size > 0
     seed0 = (tmp_path / "eval" / "comparison.md").read_text()
     assert "| gsm8k_loglik | loglik_per_byte | -1.4727 |" in seed0 and "nvfp4" in seed0
