@@ -226,7 +226,7 @@ def rel_gap(runs: dict[str, dict], a: str, b: str) -> float:
 def plot(pools: Pools, out: Path) -> None:
     """loss_curves.png, relative_gap.png and telemetry.png (the wgrad noise ratio against
     sqrt(3)): the first seed's runs solid, the others dashed (each gap against the BF16 / FP8
-    run of its own seed)."""
+    run of its own seed), forked runs from their fork step on."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +236,10 @@ def plot(pools: Pools, out: Path) -> None:
     color = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one color per run in every seed
 
     def draw(ax, i: int, seed: str, name: str, run: dict, pts: list) -> None:
-        """One curve over tokens: seed ``i`` of the pools, solid for the first."""
+        """One curve over tokens: seed ``i`` of the pools, solid for the first; a forked run
+        from its fork step on (before it, its curve is its parent's)."""
+        fork = run.get("forked_from")
+        pts = [p for p in pts if not fork or p[0] >= fork["step"]]
         if pts:
             steps, values = zip(*pts, strict=True)
             ax.plot([s * run["tokens_per_step"] / 1e6 for s in steps], values,

@@ -255,19 +255,26 @@ def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
     replicate_report.main()
     md = (tmp_path / "README.md").read_text()
     assert "| seed0 | nvfp4 | 1.7820 | +1.43% |" in md
-    assert "| seed1 | fp8_block | 1.7583 | +0.38% |" in md
-    assert "within noise (seed0: +1.31% -> +1.45% (+0.14 +- 0.07))" in md
+    assert "| seed1 | fp8_block | 1.7583 | +0.38% | +1.4 |" in md
+    assert "| seed1 | nvfp4 | 1.7699 | +1.04% | +3.8 |" in md
+    assert "| mean (sd) | +1.24% (0.27%) |" in md
+    assert ("| late switch closes most of the gap | held (seed1: switch vs NVFP4 -0.80%, NVFP4 "
+            "vs BF16 +1.04%: closes 78% of the gap) |") in md
+    assert ("within noise (seed0: +1.31% -> +1.45% (+0.14 +- 0.07); seed1: +0.97% -> +1.20% "
+            "(+0.24 +- 0.07))") in md
     assert "seed0: never below; smallest 6.12 at step 13250 of 15258 (3.5x sqrt(3))" in md
+    assert "seed1: never below; smallest 6.10 at step 15250 of 15258" in md
     assert "## Against the earlier study (8.6M tokens per run" in md
     assert "| fp8_block | 4.1504 | -0.06% | 1.7595 | +0.27% (2 seeds) |" in md
-    assert "| nvfp4 | 4.1323 | -0.50% | 1.7820 |" in md
-    assert "3 seeds, mean +0.20%, sd 0.77% at 8.6M tokens" in md
+    assert "| nvfp4 | 4.1323 | -0.50% | 1.7820 | +1.24% (2 seeds) |" in md
+    assert "3 seeds, mean +0.20%, sd 0.77% at 8.6M tokens; 2 seeds, mean +1.24%" in md
     assert (tmp_path / "telemetry.png").stat().st_size > 0
     seed0 = (tmp_path / "eval" / "comparison.md").read_text()
     assert "| gsm8k_loglik | loglik_per_byte | -1.4727 |" in seed0 and "nvfp4" in seed0
     seed1 = json.loads((tmp_path / "eval_seed1" / "comparison.json").read_text())
     assert seed1["baseline"] == "bf16" and "fp8_block" in seed1["models"]
     assert seed1["paths"]["fp8_block"].endswith("seed1/eval_fp8_block.tgz")
+    assert set(seed1["models"]) == {"bf16", "fp8_block", "nvfp4"}
 
 
 def test_gap_trend_verdicts():
