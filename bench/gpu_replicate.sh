@@ -73,7 +73,8 @@ folder, runs = Path(sys.argv[1]), sys.argv[2].split(",")
 state = {r: json.loads((folder / f"{r}.json").read_text()) if (folder / f"{r}.json").exists()
          else None for r in runs}
 for r, s in state.items():
-    print(f"{r}: " + ("not started" if s is None else
+    waiting = "saved, not yet trained" if (folder / f"{r}.pt").exists() else "not started"
+    print(f"{r}: " + (waiting if s is None else
                       f"step {s['train'][-1][0] if s['train'] else 0}/{s['steps']}"
                       + (" done" if s.get("done") else "")))
 print("all done" if all(s and s.get("done") for s in state.values()) else "call again")

@@ -233,7 +233,7 @@ def test_gpu_replicate_script_resumes_until_all_done(tiny_corpus, tmp_path):
         return proc.stdout
 
     first = call(89)  # training gets a negative budget: bf16 stops after its first step
-    assert "call again" in first and "bf16: step" in first
+    assert "call again" in first and "bf16: step" in first and "nvfp4: not started" in first
     assert "all done" in call(300)
     for run in ("bf16", "nvfp4", "nvfp4_late_switch"):
         result = json.loads((tmp_path / "out" / "runs" / f"{run}.json").read_text())
