@@ -7,10 +7,13 @@ inputs), and folds them in with one atomic max per output.
 
 The RHT output is rounded to ``x.dtype`` before its amax in the reference
 (``numerics.hadamard_transform``: one rounding of the FP64 token-order sum); rounding is
-monotone, so for BF16 the kernel takes the maximum of a tensor-core FP32 transform and rounds
-it once, redoing the strip with the reference's arithmetic (:func:`._common.rht16_exact`) in
-the rare case where that maximum lies too close to a BF16 midpoint for the FP32 sum's error.
-FP16 and FP32 inputs always take the exact path.
+monotone, so only the global maximum's rounding matters. For BF16 the main pass takes the
+maximum ``G`` of a tensor-core FP32 transform (each program also stores its strip's), and a
+second, tiny launch rounds ``G`` once, unless a BF16 midpoint lies within the FP32 sum's error
+of it (about 1% of calls): then the strips whose maximum comes that close to ``G`` are redone
+with the reference's arithmetic (:func:`._common.rht16_exact`). The main pass carries no
+exact path, so its code is that of a plain maximum. FP16 and FP32 inputs always take the
+exact path, in the main pass.
 """
 
 from __future__ import annotations
@@ -114,29 +117,51 @@ def _amax_kernel(
     if DO_COL:
         cmax = tl.max(tl.max(acc_col, axis=1), axis=0)
         if COL_RHT:
-            if is_bf16:
-                # Every tensor-core output is within eps of its exact value, so the exact
-                # maximum is within eps of cmax and rounds as cmax does unless a BF16
-                # midpoint (low 16 bits 0x8000) lies within eps: then the strip is redone
-                # exactly (2^-8 to 2^-7 of the programs). eps = 2^-16 cmax: a block's sum of
-                # |products| T is at most 4 max|y| (||y||_2 = ||x||_2, T = ||x||_1 / 4), and
-                # the tensor cores' error is assumed below 2^-18 T (exact products, an FP32
-                # sum of 16; the interpreter's IEEE sum: 16 * 2^-24 T);
-                # bench/rht_exactness.py measures it on the GPU.
-                eps = tl.math.fma(cmax, 1.52587890625e-05, 1.401298464324817e-45)
-                mid = ((cmax.to(tl.int32, bitcast=True) & -65536) | 32768).to(tl.float32,
-                                                                                bitcast=True)
-                if ~(tl.abs(cmax - mid) >= eps):
-                    cmax = _exact_rht_amax(x_ptr, pid_m * TILES * BM, cols, M, K, stride_m,
-                                           RHT_SIGN, INTERPRET, BM, BK, TILES)
-                elif INTERPRET:
-                    cmax = round_bf16(cmax)
-                else:
-                    cmax = cmax.to(tl.bfloat16).to(tl.float32)
+            if is_bf16:  # the FP32 maximum, rounded or redone by _amax_fix_kernel
+                tl.store(out_ptr + 3 + pid_m * tl.num_programs(1) + pid_k, cmax)
+                tl.atomic_max(out_ptr + 2, cmax)
             else:
-                cmax = _exact_rht_amax(x_ptr, pid_m * TILES * BM, cols, M, K, stride_m,
-                                       RHT_SIGN, INTERPRET, BM, BK, TILES)
-        tl.atomic_max(out_ptr + 1, cmax)
+                tl.atomic_max(out_ptr + 1, _exact_rht_amax(x_ptr, pid_m * TILES * BM, cols, M,
+                                                           K, stride_m, RHT_SIGN, INTERPRET,
+                                                           BM, BK, TILES))
+        else:
+            tl.atomic_max(out_ptr + 1, cmax)
+
+
+@triton.jit
+def _amax_fix_kernel(x_ptr, out_ptr, M, K, stride_m, RHT_SIGN: tl.constexpr,
+                     INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                     TILES: tl.constexpr):
+    """The BF16 RHT maximum from the main pass's FP32 one ``G`` (``out[2]``; each program's
+    strip maximum at ``out[3 + program]``, same grid): ``G`` rounded once by program 0, or,
+    when a BF16 midpoint lies within ``eps`` of ``G``, the exact maximum of every strip that
+    could hold the exact global maximum.
+
+    Every tensor-core output is within ``2^-16 E`` of its exact value (``E`` the exact global
+    maximum): a block's sum of |products| ``T`` is at most 4 max|y| (``||y||_2 = ||x||_2``,
+    ``T = ||x||_1 / 4``), and the tensor cores' error is assumed below ``2^-18 T`` (exact
+    products, an FP32 sum of 16; the interpreter's IEEE sum: ``16 * 2^-24 T``;
+    bench/rht_exactness.py measures it on the GPU). So ``|G - E| < eps = 2^-15 G``: with no
+    midpoint that close, ``E`` rounds as ``G`` does; else the strip holding ``E`` has a
+    maximum above ``G - 2 eps``, and only those strips are redone (NaN or inf: all)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    g = tl.load(out_ptr + 2)
+    eps = tl.math.fma(g, 3.0517578125e-05, 1.401298464324817e-45)
+    mid = ((g.to(tl.int32, bitcast=True) & -65536) | 32768).to(tl.float32, bitcast=True)
+    if tl.abs(g - mid) >= eps:
+        if (pid_m == 0) & (pid_k == 0):
+            if INTERPRET:
+                tl.store(out_ptr + 1, round_bf16(g))
+            else:
+                tl.store(out_ptr + 1, g.to(tl.bfloat16).to(tl.float32))
+    else:
+        c = tl.load(out_ptr + 3 + pid_m * tl.num_programs(1) + pid_k)
+        if ~(c < g - 2 * eps):
+            cols = pid_k * BK + tl.arange(0, BK)
+            tl.atomic_max(out_ptr + 1, _exact_rht_amax(x_ptr, pid_m * TILES * BM, cols, M, K,
+                                                       stride_m, RHT_SIGN, INTERPRET, BM, BK,
+                                                       TILES))
 
 
 def prepare_rht(rht_sign: tuple[int, ...], device: torch.device) -> None:
@@ -156,20 +181,28 @@ def amax_rowcol(
     """
     x = x.contiguous()
     m, k = x.shape
-    out = torch.zeros(2, dtype=torch.float32, device=x.device)
+    bf16_rht = col and rht_sign is not None and x.dtype == torch.bfloat16
+    # [max|x|, max|RHT(x^T)|] and, for the BF16 RHT, the FP32 maximum and one per program
+    grids = [(cdiv(m, _BM * c[1]), cdiv(k, c[0])) for c in _CONFIGS]
+    out = torch.zeros(3 + max(a * b for a, b in grids) if bf16_rht else 2, dtype=torch.float32,
+                      device=x.device)
     if not (row or col) or x.numel() == 0:
-        return out
-    bf16_rht = rht_sign is not None and x.dtype == torch.bfloat16
+        return out[:2]
     bd = rht_blockdiag(rht_sign, _BM, x.dtype, x.device) if bf16_rht else out
+    sign = sign_mask(rht_sign) if rht_sign is not None else 0
 
     def launch(bk: int, tiles: int, warps: int, stages: int) -> None:  # idempotent
-        _amax_kernel[(cdiv(m, _BM * tiles), cdiv(k, bk))](
+        grid = (cdiv(m, _BM * tiles), cdiv(k, bk))
+        _amax_kernel[grid](
             x, out, bd, m, k, x.stride(0),
-            DO_ROW=row, DO_COL=col, COL_RHT=col and rht_sign is not None,
-            RHT_SIGN=sign_mask(rht_sign) if rht_sign is not None else 0,
+            DO_ROW=row, DO_COL=col, COL_RHT=col and rht_sign is not None, RHT_SIGN=sign,
             INTERPRET=interpreting(), BM=_BM, BK=bk, TILES=tiles,
             num_warps=warps, num_stages=stages,
         )
+        if bf16_rht:
+            _amax_fix_kernel[grid](x, out, m, k, x.stride(0), RHT_SIGN=sign,
+                                   INTERPRET=interpreting(), BM=_BM, BK=bk, TILES=tiles,
+                                   num_warps=warps)
 
     key = ("amax2", shape_bucket(m), shape_bucket(k), x.dtype, row, col, rht_sign is not None,
            x.device)
@@ -177,4 +210,4 @@ def amax_rowcol(
     cands = lambda: {n: (lambda c=c: launch(*c)) for n, c in zip(names, _CONFIGS, strict=True)}
     fixed = names[_CONFIGS.index(_UNTIMED)]
     launch(*_CONFIGS[names.index(pick(key, cands, x.device, fixed=fixed))])
-    return out
+    return out[:2]

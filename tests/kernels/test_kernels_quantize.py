@@ -726,6 +726,31 @@ def test_rowcol_fixup_pass_redoes_only_flagged_programs():
     _check_rowcol(x, SPECS.dy, SPECS.dy_t)
 
 
+def test_amax_rht_midpoint_in_one_strip_every_config(monkeypatch):
+    """A midpoint-tie block in the third row tile and third 64-column block of ordinary x: in
+    every tuning candidate the fix-up launch finds the global FP32 maximum next to a midpoint
+    and redoes the strips that may hold the exact one (the tie's: 1.2578125, where the FP32
+    sum rounds to 1.25). With a larger, exactly representable maximum elsewhere (3.0) no strip
+    is redone and the tie does not matter."""
+    from hf_nvfp4.kernels import amax
+    from hf_nvfp4.numerics.testing import exact_rht, rht_amax_tie_blocks
+
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(256, 192, generator=g) * 0.05).bfloat16()
+    x[128:144, 130] = rht_amax_tie_blocks(1, seed=14)[0]
+    louder = x.clone()
+    louder[16:32, 5] = 0.0
+    louder[16, 5] = 12.0  # its block's 16 outputs are +-12/4
+    sign = tuple(SPECS.x_t.rht_sign)
+    for t, want in ((x, 1.2578125), (louder, 3.0)):
+        assert float(exact_rht(t.t().contiguous().reshape(-1, 16)).abs().max()) == want
+        for bk, tiles, warps, stages in amax._CONFIGS:
+            name = f"BK={bk},tiles={tiles},warps={warps},stages={stages}"
+            monkeypatch.setattr(amax, "pick", lambda *a, name=name, **k: name)
+            got = amax.amax_rowcol(t.to(DEV), False, True, sign).cpu()
+            assert float(got[1]) == want, name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_amax_rht_correctly_rounded_at_midpoints(dtype):
     """The amax pass's RHT maximum is the correctly rounded one when the largest output sits
