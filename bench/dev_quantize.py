@@ -6,6 +6,7 @@ compiled kernels' registers and instruction counts (no GPU needed).
     python bench/dev_quantize.py --ncu      # one x and one dy call at 8192x4096 (for ncu)
     python bench/dev_quantize.py --offline [--base REV]   # sm_90 compile stats, no GPU
     python bench/dev_quantize.py --attribution   # instructions per element by copy, no GPU
+    python bench/dev_quantize.py --amax --base REV_OR_DIR   # amax pass: working tree vs base
 
 GPU: checks codes, scales, global scales and BF16 block values against the reference
 (``numerics.quantize`` of x and x^T, one child generator each) computed on the GPU (x: RTN
@@ -19,6 +20,12 @@ prints registers, local memory (spills), the static SASS count and thread-instru
 input element (warp instructions x 32 / elements of a program's tile; a loop body counts
 once per iteration), plus the TTGIR layout conversions and shared-memory allocations.
 ``--base REV`` adds the same table for the kernels as committed at git revision REV.
+
+``--amax --base REV_OR_DIR`` (GPU): the amax pass (``max|x|`` and ``max|RHT(x^T)|``, bf16) of
+the working tree and of the base kernels (a git revision, or a folder holding them, such as a
+frozen copy's ``hf_nvfp4/kernels`` where the machine has no git) side by side: GPU time from
+CUDA-graph replay per shape, and the maxima of both on random tensors of many scales (equal
+where both are exact; the reference's on a few).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ except ImportError as exc:  # the kernels need only torch + triton
     _pkg.__path__ = [str(ROOT / "hf_nvfp4")]
     sys.modules["hf_nvfp4"] = _pkg
 
+from hf_nvfp4.kernels import _tuning  # noqa: E402
 from hf_nvfp4.kernels._common import seed_key, sign_mask  # noqa: E402
 from hf_nvfp4.kernels._tuning import choices, median_ms  # noqa: E402
 from hf_nvfp4.kernels.amax import amax_rowcol  # noqa: E402
@@ -140,6 +148,56 @@ def copy_bandwidth() -> float:
     return src.numel() * 2 / median_ms(lambda: src.clone(), reps=20, warmup=3) / 1e6
 
 
+AMAX_SHAPES = CHECK_SHAPES + TRAIN_SHAPES + ((16384, 768), (16384, 3072), (2048, 768))
+
+
+def amax_vs_base(base: str, tensors: int = 400) -> dict:
+    """The amax pass of the working tree against ``base``'s (see the module doc)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from kernel_speed import graph_ms
+
+    from hf_nvfp4.numerics.hadamard import hadamard_transform
+
+    old = load_module("amax", base).amax_rowcol
+    rows = []
+    for m, k in AMAX_SHAPES:
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        r = {"shape": f"{m}x{k}"}
+        for name, fn in (("base_ms", old), ("new_ms", amax_rowcol)):
+            _tuning._CHOICES.clear()  # both use the key "amax2": each tunes its own pick
+            r[name] = graph_ms(lambda x=x, fn=fn: fn(x, True, True, SIGN))
+            r[name.replace("_ms", "_pick")] = dict(choices())
+        r["equal"] = torch.equal(old(x, True, True, SIGN), amax_rowcol(x, True, True, SIGN))
+        timed = all(isinstance(r[k], float) for k in ("base_ms", "new_ms"))  # else: why not
+        r["new_over_base"] = r["new_ms"] / r["base_ms"] if timed else None
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        del x
+    g = torch.Generator(device="cuda").manual_seed(3)
+    differ = wrong = 0
+    for i in range(tensors):
+        x = (torch.randn(512, 384, device="cuda", generator=g)
+             * 2.0 ** float(torch.randint(-30, 30, (1,), device="cuda", generator=g))
+             ).to(torch.bfloat16)
+        new = amax_rowcol(x, True, True, SIGN)
+        differ += int(not torch.equal(new, old(x, True, True, SIGN)))
+        if i % 40 == 0:
+            want = hadamard_transform(x.t().contiguous().reshape(-1, 16), SIGN).abs().max()
+            wrong += int(float(new[1]) != float(want))
+    out = {"rows": rows, "random_tensors": tensors, "differ_from_base": differ,
+           "differ_from_reference": wrong, "reference_checked": len(range(0, tensors, 40))}
+    print(f"{'shape':>12} {'base ms':>8} {'new ms':>8} {'new/base':>8} equal")
+    for r in rows:
+        if r["new_over_base"] is None:
+            print(f"{r['shape']:>12} not timed: {r['base_ms']} / {r['new_ms']}")
+        else:
+            print(f"{r['shape']:>12} {r['base_ms']:8.4f} {r['new_ms']:8.4f} "
+                  f"{r['new_over_base']:8.2f} {r['equal']}")
+    print(f"{tensors} random tensors: {differ} differ from the base; "
+          f"{wrong} of {out['reference_checked']} from the reference")
+    return out
+
+
 # ----------------------------------------------------------------------------- offline
 D16 = [["tt.divisibility", 16]]  # what the launcher infers for 16-aligned pointers/ints
 OFFLINE_ROLES = {  # role: (row SR, col SR, row values, column values)
@@ -150,15 +208,19 @@ OFFLINE_ROLES = {  # role: (row SR, col SR, row values, column values)
 
 
 def load_module(name: str, rev: str | None) -> types.ModuleType:
-    """``hf_nvfp4.kernels.<name>`` as in the working tree, or as committed at git ``rev``
-    (with ``_common`` from the same revision)."""
+    """``hf_nvfp4.kernels.<name>`` as in the working tree, or as committed at git ``rev`` or
+    held in the folder ``rev`` (with ``_common`` from the same place)."""
     if rev is None:
         return importlib.import_module(f"hf_nvfp4.kernels.{name}")
     full = f"hf_nvfp4.kernels._base_{name}"
     if full in sys.modules:
         return sys.modules[full]
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:hf_nvfp4/kernels/{name}.py"],
-                         capture_output=True, text=True, check=True).stdout
+    if Path(rev).is_dir():
+        src = (Path(rev) / f"{name}.py").read_text()
+    else:
+        src = subprocess.run(["git", "-C", str(ROOT), "show",
+                              f"{rev}:hf_nvfp4/kernels/{name}.py"],
+                             capture_output=True, text=True, check=True).stdout
     if name != "_common":
         load_module("_common", rev)
         src = src.replace("from ._common import", "from ._base__common import")
@@ -329,7 +391,11 @@ def main() -> None:
                     help="8192x4096 checked and one training shape timed")
     ap.add_argument("--offline", action="store_true",
                     help="sm_90 registers / instruction counts of every config, no GPU")
-    ap.add_argument("--base", default=None, help="with --offline: also the kernels at this rev")
+    ap.add_argument("--base", default=None,
+                    help="with --offline: also the kernels at this rev; with --amax: the base "
+                         "kernels (a rev or a folder)")
+    ap.add_argument("--amax", action="store_true",
+                    help="the amax pass against --base's on the GPU (time and maxima)")
     ap.add_argument("--attribution", action="store_true",
                     help="instructions per element of each copy alone and of the training "
                          "calls (sm_90, no GPU)")
@@ -344,6 +410,13 @@ def main() -> None:
         return
     if args.offline:
         offline(args.base)
+        return
+    if args.amax:
+        if not args.base:
+            raise SystemExit("--amax needs --base (a git revision or a kernels folder)")
+        result = amax_vs_base(args.base)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "amax_vs_base.json").write_text(json.dumps(result, indent=1))
         return
     if args.ncu:
         torch.use_deterministic_algorithms(True)  # the first config, no tuning launches

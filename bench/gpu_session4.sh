@@ -18,7 +18,9 @@
 #   OUT=/some/dir bash bench/gpu_session4.sh verify [SECONDS]
 #       # a quantizer change's checks in about five minutes: the quantize, grouped and MXFP4
 #       # kernel tests compiled (stopping at SECONDS, default 200), the quantize table with the
-#       # amax pass's GPU time (kernel_speed --quantize-only) and the 124M e2e with CUDA graphs
+#       # amax pass's GPU time (kernel_speed --quantize-only), with AMAX_BASE (a folder of
+#       # kernels, e.g. a carried frozen copy's) the amax pass against that one's
+#       # (dev_quantize --amax), and the 124M e2e with CUDA graphs
 #   OUT=/some/dir bash bench/gpu_session4.sh kernel-tests [SECONDS]
 #       # tests/kernels file by file, each file's result in $OUT/pytest_<file>.txt, stopping
 #       # before SECONDS (default 540) run out; files already passed (listed in
@@ -63,6 +65,9 @@ case $what in
     echo "rc=$?"; tail -3 "$OUT/pytest_verify.txt"
     python3 bench/kernel_speed.py --quantize-only --out "$OUT/kernel_speed_quantize.json" 2>&1 \
       | grep "^|"
+    if [ -n "${AMAX_BASE:-}" ]; then
+      python3 bench/dev_quantize.py --amax --base "$AMAX_BASE" 2>&1 | grep -v "^{"
+    fi
     python3 bench/e2e.py --size 124m --modes bf16_params --compile-mode reduce-overhead \
       --columns bf16_compiled,nvfp4_compiled --out "$OUT/e2e_124m_verify.json" 2>&1 \
       | grep -E "^\[|^\|"
