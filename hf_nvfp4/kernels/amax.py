@@ -10,10 +10,10 @@ The RHT output is rounded to ``x.dtype`` before its amax in the reference
 monotone, so only the global maximum's rounding matters. For BF16 the main pass takes the
 maximum ``G`` of a tensor-core FP32 transform (each program also stores its strip's), and a
 second, tiny launch rounds ``G`` once, unless a BF16 midpoint lies within the FP32 sum's error
-of it (about 1% of calls): then the strips whose maximum comes that close to ``G`` are redone
-with the reference's arithmetic (:func:`._common.rht16_exact`). The main pass carries no
-exact path, so its code is that of a plain maximum. FP16 and FP32 inputs always take the
-exact path, in the main pass.
+of it (2^-15 G: 0.8-1.6% of calls, the window over BF16's spacing at ``G``): then the strips
+whose maximum comes that close to ``G`` are redone with the reference's arithmetic
+(:func:`._common.rht16_exact`). The main pass carries no exact path, so its code is that of a
+plain maximum. FP16 and FP32 inputs always take the exact path, in the main pass.
 """
 
 from __future__ import annotations
