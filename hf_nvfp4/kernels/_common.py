@@ -182,8 +182,9 @@ def round_bf16(y):
 @triton.jit
 def sr_offsets(idx, key):
     """``2^26 + 2^24 - 1 - r24`` of the draws of :func:`uniform24` (uint32), for
-    :func:`e2m1_stochastic_fast`: the complement folded into the last xor-shift."""
-    return (~(counter_hash(idx, key) >> 8)) & 0x04FFFFFF
+    :func:`e2m1_stochastic_fast`: the complement folded into the last xor-shift (as an xor
+    with the mask: Triton 3.8's interpreter cannot invert a uint32)."""
+    return ((counter_hash(idx, key) >> 8) & 0x04FFFFFF) ^ 0x04FFFFFF
 
 
 @triton.jit
