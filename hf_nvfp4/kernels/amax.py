@@ -39,6 +39,9 @@ _BM = 64  # the RHT block-diagonal size
 # tiles would leave most SMs idle)
 _CONFIGS = ((64, 16, 4, 4), (128, 8, 4, 3), (256, 4, 8, 3), (128, 4, 8, 2), (64, 8, 4, 3),
             (64, 1, 4, 2), (64, 2, 4, 3))
+# the fix-up launch's warps, whatever the main pass's: its exact path spilled to the stack
+# with 4 (Triton 3.8, sm_90)
+_FIX_WARPS = 8
 # untimed (the interpreter): one tile per program, so that no program walks masked tiles past
 # M (every config gives the same bits)
 _UNTIMED = (64, 1, 4, 2)
@@ -202,7 +205,7 @@ def amax_rowcol(
         if bf16_rht:
             _amax_fix_kernel[grid](x, out, m, k, x.stride(0), RHT_SIGN=sign,
                                    INTERPRET=interpreting(), BM=_BM, BK=bk, TILES=tiles,
-                                   num_warps=warps)
+                                   num_warps=_FIX_WARPS)
 
     key = ("amax2", shape_bucket(m), shape_bucket(k), x.dtype, row, col, rht_sign is not None,
            x.device)
