@@ -57,10 +57,13 @@ def cuda_capability_at_least(
 
 def as_keys(rng: Rng, device: torch.device) -> torch.Tensor | None:
     """int32 [2] keys on ``device`` from an :data:`Rng` (a generator is split as the
-    reference does: :func:`hf_nvfp4.numerics.rng.generator_keys`)."""
-    if isinstance(rng, torch.Generator):
+    reference does: :func:`hf_nvfp4.numerics.rng.generator_keys`). Tensors are recognised
+    first: torch 2.14's dynamo cannot trace ``isinstance(tensor, torch.Generator)``."""
+    if rng is None:
+        return None
+    if not isinstance(rng, torch.Tensor):
         rng = generator_keys(rng)
-    return rng.to(device) if rng is not None else None
+    return rng.to(device)
 
 
 class Backend(Protocol):

@@ -32,7 +32,7 @@ def quantize_spec(
         rounding=spec.rounding,
         rht=spec.rht,
         rht_sign=spec.rht_sign,
-        generator=rng if isinstance(rng, torch.Generator) else None,
+        generator=None if rng is None or isinstance(rng, torch.Tensor) else rng,
         sr_key=rng if isinstance(rng, torch.Tensor) and spec.rounding == "stochastic" else None,
         amax_reduce=None if global_amax is None else (lambda _local: global_amax),
         allow_nonfinite=amax is not None or not check_finite,

@@ -118,8 +118,7 @@ class TritonBackend:
             ):  # an FP8 or MXFP4 copy and one of another format: each its own path (a copy
                 # draws with its own key and encodes with its own amax, alone or not; a
                 # generator gives its keys once, for both)
-                if isinstance(rng, torch.Generator):
-                    rng = as_keys(rng, x.device)
+                rng = as_keys(rng, x.device)
                 q_row = self.quantize_rowcol(x, row, None, rng, amax=amax, values=values)[0]
                 q_col = self.quantize_rowcol(x, None, col, rng, amax=amax, values=values)[1]
                 return q_row, q_col
