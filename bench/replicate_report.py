@@ -66,30 +66,29 @@ def same_data_noise(runs: dict[str, dict]) -> float | None:
     return max(diffs) if diffs else None
 
 
-def pool_for(pools: Pools, a: str, b: str) -> tuple[str, dict[str, dict]] | None:
-    """The first seed's runs holding ``a`` and ``b`` (and, for the late switch, the NVFP4 and
+def pools_for(pools: Pools, a: str, b: str) -> Pools:
+    """The seeds whose runs hold ``a`` and ``b`` (and, for the late switch, the NVFP4 and
     BF16 runs it is judged against): a prediction compares runs of one data order."""
     need = {a, b} | ({"nvfp4", "bf16"} if a == "nvfp4_late_switch" else set())
-    return next(((label, runs) for label, runs in pools if need <= set(runs)), None)
+    return [(label, runs) for label, runs in pools if need <= set(runs)]
 
 
 def verdict(pools: Pools, a: str, b: str, sd: float | None) -> str:
-    """The outcome of one prediction, with its numbers, from the first seed that ran ``a``
-    and ``b`` (named when it is not the first pool): ``held`` / ``not held`` when the
-    difference exceeds twice the seed noise ``sd``, ``weak`` when it does not (but exceeds
-    that seed's same-data floor, where one was measured), ``within noise`` below the floor.
-    The late switch holds when it closes more than half of NVFP4's gap to BF16."""
-    found = pool_for(pools, a, b)
-    if found is None:
+    """The outcome of one prediction, with its numbers, over every seed that ran ``a`` and
+    ``b`` (each named, unless the only one is the first pool): judged on the mean of their
+    differences, ``held`` / ``not held`` when it exceeds twice the seed noise ``sd``, ``weak``
+    when it does not (but exceeds the largest same-data floor of those seeds, where one was
+    measured), ``within noise`` below that floor. The late switch, judged in the first seed
+    that ran it, holds when it closes more than half of NVFP4's gap to BF16."""
+    found = pools_for(pools, a, b)
+    if not found:
         have = set().union(*(runs for _, runs in pools))
         return f"not run ({', '.join(sorted({a, b} - have)) or f'{a} and {b} in one seed'})"
-    seed, runs = found
-    where = "" if seed == pools[0][0] else f"{seed}: "
-    floor = same_data_noise(runs)
-    d = rel_gap(runs, a, b)
-    if a == "nvfp4" and b == "bf16":
-        return f"{'held' if d <= 1.5 else 'not held'} ({where}{d:+.2f}%)"
+    floors = [f for _, runs in found if (f := same_data_noise(runs)) is not None]
+    floor = max(floors) if floors else None
     if a == "nvfp4_late_switch":
+        seed, runs = found[0]
+        where = "" if seed == pools[0][0] else f"{seed}: "
         gap = rel_gap(runs, "nvfp4", "bf16")
         d = -rel_gap(runs, a, "nvfp4")
         what = f"{where}switch vs NVFP4 {-d:+.2f}%, NVFP4 vs BF16 {gap:+.2f}%"
@@ -100,7 +99,17 @@ def verdict(pools: Pools, a: str, b: str, sd: float | None) -> str:
         what += f": closes {100 * closed:.0f}% of the gap"
         sign = "held" if closed > 0.5 else "not held"
     else:
-        what = f"{where}{a} vs {b}: {d:+.2f}%"
+        gaps = {seed: rel_gap(runs, a, b) for seed, runs in found}
+        d = sum(gaps.values()) / len(gaps)
+        if len(gaps) == 1:
+            seed = next(iter(gaps))
+            numbers = ("" if seed == pools[0][0] else f"{seed}: ") + f"{d:+.2f}%"
+        else:
+            numbers = ", ".join(f"{seed} {g:+.2f}%" for seed, g in gaps.items()) + (
+                f": mean {d:+.2f}%")
+        if a == "nvfp4" and b == "bf16":
+            return f"{'held' if d <= 1.5 else 'not held'} ({numbers})"
+        what = f"{a} vs {b}: {numbers}"
         sign = "held" if d > 0 else "not held"
     if floor is not None and abs(d) <= floor:
         return f"within noise ({what})"

@@ -258,6 +258,7 @@ def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
     assert "| seed1 | fp8_block | 1.7583 | +0.38% | +1.4 |" in md
     assert "| seed1 | nvfp4 | 1.7699 | +1.04% | +3.8 |" in md
     assert "| mean (sd) | +1.24% (0.27%) |" in md
+    assert "| NVFP4 within ~1.5% of BF16 | held (seed0 +1.43%, seed1 +1.04%: mean +1.24%) |" in md
     assert ("| late switch closes most of the gap | held (seed1: switch vs NVFP4 -0.80%, NVFP4 "
             "vs BF16 +1.04%: closes 78% of the gap) |") in md
     assert ("within noise (seed0: +1.31% -> +1.45% (+0.14 +- 0.07); seed1: +0.97% -> +1.20% "
@@ -275,6 +276,28 @@ def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
     assert seed1["baseline"] == "bf16" and "fp8_block" in seed1["models"]
     assert seed1["paths"]["fp8_block"].endswith("seed1/eval_fp8_block.tgz")
     assert set(seed1["models"]) == {"bf16", "fp8_block", "nvfp4"}
+
+
+def test_prediction_verdicts_over_seeds():
+    """A prediction is judged on the mean difference over the seeds that ran both runs, each
+    seed's number shown; against twice the seed noise: held, or weak when inside it."""
+    def pool(**losses: float) -> dict:
+        return {name: {"final_val_loss": v} for name, v in losses.items()}
+
+    pools = [("s0", pool(bf16=2.0, nvfp4=2.02, mxfp4=2.04)),
+             ("s1", pool(bf16=2.0, nvfp4=2.01, mxfp4=2.05)), ("s2", pool(bf16=2.0))]
+    assert replicate_report.verdict(pools, "mxfp4", "nvfp4", 0.5) == (
+        "held (mxfp4 vs nvfp4: s0 +0.99%, s1 +1.99%: mean +1.49%)")
+    assert replicate_report.verdict(pools, "mxfp4", "nvfp4", 1.0).startswith(
+        "held, weak: within seed noise")
+    assert replicate_report.verdict(pools, "nvfp4", "bf16", None) == (
+        "held (s0 +1.00%, s1 +0.50%: mean +0.75%)")
+    assert replicate_report.verdict(pools[1:], "mxfp4", "nvfp4", None) == (
+        "held (mxfp4 vs nvfp4: +1.99%)")
+    assert replicate_report.verdict([pools[2], pools[1]], "mxfp4", "nvfp4", None) == (
+        "held (mxfp4 vs nvfp4: s1: +1.99%)")
+    assert replicate_report.verdict(pools, "nvfp4_no_sr", "nvfp4", None) == (
+        "not run (nvfp4_no_sr)")
 
 
 def test_gap_trend_verdicts():
