@@ -42,8 +42,9 @@ res = {k: json.loads((w / k / f"{run}.json").read_text()) for k in ("alone", "pa
 tps = {k: r["tokens_per_s"] for k, r in res.items()}
 summary = {
     "what": "bench/gpu_concurrency.sh: one replication run alone, then two sharing the GPU",
-    "run": run, "steps": res["alone"]["steps"], "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-    "torch": torch.__version__, "tokens_per_s": tps,
+    "run": run, "steps": res["alone"]["steps"], "torch": torch.__version__,
+    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    "tokens_per_s": tps,
     "pair_over_alone": (tps["pair0"] + tps["pair1"]) / tps["alone"],
     "wall_s": {"alone": alone_s, "pair": pair_s},
     "segments": {k: r["segments"] for k, r in res.items()},

@@ -302,9 +302,8 @@ def previous_study(folder: Path, pools: Pools) -> list[str]:
     tokens per step): each run's validation loss and gap to BF16 then and now (now: the mean
     over the seeds that ran it), and the seed spread of the NVFP4-BF16 gap then and now."""
     old = json.loads((folder / "results.json").read_text())
-    per_step = next((json.loads(p.read_text())["tokens_per_step"]
-                     for p in sorted(folder.glob("*/*.json"))
-                     if "tokens_per_step" in json.loads(p.read_text())), None)
+    per_step = next((r["tokens_per_step"] for r in map(json.loads, map(Path.read_text, sorted(
+        folder.glob("*/*.json")))) if "tokens_per_step" in r), None)
     if per_step is None:
         raise SystemExit(f"{folder}: no run JSON with tokens_per_step in its seed folders")
     then = next(iter(old["runs"].values()))["steps"] * per_step
@@ -314,9 +313,8 @@ def previous_study(folder: Path, pools: Pools) -> list[str]:
              "", f"| run | val loss, {then / 1e6:.1f}M | vs BF16, {then / 1e6:.1f}M "
              f"| val loss, {now / 1e6:.0f}M ({pools[0][0]}) | vs BF16, {now / 1e6:.0f}M "
              "(mean over seeds) |", "|---|---|---|---|---|"]
-    base = old["runs"].get("bf16")
     for name, r in old["runs"].items():
-        gap = 100 * (r["final_val_loss"] / base["final_val_loss"] - 1) if base else None
+        gap = rel_gap(old["runs"], name, "bf16") if "bf16" in old["runs"] else None
         gaps = [rel_gap(runs, name, "bf16") for _, runs in pools
                 if name in runs and "bf16" in runs]
         loss = pools[0][1][name]["final_val_loss"] if name in pools[0][1] else None
