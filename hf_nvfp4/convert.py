@@ -22,7 +22,12 @@ from typing import Any
 from torch import nn
 
 from .config import NVFP4Config
-from .experts import convert_experts_module, is_experts_module, unsupported_reason
+from .experts import (
+    BATCHED_EXPERTS,
+    convert_experts_module,
+    is_experts_module,
+    unsupported_reason,
+)
 from .nn.conv1d import NVFP4Conv1D, is_conv1d
 from .nn.linear import NVFP4Linear
 
@@ -223,9 +228,10 @@ def convert(
     Parameters are shared, not copied, so an optimizer built before conversion still
     updates the same tensors. Returns (and with ``verbose`` logs) a
     :class:`ConversionSummary`. MoE experts modules (fused 3D weights dispatched through
-    transformers' ``ExpertsInterface``) switch to the ``"hf_nvfp4"`` experts implementation
-    (:mod:`hf_nvfp4.experts`). Linear-like modules that cannot be swapped (bitsandbytes
-    layers, GPTQ's ``QuantLinear``) are reported with the reason.
+    transformers' ``ExpertsInterface``, and Llama 4's batched experts) switch to the
+    ``"hf_nvfp4"`` experts implementation (:mod:`hf_nvfp4.experts`). Linear-like modules
+    that cannot be swapped (bitsandbytes layers, GPTQ's ``QuantLinear``) are reported with
+    the reason.
     """
     config = NVFP4Config.load(config)
     recipe = config.get_recipe()
@@ -353,8 +359,9 @@ def _other_matmuls(
             elif block >= n_blocks - split[1]:
                 reason = f"in the last {split[1]} blocks (kept BF16)"
             elif p.dim() == 3:
-                reason = (f"a 3D parameter of {type(mod).__name__} (MoE experts convert only "
-                          "through transformers' ExpertsInterface)")
+                reason = (f"a 3D parameter of {type(mod).__name__} (MoE experts convert "
+                          "through transformers' ExpertsInterface or as "
+                          f"{', '.join(sorted(BATCHED_EXPERTS))})")
             else:
                 reason = f"a bare matrix parameter of {type(mod).__name__}, not a Linear"
             out.append(LayerDecision(f"{mod_name}.{pname}", False, reason, p.numel()))

@@ -9,6 +9,12 @@ each converted experts module at it, through a private copy of its config, so th
 other experts modules (e.g. in the blocks kept BF16) keep theirs. No model class is patched:
 every MoE model built on that interface converts without code here.
 
+Experts classes outside that interface whose forward is a batched matmul over equal slices,
+one per expert (:data:`BATCHED_EXPERTS`: Llama 4's ``Llama4TextExperts``, which gets
+``[E * T, H]`` rows already weighted by the router, expert ``e``'s at rows ``e*T`` to
+``(e+1)*T``), run the same quantized GEMMs with ``T`` rows per expert; their forward is
+overridden on the instance (:func:`set_implementation`), again not on the class.
+
 Numerics per expert are those of :class:`~hf_nvfp4.nn.linear.NVFP4Linear` (fprop x 1x16
 RTN and W 16x16, dgrad SR, wgrad RHT + SR; :mod:`hf_nvfp4.nn.grouped`). Tensor scales are
 per expert and per call: the amax of an expert's activations (gradients) is taken over the
@@ -25,6 +31,7 @@ layer call: compiled models break the graph there.
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +76,25 @@ class ExpertsQuantization:
         return plan
 
 
+#: Experts classes outside the ExpertsInterface whose ``forward(hidden_states)`` is
+#: ``bmm(x.view(E, -1, H), gate_up_proj)``, then ``up * act_fn(gate)`` (gate the first half),
+#: then ``bmm(., down_proj)``: weights ``[E, in, out]``, ``hidden_states`` already split into
+#: equal slices per expert (and weighted) by the caller.
+BATCHED_EXPERTS = frozenset({"Llama4TextExperts"})
+
+Project = Callable[[torch.Tensor, int, list[int]], torch.Tensor]
+
+
+def is_batched_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is of a class in :data:`BATCHED_EXPERTS` (packed or not)."""
+    return type(module).__name__ in BATCHED_EXPERTS
+
+
+def weights_transposed(module: nn.Module) -> bool:
+    """Whether the module's 3D expert weights are ``[E, in, out]`` (else ``[E, out, in]``)."""
+    return bool(getattr(module, "is_transposed", False)) or is_batched_experts(module)
+
+
 def up_weight_name(module: nn.Module) -> str | None:
     """``"gate_up_proj"`` or ``"up_proj"``: the first projection's 3D parameter, if any."""
     for name in ("gate_up_proj", "up_proj"):
@@ -81,16 +107,19 @@ def up_weight_name(module: nn.Module) -> str | None:
 def is_experts_module(module: nn.Module) -> bool:
     """Whether ``module`` holds fused 3D experts dispatched through the ExpertsInterface."""
     down = getattr(module, "down_proj", None)
+    if not (isinstance(down, torch.Tensor) and down.dim() == 3):
+        return False
+    if is_batched_experts(module):
+        return up_weight_name(module) == "gate_up_proj" and hasattr(module, "act_fn")
     return (
         up_weight_name(module) is not None
-        and isinstance(down, torch.Tensor) and down.dim() == 3
         and hasattr(module, "has_gate") and hasattr(module, "config")
     )
 
 
 def expert_shapes(module: nn.Module) -> list[tuple[str, int, int]]:
     """``(parameter, in_features, out_features)`` of each projection of one expert."""
-    transposed = bool(getattr(module, "is_transposed", False))
+    transposed = weights_transposed(module)
     out = []
     for name in (up_weight_name(module), "down_proj"):
         _, a, b = getattr(module, name).shape
@@ -115,6 +144,36 @@ def register() -> None:
     ExpertsInterface.register(IMPLEMENTATION, nvfp4_experts_forward)
 
 
+#: The instance forward of a :data:`BATCHED_EXPERTS` module per experts implementation
+#: (this module's, and the packed one of :mod:`hf_nvfp4.checkpoint.experts`).
+BATCHED_FORWARDS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def current_implementation(module: nn.Module) -> str | None:
+    """The experts implementation ``module`` runs (None: the class's own forward)."""
+    if is_batched_experts(module):
+        forward = module.__dict__.get("forward")
+        return next((name for name, fn in BATCHED_FORWARDS.items()
+                     if forward is not None and forward.__func__ is fn), None)
+    return getattr(module.config, "_experts_implementation", None)
+
+
+def set_implementation(module: nn.Module, implementation: str | None) -> None:
+    """Point an experts module at an experts implementation (None: its class's default).
+
+    ExpertsInterface modules get a private copy of their config naming it; a
+    :data:`BATCHED_EXPERTS` module gets the implementation's forward bound on the instance.
+    """
+    if is_batched_experts(module):
+        if implementation is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = types.MethodType(BATCHED_FORWARDS[implementation], module)
+        return
+    module.config = copy.copy(module.config)
+    module.config._experts_implementation = implementation
+
+
 def convert_experts_module(
     module: nn.Module, recipe: Recipe, backend: str, sr_seed: int
 ) -> None:
@@ -123,9 +182,8 @@ def convert_experts_module(
     Parameters are untouched (shared with any optimizer); a ``sr_state`` buffer is added.
     """
     register()
-    previous = getattr(module.config, "_experts_implementation", None)
-    module.config = copy.copy(module.config)
-    module.config._experts_implementation = IMPLEMENTATION
+    previous = current_implementation(module)
+    set_implementation(module, IMPLEMENTATION)
     device = getattr(module, up_weight_name(module)).device
     module.register_buffer("sr_state", new_state(sr_seed, device))
     module._hf_nvfp4 = ExpertsQuantization(recipe, backend, previous, int(sr_seed))
@@ -151,6 +209,32 @@ def _weights(module: nn.Module, first: str) -> tuple[torch.Tensor, Any, torch.Te
     return getattr(module, first), up_b, module.down_proj, down_b
 
 
+def nvfp4_projector(module: nn.Module, device: torch.device) -> tuple[Project, int]:
+    """``(project, num_experts)`` of a converted experts module: ``project(rows, stage,
+    counts)`` runs stage 0 (up) or 1 (down) of every expert on group-sorted rows."""
+    quant: ExpertsQuantization | None = getattr(module, "_hf_nvfp4", None)
+    if quant is None:
+        raise RuntimeError(
+            f"{type(module).__name__} dispatches to the 'hf_nvfp4' experts implementation but "
+            "was not converted by hf_nvfp4.convert (it has no NVFP4 state)"
+        )
+    num_experts = getattr(module, "num_experts", None) or module.down_proj.shape[0]
+    transposed = weights_transposed(module)
+    plan = quant.plan(device)
+    keys = None
+    if module.training and torch.is_grad_enabled() and quant.recipe.stochastic_rounding:
+        keys = expert_keys(module.sr_state, rank(), num_experts, _STAGES)
+    up_w, up_b, down_w, down_b = _weights(module, up_weight_name(module))
+    weights, biases = (up_w, down_w), (up_b, down_b)
+
+    def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
+        return quantized_grouped_linear(x, weights[stage], biases[stage], counts, plan,
+                                        keys[stage] if keys is not None else None,
+                                        transposed=transposed)
+
+    return project, num_experts
+
+
 def nvfp4_experts_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -159,28 +243,52 @@ def nvfp4_experts_forward(
 ) -> torch.Tensor:
     """The ``"hf_nvfp4"`` experts implementation (same contract as transformers'
     ``grouped_mm``): route, run each expert's quantized GEMMs, weight and sum per token."""
-    quant: ExpertsQuantization | None = getattr(self, "_hf_nvfp4", None)
-    if quant is None:
-        raise RuntimeError(
-            f"{type(self).__name__} dispatches to the 'hf_nvfp4' experts implementation but "
-            "was not converted by hf_nvfp4.convert (it has no NVFP4 state)"
-        )
-    num_experts = getattr(self, "num_experts", None) or self.down_proj.shape[0]
-    transposed = bool(getattr(self, "is_transposed", False))
-    plan = quant.plan(hidden_states.device)
-    keys = None
-    if self.training and torch.is_grad_enabled() and quant.recipe.stochastic_rounding:
-        keys = expert_keys(self.sr_state, rank(), num_experts, _STAGES)
-    up_w, up_b, down_w, down_b = _weights(self, up_weight_name(self))
-    weights, biases = (up_w, down_w), (up_b, down_b)
-
-    def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
-        return quantized_grouped_linear(x, weights[stage], biases[stage], counts, plan,
-                                        keys[stage] if keys is not None else None,
-                                        transposed=transposed)
-
+    project, num_experts = nvfp4_projector(self, hidden_states.device)
     return routed_experts_forward(self, hidden_states, top_k_index, top_k_weights,
                                   num_experts, project)
+
+
+def nvfp4_batched_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The ``"hf_nvfp4"`` forward of a :data:`BATCHED_EXPERTS` module (its class's contract)."""
+    project, num_experts = nvfp4_projector(self, hidden_states.device)
+    return batched_experts_forward(self, hidden_states, num_experts, project)
+
+
+BATCHED_FORWARDS[IMPLEMENTATION] = nvfp4_batched_forward
+
+
+def _gemm_dtype(rows: torch.Tensor) -> torch.Tensor:
+    """As NVFP4Linear: under autocast the GEMM inputs are in the autocast dtype."""
+    dev_type = rows.device.type
+    if torch.is_autocast_enabled(dev_type):
+        return rows.to(torch.get_autocast_dtype(dev_type))
+    return rows
+
+
+def batched_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    num_experts: int,
+    project: Project,
+) -> torch.Tensor:
+    """The forward shared by the :data:`BATCHED_EXPERTS` implementations: ``hidden_states``
+    ``[E * T, H]`` holds expert ``e``'s rows at ``e*T`` to ``(e+1)*T``; ``project`` runs the
+    up and down projections with ``T`` rows per expert, ``up * act_fn(gate)`` between."""
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if rows.shape[0] % num_experts:
+        raise ValueError(
+            f"{type(self).__name__}: {rows.shape[0]} rows do not split into {num_experts} "
+            "equal expert slices"
+        )
+    counts = [rows.shape[0] // num_experts] * num_experts
+    rows = _gemm_dtype(rows)
+    dev_type = rows.device.type
+    with torch.autocast(dev_type, enabled=False):
+        gate, up = project(rows, 0, counts).chunk(2, dim=-1)
+    out = up * self.act_fn(gate)
+    with torch.autocast(dev_type, enabled=False):
+        out = project(out.to(rows.dtype), 1, counts)
+    return out.to(hidden_states.dtype)
 
 
 def routed_experts_forward(
@@ -201,9 +309,8 @@ def routed_experts_forward(
     rows = hidden_states[perm // num_top_k]
     counts = torch.bincount(sorted_ids.clamp(max=num_experts), minlength=num_experts + 1)
     counts = counts[:num_experts].tolist()  # the host sync of the routing
+    rows = _gemm_dtype(rows)
     dev_type = rows.device.type
-    if torch.is_autocast_enabled(dev_type):  # as NVFP4Linear: GEMM inputs in the autocast dtype
-        rows = rows.to(torch.get_autocast_dtype(dev_type))
     with torch.autocast(dev_type, enabled=False):
         out = project(rows, 0, counts)
     out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
@@ -221,15 +328,25 @@ def routed_experts_forward(
 
 
 __all__ = [
+    "BATCHED_EXPERTS",
+    "BATCHED_FORWARDS",
     "IMPLEMENTATION",
     "ExpertsQuantization",
+    "Project",
+    "batched_experts_forward",
     "convert_experts_module",
+    "current_implementation",
     "expert_shapes",
+    "is_batched_experts",
     "is_experts_module",
     "iter_nvfp4_experts",
+    "nvfp4_batched_forward",
     "nvfp4_experts_forward",
+    "nvfp4_projector",
     "register",
     "reset_sr_state",
     "routed_experts_forward",
+    "set_implementation",
     "unsupported_reason",
+    "weights_transposed",
 ]

@@ -241,3 +241,86 @@ def test_fp8_block_experts_trace_whole_on_first_use(monkeypatch):
     torch.compile(step, backend="aot_eager", fullgraph=True)(x, w).sum().backward()
     assert w.grad is not None and torch.isfinite(w.grad).all()
     assert fp8_gemm._CHECKED  # the check ran, outside the traced Function
+
+
+LLAMA4 = dict(model_type="llama4_text", hidden_size=H, intermediate_size=32,
+              intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, num_local_experts=E, num_experts_per_tok=1,
+              vocab_size=128, interleave_moe_layer_step=1)
+
+
+def _llama4() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA4))
+
+
+def test_llama4_batched_experts_equal_per_expert_quantized_linears():
+    """Llama4TextExperts (no ExpertsInterface: a bmm over E equal row slices, [E, in, out]
+    weights): forward and every gradient equal E separate quantized linears per projection,
+    each with its own key stream; the class forward comes back when unconverted."""
+    from hf_nvfp4.experts import current_implementation, is_batched_experts, set_implementation
+
+    module = _llama4().model.layers[0].feed_forward.experts
+    assert is_experts_module(module) and is_batched_experts(module)
+    assert expert_shapes(module) == [("gate_up_proj", H, 64), ("down_proj", 32, H)]
+    convert_experts_module(module, PRESETS["nvfp4"], "reference", sr_seed=5)
+    assert current_implementation(module) == IMPLEMENTATION
+    module.train()
+    t = 20  # rows per expert: not a multiple of 16
+    x = torch.randn(E * t, H, requires_grad=True)
+    dy = torch.randn(E * t, H)
+    got = module(x)
+    got.backward(dy)
+
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in module.named_parameters()}
+    plan = LinearPlan(PRESETS["nvfp4"].role_specs(), "reference", share_input=False)
+    keys = derive_keys(torch.tensor([5, 1]), torch.arange(2 * E), 2).view(2, E, 2)
+    x2 = x.detach().clone().requires_grad_(True)
+    outs = []
+    for e in range(E):
+        rows = x2[e * t:(e + 1) * t]
+        gate, up = quantized_linear(rows, params["gate_up_proj"][e].t(), None, plan,
+                                    keys[0, e]).chunk(2, dim=-1)
+        outs.append(quantized_linear(up * module.act_fn(gate), params["down_proj"][e].t(),
+                                     None, plan, keys[1, e]))
+    want = torch.cat(outs)
+    want.backward(dy)
+    assert torch.equal(got, want)
+    assert torch.equal(x.grad, x2.grad)
+    for name, p in module.named_parameters():
+        assert torch.equal(p.grad, params[name].grad), name
+    assert int(module.sr_state[1]) == 1
+    with pytest.raises(ValueError, match="do not split into 4 equal expert slices"):
+        module(torch.randn(E * t + 1, H))
+    set_implementation(module, None)
+    assert current_implementation(module) is None and "forward" not in module.__dict__
+
+
+def test_llama4_converts_trains_and_round_trips(tmp_path):
+    import hf_nvfp4
+
+    model = _llama4()
+    summary = hf_nvfp4.convert(model, {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
+                                       "backend": "reference"}, verbose=False)
+    decisions = {d.name: d for d in summary.layers}
+    assert decisions["model.layers.1.feed_forward.experts"].quantized
+    quantized, total = summary.block_matmul_share()
+    assert quantized / total > 0.99, summary.table()
+    assert not summary.other_matmuls
+
+    model = hf_nvfp4.prepare_model(_llama4(), {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
+                                               "backend": "reference"})
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    experts = model.model.layers[1].feed_forward.experts
+    assert experts.gate_up_proj.grad.abs().sum() > 0 and int(experts.sr_state[1]) == 1
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    again = reloaded.model.layers[1].feed_forward.experts
+    assert torch.equal(again.gate_up_proj, experts.gate_up_proj)
+    assert torch.equal(again.sr_state, experts.sr_state)
+    with torch.no_grad():
+        model.eval()
+        reloaded.eval()
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)

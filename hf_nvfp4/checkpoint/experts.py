@@ -38,7 +38,6 @@ vLLM's fused ``w13`` needs (it keeps ``w13_weight_global_scale[:, 0]``, the gate
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from collections.abc import Callable, Iterator
@@ -50,12 +49,18 @@ from torch import nn
 
 from ..backends import get_backend
 from ..experts import (
+    BATCHED_FORWARDS,
     ExpertsQuantization,
+    Project,
+    batched_experts_forward,
     convert_experts_module,
+    current_implementation,
     is_experts_module,
     iter_nvfp4_experts,
     routed_experts_forward,
+    set_implementation,
     up_weight_name,
+    weights_transposed,
 )
 from ..nn.linear import _role_specs
 from ..numerics.quantize import QTensor
@@ -116,10 +121,6 @@ class PackedExperts:
     sr_seed: int = 0
 
 
-def _transposed(module: nn.Module) -> bool:
-    return bool(getattr(module, "is_transposed", False))
-
-
 def is_packed_experts(module: nn.Module) -> bool:
     """Whether ``module`` holds packed NVFP4 experts (see the module docstring)."""
     return isinstance(getattr(module, "_hf_nvfp4_packed", None), PackedExperts)
@@ -143,7 +144,7 @@ def quantized_params(module: nn.Module) -> tuple[str, ...]:
 def gemm_matrices(module: nn.Module, name: str) -> torch.Tensor:
     """The ``[E, out, in]`` GEMM matrices of a training experts parameter (a view)."""
     w = getattr(module, name).detach()
-    return w.transpose(1, 2) if _transposed(module) else w
+    return w.transpose(1, 2) if weights_transposed(module) else w
 
 
 def expert_weights(module: nn.Module) -> dict[str, ExpertWeights]:
@@ -175,11 +176,6 @@ def expert_weights(module: nn.Module) -> dict[str, ExpertWeights]:
     return out
 
 
-def _set_implementation(module: nn.Module, implementation: str | None) -> None:
-    module.config = copy.copy(module.config)
-    module.config._experts_implementation = implementation
-
-
 def pack_experts_module(
     module: nn.Module, recipe: Recipe, backend: str, *,
     weights: dict[str, ExpertWeights] | None = None,
@@ -197,7 +193,7 @@ def pack_experts_module(
     if set(params) != set(given):
         raise ValueError(f"packed experts parameters {sorted(given)} are not {list(params)}")
     previous = (training.previous_implementation if training is not None
-                else getattr(module.config, "_experts_implementation", None))
+                else current_implementation(module))
     seed = training.sr_seed if training is not None else 0
     for p in params:
         device = getattr(module, p).device
@@ -223,7 +219,7 @@ def pack_experts_module(
     # Every tensor of the module comes from the checkpoint: transformers' weight init (which
     # would look for the removed 3D parameters) skips it.
     module._is_hf_initialized = True
-    _set_implementation(module, PACKED_IMPLEMENTATION)
+    set_implementation(module, PACKED_IMPLEMENTATION)
 
 
 def unpack_experts_module(module: nn.Module, dtype: torch.dtype, sr_seed: int) -> None:
@@ -234,10 +230,10 @@ def unpack_experts_module(module: nn.Module, dtype: torch.dtype, sr_seed: int) -
         values = w.dequantize(dtype)
         for suffix in EXPERT_SUFFIXES:
             delattr(module, f"{p}_{suffix}")
-        values = values.transpose(1, 2).contiguous() if _transposed(module) else values
+        values = values.transpose(1, 2).contiguous() if weights_transposed(module) else values
         setattr(module, p, nn.Parameter(values))
     del module._hf_nvfp4_packed
-    _set_implementation(module, info.previous_implementation)
+    set_implementation(module, info.previous_implementation)
     convert_experts_module(module, info.recipe, info.backend, sr_seed)
 
 
@@ -264,6 +260,24 @@ def _packed_grouped(
     return torch.cat(outs)
 
 
+def packed_projector(module: nn.Module, device: torch.device) -> tuple[Project, int]:
+    """``(project, num_experts)`` of a packed experts module (see
+    :func:`hf_nvfp4.experts.nvfp4_projector`; inference only)."""
+    info: PackedExperts | None = getattr(module, "_hf_nvfp4_packed", None)
+    if info is None:
+        raise RuntimeError(
+            f"{type(module).__name__} dispatches to the {PACKED_IMPLEMENTATION!r} experts "
+            "implementation but holds no packed NVFP4 weights"
+        )
+    backend = get_backend(info.backend, device)
+    spec = _role_specs(info.recipe).x
+
+    def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
+        return _packed_grouped(module, info.params[stage], x, counts, backend, spec)
+
+    return project, getattr(module, f"{info.params[1]}_packed").shape[0]
+
+
 def packed_experts_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -272,21 +286,18 @@ def packed_experts_forward(
 ) -> torch.Tensor:
     """The ``"hf_nvfp4_packed"`` experts implementation: the inference forward of
     :func:`hf_nvfp4.experts.nvfp4_experts_forward` on packed weights (same outputs)."""
-    info: PackedExperts | None = getattr(self, "_hf_nvfp4_packed", None)
-    if info is None:
-        raise RuntimeError(
-            f"{type(self).__name__} dispatches to the {PACKED_IMPLEMENTATION!r} experts "
-            "implementation but holds no packed NVFP4 weights"
-        )
-    backend = get_backend(info.backend, hidden_states.device)
-    spec = _role_specs(info.recipe).x
-
-    def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
-        return _packed_grouped(self, info.params[stage], x, counts, backend, spec)
-
-    num_experts = getattr(self, f"{info.params[1]}_packed").shape[0]
+    project, num_experts = packed_projector(self, hidden_states.device)
     return routed_experts_forward(self, hidden_states, top_k_index, top_k_weights,
                                   num_experts, project)
+
+
+def packed_batched_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The ``"hf_nvfp4_packed"`` forward of a batched experts module (Llama 4's)."""
+    project, num_experts = packed_projector(self, hidden_states.device)
+    return batched_experts_forward(self, hidden_states, num_experts, project)
+
+
+BATCHED_FORWARDS[PACKED_IMPLEMENTATION] = packed_batched_forward
 
 
 def register_packed() -> None:
@@ -535,8 +546,8 @@ def expert_export(model: nn.Module, export: str) -> ExpertExport:
     if not modules:
         return ExpertExport()
     for name, mod in modules:
-        if _transposed(mod) or getattr(mod, "has_bias", False):
-            what = "stores [in, out] matrices" if _transposed(mod) else "has expert biases"
+        if weights_transposed(mod) or getattr(mod, "has_bias", False):
+            what = "stores [in, out] matrices" if weights_transposed(mod) else "has expert biases"
             raise ValueError(
                 f"{export} cannot export experts module {name!r} ({type(mod).__name__}): it "
                 f"{what}, and the per-expert layout engines read for it is not determined; "
@@ -631,7 +642,9 @@ __all__ = [
     "is_packed_experts",
     "iter_quantized_experts",
     "pack_experts_module",
+    "packed_batched_forward",
     "packed_experts_forward",
+    "packed_projector",
     "packed_experts_state",
     "prepare_packed_experts",
     "refuse_high_precision_experts",

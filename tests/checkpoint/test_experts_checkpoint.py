@@ -34,6 +34,11 @@ CONFIGS = {
     "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=32,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     num_local_experts=4, num_experts_per_tok=2, vocab_size=128, head_dim=16),
+    # Llama 4's experts: no ExpertsInterface, a bmm over equal row slices, [E, in, out]
+    "llama4_text": dict(model_type="llama4_text", hidden_size=64, intermediate_size=32,
+                        intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                        num_experts_per_tok=1, vocab_size=128, interleave_moe_layer_step=1),
 }
 ALL_NVFP4 = {"first_bf16_blocks": 0, "last_bf16_blocks": 0, "backend": "reference"}
 # Checkpoint names per expert e of layer L: (gate, up, down), as vLLM's expert mapping reads.
@@ -242,3 +247,33 @@ def test_gpt_oss_packed_round_trip(tmp_path, tokens):
     loaded = load_packed(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_llama4_batched_experts_packed_round_trip_and_train_mode(tmp_path, tokens):
+    """Llama4TextExperts ([E, in, out], forward bound on the instance): packed as [E, out, in]
+    GEMM matrices, loaded packed with equal logits, and back to trainable experts."""
+    from hf_nvfp4.experts import current_implementation
+
+    model = _moe("llama4_text")
+    save_packed(model, tmp_path / "ckpt", dtype=None)
+    t = _tensors(tmp_path / "ckpt")
+    name, mod = next(iter(iter_nvfp4_experts(model)))
+    w = mod.gate_up_proj.detach()[2].t()  # expert 2's [out, in] GEMM matrix
+    q = quantize(w, tile=(16, 16))
+    assert torch.equal(t[f"{name}.gate_up_proj_packed"][2], q.data)
+    assert torch.equal(_bits(t[f"{name}.gate_up_proj_scale"][2]), _bits(q.scale))
+    loaded = load_packed(tmp_path / "ckpt")
+    experts = [m for m in loaded.modules() if is_packed_experts(m)]
+    assert len(experts) == 2
+    assert all(current_implementation(m) == PACKED_IMPLEMENTATION for m in experts)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    trainable = load_packed(tmp_path / "ckpt", mode="train")
+    again = dict(iter_nvfp4_experts(trainable))
+    assert len(again) == 2 and current_implementation(again[name]) == "hf_nvfp4"
+    assert torch.equal(again[name].gate_up_proj[2].detach().t(), q.dequantize())
+    trainable.train()
+    trainable(input_ids=tokens, labels=tokens).loss.backward()
+    assert again[name].gate_up_proj.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.feed_forward\.experts'"):
+        export_compressed_tensors(model, tmp_path / "export", weight_only=True)
