@@ -6,7 +6,7 @@ compiled kernels' registers and instruction counts (no GPU needed).
     python bench/dev_quantize.py --ncu      # one x and one dy call at 8192x4096 (for ncu)
     python bench/dev_quantize.py --offline [--base REV]   # sm_90 compile stats, no GPU
     python bench/dev_quantize.py --attribution   # instructions per element by copy, no GPU
-    python bench/dev_quantize.py --amax --base REV_OR_DIR   # amax pass: working tree vs base
+    python bench/dev_quantize.py --amax --base REV_OR_DIR   # amax passes: working tree vs base
 
 GPU: checks codes, scales, global scales and BF16 block values against the reference
 (``numerics.quantize`` of x and x^T, one child generator each) computed on the GPU (x: RTN
@@ -25,7 +25,8 @@ once per iteration), plus the TTGIR layout conversions and shared-memory allocat
 the working tree and of the base kernels (a git revision, or a folder holding them, such as a
 frozen copy's ``hf_nvfp4/kernels`` where the machine has no git) side by side: GPU time from
 CUDA-graph replay per shape, and the maxima of both on random tensors of many scales (equal
-where both are exact; the reference's on a few).
+where both are exact; the reference's on a few); then the same for the grouped (MoE experts)
+amax pass at MoE token shapes.
 """
 
 from __future__ import annotations
@@ -196,6 +197,70 @@ def amax_vs_base(base: str, tensors: int = 400) -> dict:
     print(f"{tensors} random tensors: {differ} differ from the base; "
           f"{wrong} of {out['reference_checked']} from the reference")
     return out
+
+
+# MoE experts' token matrices (bench/moe.py's module: 8192 tokens top-8 over 64 experts,
+# hidden 2048 and expert FFN 768; a 1B-class MoE's 128 experts, hidden 4096)
+GROUPED_AMAX_SHAPES = ((64, 65536, 2048), (64, 65536, 768), (128, 131072, 4096))
+
+
+def grouped_amax_vs_base(base: str, tensors: int = 100) -> dict:
+    """The grouped (per-expert) amax pass of the working tree against ``base``'s: GPU time
+    per shape (random uneven expert counts) and equality of both on random tensors."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from kernel_speed import graph_ms
+
+    from hf_nvfp4.kernels import grouped as new_mod
+
+    old_mod = load_module("grouped", base)
+
+    def counts_for(experts: int, rows: int, g: torch.Generator) -> list[int]:
+        w = torch.rand(experts, generator=g) + 0.2
+        c = (w / w.sum() * rows).long()
+        c[0] += rows - int(c.sum())
+        return c.tolist()
+
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for experts, m, k in GROUPED_AMAX_SHAPES:
+        counts = counts_for(experts, m, g)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        r = {"shape": f"{experts} experts, {m}x{k}"}
+        for name, mod in (("base_ms", old_mod), ("new_ms", new_mod)):
+            layout = mod.GroupLayout.build(counts, x.device)
+            r[name] = graph_ms(lambda x=x, mod=mod, layout=layout: mod.grouped_amax(
+                x, layout, True, True, SIGN))
+        r["equal"] = torch.equal(
+            old_mod.grouped_amax(x, old_mod.GroupLayout.build(counts, x.device), True, True,
+                                 SIGN),
+            new_mod.grouped_amax(x, new_mod.GroupLayout.build(counts, x.device), True, True,
+                                 SIGN))
+        timed = all(isinstance(r[k], float) for k in ("base_ms", "new_ms"))
+        r["new_over_base"] = r["new_ms"] / r["base_ms"] if timed else None
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        del x
+    gd = torch.Generator(device="cuda").manual_seed(4)
+    differ = 0
+    for _ in range(tensors):
+        counts = counts_for(8, 512, g)
+        x = (torch.randn(512, 256, device="cuda", generator=gd)
+             * 2.0 ** float(torch.randint(-30, 30, (1,), device="cuda", generator=gd))
+             ).to(torch.bfloat16)
+        a = new_mod.grouped_amax(x, new_mod.GroupLayout.build(counts, x.device), True, True,
+                                 SIGN)
+        b = old_mod.grouped_amax(x, old_mod.GroupLayout.build(counts, x.device), True, True,
+                                 SIGN)
+        differ += int(not torch.equal(a, b))
+    print(f"{'grouped shape':>28} {'base ms':>8} {'new ms':>8} {'new/base':>8} equal")
+    for r in rows:
+        if r["new_over_base"] is None:
+            print(f"{r['shape']:>28} not timed: {r['base_ms']} / {r['new_ms']}")
+        else:
+            print(f"{r['shape']:>28} {r['base_ms']:8.4f} {r['new_ms']:8.4f} "
+                  f"{r['new_over_base']:8.2f} {r['equal']}")
+    print(f"{tensors} random grouped tensors (8 experts): {differ} differ from the base")
+    return {"rows": rows, "random_tensors": tensors, "differ_from_base": differ}
 
 
 # ----------------------------------------------------------------------------- offline
@@ -415,8 +480,12 @@ def main() -> None:
         if not args.base:
             raise SystemExit("--amax needs --base (a git revision or a kernels folder)")
         result = amax_vs_base(args.base)
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "amax_vs_base.json").write_text(json.dumps(result, indent=1))
+        for part in ("dense", "grouped"):  # written after each part: a failure keeps the first
+            if part == "grouped":
+                result["grouped"] = grouped_amax_vs_base(args.base)
+            if os.environ.get("OUT"):
+                Path(os.environ["OUT"], "amax_vs_base.json").write_text(
+                    json.dumps(result, indent=1))
         return
     if args.ncu:
         torch.use_deterministic_algorithms(True)  # the first config, no tuning launches

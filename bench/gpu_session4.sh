@@ -16,11 +16,12 @@
 #       # bit exactness at large shapes, the tensor cores' RHT error and the quantize timings
 #       # (bench/rht_exactness.py), then the 124M e2e figure with CUDA graphs
 #   OUT=/some/dir bash bench/gpu_session4.sh verify [SECONDS]
-#       # a quantizer change's checks in about five minutes: the quantize, grouped and MXFP4
-#       # kernel tests compiled (stopping at SECONDS, default 200), the quantize table with the
-#       # amax pass's GPU time (kernel_speed --quantize-only), with AMAX_BASE (a folder of
-#       # kernels, e.g. a carried frozen copy's) the amax pass against that one's
-#       # (dev_quantize --amax), and the 124M e2e with CUDA graphs
+#       # a quantizer change's checks in about nine minutes on a cold machine: the quantize,
+#       # grouped and MXFP4 kernel tests compiled (stopping at SECONDS, default 200), the
+#       # quantize table with the amax pass's GPU time (kernel_speed --quantize-only), with
+#       # AMAX_BASE (a folder of kernels, e.g. a carried frozen copy's) the dense and grouped
+#       # amax passes against that one's (dev_quantize --amax), the 124M e2e with CUDA graphs
+#       # and bench/moe.py
 #   OUT=/some/dir bash bench/gpu_session4.sh kernel-tests [SECONDS]
 #       # tests/kernels file by file, each file's result in $OUT/pytest_<file>.txt, stopping
 #       # before SECONDS (default 540) run out; files already passed (listed in
@@ -71,6 +72,7 @@ case $what in
     python3 bench/e2e.py --size 124m --modes bf16_params --compile-mode reduce-overhead \
       --columns bf16_compiled,nvfp4_compiled --out "$OUT/e2e_124m_verify.json" 2>&1 \
       | grep -E "^\[|^\|"
+    python3 bench/moe.py --out "$OUT/moe_verify.json" 2>&1 | tail -4
     ;;
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/kernels tests/quant tests/nn tests/backends \

@@ -278,6 +278,28 @@ def _rht_signs(SIGN: tl.constexpr):
 
 
 @triton.jit
+def rht16_fp32(v, SIGN: tl.constexpr):
+    """The 16-point RHT of the BF16 tuple ``v`` (16 tensors: the tokens of each block) in
+    FP32, every sum of the butterfly rounded to nearest, no exactness test: each output lies
+    within ``2^-22 T`` of the exact one (``T`` its block's sum of |products|; four roundings,
+    each of a partial sum bounded by ``T``). For maxima that are rounded afterwards, where
+    only the global one needs the exact treatment (the amax passes' fix-up launches)."""
+    c = _rht_signs(SIGN)
+    t = ()
+    for i in tl.static_range(16):
+        t = t + (v[i].to(tl.float32) * c[i],)
+    for s in tl.static_range(4):
+        n = ()
+        for i in tl.static_range(16):
+            if (i >> s) % 2 == 0:
+                n = n + (t[i] + t[i + (1 << s)],)
+            else:
+                n = n + (t[i - (1 << s)] - t[i],)
+        t = n
+    return t
+
+
+@triton.jit
 def round_to_odd_fp32(z):
     """FP64 ``z`` to FP32 by round-to-odd (toward zero, last bit set when inexact), as
     ``numerics.hadamard.round_to_odd_fp32``: then one nearest-even rounding to BF16/FP16

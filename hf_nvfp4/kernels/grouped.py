@@ -50,12 +50,15 @@ from ._common import (
     pack_pairs,
     rht16,
     rht16_exact,
+    rht16_fp32,
     round_bf16,
     sign_mask,
 )
 
 _BB = 4  # 16-token blocks per program of the token kernels
 _BK = 64  # features per program of the token kernels
+# the amax fix-up launch's warps (its exact path, as the dense pass's: .amax._FIX_WARPS)
+_FIX_WARPS = 8
 _GEMM_BM, _GEMM_BN, _GEMM_BK = 128, 128, 64
 _BIG = 2**31 - 1
 # meta rows (int32 [5, GP]): first row of the expert, its rows, cumulative 16-row blocks
@@ -161,7 +164,7 @@ def _column(v, COL_RHT: tl.constexpr, RHT_SIGN: tl.constexpr, INTERPRET: tl.cons
 
 
 @triton.jit
-def _grouped_amax_kernel(x_ptr, meta_ptr, amax_ptr, K, stride_m, NB, G,
+def _grouped_amax_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, NB, G,
                          DO_ROW: tl.constexpr, DO_COL: tl.constexpr, COL_RHT: tl.constexpr,
                          RHT_SIGN: tl.constexpr, INTERPRET: tl.constexpr, GP: tl.constexpr,
                          BB: tl.constexpr, BK: tl.constexpr):
@@ -175,15 +178,65 @@ def _grouped_amax_kernel(x_ptr, meta_ptr, amax_ptr, K, stride_m, NB, G,
             m = tl.maximum(m, tl.abs(v[j]).to(tl.float32))
         tl.atomic_max(amax_ptr + 2 * e, tl.max(m, axis=1), mask=valid)
     if DO_COL:
-        y, redo = _column(v, COL_RHT, RHT_SIGN, INTERPRET)
-        if redo:  # rare: a block whose FP32 sum may round unlike the exact one
-            y = rht16_exact(x_ptr + row0[:, None].to(tl.int64) * stride_m + cols[None, :],
-                            stride_m, tl.where(valid, count - local, 0)[:, None],
-                            cols[None, :] < K, RHT_SIGN, INTERPRET)
+        if COL_RHT and x_ptr.dtype.element_ty == tl.bfloat16:
+            # each block's FP32 maximum, rounded or redone by _grouped_amax_fix_kernel
+            y = rht16_fp32(v, RHT_SIGN)
+            m = tl.abs(y[0])
+            for j in tl.static_range(1, 16):
+                m = tl.maximum(m, tl.abs(y[j]))
+            bm = tl.max(m, axis=1)
+            blk = tl.program_id(0) * BB + tl.arange(0, BB)
+            tl.store(bmax_ptr + 2 * G + blk * tl.num_programs(1) + tl.program_id(1), bm,
+                     mask=valid)
+            tl.atomic_max(bmax_ptr + e, bm, mask=valid)
+        else:
+            y, redo = _column(v, COL_RHT, RHT_SIGN, INTERPRET)
+            if redo:  # FP16: the exact path
+                y = rht16_exact(x_ptr + row0[:, None].to(tl.int64) * stride_m + cols[None, :],
+                                stride_m, tl.where(valid, count - local, 0)[:, None],
+                                cols[None, :] < K, RHT_SIGN, INTERPRET)
+            m = tl.abs(y[0])
+            for j in tl.static_range(1, 16):
+                m = tl.maximum(m, tl.abs(y[j]))
+            tl.atomic_max(amax_ptr + 2 * e + 1, tl.max(m, axis=1), mask=valid)
+
+
+@triton.jit
+def _grouped_amax_fix_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, NB, G,
+                             RHT_SIGN: tl.constexpr, INTERPRET: tl.constexpr,
+                             GP: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
+    """Each expert's BF16 RHT maximum from the main pass's FP32 one ``G_e`` (``bmax[e]``;
+    each block's FP32 maximum per column program at ``bmax[2 G + ...]``, same grid), as
+    :func:`.amax._amax_fix_kernel` does for one tensor: ``G_e`` rounded once, or, when a BF16
+    midpoint lies within ``eps = 2^-15 G_e`` of it, the exact maximum of every block whose
+    maximum could be the exact one (above ``G_e - 2 eps``; NaN or inf: all). The FP32
+    butterfly's error (:func:`._common.rht16_fp32`: ``2^-22 T``, ``T <= 4 max|y|`` of the
+    block) is far inside ``eps``. The rounded value is written by every program of the
+    expert (the same value)."""
+    valid, e, row0, local, count, m16, off16 = _blocks(meta_ptr, tl.program_id(0), NB, G, GP,
+                                                       BB)
+    g = tl.load(bmax_ptr + e)
+    eps = tl.math.fma(g, 3.0517578125e-05, 1.401298464324817e-45)
+    mid = ((g.to(tl.int32, bitcast=True) & -65536) | 32768).to(tl.float32, bitcast=True)
+    near = ~(tl.abs(g - mid) >= eps)
+    if INTERPRET:
+        rounded = round_bf16(g)
+    else:
+        rounded = g.to(tl.bfloat16).to(tl.float32)
+    tl.atomic_max(amax_ptr + 2 * e + 1, rounded, mask=valid & ~near)
+    blk = tl.program_id(0) * BB + tl.arange(0, BB)
+    bm = tl.load(bmax_ptr + 2 * G + blk * tl.num_programs(1) + tl.program_id(1), mask=valid,
+                 other=0.0)
+    redo = valid & near & ~(bm < g - 2 * eps)
+    if tl.max(redo.to(tl.int32), axis=0) > 0:
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        y = rht16_exact(x_ptr + row0[:, None].to(tl.int64) * stride_m + cols[None, :],
+                        stride_m, tl.where(redo, count - local, 0)[:, None],
+                        cols[None, :] < K, RHT_SIGN, INTERPRET)
         m = tl.abs(y[0])
         for j in tl.static_range(1, 16):
             m = tl.maximum(m, tl.abs(y[j]))
-        tl.atomic_max(amax_ptr + 2 * e + 1, tl.max(m, axis=1), mask=valid)
+        tl.atomic_max(amax_ptr + 2 * e + 1, tl.max(m, axis=1), mask=redo)
 
 
 @triton.jit
@@ -263,18 +316,32 @@ def grouped_amax(x: torch.Tensor, layout: GroupLayout, row: bool, col: bool,
         x: BF16/FP16 [S, K] rows sorted by expert (K-contiguous), K a multiple of 16.
         layout: the experts' rows.
         row / col: which amax to compute; ``col_rht_sign``: RHT sign vector, or None.
+
+    The RHT maximum is the reference's (each output rounded to x's dtype). BF16: a plain FP32
+    butterfly, then a small second launch that rounds each expert's maximum once or redoes
+    exactly the blocks that may hold it (:func:`_grouped_amax_fix_kernel`); FP16: the exact
+    path in the main pass.
     """
     _check_tokens(x)
     g = len(layout.counts)
     amax = torch.zeros((g, 2), dtype=torch.float32, device=x.device)
     if layout.blocks == 0 or not (row or col):
         return amax
-    _grouped_amax_kernel[_token_grid(layout, x.shape[1])](
-        x, layout.meta, amax, x.shape[1], x.stride(0), layout.blocks, g,
-        DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None,
-        RHT_SIGN=sign_mask(col_rht_sign) if col_rht_sign is not None else 0,
+    grid = _token_grid(layout, x.shape[1])
+    bf16_rht = col and col_rht_sign is not None and x.dtype == torch.bfloat16
+    # BF16 RHT: per expert the FP32 maximum (2 G entries, the first G used), then each
+    # block's per column program
+    bmax = (torch.zeros(2 * g + grid[0] * _BB * grid[1], dtype=torch.float32, device=x.device)
+            if bf16_rht else amax)
+    sign = sign_mask(col_rht_sign) if col_rht_sign is not None else 0
+    args = (x, layout.meta, amax, bmax, x.shape[1], x.stride(0), layout.blocks, g)
+    _grouped_amax_kernel[grid](
+        *args, DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None, RHT_SIGN=sign,
         INTERPRET=interpreting(), GP=layout.gp, BB=_BB, BK=_BK, num_warps=4,
     )
+    if bf16_rht:
+        _grouped_amax_fix_kernel[grid](*args, RHT_SIGN=sign, INTERPRET=interpreting(),
+                                       GP=layout.gp, BB=_BB, BK=_BK, num_warps=_FIX_WARPS)
     return amax
 
 

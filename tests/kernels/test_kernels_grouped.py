@@ -187,3 +187,36 @@ def test_rht_correctly_rounded_at_midpoints():
         assert torch.equal(cscale[lo // 16: (lo + k * m16) // 16].view(k, m16 // 16),
                            q_col.scale.view(torch.uint8))
         assert torch.equal(_s_dec(amax[g, 1]), q_col.global_scale.reshape(()))
+
+
+def test_amax_fix_up_redoes_only_what_can_hold_the_maximum():
+    """The BF16 RHT amax's fix-up launch per expert, on ordinary rows with one midpoint-tie
+    block placed in a later program and column program: expert 1 (its FP32 maximum next to
+    the midpoint) redoes that block and gets the exact 1.2578125 (rounding the FP32 sum gives
+    1.25); expert 2 holds the same tie and a louder, exactly representable maximum (3.0), so
+    its maximum is rounded once and the tie does not matter; expert 0 has no tie. Each equals
+    the dense amax pass on that expert's rows alone."""
+    from hf_nvfp4.kernels.amax import amax_rowcol
+    from hf_nvfp4.kernels.grouped import GroupLayout, grouped_amax
+    from hf_nvfp4.numerics.testing import exact_rht, rht_amax_tie_blocks
+
+    counts, k = [40, 96, 64], 128
+    g = torch.Generator().manual_seed(21)
+    x = (torch.randn(sum(counts), k, generator=g) * 0.05).bfloat16()
+    tie = rht_amax_tie_blocks(1, seed=14)[0]
+    x[40 + 64:40 + 80, 70] = tie  # expert 1, its fifth block, column program 1
+    x[136 + 32:136 + 48, 9] = tie  # expert 2
+    x[136:152, 100] = 0.0
+    x[136, 100] = 12.0  # its block's 16 outputs are +-12/4
+    sign = tuple(SPECS.x_t.rht_sign)
+    layout = GroupLayout.build(counts, torch.device(DEV))
+    got = grouped_amax(x.to(DEV), layout, True, True, sign).cpu()
+    want = [None, 1.2578125, 3.0]
+    for e, xe in enumerate(x.split(counts)):
+        padded = torch.nn.functional.pad(xe, (0, 0, 0, -len(xe) % 16))  # zeros to M16
+        exact = float(exact_rht(padded.t().contiguous().reshape(-1, 16)).abs().max())
+        if want[e] is not None:
+            assert exact == want[e]
+        dense = amax_rowcol(xe.contiguous().to(DEV), True, True, sign).cpu()
+        assert float(got[e, 1]) == exact == float(dense[1]), e
+        assert float(got[e, 0]) == float(xe.float().abs().max()) == float(dense[0]), e
