@@ -44,6 +44,7 @@ from .integrity import (
     validate_packed_tensors,
 )
 from .packed import MASTERS_PREFIX, PACKED_FORMAT, PACKED_SUFFIXES
+from .saved_names import SavedName, saved_name
 from .shards import TensorInfo, checkpoint_files, read_headers
 
 MODES = ("inference", "train")
@@ -157,40 +158,52 @@ def finalize_packed_model(model: nn.Module, infos: dict[str, TensorInfo]) -> Non
 def check_master_checkpoint(model: nn.Module, files: list[str] | None) -> set[str] | None:
     """A master-format hf_nvfp4 checkpoint holds a ``weight`` for every NVFP4Linear.
 
-    Returns the names of the NVFP4Linear layers whose ``sr_state`` (stochastic-rounding
-    stream) the checkpoint holds, or None when its files cannot be found.
+    Each tensor is looked up where ``save_pretrained`` writes it (:mod:`.saved_names`:
+    transformers' checkpoint conversion reverted, e.g. renamed or stored transposed), or
+    under the model's own name. Returns the names of the NVFP4Linear layers whose
+    ``sr_state`` (stochastic-rounding stream) the checkpoint holds, or None when its files
+    cannot be found.
     """
     paths = resolve_checkpoint_files(model, files, required=False)
     if not paths:
         return None
     infos = read_headers(paths)
-    expected = []
+    state = model.state_dict()
     layers = [name for name, mod in model.named_modules() if isinstance(mod, NVFP4Linear)]
+    missing: list[SavedName] = []
     for name in layers:
-        packed = on_disk_name(model, f"{name}.weight_packed")
-        if packed in infos:
+        weight = saved_name(model, f"{name}.weight", state[f"{name}.weight"])
+        packed = [f"{n}_packed" for n in (f"{name}.weight", *weight.names)
+                  if n.endswith(".weight") and f"{n}_packed" in infos]
+        if packed:
             raise CheckpointError(
-                f"tensor {packed!r} in {infos[packed].file} is packed, but config.json says "
-                "checkpoint_format 'master'"
+                f"tensor {packed[0]!r} in {infos[packed[0]].file} is packed, but config.json "
+                "says checkpoint_format 'master'"
             )
-        expected.append(on_disk_name(model, f"{name}.weight"))
-    check_all_present(expected, infos, str(paths[0].parent), set())
-    return {name for name in layers if on_disk_name(model, f"{name}.sr_state") in infos}
+        if not weight.found_in(infos):
+            missing.append(weight)
+    if missing:
+        raise CheckpointError(_missing_message(model, missing, paths[0].parent))
+    return {name for name in layers
+            if saved_name(model, f"{name}.sr_state", state[f"{name}.sr_state"]).found_in(infos)}
 
 
-def on_disk_name(model: nn.Module, key: str) -> str:
-    """``key`` (a state-dict name of ``model``) as ``save_pretrained`` writes it: transformers
-    reverts its checkpoint renamings on save (e.g. EXAONE's ``transformer.h.N.attn...``
-    layout for a model that runs as Llama), so a check of the files must ask for that name."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # a transformers without checkpoint conversions saves model names
-        return key
-    try:
-        out = revert_weight_conversion(model, {key: torch.zeros(1)})
-    except (RuntimeError, ValueError, KeyError, IndexError, TypeError):
-        return key  # a conversion that needs real tensors: not a plain renaming
-    return next(iter(out)) if len(out) == 1 else key
+def _missing_message(model: nn.Module, missing: list[SavedName], where: Path) -> str:
+    """The error for NVFP4Linear weights a master checkpoint lacks, each with its saved names."""
+    shown = []
+    for s in missing[:5]:
+        if s.error is not None:
+            shown.append(f"{s.key!r} (transformers' checkpoint conversion of "
+                         f"{type(model).__name__} cannot be applied to it alone: {s.error})")
+        elif s.names != (s.key,):
+            shown.append(f"{s.key!r} (saved as {', '.join(repr(n) for n in s.names)})")
+        else:
+            shown.append(repr(s.key))
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return (
+        f"{len(missing)} NVFP4 layer weights are missing from the checkpoint in {where}: "
+        f"{', '.join(shown)}{more}; refusing to load (they would be randomly initialized)"
+    )
 
 
 def _nvfp4_layers(model: nn.Module) -> list[tuple[str, NVFP4Linear]]:
@@ -339,7 +352,6 @@ def load_packed(
 __all__ = [
     "MODES",
     "check_master_checkpoint",
-    "on_disk_name",
     "finalize_packed_model",
     "load_masters",
     "load_packed",
