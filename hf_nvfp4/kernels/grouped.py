@@ -241,17 +241,26 @@ def _grouped_amax_fix_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, N
 
 @triton.jit
 def _grouped_rowcol_kernel(x_ptr, meta_ptr, amax_ptr, keys_ptr, row_ptr, col_data_ptr,
-                           col_scale_ptr, K, stride_m, NB, G,
+                           col_scale_ptr, flags_ptr, K, stride_m, NB, G,
                            DO_ROW: tl.constexpr, DO_COL: tl.constexpr, COL_RHT: tl.constexpr,
                            RHT_SIGN: tl.constexpr, INTERPRET: tl.constexpr,
                            ROW_SR: tl.constexpr, COL_SR: tl.constexpr,
-                           COL_VALUES: tl.constexpr, GP: tl.constexpr, BB: tl.constexpr,
-                           BK: tl.constexpr):
+                           COL_VALUES: tl.constexpr, FIX: tl.constexpr, GP: tl.constexpr,
+                           BB: tl.constexpr, BK: tl.constexpr):
+    """``FIX`` as :func:`.quantize_rowcol._rowcol_kernel`'s: 0 the main launch (a BF16 RHT
+    column copy flags the programs whose interval butterfly was not decisive), 1 the fix-up
+    launch (the column copy of just the flagged programs, with the exact sum), 2 the exact
+    sum in the one launch (FP16)."""
+    flag = flags_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    if FIX == 1:
+        if tl.load(flag) == 0:
+            return
     valid, e, row0, local, count, m16, off16 = _blocks(meta_ptr, tl.program_id(0), NB, G, GP,
                                                        BB)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     kin = cols[None, :] < K
-    v = _load_blocks(x_ptr, row0, local, count, cols, valid, K, stride_m)
+    if DO_ROW or not (COL_RHT and FIX != 0):
+        v = _load_blocks(x_ptr, row0, local, count, cols, valid, K, stride_m)
 
     if DO_ROW:  # token j of every block: [BB, BK/16, 16] blocks along K
         mult6, s_dec = global_scales(tl.load(amax_ptr + 2 * e))
@@ -270,11 +279,14 @@ def _grouped_rowcol_kernel(x_ptr, meta_ptr, amax_ptr, keys_ptr, row_ptr, col_dat
 
     if DO_COL:  # each thread holds whole column blocks (16 tokens of one feature)
         mult6c, s_decc = global_scales(tl.load(amax_ptr + 2 * e + 1))
-        y, redo = _column(v, COL_RHT, RHT_SIGN, INTERPRET)
-        if redo:  # rare: a block whose FP32 sum may round unlike the exact one
+        if COL_RHT and FIX != 0:  # the exact sum (reloading the tokens)
             y = rht16_exact(x_ptr + row0[:, None].to(tl.int64) * stride_m + cols[None, :],
                             stride_m, tl.where(valid, count - local, 0)[:, None],
                             cols[None, :] < K, RHT_SIGN, INTERPRET)
+        else:
+            y, redo = _column(v, COL_RHT, RHT_SIGN, INTERPRET)
+            if COL_RHT:
+                tl.store(flag, redo)
         bamax = tl.abs(y[0])
         for j in tl.static_range(1, 16):
             bamax = tl.maximum(bamax, tl.abs(y[j]))
@@ -391,16 +403,25 @@ def grouped_quantize_rowcol(
         col_scale = torch.empty(n // 16, dtype=torch.uint8, device=dev)
     if layout.blocks == 0 or not (row or col):
         return row_vals, col_data, col_scale
-    _grouped_rowcol_kernel[_token_grid(layout, k)](
-        x, layout.meta, amax, keys if keys is not None else layout.meta,
-        row_vals if row else amax, col_data.view(torch.int32) if col else amax,
-        col_scale if col_scale is not None else amax, k, x.stride(0), layout.blocks,
-        len(layout.counts),
-        DO_ROW=row, DO_COL=col, COL_RHT=col_rht_sign is not None,
-        RHT_SIGN=sign_mask(col_rht_sign) if col_rht_sign is not None else 0,
-        INTERPRET=interpreting(), ROW_SR=row and row_sr, COL_SR=col and col_sr,
-        COL_VALUES=col and col_values, GP=layout.gp, BB=_BB, BK=_BK, num_warps=4,
-    )
+    grid = _token_grid(layout, k)
+    col_rht = col and col_rht_sign is not None
+    flags = (torch.empty(grid[0] * grid[1], dtype=torch.int32, device=dev) if col_rht
+             else layout.meta)
+    # FIX (see the kernel): a BF16 RHT column copy takes a second, fix-up launch
+    fix = 0 if not col_rht or x.dtype == torch.bfloat16 else 2
+    passes = ((fix, row), (1, False)) if col_rht and fix == 0 else ((fix, row),)
+    for fix_pass, do_row in passes:
+        _grouped_rowcol_kernel[grid](
+            x, layout.meta, amax, keys if keys is not None else layout.meta,
+            row_vals if do_row else amax, col_data.view(torch.int32) if col else amax,
+            col_scale if col_scale is not None else amax, flags, k, x.stride(0),
+            layout.blocks, len(layout.counts),
+            DO_ROW=do_row, DO_COL=col, COL_RHT=col_rht_sign is not None,
+            RHT_SIGN=sign_mask(col_rht_sign) if col_rht_sign is not None else 0,
+            INTERPRET=interpreting(), ROW_SR=do_row and row_sr, COL_SR=col and col_sr,
+            COL_VALUES=col and col_values, FIX=fix_pass, GP=layout.gp, BB=_BB, BK=_BK,
+            num_warps=4,
+        )
     return row_vals, col_data, col_scale
 
 
