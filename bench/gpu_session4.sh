@@ -21,7 +21,7 @@
 #       # quantize table with the amax pass's GPU time (kernel_speed --quantize-only), with
 #       # AMAX_BASE (a folder of kernels, e.g. a carried frozen copy's) the dense and grouped
 #       # amax passes against that one's (dev_quantize --amax), the 124M e2e with CUDA graphs
-#       # and bench/moe.py
+#       # and bench/moe.py (with BASE_TREE, a frozen tree such as .snap, its bench/moe.py too)
 #   OUT=/some/dir bash bench/gpu_session4.sh kernel-tests [SECONDS]
 #       # tests/kernels file by file, each file's result in $OUT/pytest_<file>.txt, stopping
 #       # before SECONDS (default 540) run out; files already passed (listed in
@@ -73,6 +73,9 @@ case $what in
       --columns bf16_compiled,nvfp4_compiled --out "$OUT/e2e_124m_verify.json" 2>&1 \
       | grep -E "^\[|^\|"
     python3 bench/moe.py --out "$OUT/moe_verify.json" 2>&1 | tail -4
+    if [ -n "${BASE_TREE:-}" ]; then  # the same MoE step from a frozen tree, side by side
+      (cd "$BASE_TREE" && python3 bench/moe.py --out "$OUT/moe_base.json" 2>&1 | tail -4)
+    fi
     ;;
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/kernels tests/quant tests/nn tests/backends \
