@@ -35,6 +35,7 @@ import argparse
 import collections
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -240,13 +241,21 @@ def grouped_amax_vs_base(base: str, tensors: int = 100) -> dict:
         rows.append(r)
         print(json.dumps(r), flush=True)
         del x
+    from hf_nvfp4.numerics.testing import rht_amax_tie_blocks
+
     gd = torch.Generator(device="cuda").manual_seed(4)
+    ties = rht_amax_tie_blocks(tensors, seed=8).to("cuda")
     differ = 0
-    for _ in range(tensors):
+    for i in range(tensors):
         counts = counts_for(8, 512, g)
+        counts[1] += counts[3]  # an expert without rows
+        counts[3] = 0
         x = (torch.randn(512, 256, device="cuda", generator=gd)
              * 2.0 ** float(torch.randint(-30, 30, (1,), device="cuda", generator=gd))
              ).to(torch.bfloat16)
+        if i % 2:  # a midpoint tie (the fix-up's exact path) in the first expert's rows
+            top = math.ceil(math.log2(float(x.float().abs().max()))) + 3  # above every output
+            x[:16, 37] = ties[i] * 2.0 ** top
         a = new_mod.grouped_amax(x, new_mod.GroupLayout.build(counts, x.device), True, True,
                                  SIGN)
         b = old_mod.grouped_amax(x, old_mod.GroupLayout.build(counts, x.device), True, True,
@@ -259,7 +268,8 @@ def grouped_amax_vs_base(base: str, tensors: int = 100) -> dict:
         else:
             print(f"{r['shape']:>28} {r['base_ms']:8.4f} {r['new_ms']:8.4f} "
                   f"{r['new_over_base']:8.2f} {r['equal']}")
-    print(f"{tensors} random grouped tensors (8 experts): {differ} differ from the base")
+    print(f"{tensors} random grouped tensors (8 experts, one without rows, ties in half): "
+          f"{differ} differ from the base")
     return {"rows": rows, "random_tensors": tensors, "differ_from_base": differ}
 
 

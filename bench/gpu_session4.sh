@@ -28,7 +28,7 @@
 #       # .gpu_cache/passed, kept between calls on a warm machine) are skipped, and the Triton
 #       # and Inductor caches live in .gpu_cache too, so repeated calls finish the suite
 # e2e resumes: JSONs of a cut-off call copied back into bench/results/ are continued.
-set -u
+set -u -o pipefail
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=16
 what=${1:-tests}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
@@ -72,9 +72,10 @@ case $what in
     python3 bench/e2e.py --size 124m --modes bf16_params --compile-mode reduce-overhead \
       --columns bf16_compiled,nvfp4_compiled --out "$OUT/e2e_124m_verify.json" 2>&1 \
       | grep -E "^\[|^\|"
-    python3 bench/moe.py --out "$OUT/moe_verify.json" 2>&1 | tail -4
+    python3 bench/moe.py --out "$OUT/moe_verify.json" 2>&1 | tail -4; echo "moe rc=$?"
     if [ -n "${BASE_TREE:-}" ]; then  # the same MoE step from a frozen tree, side by side
       (cd "$BASE_TREE" && python3 bench/moe.py --out "$OUT/moe_base.json" 2>&1 | tail -4)
+      echo "moe (base tree) rc=$?"
     fi
     ;;
   tests)

@@ -86,8 +86,9 @@ Project = Callable[[torch.Tensor, int, list[int]], torch.Tensor]
 
 
 def is_batched_experts(module: nn.Module) -> bool:
-    """Whether ``module`` is of a class in :data:`BATCHED_EXPERTS` (packed or not)."""
-    return type(module).__name__ in BATCHED_EXPERTS
+    """Whether ``module`` is of a class in :data:`BATCHED_EXPERTS` or derived from one (FSDP2's
+    ``fully_shard`` swaps in a subclass), packed or not."""
+    return any(c.__name__ in BATCHED_EXPERTS for c in type(module).__mro__)
 
 
 def weights_transposed(module: nn.Module) -> bool:
@@ -149,12 +150,30 @@ def register() -> None:
 BATCHED_FORWARDS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
+class BatchedForward:
+    """The instance forward of a :data:`BATCHED_EXPERTS` module: its implementation by name
+    (:data:`BATCHED_FORWARDS`), so that the module pickles and deep-copies with it (a copy's
+    forward runs the copy)."""
+
+    def __init__(self, module: nn.Module, implementation: str) -> None:
+        self.module = module
+        self.implementation = implementation
+
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return BATCHED_FORWARDS[self.implementation](self.module, hidden_states)
+
+
+def _forward_slot(module: nn.Module) -> str:
+    """Where a module's own forward lives: accelerate's hooks move it to ``_old_forward``
+    and put theirs in ``forward``."""
+    return "_old_forward" if "_old_forward" in module.__dict__ else "forward"
+
+
 def current_implementation(module: nn.Module) -> str | None:
     """The experts implementation ``module`` runs (None: the class's own forward)."""
     if is_batched_experts(module):
-        forward = module.__dict__.get("forward")
-        return next((name for name, fn in BATCHED_FORWARDS.items()
-                     if forward is not None and forward.__func__ is fn), None)
+        forward = module.__dict__.get(_forward_slot(module))
+        return forward.implementation if isinstance(forward, BatchedForward) else None
     return getattr(module.config, "_experts_implementation", None)
 
 
@@ -162,13 +181,17 @@ def set_implementation(module: nn.Module, implementation: str | None) -> None:
     """Point an experts module at an experts implementation (None: its class's default).
 
     ExpertsInterface modules get a private copy of their config naming it; a
-    :data:`BATCHED_EXPERTS` module gets the implementation's forward bound on the instance.
+    :data:`BATCHED_EXPERTS` module gets a :class:`BatchedForward` as its instance forward
+    (under an accelerate hook: as the forward the hook calls).
     """
     if is_batched_experts(module):
-        if implementation is None:
+        slot = _forward_slot(module)
+        if implementation is not None:
+            setattr(module, slot, BatchedForward(module, implementation))
+        elif slot == "forward":
             module.__dict__.pop("forward", None)
         else:
-            module.forward = types.MethodType(BATCHED_FORWARDS[implementation], module)
+            module._old_forward = types.MethodType(type(module).forward, module)
         return
     module.config = copy.copy(module.config)
     module.config._experts_implementation = implementation
@@ -331,6 +354,7 @@ __all__ = [
     "BATCHED_EXPERTS",
     "BATCHED_FORWARDS",
     "IMPLEMENTATION",
+    "BatchedForward",
     "ExpertsQuantization",
     "Project",
     "batched_experts_forward",

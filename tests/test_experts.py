@@ -324,3 +324,52 @@ def test_llama4_converts_trains_and_round_trips(tmp_path):
         model.eval()
         reloaded.eval()
         assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_llama4_converted_experts_pickle_copy_hook_and_subclass(tmp_path):
+    """The instance forward of converted Llama 4 experts survives torch.save/load and
+    deepcopy (the copy runs its own weights), sits under an accelerate hook added before
+    conversion (the hook stays and calls it), and a subclass (FSDP2's swap) is recognized."""
+    import copy
+
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    from hf_nvfp4.experts import current_implementation, is_batched_experts, set_implementation
+
+    module = _llama4().model.layers[0].feed_forward.experts
+    convert_experts_module(module, PRESETS["nvfp4"], "reference", sr_seed=5)
+    module.eval()
+    x = torch.randn(E * 8, H)
+    want = module(x)
+    torch.save(module, tmp_path / "experts.pt")
+    loaded = torch.load(tmp_path / "experts.pt", weights_only=False)
+    assert current_implementation(loaded) == IMPLEMENTATION
+    assert torch.equal(loaded(x), want)
+    twin = copy.deepcopy(module)
+    with torch.no_grad():
+        twin.down_proj.mul_(2)
+    assert torch.equal(module(x), want) and not torch.equal(twin(x), want)
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    hooked = _llama4().model.layers[0].feed_forward.experts
+    add_hook_to_module(hooked, Count())
+    convert_experts_module(hooked, PRESETS["nvfp4"], "reference", sr_seed=5)
+    hooked.load_state_dict(module.state_dict())
+    hooked.eval()
+    assert current_implementation(hooked) == IMPLEMENTATION
+    assert torch.equal(hooked(x), want) and Count.calls == 1
+    set_implementation(hooked, None)
+    assert current_implementation(hooked) is None
+    remove_hook_from_module(hooked)
+    assert not torch.equal(hooked(x), want)  # the BF16 class forward again
+
+    sub = type("FSDPLlama4TextExperts", (type(module),), {})
+    module.__class__ = sub
+    assert is_batched_experts(module) and current_implementation(module) == IMPLEMENTATION
+    assert torch.equal(module(x), want)

@@ -1,4 +1,4 @@
-"""Grouped NVFP4 kernels for MoE experts: every expert's quantization or GEMM in one launch.
+"""Grouped NVFP4 kernels for MoE experts: every expert's quantization or GEMM together.
 
 Each expert ``g`` is an independent quantized linear with its own tensor scales, so these
 kernels give, bit for bit, what the per-tensor kernels give on each expert's tensors alone.
@@ -25,6 +25,11 @@ expert: fprop block values [G, N, K] and the packed transpose [G, K, N/2] for dg
 accumulation and the two global decode scales (from the amaxes) applied to the FP32 result
 before the single rounding, as :func:`.gemm.gemm_scaled`: equal to the per-expert GEMMs up
 to the FP32 summation order.
+
+The RHT column copies and maxima follow the dense kernels' exactness scheme: a fast path in
+the main launch and, for BF16, a second launch that redoes exactly only what the main one
+could not decide (the programs the interval butterfly flagged; the blocks whose maximum may be
+an expert's). FP16 inputs take the exact sum in the main launch, for every program.
 """
 
 from __future__ import annotations
@@ -186,7 +191,7 @@ def _grouped_amax_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, NB, G
                 m = tl.maximum(m, tl.abs(y[j]))
             bm = tl.max(m, axis=1)
             blk = tl.program_id(0) * BB + tl.arange(0, BB)
-            tl.store(bmax_ptr + 2 * G + blk * tl.num_programs(1) + tl.program_id(1), bm,
+            tl.store(bmax_ptr + G + blk * tl.num_programs(1) + tl.program_id(1), bm,
                      mask=valid)
             tl.atomic_max(bmax_ptr + e, bm, mask=valid)
         else:
@@ -206,10 +211,11 @@ def _grouped_amax_fix_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, N
                              RHT_SIGN: tl.constexpr, INTERPRET: tl.constexpr,
                              GP: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
     """Each expert's BF16 RHT maximum from the main pass's FP32 one ``G_e`` (``bmax[e]``;
-    each block's FP32 maximum per column program at ``bmax[2 G + ...]``, same grid), as
+    each block's FP32 maximum per column program at ``bmax[G + ...]``, same grid), as
     :func:`.amax._amax_fix_kernel` does for one tensor: ``G_e`` rounded once, or, when a BF16
     midpoint lies within ``eps = 2^-15 G_e`` of it, the exact maximum of every block whose
-    maximum could be the exact one (above ``G_e - 2 eps``; NaN or inf: all). The FP32
+    maximum could be the exact one (above ``G_e - 2 eps``; inf: all; a NaN is dropped by the
+    maxima, as in the dense pass). The FP32
     butterfly's error (:func:`._common.rht16_fp32`: ``2^-22 T``, ``T <= 4 max|y|`` of the
     block) is far inside ``eps``. The rounded value is written by every program of the
     expert (the same value)."""
@@ -225,7 +231,7 @@ def _grouped_amax_fix_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, N
         rounded = g.to(tl.bfloat16).to(tl.float32)
     tl.atomic_max(amax_ptr + 2 * e + 1, rounded, mask=valid & ~near)
     blk = tl.program_id(0) * BB + tl.arange(0, BB)
-    bm = tl.load(bmax_ptr + 2 * G + blk * tl.num_programs(1) + tl.program_id(1), mask=valid,
+    bm = tl.load(bmax_ptr + G + blk * tl.num_programs(1) + tl.program_id(1), mask=valid,
                  other=0.0)
     redo = valid & near & ~(bm < g - 2 * eps)
     if tl.max(redo.to(tl.int32), axis=0) > 0:
@@ -341,9 +347,8 @@ def grouped_amax(x: torch.Tensor, layout: GroupLayout, row: bool, col: bool,
         return amax
     grid = _token_grid(layout, x.shape[1])
     bf16_rht = col and col_rht_sign is not None and x.dtype == torch.bfloat16
-    # BF16 RHT: per expert the FP32 maximum (2 G entries, the first G used), then each
-    # block's per column program
-    bmax = (torch.zeros(2 * g + grid[0] * _BB * grid[1], dtype=torch.float32, device=x.device)
+    # BF16 RHT: per expert the FP32 maximum (G entries), then each block's per column program
+    bmax = (torch.zeros(g + grid[0] * _BB * grid[1], dtype=torch.float32, device=x.device)
             if bf16_rht else amax)
     sign = sign_mask(col_rht_sign) if col_rht_sign is not None else 0
     args = (x, layout.meta, amax, bmax, x.shape[1], x.stride(0), layout.blocks, g)
@@ -370,7 +375,8 @@ def grouped_quantize_rowcol(
     col_sr: bool,
     col_values: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Every expert's NVFP4 row copy (as BF16 block values) and column copy in one launch.
+    """Every expert's NVFP4 row copy (as BF16 block values) and column copy: one launch, and a
+    second (fix-up) one for a BF16 RHT column copy.
 
     Args:
         x: BF16/FP16 [S, K] rows sorted by expert (K-contiguous), K a multiple of 16.

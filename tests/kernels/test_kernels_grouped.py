@@ -189,7 +189,7 @@ def test_rht_correctly_rounded_at_midpoints():
         assert torch.equal(_s_dec(amax[g, 1]), q_col.global_scale.reshape(()))
 
 
-def test_amax_fix_up_redoes_only_what_can_hold_the_maximum():
+def test_amax_fix_up_rounds_or_redoes_each_experts_maximum():
     """The BF16 RHT amax's fix-up launch per expert, on ordinary rows with one midpoint-tie
     block placed in a later program and column program: expert 1 (its FP32 maximum next to
     the midpoint) redoes that block and gets the exact 1.2578125 (rounding the FP32 sum gives
