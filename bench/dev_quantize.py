@@ -153,6 +153,17 @@ def copy_bandwidth() -> float:
 AMAX_SHAPES = CHECK_SHAPES + TRAIN_SHAPES + ((16384, 768), (16384, 3072), (2048, 768))
 
 
+def print_vs_base(rows: list[dict], label: str, width: int) -> None:
+    """The table of an ``*_vs_base`` comparison: per shape base and new ms, ratio, equal."""
+    print(f"{label:>{width}} {'base ms':>8} {'new ms':>8} {'new/base':>8} equal")
+    for r in rows:
+        if r["new_over_base"] is None:
+            print(f"{r['shape']:>{width}} not timed: {r['base_ms']} / {r['new_ms']}")
+        else:
+            print(f"{r['shape']:>{width}} {r['base_ms']:8.4f} {r['new_ms']:8.4f} "
+                  f"{r['new_over_base']:8.2f} {r['equal']}")
+
+
 def amax_vs_base(base: str, tensors: int = 400) -> dict:
     """The amax pass of the working tree against ``base``'s (see the module doc)."""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -188,13 +199,7 @@ def amax_vs_base(base: str, tensors: int = 400) -> dict:
             wrong += int(float(new[1]) != float(want))
     out = {"rows": rows, "random_tensors": tensors, "differ_from_base": differ,
            "differ_from_reference": wrong, "reference_checked": len(range(0, tensors, 40))}
-    print(f"{'shape':>12} {'base ms':>8} {'new ms':>8} {'new/base':>8} equal")
-    for r in rows:
-        if r["new_over_base"] is None:
-            print(f"{r['shape']:>12} not timed: {r['base_ms']} / {r['new_ms']}")
-        else:
-            print(f"{r['shape']:>12} {r['base_ms']:8.4f} {r['new_ms']:8.4f} "
-                  f"{r['new_over_base']:8.2f} {r['equal']}")
+    print_vs_base(rows, "shape", 12)
     print(f"{tensors} random tensors: {differ} differ from the base; "
           f"{wrong} of {out['reference_checked']} from the reference")
     return out
@@ -261,13 +266,7 @@ def grouped_amax_vs_base(base: str, tensors: int = 100) -> dict:
         b = old_mod.grouped_amax(x, old_mod.GroupLayout.build(counts, x.device), True, True,
                                  SIGN)
         differ += int(not torch.equal(a, b))
-    print(f"{'grouped shape':>28} {'base ms':>8} {'new ms':>8} {'new/base':>8} equal")
-    for r in rows:
-        if r["new_over_base"] is None:
-            print(f"{r['shape']:>28} not timed: {r['base_ms']} / {r['new_ms']}")
-        else:
-            print(f"{r['shape']:>28} {r['base_ms']:8.4f} {r['new_ms']:8.4f} "
-                  f"{r['new_over_base']:8.2f} {r['equal']}")
+    print_vs_base(rows, "grouped shape", 28)
     print(f"{tensors} random grouped tensors (8 experts, one without rows, ties in half): "
           f"{differ} differ from the base")
     return {"rows": rows, "random_tensors": tensors, "differ_from_base": differ}

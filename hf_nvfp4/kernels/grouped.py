@@ -169,6 +169,20 @@ def _column(v, COL_RHT: tl.constexpr, RHT_SIGN: tl.constexpr, INTERPRET: tl.cons
 
 
 @triton.jit
+def _exact_block_max(x_ptr, row0, local, count, cols, sel, K, stride_m, RHT_SIGN: tl.constexpr,
+                     INTERPRET: tl.constexpr):
+    """``max|RHT|`` of each selected block ``sel`` [BB] over the columns ``cols``, every output
+    as the reference rounds it (:func:`._common.rht16_exact`; unselected blocks: 0)."""
+    y = rht16_exact(x_ptr + row0[:, None].to(tl.int64) * stride_m + cols[None, :], stride_m,
+                    tl.where(sel, count - local, 0)[:, None], cols[None, :] < K, RHT_SIGN,
+                    INTERPRET)
+    m = tl.abs(y[0])
+    for j in tl.static_range(1, 16):
+        m = tl.maximum(m, tl.abs(y[j]))
+    return tl.max(m, axis=1)
+
+
+@triton.jit
 def _grouped_amax_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, NB, G,
                          DO_ROW: tl.constexpr, DO_COL: tl.constexpr, COL_RHT: tl.constexpr,
                          RHT_SIGN: tl.constexpr, INTERPRET: tl.constexpr, GP: tl.constexpr,
@@ -194,15 +208,14 @@ def _grouped_amax_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, NB, G
             tl.store(bmax_ptr + G + blk * tl.num_programs(1) + tl.program_id(1), bm,
                      mask=valid)
             tl.atomic_max(bmax_ptr + e, bm, mask=valid)
+        elif COL_RHT:  # FP16: the exact path
+            tl.atomic_max(amax_ptr + 2 * e + 1,
+                          _exact_block_max(x_ptr, row0, local, count, cols, valid, K, stride_m,
+                                           RHT_SIGN, INTERPRET), mask=valid)
         else:
-            y, redo = _column(v, COL_RHT, RHT_SIGN, INTERPRET)
-            if redo:  # FP16: the exact path
-                y = rht16_exact(x_ptr + row0[:, None].to(tl.int64) * stride_m + cols[None, :],
-                                stride_m, tl.where(valid, count - local, 0)[:, None],
-                                cols[None, :] < K, RHT_SIGN, INTERPRET)
-            m = tl.abs(y[0])
+            m = tl.abs(v[0]).to(tl.float32)
             for j in tl.static_range(1, 16):
-                m = tl.maximum(m, tl.abs(y[j]))
+                m = tl.maximum(m, tl.abs(v[j]).to(tl.float32))
             tl.atomic_max(amax_ptr + 2 * e + 1, tl.max(m, axis=1), mask=valid)
 
 
@@ -215,10 +228,9 @@ def _grouped_amax_fix_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, N
     :func:`.amax._amax_fix_kernel` does for one tensor: ``G_e`` rounded once, or, when a BF16
     midpoint lies within ``eps = 2^-15 G_e`` of it, the exact maximum of every block whose
     maximum could be the exact one (above ``G_e - 2 eps``; inf: all; a NaN is dropped by the
-    maxima, as in the dense pass). The FP32
-    butterfly's error (:func:`._common.rht16_fp32`: ``2^-22 T``, ``T <= 4 max|y|`` of the
-    block) is far inside ``eps``. The rounded value is written by every program of the
-    expert (the same value)."""
+    maxima, as in the dense pass). The FP32 butterfly's error (:func:`._common.rht16_fp32`:
+    ``2^-22 T``, ``T <= 4 max|y|`` of the block) is far inside ``eps``. The rounded value is
+    written by every program of the expert (the same value)."""
     valid, e, row0, local, count, m16, off16 = _blocks(meta_ptr, tl.program_id(0), NB, G, GP,
                                                        BB)
     g = tl.load(bmax_ptr + e)
@@ -236,13 +248,9 @@ def _grouped_amax_fix_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, N
     redo = valid & near & ~(bm < g - 2 * eps)
     if tl.max(redo.to(tl.int32), axis=0) > 0:
         cols = tl.program_id(1) * BK + tl.arange(0, BK)
-        y = rht16_exact(x_ptr + row0[:, None].to(tl.int64) * stride_m + cols[None, :],
-                        stride_m, tl.where(redo, count - local, 0)[:, None],
-                        cols[None, :] < K, RHT_SIGN, INTERPRET)
-        m = tl.abs(y[0])
-        for j in tl.static_range(1, 16):
-            m = tl.maximum(m, tl.abs(y[j]))
-        tl.atomic_max(amax_ptr + 2 * e + 1, tl.max(m, axis=1), mask=redo)
+        tl.atomic_max(amax_ptr + 2 * e + 1,
+                      _exact_block_max(x_ptr, row0, local, count, cols, redo, K, stride_m,
+                                       RHT_SIGN, INTERPRET), mask=redo)
 
 
 @triton.jit
