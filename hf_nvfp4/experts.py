@@ -106,7 +106,8 @@ def up_weight_name(module: nn.Module) -> str | None:
 
 
 def is_experts_module(module: nn.Module) -> bool:
-    """Whether ``module`` holds fused 3D experts dispatched through the ExpertsInterface."""
+    """Whether ``module`` holds fused 3D experts dispatched through the ExpertsInterface, or is
+    a :data:`BATCHED_EXPERTS` module (unpacked, in both cases)."""
     down = getattr(module, "down_proj", None)
     if not (isinstance(down, torch.Tensor) and down.dim() == 3):
         return False

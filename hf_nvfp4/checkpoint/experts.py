@@ -17,7 +17,8 @@ Expert ``e``'s ``[out, in]`` GEMM matrix (``W[e]``, or ``W[e]^T`` for classes de
 Biases (``<p>_bias``) stay high precision; the stochastic-rounding ``sr_state`` is training
 state and is written only with ``masters=True``. Loading swaps the module's 3D parameters for
 these buffers and points it at the ``"hf_nvfp4_packed"`` experts implementation (registered
-here in transformers' ``ExpertsInterface``); ``load_packed(mode="train")`` turns it back into a
+here in transformers' ``ExpertsInterface``, and as the instance forward of Llama 4's batched
+experts); ``load_packed(mode="train")`` turns it back into a
 trainable NVFP4 experts module (from the masters when saved, else the dequantized weights).
 
 **Exports.** Serving engines read MoE checkpoints with one linear per expert under the names
