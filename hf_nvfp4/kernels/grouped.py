@@ -169,6 +169,16 @@ def _column(v, COL_RHT: tl.constexpr, RHT_SIGN: tl.constexpr, INTERPRET: tl.cons
 
 
 @triton.jit
+def _max16(t):
+    """Elementwise FP32 ``max_j |t_j|`` of a tuple of 16 tensors (the tokens or outputs of
+    each block)."""
+    m = tl.abs(t[0]).to(tl.float32)
+    for j in tl.static_range(1, 16):
+        m = tl.maximum(m, tl.abs(t[j]).to(tl.float32))
+    return m
+
+
+@triton.jit
 def _exact_block_max(x_ptr, row0, local, count, cols, sel, K, stride_m, RHT_SIGN: tl.constexpr,
                      INTERPRET: tl.constexpr):
     """``max|RHT|`` of each selected block ``sel`` [BB] over the columns ``cols``, every output
@@ -176,10 +186,7 @@ def _exact_block_max(x_ptr, row0, local, count, cols, sel, K, stride_m, RHT_SIGN
     y = rht16_exact(x_ptr + row0[:, None].to(tl.int64) * stride_m + cols[None, :], stride_m,
                     tl.where(sel, count - local, 0)[:, None], cols[None, :] < K, RHT_SIGN,
                     INTERPRET)
-    m = tl.abs(y[0])
-    for j in tl.static_range(1, 16):
-        m = tl.maximum(m, tl.abs(y[j]))
-    return tl.max(m, axis=1)
+    return tl.max(_max16(y), axis=1)
 
 
 @triton.jit
@@ -192,18 +199,11 @@ def _grouped_amax_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, NB, G
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     v = _load_blocks(x_ptr, row0, local, count, cols, valid, K, stride_m)
     if DO_ROW:
-        m = tl.abs(v[0]).to(tl.float32)
-        for j in tl.static_range(1, 16):
-            m = tl.maximum(m, tl.abs(v[j]).to(tl.float32))
-        tl.atomic_max(amax_ptr + 2 * e, tl.max(m, axis=1), mask=valid)
+        tl.atomic_max(amax_ptr + 2 * e, tl.max(_max16(v), axis=1), mask=valid)
     if DO_COL:
         if COL_RHT and x_ptr.dtype.element_ty == tl.bfloat16:
             # each block's FP32 maximum, rounded or redone by _grouped_amax_fix_kernel
-            y = rht16_fp32(v, RHT_SIGN)
-            m = tl.abs(y[0])
-            for j in tl.static_range(1, 16):
-                m = tl.maximum(m, tl.abs(y[j]))
-            bm = tl.max(m, axis=1)
+            bm = tl.max(_max16(rht16_fp32(v, RHT_SIGN)), axis=1)
             blk = tl.program_id(0) * BB + tl.arange(0, BB)
             tl.store(bmax_ptr + G + blk * tl.num_programs(1) + tl.program_id(1), bm,
                      mask=valid)
@@ -213,10 +213,7 @@ def _grouped_amax_kernel(x_ptr, meta_ptr, amax_ptr, bmax_ptr, K, stride_m, NB, G
                           _exact_block_max(x_ptr, row0, local, count, cols, valid, K, stride_m,
                                            RHT_SIGN, INTERPRET), mask=valid)
         else:
-            m = tl.abs(v[0]).to(tl.float32)
-            for j in tl.static_range(1, 16):
-                m = tl.maximum(m, tl.abs(v[j]).to(tl.float32))
-            tl.atomic_max(amax_ptr + 2 * e + 1, tl.max(m, axis=1), mask=valid)
+            tl.atomic_max(amax_ptr + 2 * e + 1, tl.max(_max16(v), axis=1), mask=valid)
 
 
 @triton.jit
@@ -301,9 +298,7 @@ def _grouped_rowcol_kernel(x_ptr, meta_ptr, amax_ptr, keys_ptr, row_ptr, col_dat
             y, redo = _column(v, COL_RHT, RHT_SIGN, INTERPRET)
             if COL_RHT:
                 tl.store(flag, redo)
-        bamax = tl.abs(y[0])
-        for j in tl.static_range(1, 16):
-            bamax = tl.maximum(bamax, tl.abs(y[j]))
+        bamax = _max16(y)
         cbyte, cmult = block_scale(bamax, mult6c[:, None], s_decc[:, None])
         ckey = tl.load(keys_ptr + 2 * e + 1)[:, None]
         cidx = (cols[None, :] * m16[:, None] + local[:, None]).to(tl.uint32)
