@@ -3,8 +3,9 @@
 GPT-2-style ``Conv1D`` modules (transformers' linear with its weight stored ``[in, out]``)
 become :class:`~hf_nvfp4.nn.NVFP4Conv1D` under the same rules, keeping their weight layout.
 Mixture-of-experts modules that keep their experts as fused 3D parameters behind
-transformers' ``ExpertsInterface`` run their expert GEMMs in NVFP4 (:mod:`hf_nvfp4.experts`),
-again under the same rules (a router that is an ``nn.Linear`` is a Linear like any other).
+transformers' ``ExpertsInterface`` (and Llama 4's and JetMoE's experts classes outside it) run
+their expert GEMMs in NVFP4 (:mod:`hf_nvfp4.experts`), again under the same rules (a router
+that is an ``nn.Linear`` is a Linear like any other).
 
 Rules (the paper's): only Linear layers inside the decoder blocks are quantized; embeddings,
 the output head, norms and the attention score/value matmuls (not Linear modules) stay in
@@ -24,6 +25,7 @@ from torch import nn
 from .config import NVFP4Config
 from .experts import (
     BATCHED_EXPERTS,
+    PARALLEL_EXPERTS,
     convert_experts_module,
     is_experts_module,
     unsupported_reason,
@@ -228,10 +230,10 @@ def convert(
     Parameters are shared, not copied, so an optimizer built before conversion still
     updates the same tensors. Returns (and with ``verbose`` logs) a
     :class:`ConversionSummary`. MoE experts modules (fused 3D weights dispatched through
-    transformers' ``ExpertsInterface``, and Llama 4's batched experts) switch to the
-    ``"hf_nvfp4"`` experts implementation (:mod:`hf_nvfp4.experts`). Linear-like modules
-    that cannot be swapped (bitsandbytes layers, GPTQ's ``QuantLinear``) are reported with
-    the reason.
+    transformers' ``ExpertsInterface``, Llama 4's batched and JetMoE's parallel experts)
+    switch to the ``"hf_nvfp4"`` experts implementation (:mod:`hf_nvfp4.experts`).
+    Linear-like modules that cannot be swapped (bitsandbytes layers, GPTQ's ``QuantLinear``)
+    are reported with the reason.
     """
     config = NVFP4Config.load(config)
     recipe = config.get_recipe()
@@ -361,7 +363,7 @@ def _other_matmuls(
             elif p.dim() == 3:
                 reason = (f"a 3D parameter of {type(mod).__name__} (MoE experts convert "
                           "through transformers' ExpertsInterface or as "
-                          f"{', '.join(sorted(BATCHED_EXPERTS))})")
+                          f"{', '.join(sorted(BATCHED_EXPERTS | PARALLEL_EXPERTS))})")
             else:
                 reason = f"a bare matrix parameter of {type(mod).__name__}, not a Linear"
             out.append(LayerDecision(f"{mod_name}.{pname}", False, reason, p.numel()))

@@ -9,11 +9,16 @@ each converted experts module at it, through a private copy of its config, so th
 other experts modules (e.g. in the blocks kept BF16) keep theirs. No model class is patched:
 every MoE model built on that interface converts without code here.
 
-Experts classes outside that interface whose forward is a batched matmul over equal slices,
-one per expert (:data:`BATCHED_EXPERTS`: Llama 4's ``Llama4TextExperts``, which gets
-``[E * T, H]`` rows already weighted by the router, expert ``e``'s at rows ``e*T`` to
-``(e+1)*T``), run the same quantized GEMMs with ``T`` rows per expert; their forward is
-overridden on the instance (:func:`set_implementation`), again not on the class.
+Two families of experts classes outside that interface run the same quantized GEMMs, their
+forward overridden on the instance (:func:`set_implementation`), again not on the class:
+
+* batched experts (:data:`BATCHED_EXPERTS`: Llama 4's ``Llama4TextExperts``) get ``[E * T, H]``
+  rows already weighted by the router, expert ``e``'s at rows ``e*T`` to ``(e+1)*T``, and run
+  both projections with ``T`` rows per expert;
+* parallel experts (:data:`PARALLEL_EXPERTS`: JetMoE's ``JetMoeParallelExperts``) hold one
+  projection of every expert (``weight`` [E, out, in]) and get rows already sorted by expert
+  with the count per expert (``forward(inputs, expert_size)``); the MoE (and JetMoE's
+  mixture-of-attention) block around them routes and combines.
 
 Numerics per expert are those of :class:`~hf_nvfp4.nn.linear.NVFP4Linear` (fprop x 1x16
 RTN and W 16x16, dgrad SR, wgrad RHT + SR; :mod:`hf_nvfp4.nn.grouped`). Tensor scales are
@@ -47,7 +52,6 @@ from .quant.sr import new_state
 from .recipe import Recipe
 
 IMPLEMENTATION = "hf_nvfp4"
-_STAGES = 2  # up (or gate_up) projection, down projection
 
 
 @dataclass
@@ -82,13 +86,38 @@ class ExpertsQuantization:
 #: equal slices per expert (and weighted) by the caller.
 BATCHED_EXPERTS = frozenset({"Llama4TextExperts"})
 
+#: Experts classes outside the ExpertsInterface holding one projection of every expert,
+#: ``weight`` ``[E, out, in]``, whose ``forward(inputs, expert_size)`` is ``F.linear`` of each
+#: expert's slice of the expert-sorted ``inputs`` (``expert_size[e]`` rows for expert ``e``).
+PARALLEL_EXPERTS = frozenset({"JetMoeParallelExperts"})
+
 Project = Callable[[torch.Tensor, int, list[int]], torch.Tensor]
+
+
+def _family_member(module: nn.Module, family: frozenset[str]) -> bool:
+    # by class name along the MRO: FSDP2's ``fully_shard`` swaps in a subclass
+    return any(c.__name__ in family for c in type(module).__mro__)
 
 
 def is_batched_experts(module: nn.Module) -> bool:
     """Whether ``module`` is of a class in :data:`BATCHED_EXPERTS` or derived from one (FSDP2's
     ``fully_shard`` swaps in a subclass), packed or not."""
-    return any(c.__name__ in BATCHED_EXPERTS for c in type(module).__mro__)
+    return _family_member(module, BATCHED_EXPERTS)
+
+
+def is_parallel_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is of a class in :data:`PARALLEL_EXPERTS` or derived from one,
+    packed or not."""
+    return _family_member(module, PARALLEL_EXPERTS)
+
+
+def _instance_family(module: nn.Module) -> str | None:
+    """``"batched"`` or ``"parallel"``: the families whose forward is set on the instance."""
+    if is_batched_experts(module):
+        return "batched"
+    if is_parallel_experts(module):
+        return "parallel"
+    return None
 
 
 def weights_transposed(module: nn.Module) -> bool:
@@ -105,11 +134,25 @@ def up_weight_name(module: nn.Module) -> str | None:
     return None
 
 
+def expert_params(module: nn.Module) -> tuple[str, ...]:
+    """The 3D parameters of an (unpacked) experts module, one per GEMM stage: the first
+    projection and ``down_proj``, or a parallel experts module's ``weight``."""
+    if is_parallel_experts(module):
+        return ("weight",)
+    return (up_weight_name(module), "down_proj")
+
+
+def _is_3d(module: nn.Module, name: str) -> bool:
+    p = getattr(module, name, None)
+    return isinstance(p, torch.Tensor) and p.dim() == 3
+
+
 def is_experts_module(module: nn.Module) -> bool:
     """Whether ``module`` holds fused 3D experts dispatched through the ExpertsInterface, or is
-    a :data:`BATCHED_EXPERTS` module (unpacked, in both cases)."""
-    down = getattr(module, "down_proj", None)
-    if not (isinstance(down, torch.Tensor) and down.dim() == 3):
+    a :data:`BATCHED_EXPERTS` or :data:`PARALLEL_EXPERTS` module (unpacked, in all cases)."""
+    if is_parallel_experts(module):
+        return _is_3d(module, "weight")
+    if not _is_3d(module, "down_proj"):
         return False
     if is_batched_experts(module):
         return up_weight_name(module) == "gate_up_proj" and hasattr(module, "act_fn")
@@ -123,7 +166,7 @@ def expert_shapes(module: nn.Module) -> list[tuple[str, int, int]]:
     """``(parameter, in_features, out_features)`` of each projection of one expert."""
     transposed = weights_transposed(module)
     out = []
-    for name in (up_weight_name(module), "down_proj"):
+    for name in expert_params(module):
         _, a, b = getattr(module, name).shape
         out.append((name, b, a) if not transposed else (name, a, b))
     return out
@@ -146,22 +189,26 @@ def register() -> None:
     ExpertsInterface.register(IMPLEMENTATION, nvfp4_experts_forward)
 
 
-#: The instance forward of a :data:`BATCHED_EXPERTS` module per experts implementation
-#: (this module's, and the packed one of :mod:`hf_nvfp4.checkpoint.experts`).
-BATCHED_FORWARDS: dict[str, Callable[..., torch.Tensor]] = {}
+#: The instance forward of a :data:`BATCHED_EXPERTS` (``"batched"``) or
+#: :data:`PARALLEL_EXPERTS` (``"parallel"``) module per experts implementation (this
+#: module's, and the packed one of :mod:`hf_nvfp4.checkpoint.experts`).
+INSTANCE_FORWARDS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
+    "batched": {}, "parallel": {},
+}
 
 
-class BatchedForward:
-    """The instance forward of a :data:`BATCHED_EXPERTS` module: its implementation by name
-    (:data:`BATCHED_FORWARDS`), so that the module pickles and deep-copies with it (a copy's
-    forward runs the copy)."""
+class InstanceForward:
+    """The instance forward of a batched or parallel experts module: its implementation by
+    name (:data:`INSTANCE_FORWARDS`), so that the module pickles and deep-copies with it (a
+    copy's forward runs the copy)."""
 
     def __init__(self, module: nn.Module, implementation: str) -> None:
         self.module = module
         self.implementation = implementation
 
-    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return BATCHED_FORWARDS[self.implementation](self.module, hidden_states)
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        family = _instance_family(self.module)
+        return INSTANCE_FORWARDS[family][self.implementation](self.module, *args, **kwargs)
 
 
 def _forward_slot(module: nn.Module) -> str:
@@ -172,23 +219,23 @@ def _forward_slot(module: nn.Module) -> str:
 
 def current_implementation(module: nn.Module) -> str | None:
     """The experts implementation ``module`` runs (None: the class's own forward)."""
-    if is_batched_experts(module):
+    if _instance_family(module) is not None:
         forward = module.__dict__.get(_forward_slot(module))
-        return forward.implementation if isinstance(forward, BatchedForward) else None
+        return forward.implementation if isinstance(forward, InstanceForward) else None
     return getattr(module.config, "_experts_implementation", None)
 
 
 def set_implementation(module: nn.Module, implementation: str | None) -> None:
     """Point an experts module at an experts implementation (None: its class's default).
 
-    ExpertsInterface modules get a private copy of their config naming it; a
-    :data:`BATCHED_EXPERTS` module gets a :class:`BatchedForward` as its instance forward
-    (under an accelerate hook: as the forward the hook calls).
+    ExpertsInterface modules get a private copy of their config naming it; a batched or
+    parallel experts module gets an :class:`InstanceForward` as its instance forward (under
+    an accelerate hook: as the forward the hook calls).
     """
-    if is_batched_experts(module):
+    if _instance_family(module) is not None:
         slot = _forward_slot(module)
         if implementation is not None:
-            setattr(module, slot, BatchedForward(module, implementation))
+            setattr(module, slot, InstanceForward(module, implementation))
         elif slot == "forward":
             module.__dict__.pop("forward", None)
         else:
@@ -208,7 +255,7 @@ def convert_experts_module(
     register()
     previous = current_implementation(module)
     set_implementation(module, IMPLEMENTATION)
-    device = getattr(module, up_weight_name(module)).device
+    device = getattr(module, expert_params(module)[0]).device
     module.register_buffer("sr_state", new_state(sr_seed, device))
     module._hf_nvfp4 = ExpertsQuantization(recipe, backend, previous, int(sr_seed))
 
@@ -222,34 +269,33 @@ def iter_nvfp4_experts(model: nn.Module):
 
 def reset_sr_state(module: nn.Module) -> None:
     """Re-seed a converted experts module's ``sr_state`` (step 0) on its weights' device."""
-    device = getattr(module, up_weight_name(module)).device
+    device = getattr(module, expert_params(module)[0]).device
     module.sr_state = new_state(module._hf_nvfp4.sr_seed, device)
 
 
-def _weights(module: nn.Module, first: str) -> tuple[torch.Tensor, Any, torch.Tensor, Any]:
-    has_bias = bool(getattr(module, "has_bias", False))
-    up_b = getattr(module, f"{first}_bias", None) if has_bias else None
-    down_b = getattr(module, "down_proj_bias", None) if has_bias else None
-    return getattr(module, first), up_b, module.down_proj, down_b
+def _bias(module: nn.Module, name: str) -> torch.Tensor | None:
+    return getattr(module, f"{name}_bias", None) if getattr(module, "has_bias", False) else None
 
 
 def nvfp4_projector(module: nn.Module, device: torch.device) -> tuple[Project, int]:
     """``(project, num_experts)`` of a converted experts module: ``project(rows, stage,
-    counts)`` runs stage 0 (up) or 1 (down) of every expert on group-sorted rows."""
+    counts)`` runs stage ``stage`` (0: up, 1: down; a parallel experts module has stage 0
+    only) of every expert on group-sorted rows."""
     quant: ExpertsQuantization | None = getattr(module, "_hf_nvfp4", None)
     if quant is None:
         raise RuntimeError(
             f"{type(module).__name__} dispatches to the 'hf_nvfp4' experts implementation but "
             "was not converted by hf_nvfp4.convert (it has no NVFP4 state)"
         )
-    num_experts = getattr(module, "num_experts", None) or module.down_proj.shape[0]
+    params = expert_params(module)
+    num_experts = getattr(module, "num_experts", None) or getattr(module, params[-1]).shape[0]
     transposed = weights_transposed(module)
     plan = quant.plan(device)
     keys = None
     if module.training and torch.is_grad_enabled() and quant.recipe.stochastic_rounding:
-        keys = expert_keys(module.sr_state, rank(), num_experts, _STAGES)
-    up_w, up_b, down_w, down_b = _weights(module, up_weight_name(module))
-    weights, biases = (up_w, down_w), (up_b, down_b)
+        keys = expert_keys(module.sr_state, rank(), num_experts, len(params))
+    weights = tuple(getattr(module, p) for p in params)
+    biases = tuple(_bias(module, p) for p in params)
 
     def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
         return quantized_grouped_linear(x, weights[stage], biases[stage], counts, plan,
@@ -278,7 +324,16 @@ def nvfp4_batched_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch
     return batched_experts_forward(self, hidden_states, num_experts, project)
 
 
-BATCHED_FORWARDS[IMPLEMENTATION] = nvfp4_batched_forward
+def nvfp4_parallel_forward(
+    self: nn.Module, inputs: torch.Tensor, expert_size: list[int]
+) -> torch.Tensor:
+    """The ``"hf_nvfp4"`` forward of a :data:`PARALLEL_EXPERTS` module (its class's contract)."""
+    project, num_experts = nvfp4_projector(self, inputs.device)
+    return parallel_experts_forward(self, inputs, expert_size, num_experts, project)
+
+
+INSTANCE_FORWARDS["batched"][IMPLEMENTATION] = nvfp4_batched_forward
+INSTANCE_FORWARDS["parallel"][IMPLEMENTATION] = nvfp4_parallel_forward
 
 
 def _gemm_dtype(rows: torch.Tensor) -> torch.Tensor:
@@ -297,7 +352,8 @@ def batched_experts_forward(
 ) -> torch.Tensor:
     """The forward shared by the :data:`BATCHED_EXPERTS` implementations: ``hidden_states``
     ``[E * T, H]`` holds expert ``e``'s rows at ``e*T`` to ``(e+1)*T``; ``project`` runs the
-    up and down projections with ``T`` rows per expert, ``up * act_fn(gate)`` between."""
+    up and down projections with ``T`` rows per expert, ``up * act_fn(gate)`` between; under
+    autocast the result is in the autocast dtype, as the class's ``bmm`` gives it."""
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])
     if rows.shape[0] % num_experts:
         raise ValueError(
@@ -311,8 +367,29 @@ def batched_experts_forward(
         gate, up = project(rows, 0, counts).chunk(2, dim=-1)
     out = up * self.act_fn(gate)
     with torch.autocast(dev_type, enabled=False):
-        out = project(out.to(rows.dtype), 1, counts)
-    return out.to(hidden_states.dtype)
+        return project(out.to(rows.dtype), 1, counts)
+
+
+def parallel_experts_forward(
+    self: nn.Module,
+    inputs: torch.Tensor,
+    expert_size: list[int],
+    num_experts: int,
+    project: Project,
+) -> torch.Tensor:
+    """The forward shared by the :data:`PARALLEL_EXPERTS` implementations: ``project`` runs
+    the module's one projection on ``inputs`` (``[S, in]``, sorted by expert) with
+    ``expert_size[e]`` rows for expert ``e``; under autocast in the autocast dtype, as
+    ``F.linear`` would."""
+    counts = [int(n) for n in expert_size]
+    if len(counts) != num_experts or sum(counts) != inputs.shape[0]:
+        raise ValueError(
+            f"{type(self).__name__}: expert_size {counts} does not split {inputs.shape[0]} "
+            f"rows among {num_experts} experts"
+        )
+    rows = _gemm_dtype(inputs)
+    with torch.autocast(rows.device.type, enabled=False):
+        return project(rows, 0, counts)
 
 
 def routed_experts_forward(
@@ -353,21 +430,26 @@ def routed_experts_forward(
 
 __all__ = [
     "BATCHED_EXPERTS",
-    "BATCHED_FORWARDS",
     "IMPLEMENTATION",
-    "BatchedForward",
+    "INSTANCE_FORWARDS",
+    "PARALLEL_EXPERTS",
     "ExpertsQuantization",
+    "InstanceForward",
     "Project",
     "batched_experts_forward",
     "convert_experts_module",
     "current_implementation",
+    "expert_params",
     "expert_shapes",
     "is_batched_experts",
     "is_experts_module",
+    "is_parallel_experts",
     "iter_nvfp4_experts",
     "nvfp4_batched_forward",
     "nvfp4_experts_forward",
+    "nvfp4_parallel_forward",
     "nvfp4_projector",
+    "parallel_experts_forward",
     "register",
     "reset_sr_state",
     "routed_experts_forward",

@@ -373,3 +373,105 @@ def test_llama4_converted_experts_pickle_copy_hook_and_subclass(tmp_path):
     module.__class__ = sub
     assert is_batched_experts(module) and current_implementation(module) == IMPLEMENTATION
     assert torch.equal(module(x), want)
+
+
+JETMOE = dict(model_type="jetmoe", hidden_size=H, intermediate_size=32, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, kv_channels=16,
+              num_local_experts=E, num_experts_per_tok=TOP_K, vocab_size=128)
+
+
+def _jetmoe() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**JETMOE))
+
+
+def test_jetmoe_parallel_experts_equal_per_expert_quantized_linears():
+    """JetMoeParallelExperts (one projection of every expert, [E, out, in], rows sorted by
+    expert with a count each): forward and every gradient equal E separate quantized linears,
+    each with its own key stream; an empty expert and counts off the 16-row grid included."""
+    from hf_nvfp4.experts import (
+        current_implementation,
+        is_parallel_experts,
+        set_implementation,
+    )
+
+    module = _jetmoe().model.layers[0].mlp.input_linear
+    assert is_experts_module(module) and is_parallel_experts(module)
+    assert expert_shapes(module) == [("weight", H, 64)]
+    convert_experts_module(module, PRESETS["nvfp4"], "reference", sr_seed=7)
+    assert current_implementation(module) == IMPLEMENTATION
+    module.train()
+    sizes = [20, 0, 13, 35]
+    x = torch.randn(sum(sizes), H, requires_grad=True)
+    dy = torch.randn(sum(sizes), 64)
+    got = module(x, sizes)
+    got.backward(dy)
+
+    w = module.weight.detach().clone().requires_grad_(True)
+    plan = LinearPlan(PRESETS["nvfp4"].role_specs(), "reference", share_input=False)
+    keys = derive_keys(torch.tensor([7, 1]), torch.arange(E), 2).view(1, E, 2)
+    x2 = x.detach().clone().requires_grad_(True)
+    outs = [quantized_linear(rows, w[e], None, plan, keys[0, e])
+            for e, rows in enumerate(x2.split(sizes)) if sizes[e]]
+    want = torch.cat(outs)
+    want.backward(dy)
+    assert torch.equal(got, want)
+    assert torch.equal(x.grad, x2.grad) and torch.equal(module.weight.grad, w.grad)
+    assert int(module.sr_state[1]) == 1
+    with pytest.raises(ValueError, match=r"expert_size \[1, 2, 3, 4\] does not split 11 rows"):
+        module(torch.randn(11, H), [1, 2, 3, 4])
+    set_implementation(module, None)
+    assert current_implementation(module) is None and "forward" not in module.__dict__
+
+
+def test_jetmoe_converts_trains_and_round_trips(tmp_path):
+    """Every JetMoE block matmul but the routers (4 outputs) runs NVFP4: the MoE's and the
+    mixture-of-attention's parallel experts too; training and save_pretrained keep them."""
+    import hf_nvfp4
+
+    model = _jetmoe()
+    summary = hf_nvfp4.convert(model, {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
+                                       "backend": "reference"}, verbose=False)
+    decisions = {d.name: d for d in summary.layers}
+    for name in ("mlp.input_linear", "mlp.output_linear", "self_attention.experts.input_linear",
+                 "self_attention.experts.output_linear"):
+        assert decisions[f"model.layers.1.{name}"].quantized, name
+    quantized, total = summary.block_matmul_share()
+    assert total - quantized == 2 * 2 * H * E, summary.table()  # the 4 routers [E, H]
+    assert not summary.other_matmuls
+
+    model = hf_nvfp4.prepare_model(_jetmoe(), {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
+                                               "backend": "reference"})
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    experts = model.model.layers[1].mlp.output_linear
+    assert experts.weight.grad.abs().sum() > 0 and int(experts.sr_state[1]) == 1
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    again = reloaded.model.layers[1].mlp.output_linear
+    assert torch.equal(again.weight, experts.weight)
+    assert torch.equal(again.sr_state, experts.sr_state)
+    with torch.no_grad():
+        model.eval()
+        reloaded.eval()
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_instance_forward_experts_return_the_autocast_dtype():
+    """Under autocast with FP32 inputs, batched (Llama 4) and parallel (JetMoE) experts return
+    the autocast dtype, as their classes' bmm and F.linear do, with equal values."""
+    batched = _llama4().model.layers[0].feed_forward.experts
+    parallel = _jetmoe().model.layers[0].mlp.input_linear
+    x = torch.randn(E * 16, H)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        upstream = batched(x), parallel(x, [16] * E)
+    for module in (batched, parallel):
+        convert_experts_module(module, PRESETS["nvfp4"], "reference", sr_seed=0)
+        module.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = batched(x), parallel(x, [16] * E)
+    plain = batched(x.bfloat16()), parallel(x.bfloat16(), [16] * E)
+    for ref, out, bf16 in zip(upstream, got, plain, strict=True):
+        assert ref.dtype == out.dtype == torch.bfloat16
+        assert torch.equal(out, bf16)

@@ -1,7 +1,8 @@
 """MoE experts in checkpoints: packed NVFP4 storage and the per-expert export layouts.
 
 **Packed checkpoints.** Per NVFP4 experts module ``<m>`` (see :mod:`hf_nvfp4.experts`) and
-quantized 3D parameter ``<p>`` (``gate_up_proj`` or ``up_proj``, and ``down_proj``):
+quantized 3D parameter ``<p>`` (``gate_up_proj`` or ``up_proj``, and ``down_proj``; a parallel
+experts module's ``weight``, whose tensors are told from a packed linear's by their rank):
 
 ===========================  ==============  ===================  ============================
 tensor                       dtype           shape                meaning
@@ -18,7 +19,7 @@ Biases (``<p>_bias``) stay high precision; the stochastic-rounding ``sr_state`` 
 state and is written only with ``masters=True``. Loading swaps the module's 3D parameters for
 these buffers and points it at the ``"hf_nvfp4_packed"`` experts implementation (registered
 here in transformers' ``ExpertsInterface``, and as the instance forward of Llama 4's batched
-experts); ``load_packed(mode="train")`` turns it back into a
+and JetMoE's parallel experts); ``load_packed(mode="train")`` turns it back into a
 trainable NVFP4 experts module (from the masters when saved, else the dequantized weights).
 
 **Exports.** Serving engines read MoE checkpoints with one linear per expert under the names
@@ -50,17 +51,18 @@ from torch import nn
 
 from ..backends import get_backend
 from ..experts import (
-    BATCHED_FORWARDS,
+    INSTANCE_FORWARDS,
     ExpertsQuantization,
     Project,
     batched_experts_forward,
     convert_experts_module,
     current_implementation,
+    expert_params,
     is_experts_module,
     iter_nvfp4_experts,
+    parallel_experts_forward,
     routed_experts_forward,
     set_implementation,
-    up_weight_name,
     weights_transposed,
 )
 from ..nn.linear import _role_specs
@@ -136,10 +138,11 @@ def iter_quantized_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def quantized_params(module: nn.Module) -> tuple[str, ...]:
-    """The quantized 3D parameters of an NVFP4 experts module (first projection, down)."""
+    """The quantized 3D parameters of an NVFP4 experts module (first projection and down, or
+    a parallel experts module's ``weight``)."""
     if is_packed_experts(module):
         return module._hf_nvfp4_packed.params
-    return (up_weight_name(module), "down_proj")
+    return expert_params(module)
 
 
 def gemm_matrices(module: nn.Module, name: str) -> torch.Tensor:
@@ -190,7 +193,7 @@ def pack_experts_module(
     register_packed()
     training = getattr(module, "_hf_nvfp4", None)
     given = weights or shapes
-    params = tuple(p for p in (up_weight_name(module), "down_proj") if p in given)
+    params = tuple(p for p in expert_params(module) if p in given)
     if set(params) != set(given):
         raise ValueError(f"packed experts parameters {sorted(given)} are not {list(params)}")
     previous = (training.previous_implementation if training is not None
@@ -276,7 +279,7 @@ def packed_projector(module: nn.Module, device: torch.device) -> tuple[Project, 
     def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
         return _packed_grouped(module, info.params[stage], x, counts, backend, spec)
 
-    return project, getattr(module, f"{info.params[1]}_packed").shape[0]
+    return project, getattr(module, f"{info.params[-1]}_packed").shape[0]
 
 
 def packed_experts_forward(
@@ -298,7 +301,16 @@ def packed_batched_forward(self: nn.Module, hidden_states: torch.Tensor) -> torc
     return batched_experts_forward(self, hidden_states, num_experts, project)
 
 
-BATCHED_FORWARDS[PACKED_IMPLEMENTATION] = packed_batched_forward
+def packed_parallel_forward(
+    self: nn.Module, inputs: torch.Tensor, expert_size: list[int]
+) -> torch.Tensor:
+    """The ``"hf_nvfp4_packed"`` forward of a parallel experts module (JetMoE's)."""
+    project, num_experts = packed_projector(self, inputs.device)
+    return parallel_experts_forward(self, inputs, expert_size, num_experts, project)
+
+
+INSTANCE_FORWARDS["batched"][PACKED_IMPLEMENTATION] = packed_batched_forward
+INSTANCE_FORWARDS["parallel"][PACKED_IMPLEMENTATION] = packed_parallel_forward
 
 
 def register_packed() -> None:
@@ -351,7 +363,8 @@ def validate_packed_experts(
     """
     found: dict[str, dict[str, tuple[int, int, int]]] = {}
     for key, info in infos.items():
-        if not key.endswith("_packed") or key.endswith(".weight_packed"):
+        if not key.endswith("_packed") or (key.endswith(".weight_packed")
+                                            and len(info.shape) != 3):
             continue
         module, _, leaf = key[: -len("_packed")].rpartition(".")
         if info.dtype != "U8" or len(info.shape) != 3:
@@ -647,6 +660,7 @@ __all__ = [
     "packed_experts_forward",
     "packed_projector",
     "packed_experts_state",
+    "packed_parallel_forward",
     "prepare_packed_experts",
     "refuse_high_precision_experts",
     "refuse_unpackable_experts",

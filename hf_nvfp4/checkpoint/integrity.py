@@ -81,7 +81,9 @@ def validate_packed_tensors(infos: dict[str, TensorInfo]) -> dict[str, tuple[int
     """Check every packed NVFP4 layer of a native checkpoint; returns ``{module: (out, in)}``.
 
     Per layer: ``weight_packed`` U8 [out, in/2], ``weight_scale`` F8_E4M3 [out, in/16],
-    ``weight_global_scale`` F32 with one element; no stray scales, no foreign tensors.
+    ``weight_global_scale`` F32 with one element; no stray scales, no foreign tensors. A 3D
+    ``weight_packed`` is a parallel experts module's (checked with the experts,
+    :func:`hf_nvfp4.checkpoint.experts.validate_packed_experts`).
     """
     for name, info in infos.items():
         suffix = name.rpartition(".")[2]
@@ -91,8 +93,12 @@ def validate_packed_tensors(infos: dict[str, TensorInfo]) -> dict[str, tuple[int
                 "not hf_nvfp4's packed format; load that export with its own loader"
             )
     layers: dict[str, tuple[int, int]] = {}
+    experts = set()
     for name, info in infos.items():
         if not name.endswith(".weight_packed"):
+            continue
+        if len(info.shape) == 3:
+            experts.add(name[: -len(".weight_packed")])
             continue
         module = name[: -len(".weight_packed")]
         if info.dtype != "U8" or len(info.shape) != 2:
@@ -123,7 +129,8 @@ def validate_packed_tensors(infos: dict[str, TensorInfo]) -> dict[str, tuple[int
         layers[module] = (out_f, in_f)
     for name, info in infos.items():
         for suffix in ("weight_scale", "weight_global_scale"):
-            if name.endswith("." + suffix) and name[: -len(suffix) - 1] not in layers:
+            owner = name[: -len(suffix) - 1]
+            if name.endswith("." + suffix) and owner not in layers and owner not in experts:
                 raise CheckpointError(
                     f"tensor {name!r} in {info.file} has no matching "
                     f"{name[: -len(suffix)]}weight_packed"

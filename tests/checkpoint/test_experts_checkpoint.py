@@ -39,6 +39,11 @@ CONFIGS = {
                         intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, num_local_experts=4,
                         num_experts_per_tok=1, vocab_size=128, interleave_moe_layer_step=1),
+    # JetMoE's parallel experts: one projection per module, weight [E, out, in]
+    "jetmoe": dict(model_type="jetmoe", hidden_size=64, intermediate_size=32,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   kv_channels=16, num_local_experts=4, num_experts_per_tok=2,
+                   vocab_size=128),
 }
 ALL_NVFP4 = {"first_bf16_blocks": 0, "last_bf16_blocks": 0, "backend": "reference"}
 # Checkpoint names per expert e of layer L: (gate, up, down), as vLLM's expert mapping reads.
@@ -276,4 +281,39 @@ def test_llama4_batched_experts_packed_round_trip_and_train_mode(tmp_path, token
     trainable(input_ids=tokens, labels=tokens).loss.backward()
     assert again[name].gate_up_proj.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.feed_forward\.experts'"):
+        export_compressed_tensors(model, tmp_path / "export", weight_only=True)
+
+
+def test_jetmoe_parallel_experts_packed_round_trip_and_train_mode(tmp_path, tokens):
+    """JetMoeParallelExperts (packed as ``weight_packed`` [E, out, in/2], told from a packed
+    linear's 2D one by its rank): loaded packed with equal logits, back to trainable experts;
+    exports refuse them (transformers has no per-expert names for JetMoE)."""
+    from hf_nvfp4.experts import current_implementation
+
+    model = _moe("jetmoe")
+    save_packed(model, tmp_path / "ckpt", dtype=None)
+    t = _tensors(tmp_path / "ckpt")
+    experts = dict(iter_nvfp4_experts(model))
+    assert len(experts) == 8  # per block: the MoE's and the attention's input and output
+    name = "model.layers.1.mlp.output_linear"
+    q = quantize(experts[name].weight.detach()[3], tile=(16, 16))
+    assert t[f"{name}.weight_packed"].shape == (4, 64, 16)
+    assert torch.equal(t[f"{name}.weight_packed"][3], q.data)
+    assert torch.equal(_bits(t[f"{name}.weight_scale"][3]), _bits(q.scale))
+    assert f"{name}.weight" not in t and f"{name}.sr_state" not in t
+    loaded = load_packed(tmp_path / "ckpt")
+    packed = dict((n, m) for n, m in loaded.named_modules() if is_packed_experts(m))
+    assert len(packed) == 8
+    assert current_implementation(packed[name]) == PACKED_IMPLEMENTATION
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    trainable = load_packed(tmp_path / "ckpt", mode="train")
+    again = dict(iter_nvfp4_experts(trainable))
+    assert len(again) == 8 and current_implementation(again[name]) == "hf_nvfp4"
+    assert torch.equal(again[name].weight[3].detach(), q.dequantize())
+    trainable.train()
+    trainable(input_ids=tokens, labels=tokens).loss.backward()
+    assert again[name].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.input_linear\.weight'.*"
+                                         "no per-expert checkpoint names for JetMoe"):
         export_compressed_tensors(model, tmp_path / "export", weight_only=True)
