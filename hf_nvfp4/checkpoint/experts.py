@@ -17,10 +17,11 @@ Expert ``e``'s ``[out, in]`` GEMM matrix (``W[e]``, or ``W[e]^T`` for classes de
 (16x16 tiles, the expert's own global scale), so a loaded model computes the same logits.
 Biases (``<p>_bias``) stay high precision; the stochastic-rounding ``sr_state`` is training
 state and is written only with ``masters=True``. Loading swaps the module's 3D parameters for
-these buffers and points it at the ``"hf_nvfp4_packed"`` experts implementation (registered
-here in transformers' ``ExpertsInterface``, and as the instance forward of Llama 4's batched
-and JetMoE's parallel experts); ``load_packed(mode="train")`` turns it back into a
-trainable NVFP4 experts module (from the masters when saved, else the dequantized weights).
+these buffers (whose dtypes module-wide conversions keep: :class:`KeepScaleDtypes`) and points
+it at the ``"hf_nvfp4_packed"`` experts implementation (registered here in transformers'
+``ExpertsInterface``, and as the instance forward of Llama 4's batched and JetMoE's parallel
+experts); ``load_packed(mode="train")`` turns it back into a trainable NVFP4 experts module
+(from the masters when saved, else the dequantized weights).
 
 **Exports.** Serving engines read MoE checkpoints with one linear per expert under the names
 of the model's original (pre-fusion) checkpoints: vLLM's ``FusedMoE.make_expert_params_mapping``
@@ -66,6 +67,7 @@ from ..experts import (
     weights_transposed,
 )
 from ..nn.linear import _role_specs
+from ..nn.packed import apply_keeping_dtypes
 from ..numerics.quantize import QTensor
 from ..recipe import Recipe
 from .errors import CheckpointError
@@ -122,6 +124,22 @@ class PackedExperts:
     params: tuple[str, ...]
     previous_implementation: str | None
     sr_seed: int = 0
+
+
+class KeepScaleDtypes:
+    """A packed experts module's ``_apply``, set on the instance (the class is transformers'):
+    module-wide dtype conversions (``.to(dtype)``, ``.half()``) move its block and global
+    scales without converting them, as :class:`~hf_nvfp4.nn.packed.NVFP4PackedLinear` does."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        module = self.module
+        names = [f"{p}_{s}" for p in module._hf_nvfp4_packed.params
+                 for s in ("scale", "global_scale")]
+        return apply_keeping_dtypes(module, names,
+                                    lambda f, r: type(module)._apply(module, f, r), fn, recurse)
 
 
 def is_packed_experts(module: nn.Module) -> bool:
@@ -220,6 +238,7 @@ def pack_experts_module(
     if training is not None:
         del module._hf_nvfp4
     module._hf_nvfp4_packed = PackedExperts(recipe, backend, params, previous, seed)
+    module._apply = KeepScaleDtypes(module)
     # Every tensor of the module comes from the checkpoint: transformers' weight init (which
     # would look for the removed 3D parameters) skips it.
     module._is_hf_initialized = True
@@ -237,6 +256,7 @@ def unpack_experts_module(module: nn.Module, dtype: torch.dtype, sr_seed: int) -
         values = values.transpose(1, 2).contiguous() if weights_transposed(module) else values
         setattr(module, p, nn.Parameter(values))
     del module._hf_nvfp4_packed
+    module.__dict__.pop("_apply", None)
     set_implementation(module, info.previous_implementation)
     convert_experts_module(module, info.recipe, info.backend, sr_seed)
 
@@ -649,6 +669,7 @@ __all__ = [
     "PACKED_IMPLEMENTATION",
     "ExpertExport",
     "ExpertWeights",
+    "KeepScaleDtypes",
     "PackedExperts",
     "expert_export",
     "expert_weights",

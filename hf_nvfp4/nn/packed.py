@@ -11,10 +11,15 @@ The weight lives as the three tensors of a packed NVFP4 checkpoint, as buffers:
 That is 0.5625 bytes per weight (0.28x of BF16). Each forward quantizes the input 1x16 as
 NVFP4Linear does and multiplies on exact block values with FP32 accumulation (the backend's
 GEMM), so a packed layer gives exactly the outputs of the NVFP4Linear it came from.
+
+The scales' dtypes are the format's: ``.to(dtype)``, ``.half()``, ``.bfloat16()`` on the layer
+(or a model holding it) move them but never convert them (:func:`apply_keeping_dtypes`; a BF16
+global scale would change every output); the bias converts as usual.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +32,28 @@ from ..recipe import Recipe, get_recipe
 from .linear import NVFP4Linear, _role_specs
 
 BLOCK = 16
+#: The buffers of a packed weight that are floating point but must keep their dtype.
+SCALE_BUFFERS = ("weight_scale", "weight_global_scale")
+
+
+def apply_keeping_dtypes(
+    module: nn.Module,
+    names: Sequence[str],
+    apply: Callable[[Callable[[torch.Tensor], torch.Tensor], bool], nn.Module],
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    recurse: bool = True,
+) -> nn.Module:
+    """``apply(fn, recurse)`` (a module's ``_apply``), then give each buffer in ``names``
+    whose dtype ``fn`` changed its old values and dtype on the new device: module-wide dtype
+    conversions move packed scales without rounding them."""
+    before = {n: module._buffers[n] for n in names if module._buffers.get(n) is not None}
+    out = apply(fn, recurse)
+    for name, old in before.items():
+        new = module._buffers[name]
+        if new is not None and new.dtype != old.dtype:
+            module._buffers[name] = (torch.empty_like(old, device=new.device) if old.is_meta
+                                     else old.to(new.device))
+    return out
 
 
 class NVFP4PackedLinear(nn.Module):
@@ -141,6 +168,9 @@ class NVFP4PackedLinear(nn.Module):
             total += self.bias.numel() * self.bias.element_size()
         return total
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        return apply_keeping_dtypes(self, SCALE_BUFFERS, super()._apply, fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NVFP4Linear's quantized forward: ``x`` 1x16 RTN, GEMM on exact block values."""
         dev_type = x.device.type
@@ -201,4 +231,4 @@ def quantized_weight(linear: NVFP4Linear) -> QTensor:
     return quantize_spec(linear.weight.detach(), spec)
 
 
-__all__ = ["NVFP4PackedLinear", "quantized_weight"]
+__all__ = ["SCALE_BUFFERS", "NVFP4PackedLinear", "apply_keeping_dtypes", "quantized_weight"]

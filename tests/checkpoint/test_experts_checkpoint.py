@@ -317,3 +317,42 @@ def test_jetmoe_parallel_experts_packed_round_trip_and_train_mode(tmp_path, toke
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.input_linear\.weight'.*"
                                          "no per-expert checkpoint names for JetMoe"):
         export_compressed_tensors(model, tmp_path / "export", weight_only=True)
+
+
+def test_dtype_conversions_move_packed_scales_without_rounding_them(tmp_path, tokens):
+    """``model.to(torch.bfloat16)`` / ``.half()`` of a packed model converts its high-precision
+    tensors but keeps every packed scale's dtype and bits (dense layers and experts), so each
+    packed GEMM is unchanged; a deep copy of packed experts keeps the behaviour for itself."""
+    import copy
+
+    from hf_nvfp4.nn.packed import SCALE_BUFFERS, NVFP4PackedLinear
+
+    model = pack_model(_moe("qwen3_moe"))
+    experts = [m for m in model.modules() if is_packed_experts(m)]
+    linears = [m for m in model.modules() if isinstance(m, NVFP4PackedLinear)]
+    assert len(experts) == 2 and linears
+    scales = {n: t.clone() for n, t in model.named_buffers()
+              if n.endswith(("_scale", "_global_scale"))}
+    assert len(scales) == 2 * len(linears) + 4 * len(experts)
+    x = torch.randn(20, 64).bfloat16()
+    lin = linears[0]
+    with torch.no_grad():
+        before = lin(x)
+    for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half(),
+                    lambda m: copy.deepcopy(m).float()):
+        converted = convert(model)
+        for name, t in converted.named_buffers():
+            if name in scales:
+                assert t.dtype == scales[name].dtype, name
+                assert torch.equal(_bits(t), _bits(scales[name])), name
+    assert model.model.embed_tokens.weight.dtype == torch.float16
+    assert all(getattr(lin, n).dtype != torch.float16 for n in SCALE_BUFFERS)
+    with torch.no_grad():
+        assert torch.equal(lin(x), before)
+    twin = copy.deepcopy(experts[0])
+    twin.to(torch.bfloat16)
+    assert twin.down_proj_global_scale.dtype == torch.float32
+    assert twin._apply.module is twin and experts[0]._apply.module is experts[0]
+    torch.save(experts[0], tmp_path / "experts.pt")
+    loaded = torch.load(tmp_path / "experts.pt", weights_only=False).to(torch.bfloat16)
+    assert loaded.gate_up_proj_scale.dtype == torch.float8_e4m3fn
