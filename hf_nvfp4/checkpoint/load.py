@@ -146,7 +146,8 @@ def finalize_packed_model(model: nn.Module, infos: dict[str, TensorInfo]) -> Non
                 key = f"{name}.{suffix}"
                 if key not in infos:
                     raise CheckpointError(f"tensor {key!r} was not loaded and is not on disk")
-                device = mod.bias.device if mod.bias is not None else torch.device("cpu")
+                device = next((t.device for t in (*mod.buffers(), *mod.parameters())
+                               if not t.is_meta), torch.device("cpu"))
                 value = _read_tensor(infos[key]).to(device)
                 setattr(mod, suffix, value.reshape(()) if suffix == "weight_global_scale"
                         else value)

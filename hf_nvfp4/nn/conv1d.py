@@ -220,8 +220,7 @@ class NVFP4PackedConv1D(NVFP4PackedLinear):
         """The represented weight, dequantized, in Conv1D's ``[in, out]`` layout (a new tensor
         each read: writing to it changes nothing). transformers' GPT-2 weight init reads
         ``c_proj.weight`` while loading a packed checkpoint."""
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        return self.dequantize_weight(dtype).t()
+        return self.dequantize_weight(self.weight_dtype).t()
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"{super().extra_repr()}, conv1d=True"

@@ -98,6 +98,9 @@ class NVFP4PackedLinear(nn.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.backend_name = backend
+        #: The dtype the layer was built in or last converted to (``.to(dtype)``, ``.half()``):
+        #: that of :attr:`weight`, which model code reads to pick a compute dtype.
+        self.weight_dtype = dtype if dtype is not None else torch.get_default_dtype()
         kw = {"device": device}
         self.register_buffer(
             "weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw)
@@ -133,6 +136,7 @@ class NVFP4PackedLinear(nn.Module):
         new.weight_packed = q.data
         new.weight_scale = q.scale
         new.weight_global_scale = q.global_scale.reshape(())
+        new.weight_dtype = bias.dtype if bias is not None else q.dtype
         if bias is not None:
             new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return new
@@ -153,9 +157,17 @@ class NVFP4PackedLinear(nn.Module):
             global_scale=self.weight_global_scale,
             fmt="nvfp4",
             shape=torch.Size((self.out_features, self.in_features)),
-            dtype=self.bias.dtype if self.bias is not None else torch.float32,
+            dtype=self.weight_dtype,
             tile=(1, BLOCK),
         )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The represented weight ``[out, in]`` in :attr:`weight_dtype`, dequantized on each
+        read (a new tensor: writing to it changes nothing; the forward never reads it). Model
+        code asks a block's linear for its weight's dtype or device (Ergo's ``o_proj``, the
+        sparse-attention indexers' ``weights_proj``, T5's ``wo``)."""
+        return self.dequantize_weight(self.weight_dtype)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The represented weight ``[out, in]`` in ``dtype``."""
@@ -169,6 +181,9 @@ class NVFP4PackedLinear(nn.Module):
         return total
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        probe = fn(torch.empty(0, dtype=self.weight_dtype))
+        if isinstance(probe, torch.Tensor):
+            self.weight_dtype = probe.dtype
         return apply_keeping_dtypes(self, SCALE_BUFFERS, super()._apply, fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

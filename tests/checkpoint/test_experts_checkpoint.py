@@ -347,6 +347,8 @@ def test_dtype_conversions_move_packed_scales_without_rounding_them(tmp_path, to
                 assert torch.equal(_bits(t), _bits(scales[name])), name
     assert model.model.embed_tokens.weight.dtype == torch.float16
     assert all(getattr(lin, n).dtype != torch.float16 for n in SCALE_BUFFERS)
+    assert lin.weight.dtype == torch.float16  # follows the conversions, as a Linear's would
+    assert torch.equal(lin.weight, lin.dequantize_weight(torch.float32).half())
     with torch.no_grad():
         assert torch.equal(lin(x), before)
     twin = copy.deepcopy(experts[0])

@@ -152,7 +152,12 @@ def test_ergo_packed_checkpoint_keeps_its_nvfp4_weights(tmp_path):
     model = _ergo()
     save_packed(model, tmp_path, dtype=None, masters=True)
     assert f"{SHARED}.up_proj.weight_packed" in _files(tmp_path)
-    _assert_same_nvfp4(model, load_packed(tmp_path), layers=10)
+    packed = load_packed(tmp_path)
+    _assert_same_nvfp4(model, packed, layers=10)
+    # Ergo's decoder layer reads o_proj.weight.dtype: a packed layer answers with its dtype
+    o_proj = packed.get_submodule("model.layers.0.self_attn.o_proj")
+    assert o_proj.weight.dtype == torch.float32 and "weight" not in o_proj.state_dict()
+    assert torch.equal(_logits(packed.eval()), _logits(model))
     trainable = load_packed(tmp_path, mode="train", masters=True).eval()
     _assert_same_nvfp4(model, trainable, layers=10)
     assert torch.equal(_logits(trainable), _logits(model))
