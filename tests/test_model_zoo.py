@@ -31,7 +31,9 @@ EXPECTED: dict[str, tuple[str, float | None]] = {
     "gpt_oss": ("ok", 99.77),
     "granitemoe": ("ok", 99.77),
     "hrm_text": ("ok", 100.0),  # two stacks of blocks run in turn
+    "jetmoe": ("ok", 99.57),  # parallel experts (MoE and mixture of attention); routers [4, 64]
     "llama": ("ok", 100.0),
+    "llama4_text": ("ok", 99.81),  # batched experts, [E, in, out]
     "mamba": ("ok", 100.0),  # dt rank 16; A_log is used elementwise, not a matmul weight
     "mistral": ("ok", 100.0),
     "mixtral": ("ok", 99.77),
