@@ -254,6 +254,30 @@ def _llama4() -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA4))
 
 
+def _assert_trains_and_round_trips(build, name: str, param: str, tmp_path) -> None:
+    """prepare_model (every block NVFP4), one training step (experts ``name`` get a gradient
+    on ``param``, their SR state advances), then save_pretrained/from_pretrained: the same
+    masters, SR state and logits."""
+    import hf_nvfp4
+
+    model = hf_nvfp4.prepare_model(build(), {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
+                                             "backend": "reference"})
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    experts = model.get_submodule(name)
+    assert getattr(experts, param).grad.abs().sum() > 0 and int(experts.sr_state[1]) == 1
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    again = reloaded.get_submodule(name)
+    assert torch.equal(getattr(again, param), getattr(experts, param))
+    assert torch.equal(again.sr_state, experts.sr_state)
+    with torch.no_grad():
+        model.eval()
+        reloaded.eval()
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
 def test_llama4_batched_experts_equal_per_expert_quantized_linears():
     """Llama4TextExperts (no ExpertsInterface: a bmm over E equal row slices, [E, in, out]
     weights): forward and every gradient equal E separate quantized linears per projection,
@@ -308,22 +332,8 @@ def test_llama4_converts_trains_and_round_trips(tmp_path):
     assert quantized / total > 0.99, summary.table()
     assert not summary.other_matmuls
 
-    model = hf_nvfp4.prepare_model(_llama4(), {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
-                                               "backend": "reference"})
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    experts = model.model.layers[1].feed_forward.experts
-    assert experts.gate_up_proj.grad.abs().sum() > 0 and int(experts.sr_state[1]) == 1
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    again = reloaded.model.layers[1].feed_forward.experts
-    assert torch.equal(again.gate_up_proj, experts.gate_up_proj)
-    assert torch.equal(again.sr_state, experts.sr_state)
-    with torch.no_grad():
-        model.eval()
-        reloaded.eval()
-        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    _assert_trains_and_round_trips(_llama4, "model.layers.1.feed_forward.experts",
+                                   "gate_up_proj", tmp_path)
 
 
 def test_llama4_converted_experts_pickle_copy_hook_and_subclass(tmp_path):
@@ -440,22 +450,8 @@ def test_jetmoe_converts_trains_and_round_trips(tmp_path):
     assert total - quantized == 2 * 2 * H * E, summary.table()  # the 4 routers [E, H]
     assert not summary.other_matmuls
 
-    model = hf_nvfp4.prepare_model(_jetmoe(), {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
-                                               "backend": "reference"})
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    experts = model.model.layers[1].mlp.output_linear
-    assert experts.weight.grad.abs().sum() > 0 and int(experts.sr_state[1]) == 1
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    again = reloaded.model.layers[1].mlp.output_linear
-    assert torch.equal(again.weight, experts.weight)
-    assert torch.equal(again.sr_state, experts.sr_state)
-    with torch.no_grad():
-        model.eval()
-        reloaded.eval()
-        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    _assert_trains_and_round_trips(_jetmoe, "model.layers.1.mlp.output_linear", "weight",
+                                   tmp_path)
 
 
 def test_instance_forward_experts_return_the_autocast_dtype():
