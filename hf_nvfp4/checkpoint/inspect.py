@@ -165,9 +165,10 @@ def inspect_checkpoint(path: str | os.PathLike, *, snr: bool = True) -> Checkpoi
     modules = sorted({k.rpartition(".")[0] for k in infos}, key=_natural)
     for module in modules:
         w = infos.get(f"{module}.weight")
-        is_packed = packed_fmt is not None and f"{module}.weight_scale" in infos and (
-            f"{module}.{_PACKED_NAMES[packed_fmt][0]}" in infos
-        )
+        codes = infos.get(f"{module}.{_PACKED_NAMES[packed_fmt][0]}") if packed_fmt else None
+        # a 3D ``weight_packed`` is a parallel experts module's (experts are not 2D weights)
+        is_packed = (codes is not None and len(codes.shape) == 2
+                     and f"{module}.weight_scale" in infos)
         if is_packed:
             row = _packed_row(module, packed_fmt, infos, masters)
         elif w is not None and len(w.shape) == 2:
@@ -181,12 +182,25 @@ def inspect_checkpoint(path: str | os.PathLike, *, snr: bool = True) -> Checkpoi
         report.layers.append(row)
     for module_row in report.layers:
         report.bf16_bytes += 2 * module_row.shape[0] * module_row.shape[1]
+    rows = {r.name for r in report.layers}
+    experts = {k[: -len("_packed")] for k, i in infos.items()
+               if packed_fmt and k.endswith("_packed") and len(i.shape) == 3}
     report.bf16_bytes += sum(
-        2 * math.prod(i.shape) for k, i in infos.items()
-        if k.rpartition(".")[0] not in {r.name for r in report.layers}
-        or k.rpartition(".")[2] == "bias"
+        _bf16_bytes(k, i, experts) for k, i in infos.items()
+        if k.rpartition(".")[0] not in rows or k.endswith(".bias")
     )
     return report
+
+
+def _bf16_bytes(key: str, info: TensorInfo, experts: set[str]) -> int:
+    """Bytes of tensor ``key`` (not a packed linear's) in the BF16 model; ``experts`` are the
+    packed experts parameters: their codes hold two weights a byte, their scales are not in
+    that model."""
+    if key.endswith("_packed") and key[: -len("_packed")] in experts:
+        return 4 * math.prod(info.shape)
+    if any(key.endswith(s) and key[: -len(s)] in experts for s in ("_scale", "_global_scale")):
+        return 0
+    return 2 * math.prod(info.shape)
 
 
 def _natural(name: str) -> list:

@@ -358,3 +358,20 @@ def test_dtype_conversions_move_packed_scales_without_rounding_them(tmp_path, to
     torch.save(experts[0], tmp_path / "experts.pt")
     loaded = torch.load(tmp_path / "experts.pt", weights_only=False).to(torch.bfloat16)
     assert loaded.gate_up_proj_scale.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("kind", ["jetmoe", "qwen3_moe"])
+def test_inspect_reports_the_2d_layers_of_a_packed_moe_checkpoint(kind, tmp_path):
+    """``inspect`` lists the packed linears (a JetMoE experts ``weight_packed`` is 3D: not one
+    of them) and counts the model's BF16 bytes, experts at two bytes a weight."""
+    from hf_nvfp4.checkpoint.inspect import inspect_checkpoint
+    from hf_nvfp4.nn.packed import NVFP4PackedLinear
+
+    model = _moe(kind)
+    save_packed(model, tmp_path / "ckpt", dtype=None, masters=True)
+    report = inspect_checkpoint(tmp_path / "ckpt")
+    packed = pack_model(model)
+    linears = {n for n, m in packed.named_modules() if isinstance(m, NVFP4PackedLinear)}
+    assert {r.name for r in report.layers if r.format == "nvfp4"} == linears
+    assert all(r.snr_db > 15 for r in report.layers if r.format == "nvfp4")
+    assert report.bf16_bytes == 2 * sum(p.numel() for p in _moe(kind).parameters())
