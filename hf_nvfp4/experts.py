@@ -211,6 +211,10 @@ class InstanceForward:
         return INSTANCE_FORWARDS[family][self.implementation](self.module, *args, **kwargs)
 
 
+#: The name :class:`InstanceForward` had when only batched experts used it (older pickles).
+BatchedForward = InstanceForward
+
+
 def _forward_slot(module: nn.Module) -> str:
     """Where a module's own forward lives: accelerate's hooks move it to ``_old_forward``
     and put theirs in ``forward``."""

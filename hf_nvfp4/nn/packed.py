@@ -164,10 +164,27 @@ class NVFP4PackedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The represented weight ``[out, in]`` in :attr:`weight_dtype`, dequantized on each
-        read (a new tensor: writing to it changes nothing; the forward never reads it). Model
-        code asks a block's linear for its weight's dtype or device (Ergo's ``o_proj``, the
-        sparse-attention indexers' ``weights_proj``, T5's ``wo``)."""
+        read: a new tensor (writing to it changes nothing) that costs a dequantization of the
+        whole matrix; the forward never reads it. Model code asks a block's linear for its
+        weight's dtype or device (Ergo's ``o_proj``, the sparse-attention indexers'
+        ``weights_proj``, T5's ``wo``)."""
         return self.dequantize_weight(self.weight_dtype)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise TypeError(
+                f"{type(self).__name__} holds its weight packed (weight_packed, weight_scale, "
+                "weight_global_scale) and has no weight to assign; to train it, use "
+                "to_linear() or hf_nvfp4.checkpoint.load_packed(..., mode='train')"
+            )
+        super().__setattr__(name, value)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # layers pickled before weight_dtype existed: the dtype their forward used
+        if "weight_dtype" not in state:
+            bias = state.get("_parameters", {}).get("bias")
+            state["weight_dtype"] = bias.dtype if bias is not None else torch.float32
+        super().__setstate__(state)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The represented weight ``[out, in]`` in ``dtype``."""

@@ -172,3 +172,22 @@ def test_master_checkpoint_without_sr_state_reseeds_from_the_config(model, tmp_p
     got = [m.sr_state.tolist() for m in loaded.modules() if isinstance(m, NVFP4Linear)]
     want = [[m._sr_seed, 0] for m in model.modules() if isinstance(m, NVFP4Linear)]
     assert got == want
+
+
+def test_packed_linear_weight_reads_dequantized_and_refuses_assignment(tmp_path):
+    """``weight`` is the dequantized weight in the layer's dtype (model code reads its dtype);
+    assigning one is refused by name; a layer pickled before ``weight_dtype`` existed loads
+    with the dtype its forward used."""
+    torch.manual_seed(0)
+    lin = NVFP4Linear(64, 32, bias=False, recipe="nvfp4", backend="reference").eval()
+    packed = NVFP4PackedLinear.from_linear(lin)
+    assert packed.weight.dtype == torch.float32 and "weight" not in packed.state_dict()
+    assert torch.equal(packed.weight, packed.dequantize_weight())
+    with pytest.raises(TypeError, match="NVFP4PackedLinear holds its weight packed"):
+        packed.weight = torch.nn.Parameter(torch.zeros(32, 64))
+    del packed.__dict__["weight_dtype"]  # as an older pickle holds it
+    torch.save(packed, tmp_path / "layer.pt")
+    old = torch.load(tmp_path / "layer.pt", weights_only=False)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert old.weight_dtype == torch.float32 and torch.equal(old(x), lin(x))
