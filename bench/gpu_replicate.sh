@@ -47,7 +47,7 @@ timeout $(( $(left) - 30 )) python3 bench/replicate.py --corpus "$C" --out "$R" 
   --seed "$SEED" --tokens "$TOKENS" $TRAIN_ARGS --save-models \
   --session "${SESSION:-}" --stop-after-seconds $(( $(left) - ${MARGIN_S:-60} )) ${FORK:+--fork} \
   2>&1 \
-  | grep -v -i warn | tee -a "$R/train.log"
+  | grep -v -i warn | tee -a "$R/train_${RUNS//,/_}.log"
 for run in ${RUNS//,/ }; do
   [ -f "$R/$run.json" ] && cp "$R/$run.json" "$OUT/runs/"
   model=$R/models/$run

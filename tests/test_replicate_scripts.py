@@ -321,3 +321,35 @@ def test_gap_trend_verdicts():
     assert replicate_report.trend_verdict([("s0", runs(0.02)), ("s1", runs(0.0))]).startswith(
         "within noise")
     assert replicate_report.trend_verdict([("s0", {})]) == "not run (nvfp4 and bf16 in one seed)"
+
+
+def test_gpu_replicate_multi_runs_one_job_per_gpu_until_all_done(tiny_corpus, tmp_path):
+    """bench/gpu_replicate_multi.sh (several GPUs: one SEED:RUN job each, at once) on a CPU
+    with tiny settings: jobs of two seeds resume until 'all done' and each run's JSON comes
+    back under its job; a malformed job is refused."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "JOBS": "1:bf16 0:nvfp4",
+           "CORPUS": str(tiny_corpus[0]), "RUNS_DIR": str(tmp_path / "runs"), "TOKENS": "3072",
+           "EVAL": "0", "MARGIN_S": "90",
+           "TRAIN_ARGS": "--size tiny --seq 64 --batch 4 --val-every 4 --val-blocks 4 "
+                         "--backend reference --device cpu",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def call(limit: int, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "bench" / "gpu_replicate_multi.sh")],
+                              cwd=ROOT, env={**env, "LIMIT_S": str(limit), **extra},
+                              capture_output=True, text=True, timeout=600)
+
+    first = call(89)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "call again" in first.stdout and "== job1 (0:nvfp4)" in first.stdout
+    assert "all done" in call(300).stdout
+    for job, seed, run in ((0, 1, "bf16"), (1, 0, "nvfp4")):
+        result = json.loads((tmp_path / "out" / f"job{job}" / "runs" / f"{run}.json")
+                            .read_text())
+        assert result["done"] and result["seed"] == seed and result["corpus"] == tiny_corpus[2]
+        assert (tmp_path / f"runs_seed{seed}" / f"{run}.json").exists()
+    bad = call(60, JOBS="nvfp4")
+    assert bad.returncode == 2 and "'nvfp4' is not SEED:RUN" in bad.stderr
