@@ -46,6 +46,8 @@ _INTENDED = (
     "matched an exclude pattern",
     "outside the decoder blocks (embeddings, head, projections)",
 )
+# nn.Linear subclasses whose own forward is the Linear's ``x @ W^T + b`` (they convert).
+_PLAIN_FORWARD_LINEARS = ("FalconLinear",)
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SPLIT_REASONS = ("in the first ", "in the last ")
 _WARN_SHARE = 0.10  # warn when more than this share of the NVFP4 blocks' matrices stays
@@ -168,6 +170,14 @@ def _is_linear_like(mod: nn.Module) -> bool:
             or type(mod).__name__ in _UNSUPPORTED_LINEAR_LIKE)
 
 
+def _own_forward(mod: nn.Module) -> bool:
+    """Whether ``mod`` is an ``nn.Linear`` subclass with a forward of its own (a router that
+    returns its top-k, a block-diagonal grouped linear, another quantizer's linear):
+    NVFP4Linear would replace that forward, so it stays as it is."""
+    return (isinstance(mod, nn.Linear) and type(mod).forward is not nn.Linear.forward
+            and type(mod).__name__ not in _PLAIN_FORWARD_LINEARS)
+
+
 def _features(mod: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a Linear or a Conv1D (weight ``[in, out]``)."""
     if is_conv1d(mod):
@@ -212,6 +222,9 @@ def _decide(
         if getattr(mod, "_hf_nvfp4", None) is not None:
             return "already NVFP4 experts"
         return unsupported_reason(mod)
+    if _own_forward(mod):
+        return (f"an nn.Linear subclass with its own forward ({type(mod).__name__}), which "
+                "NVFP4Linear would replace")
     if any(n % 16 for n in _features(mod)):
         return "dimensions not multiples of 16"
     return None

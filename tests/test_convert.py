@@ -385,3 +385,47 @@ def test_parameters_used_elementwise_are_not_counted_as_matmul_weights():
 ])
 def test_elementwise_parameter_names(name, elementwise):
     assert _is_elementwise(name) is elementwise
+
+
+def test_linear_subclasses_with_their_own_forward_keep_it():
+    """An nn.Linear subclass with a forward of its own (Llama 4's router returns scores and
+    logits) stays as it is, with the reason, so the model still runs; a subclass whose forward
+    is the Linear's (Falcon's) converts."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    cfg = transformers.AutoConfig.for_model(
+        model_type="llama4_text", hidden_size=64, intermediate_size=32,
+        intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=16, num_experts_per_tok=1,
+        vocab_size=128, interleave_moe_layer_step=1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    summary = convert(model, {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
+                              "backend": "reference"}, verbose=False)
+    router = {d.name: d for d in summary.layers}["model.layers.1.feed_forward.router"]
+    assert not router.quantized
+    assert router.reason == ("an nn.Linear subclass with its own forward (Llama4Router), which "
+                             "NVFP4Linear would replace")
+    assert type(model.model.layers[1].feed_forward.router).__name__ == "Llama4Router"
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(
+                nn.ModuleDict({"a": FalconLinear(32, 32), "b": ScaledLinear(32, 32)})
+                for _ in range(2))
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    stack = Stack()
+    decisions = {d.name: d for d in convert(stack, {"first_bf16_blocks": 0,
+                                                    "last_bf16_blocks": 0}, verbose=False).layers}
+    assert decisions["layers.0.a"].quantized and isinstance(stack.layers[0]["a"], NVFP4Linear)
+    assert not decisions["layers.0.b"].quantized
+    assert isinstance(stack.layers[0]["b"], ScaledLinear)
