@@ -82,6 +82,10 @@ SHRINK: dict[str, Any] = {
 # measures what a real one gets, not an artifact of its size.
 OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},  # one Mamba and one attention block
+    # DeepSeek V4's grouped o_a_proj takes heads * head_dim / o_groups features per group (8 at
+    # 4 heads of 16 and the default 8 groups) into o_lora_rank (1024, not shrunk); released
+    # models have 4096 -> 1024 per group.
+    "deepseek_v4": {"o_groups": 2, "o_lora_rank": 32},
     # BLT: its byte-group hash embeddings default to 500,002 rows per group (3M x 64, minutes
     # per step on a CPU); the hash vocabulary size is no matmul dimension.
     "blt": {"encoder_hash_byte_group_vocab": 1024},

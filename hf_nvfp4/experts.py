@@ -19,6 +19,10 @@ forward overridden on the instance (:func:`set_implementation`), again not on th
   projection of every expert (``weight`` [E, out, in]) and get rows already sorted by expert
   with the count per expert (``forward(inputs, expert_size)``); the MoE (and JetMoE's
   mixture-of-attention) block around them routes and combines.
+* grouped linears (:data:`GROUPED_LINEARS`: DeepSeek V4's ``DeepseekV4GroupedLinear``, the
+  block-diagonal first half of its attention output projection) are ``nn.Linear`` modules
+  whose ``weight`` [G * out, in] holds G matrices, group ``g``'s applied to ``x[..., g, :]``;
+  each group is an "expert" that every token visits.
 
 Numerics per expert are those of :class:`~hf_nvfp4.nn.linear.NVFP4Linear` (fprop x 1x16
 RTN and W 16x16, dgrad SR, wgrad RHT + SR; :mod:`hf_nvfp4.nn.grouped`). Tensor scales are
@@ -91,6 +95,11 @@ BATCHED_EXPERTS = frozenset({"Llama4TextExperts"})
 #: expert's slice of the expert-sorted ``inputs`` (``expert_size[e]`` rows for expert ``e``).
 PARALLEL_EXPERTS = frozenset({"JetMoeParallelExperts"})
 
+#: ``nn.Linear`` subclasses whose ``forward(x)`` maps ``x`` [..., G, in] to [..., G, out] with
+#: group ``g``'s rows ``g*out`` to ``(g+1)*out`` of ``weight`` ([G * out, in], ``n_groups``
+#: = G), without the bias.
+GROUPED_LINEARS = frozenset({"DeepseekV4GroupedLinear"})
+
 Project = Callable[[torch.Tensor, int, list[int]], torch.Tensor]
 
 
@@ -111,12 +120,21 @@ def is_parallel_experts(module: nn.Module) -> bool:
     return _family_member(module, PARALLEL_EXPERTS)
 
 
+def is_grouped_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is of a class in :data:`GROUPED_LINEARS` or derived from one, packed
+    or not."""
+    return _family_member(module, GROUPED_LINEARS)
+
+
 def _instance_family(module: nn.Module) -> str | None:
-    """``"batched"`` or ``"parallel"``: the families whose forward is set on the instance."""
+    """``"batched"``, ``"parallel"`` or ``"grouped"``: the families whose forward is set on
+    the instance."""
     if is_batched_experts(module):
         return "batched"
     if is_parallel_experts(module):
         return "parallel"
+    if is_grouped_linear(module):
+        return "grouped"
     return None
 
 
@@ -135,11 +153,21 @@ def up_weight_name(module: nn.Module) -> str | None:
 
 
 def expert_params(module: nn.Module) -> tuple[str, ...]:
-    """The 3D parameters of an (unpacked) experts module, one per GEMM stage: the first
-    projection and ``down_proj``, or a parallel experts module's ``weight``."""
-    if is_parallel_experts(module):
+    """The expert parameters of an (unpacked) experts module, one per GEMM stage: the first
+    projection and ``down_proj``, or a parallel experts module's or grouped linear's
+    ``weight``."""
+    if is_parallel_experts(module) or is_grouped_linear(module):
         return ("weight",)
     return (up_weight_name(module), "down_proj")
+
+
+def expert_matrices(module: nn.Module, name: str) -> torch.Tensor:
+    """Parameter ``name`` of an (unpacked) experts module as ``[E, a, b]`` (a view): as
+    stored, and a grouped linear's ``[G * out, in]`` weight as ``[G, out, in]``."""
+    w = getattr(module, name)
+    if is_grouped_linear(module):
+        return w.view(module.n_groups, -1, w.shape[-1])
+    return w
 
 
 def _is_3d(module: nn.Module, name: str) -> bool:
@@ -149,9 +177,15 @@ def _is_3d(module: nn.Module, name: str) -> bool:
 
 def is_experts_module(module: nn.Module) -> bool:
     """Whether ``module`` holds fused 3D experts dispatched through the ExpertsInterface, or is
-    a :data:`BATCHED_EXPERTS` or :data:`PARALLEL_EXPERTS` module (unpacked, in all cases)."""
+    a :data:`BATCHED_EXPERTS` or :data:`PARALLEL_EXPERTS` module or a :data:`GROUPED_LINEARS`
+    linear (unpacked, in all cases)."""
     if is_parallel_experts(module):
         return _is_3d(module, "weight")
+    if is_grouped_linear(module):
+        w = getattr(module, "weight", None)
+        groups = getattr(module, "n_groups", 0)
+        return (isinstance(w, torch.Tensor) and w.dim() == 2 and groups > 0
+                and w.shape[0] % groups == 0)
     if not _is_3d(module, "down_proj"):
         return False
     if is_batched_experts(module):
@@ -167,7 +201,7 @@ def expert_shapes(module: nn.Module) -> list[tuple[str, int, int]]:
     transposed = weights_transposed(module)
     out = []
     for name in expert_params(module):
-        _, a, b = getattr(module, name).shape
+        _, a, b = expert_matrices(module, name).shape
         out.append((name, b, a) if not transposed else (name, a, b))
     return out
 
@@ -189,18 +223,19 @@ def register() -> None:
     ExpertsInterface.register(IMPLEMENTATION, nvfp4_experts_forward)
 
 
-#: The instance forward of a :data:`BATCHED_EXPERTS` (``"batched"``) or
-#: :data:`PARALLEL_EXPERTS` (``"parallel"``) module per experts implementation (this
+#: The instance forward of a :data:`BATCHED_EXPERTS` (``"batched"``),
+#: :data:`PARALLEL_EXPERTS` (``"parallel"``) or :data:`GROUPED_LINEARS` (``"grouped"``) module
+#: per experts implementation (this
 #: module's, and the packed one of :mod:`hf_nvfp4.checkpoint.experts`).
 INSTANCE_FORWARDS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
-    "batched": {}, "parallel": {},
+    "batched": {}, "parallel": {}, "grouped": {},
 }
 
 
 class InstanceForward:
-    """The instance forward of a batched or parallel experts module: its implementation by
-    name (:data:`INSTANCE_FORWARDS`), so that the module pickles and deep-copies with it (a
-    copy's forward runs the copy)."""
+    """The instance forward of a batched or parallel experts module or a grouped linear: its
+    implementation by name (:data:`INSTANCE_FORWARDS`), so that the module pickles and
+    deep-copies with it (a copy's forward runs the copy)."""
 
     def __init__(self, module: nn.Module, implementation: str) -> None:
         self.module = module
@@ -233,8 +268,8 @@ def set_implementation(module: nn.Module, implementation: str | None) -> None:
     """Point an experts module at an experts implementation (None: its class's default).
 
     ExpertsInterface modules get a private copy of their config naming it; a batched or
-    parallel experts module gets an :class:`InstanceForward` as its instance forward (under
-    an accelerate hook: as the forward the hook calls).
+    parallel experts module or a grouped linear gets an :class:`InstanceForward` as its
+    instance forward (under an accelerate hook: as the forward the hook calls).
     """
     if _instance_family(module) is not None:
         slot = _forward_slot(module)
@@ -292,13 +327,13 @@ def nvfp4_projector(module: nn.Module, device: torch.device) -> tuple[Project, i
             "was not converted by hf_nvfp4.convert (it has no NVFP4 state)"
         )
     params = expert_params(module)
-    num_experts = getattr(module, "num_experts", None) or getattr(module, params[-1]).shape[0]
+    weights = tuple(expert_matrices(module, p) for p in params)
+    num_experts = weights[-1].shape[0]
     transposed = weights_transposed(module)
     plan = quant.plan(device)
     keys = None
     if module.training and torch.is_grad_enabled() and quant.recipe.stochastic_rounding:
         keys = expert_keys(module.sr_state, rank(), num_experts, len(params))
-    weights = tuple(getattr(module, p) for p in params)
     biases = tuple(_bias(module, p) for p in params)
 
     def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
@@ -336,8 +371,15 @@ def nvfp4_parallel_forward(
     return parallel_experts_forward(self, inputs, expert_size, num_experts, project)
 
 
+def nvfp4_grouped_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ``"hf_nvfp4"`` forward of a :data:`GROUPED_LINEARS` module (its class's contract)."""
+    project, num_groups = nvfp4_projector(self, x.device)
+    return grouped_linear_forward(self, x, num_groups, project)
+
+
 INSTANCE_FORWARDS["batched"][IMPLEMENTATION] = nvfp4_batched_forward
 INSTANCE_FORWARDS["parallel"][IMPLEMENTATION] = nvfp4_parallel_forward
+INSTANCE_FORWARDS["grouped"][IMPLEMENTATION] = nvfp4_grouped_forward
 
 
 def _gemm_dtype(rows: torch.Tensor) -> torch.Tensor:
@@ -396,6 +438,27 @@ def parallel_experts_forward(
         return project(rows, 0, counts)
 
 
+def grouped_linear_forward(
+    self: nn.Module, x: torch.Tensor, num_groups: int, project: Project
+) -> torch.Tensor:
+    """The forward shared by the :data:`GROUPED_LINEARS` implementations: ``x`` [..., G, in]
+    is sorted by group (T rows each), ``project`` runs each group's matrix, and the result
+    comes back as [..., G, out] (the autocast dtype under autocast, as the class's bmm)."""
+    if x.dim() < 2 or x.shape[-2] != num_groups:
+        raise ValueError(
+            f"{type(self).__name__}: input of shape {tuple(x.shape)} does not hold "
+            f"{num_groups} groups in its second-to-last dimension"
+        )
+    lead = x.shape[:-2]
+    rows = _gemm_dtype(x.reshape(-1, num_groups, x.shape[-1]).transpose(0, 1)
+                       .reshape(-1, x.shape[-1]))
+    counts = [rows.shape[0] // num_groups] * num_groups
+    with torch.autocast(rows.device.type, enabled=False):
+        out = project(rows, 0, counts)
+    return out.view(num_groups, -1, out.shape[-1]).transpose(0, 1).reshape(
+        *lead, num_groups, out.shape[-1])
+
+
 def routed_experts_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -434,6 +497,7 @@ def routed_experts_forward(
 
 __all__ = [
     "BATCHED_EXPERTS",
+    "GROUPED_LINEARS",
     "IMPLEMENTATION",
     "INSTANCE_FORWARDS",
     "PARALLEL_EXPERTS",
@@ -443,14 +507,18 @@ __all__ = [
     "batched_experts_forward",
     "convert_experts_module",
     "current_implementation",
+    "expert_matrices",
     "expert_params",
     "expert_shapes",
+    "grouped_linear_forward",
     "is_batched_experts",
     "is_experts_module",
+    "is_grouped_linear",
     "is_parallel_experts",
     "iter_nvfp4_experts",
     "nvfp4_batched_forward",
     "nvfp4_experts_forward",
+    "nvfp4_grouped_forward",
     "nvfp4_parallel_forward",
     "nvfp4_projector",
     "parallel_experts_forward",

@@ -471,3 +471,41 @@ def test_instance_forward_experts_return_the_autocast_dtype():
     for ref, out, bf16 in zip(upstream, got, plain, strict=True):
         assert ref.dtype == out.dtype == torch.bfloat16
         assert torch.equal(out, bf16)
+
+
+def test_deepseek_v4_grouped_linear_equals_per_group_quantized_linears():
+    """DeepSeek V4's grouped o_a_proj (an nn.Linear: weight [G * out, in], group g's rows for
+    x[..., g, :]): forward and every gradient equal G separate quantized linears, one key
+    stream each, and the output keeps the class's [..., G, out] layout."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4GroupedLinear
+
+    from hf_nvfp4.experts import current_implementation, is_grouped_linear
+
+    torch.manual_seed(0)
+    module = DeepseekV4GroupedLinear(32, 3 * 48, 3)
+    assert is_experts_module(module) and is_grouped_linear(module)
+    assert expert_shapes(module) == [("weight", 32, 48)]
+    x = torch.randn(2, 7, 3, 32)
+    upstream = module(x)
+    convert_experts_module(module, PRESETS["nvfp4"], "reference", sr_seed=3)
+    assert current_implementation(module) == IMPLEMENTATION
+    module.train()
+    x.requires_grad_(True)
+    dy = torch.randn(2, 7, 3, 48)
+    got = module(x)
+    got.backward(dy)
+    assert got.shape == upstream.shape == (2, 7, 3, 48)
+
+    w = module.weight.detach().clone().requires_grad_(True)
+    plan = LinearPlan(PRESETS["nvfp4"].role_specs(), "reference", share_input=False)
+    keys = derive_keys(torch.tensor([3, 1]), torch.arange(3), 2).view(1, 3, 2)
+    x2 = x.detach().clone().requires_grad_(True)
+    want = torch.stack([quantized_linear(x2[:, :, g].reshape(14, 32), w[48 * g:48 * (g + 1)],
+                                         None, plan, keys[0, g]).view(2, 7, 48)
+                        for g in range(3)], dim=2)
+    want.backward(dy)
+    assert torch.equal(got, want)
+    assert torch.equal(x.grad, x2.grad) and torch.equal(module.weight.grad, w.grad)
+    assert (got - upstream).abs().max() < 0.25 * upstream.abs().max()
+    with pytest.raises(ValueError, match=r"does not hold 3 groups"):
+        module(torch.randn(4, 2, 32))

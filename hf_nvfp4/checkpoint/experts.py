@@ -1,8 +1,9 @@
 """MoE experts in checkpoints: packed NVFP4 storage and the per-expert export layouts.
 
 **Packed checkpoints.** Per NVFP4 experts module ``<m>`` (see :mod:`hf_nvfp4.experts`) and
-quantized 3D parameter ``<p>`` (``gate_up_proj`` or ``up_proj``, and ``down_proj``; a parallel
-experts module's ``weight``, whose tensors are told from a packed linear's by their rank):
+quantized parameter ``<p>`` (``gate_up_proj`` or ``up_proj``, and ``down_proj``; a parallel
+experts module's or grouped linear's ``weight``, whose tensors are told from a packed linear's
+by their rank):
 
 ===========================  ==============  ===================  ============================
 tensor                       dtype           shape                meaning
@@ -20,8 +21,9 @@ state and is written only with ``masters=True``. Loading swaps the module's 3D p
 these buffers (whose dtypes module-wide conversions keep: :class:`KeepScaleDtypes`) and points
 it at the ``"hf_nvfp4_packed"`` experts implementation (registered here in transformers'
 ``ExpertsInterface``, and as the instance forward of Llama 4's batched and JetMoE's parallel
-experts); ``load_packed(mode="train")`` turns it back into a trainable NVFP4 experts module
-(from the masters when saved, else the dequantized weights).
+experts and of DeepSeek V4's grouped linear); ``load_packed(mode="train")`` turns it back
+into a trainable NVFP4 experts module (from the masters when saved, else the dequantized
+weights).
 
 **Exports.** Serving engines read MoE checkpoints with one linear per expert under the names
 of the model's original (pre-fusion) checkpoints: vLLM's ``FusedMoE.make_expert_params_mapping``
@@ -58,8 +60,11 @@ from ..experts import (
     batched_experts_forward,
     convert_experts_module,
     current_implementation,
+    expert_matrices,
     expert_params,
+    grouped_linear_forward,
     is_experts_module,
+    is_grouped_linear,
     iter_nvfp4_experts,
     parallel_experts_forward,
     routed_experts_forward,
@@ -165,7 +170,7 @@ def quantized_params(module: nn.Module) -> tuple[str, ...]:
 
 def gemm_matrices(module: nn.Module, name: str) -> torch.Tensor:
     """The ``[E, out, in]`` GEMM matrices of a training experts parameter (a view)."""
-    w = getattr(module, name).detach()
+    w = expert_matrices(module, name).detach()
     return w.transpose(1, 2) if weights_transposed(module) else w
 
 
@@ -254,6 +259,8 @@ def unpack_experts_module(module: nn.Module, dtype: torch.dtype, sr_seed: int) -
         for suffix in EXPERT_SUFFIXES:
             delattr(module, f"{p}_{suffix}")
         values = values.transpose(1, 2).contiguous() if weights_transposed(module) else values
+        if is_grouped_linear(module):  # [G, out, in] -> the Linear's [G * out, in]
+            values = values.reshape(-1, values.shape[-1])
         setattr(module, p, nn.Parameter(values))
     del module._hf_nvfp4_packed
     module.__dict__.pop("_apply", None)
@@ -329,8 +336,15 @@ def packed_parallel_forward(
     return parallel_experts_forward(self, inputs, expert_size, num_experts, project)
 
 
+def packed_grouped_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ``"hf_nvfp4_packed"`` forward of a grouped linear (DeepSeek V4's)."""
+    project, num_groups = packed_projector(self, x.device)
+    return grouped_linear_forward(self, x, num_groups, project)
+
+
 INSTANCE_FORWARDS["batched"][PACKED_IMPLEMENTATION] = packed_batched_forward
 INSTANCE_FORWARDS["parallel"][PACKED_IMPLEMENTATION] = packed_parallel_forward
+INSTANCE_FORWARDS["grouped"][PACKED_IMPLEMENTATION] = packed_grouped_forward
 
 
 def register_packed() -> None:
@@ -681,6 +695,7 @@ __all__ = [
     "packed_experts_forward",
     "packed_projector",
     "packed_experts_state",
+    "packed_grouped_forward",
     "packed_parallel_forward",
     "prepare_packed_experts",
     "refuse_high_precision_experts",

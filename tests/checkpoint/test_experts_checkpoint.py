@@ -39,6 +39,15 @@ CONFIGS = {
                         intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, num_local_experts=4,
                         num_experts_per_tok=1, vocab_size=128, interleave_moe_layer_step=1),
+    # DeepSeek V4: its attention's grouped o_a_proj (2 groups of [32, 32]) besides the experts
+    "deepseek_v4": dict(model_type="deepseek_v4", vocab_size=128, hidden_size=64,
+                        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, q_lora_rank=32, n_routed_experts=4,
+                        num_experts_per_tok=2, o_groups=2, o_lora_rank=32, sliding_window=8,
+                        max_position_embeddings=128,
+                        layer_types=["heavily_compressed_attention",
+                                     "compressed_sparse_attention"],
+                        mlp_layer_types=["hash_moe", "moe"]),
     # JetMoE's parallel experts: one projection per module, weight [E, out, in]
     "jetmoe": dict(model_type="jetmoe", hidden_size=64, intermediate_size=32,
                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -375,3 +384,31 @@ def test_inspect_reports_the_2d_layers_of_a_packed_moe_checkpoint(kind, tmp_path
     assert {r.name for r in report.layers if r.format == "nvfp4"} == linears
     assert all(r.snr_db > 15 for r in report.layers if r.format == "nvfp4")
     assert report.bf16_bytes == 2 * sum(p.numel() for p in _moe(kind).parameters())
+
+
+def test_deepseek_v4_grouped_linear_packed_round_trip_and_train_mode(tmp_path, tokens):
+    """DeepSeek V4's grouped o_a_proj (an nn.Linear [G * out, in]) packs per group as
+    [G, out, in/2], loads packed with equal logits, and goes back to its Linear weight."""
+    from hf_nvfp4.experts import current_implementation, is_grouped_linear
+
+    model = _moe("deepseek_v4")
+    name = "model.layers.1.self_attn.o_a_proj"
+    grouped = dict(iter_nvfp4_experts(model))[name]
+    assert is_grouped_linear(grouped)
+    save_packed(model, tmp_path / "ckpt", dtype=None)
+    t = _tensors(tmp_path / "ckpt")
+    q = quantize(grouped.weight.detach()[32:], tile=(16, 16))  # group 1
+    assert t[f"{name}.weight_packed"].shape == (2, 32, 16)
+    assert torch.equal(t[f"{name}.weight_packed"][1], q.data)
+    assert torch.equal(_bits(t[f"{name}.weight_scale"][1]), _bits(q.scale))
+    loaded = load_packed(tmp_path / "ckpt")
+    assert current_implementation(loaded.get_submodule(name)) == PACKED_IMPLEMENTATION
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    trainable = load_packed(tmp_path / "ckpt", mode="train")
+    again = trainable.get_submodule(name)
+    assert current_implementation(again) == "hf_nvfp4" and again.weight.shape == (64, 32)
+    assert torch.equal(again.weight[32:].detach(), q.dequantize())
+    trainable.train()
+    trainable(input_ids=tokens, labels=tokens).loss.backward()
+    assert again.weight.grad.abs().sum() > 0
