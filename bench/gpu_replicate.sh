@@ -18,7 +18,8 @@
 # carried);
 # copy back each run's JSON and a tarball of its eval results (8 files at most; EVAL=0: none;
 # an eval cut off by the call's limit keeps its finished tasks and resumes in the next call).
-# Training stops MARGIN_S (default 60) seconds before LIMIT_S, leaving time to save.
+# Training stops MARGIN_S (default 60) seconds before LIMIT_S, leaving time to save; a
+# training that fails (or is killed at the limit) makes the call exit with its status.
 # FORK=1 passes --fork: RUNS=nvfp4,nvfp4_late_switch trains their shared 82% once (the late
 # switch starts from NVFP4's state at its switch step; see bench/replicate.py).
 # Reported later with bench/replicate_report.py over the copied JSONs (see eval/reports/replicate).
@@ -48,6 +49,7 @@ timeout $(( $(left) - 30 )) python3 bench/replicate.py --corpus "$C" --out "$R" 
   --session "${SESSION:-}" --stop-after-seconds $(( $(left) - ${MARGIN_S:-60} )) ${FORK:+--fork} \
   2>&1 \
   | grep -v -i warn | tee -a "$R/train_${RUNS//,/_}.log"
+train_rc=${PIPESTATUS[0]}
 for run in ${RUNS//,/ }; do
   [ -f "$R/$run.json" ] && cp "$R/$run.json" "$OUT/runs/"
   model=$R/models/$run
@@ -56,9 +58,9 @@ for run in ${RUNS//,/ }; do
   if [ "${EVAL:-1}" = 1 ] && [ $scored = 1 ] && [ -d "$model" ] && [ ! -f "$R/eval_$run.tgz" ] \
      && [ -d .shared_data ] && (( $(left) > 60 )); then
     if [ -d .whl ]; then
-      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+      python3 -m pip install -q --no-index --no-deps --target "${SITE:-/tmp/site}" .whl/*.whl
     fi
-    PYTHONPATH=$PWD:/tmp/site timeout $(( $(left) - 20 )) python3 -m hf_nvfp4.cli eval \
+    PYTHONPATH=$PWD:${SITE:-/tmp/site} timeout $(( $(left) - 20 )) python3 -m hf_nvfp4.cli eval \
       --model "$model" --tasks gsm8k_loglik,humaneval_loglik,mmlu_pro_loglik,mmlu_pro_mc \
       --limit "${EVAL_LIMIT:-300}" --data-dir .shared_data --offline --no-progress --reuse \
       --output-dir "$R/eval/$run" > "$R/eval_$run.log" 2>&1 \
@@ -80,3 +82,6 @@ for r, s in state.items():
 print("all done" if all(s and s.get("done") for s in state.values()) else "call again")
 EOF
 echo "left: $(left) s"
+if (( train_rc != 0 )); then
+  echo "training exited with status $train_rc (see $R/train_${RUNS//,/_}.log)"; exit "$train_rc"
+fi

@@ -172,10 +172,13 @@ def _is_linear_like(mod: nn.Module) -> bool:
 
 def _own_forward(mod: nn.Module) -> bool:
     """Whether ``mod`` is an ``nn.Linear`` subclass with a forward of its own (a router that
-    returns its top-k, a block-diagonal grouped linear, another quantizer's linear):
-    NVFP4Linear would replace that forward, so it stays as it is."""
-    return (isinstance(mod, nn.Linear) and type(mod).forward is not nn.Linear.forward
-            and type(mod).__name__ not in _PLAIN_FORWARD_LINEARS)
+    returns its top-k, another quantizer's linear): NVFP4Linear would replace that forward,
+    so it stays as it is. A forward inherited from a class of :data:`_PLAIN_FORWARD_LINEARS`
+    (also through FSDP2's subclass) is the Linear's."""
+    forward = type(mod).forward
+    return (isinstance(mod, nn.Linear) and forward is not nn.Linear.forward
+            and not any(c.__name__ in _PLAIN_FORWARD_LINEARS and c.forward is forward
+                        for c in type(mod).__mro__))
 
 
 def _features(mod: nn.Module) -> tuple[int, int]:
@@ -244,9 +247,10 @@ def convert(
     updates the same tensors. Returns (and with ``verbose`` logs) a
     :class:`ConversionSummary`. MoE experts modules (fused 3D weights dispatched through
     transformers' ``ExpertsInterface``, Llama 4's batched and JetMoE's parallel experts)
-    switch to the ``"hf_nvfp4"`` experts implementation (:mod:`hf_nvfp4.experts`).
-    Linear-like modules that cannot be swapped (bitsandbytes layers, GPTQ's ``QuantLinear``)
-    are reported with the reason.
+    switch to the ``"hf_nvfp4"`` experts implementation (:mod:`hf_nvfp4.experts`), and so
+    does DeepSeek V4's block-diagonal grouped linear. Linear-like modules that cannot be
+    swapped (bitsandbytes layers, GPTQ's ``QuantLinear``, ``nn.Linear`` subclasses with a
+    forward of their own such as Llama 4's router) are reported with the reason.
     """
     config = NVFP4Config.load(config)
     recipe = config.get_recipe()

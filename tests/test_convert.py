@@ -416,7 +416,8 @@ def test_linear_subclasses_with_their_own_forward_keep_it():
         def __init__(self) -> None:
             super().__init__()
             self.layers = nn.ModuleList(
-                nn.ModuleDict({"a": FalconLinear(32, 32), "b": ScaledLinear(32, 32)})
+                nn.ModuleDict({"a": FalconLinear(32, 32), "b": ScaledLinear(32, 32),
+                               "c": type("FSDPFalconLinear", (FalconLinear,), {})(32, 32)})
                 for _ in range(2))
 
     class ScaledLinear(nn.Linear):
@@ -427,5 +428,6 @@ def test_linear_subclasses_with_their_own_forward_keep_it():
     decisions = {d.name: d for d in convert(stack, {"first_bf16_blocks": 0,
                                                     "last_bf16_blocks": 0}, verbose=False).layers}
     assert decisions["layers.0.a"].quantized and isinstance(stack.layers[0]["a"], NVFP4Linear)
+    assert decisions["layers.0.c"].quantized  # FSDP2's subclass of it
     assert not decisions["layers.0.b"].quantized
     assert isinstance(stack.layers[0]["b"], ScaledLinear)

@@ -325,17 +325,27 @@ def test_gap_trend_verdicts():
 
 def test_gpu_replicate_multi_runs_one_job_per_gpu_until_all_done(tiny_corpus, tmp_path):
     """bench/gpu_replicate_multi.sh (several GPUs: one SEED:RUN job each, at once) on a CPU
-    with tiny settings: jobs of two seeds resume until 'all done' and each run's JSON comes
-    back under its job; a malformed job is refused."""
+    with tiny settings and a stand-in nvidia-smi listing two GPUs (and a MIG slice): jobs of
+    two seeds on GPUs 0 and 1 resume until 'all done' and each run's JSON comes back under
+    its job; malformed, repeated or too many jobs are refused."""
     import os
+    import stat
     import subprocess
 
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "JOBS": "1:bf16 0:nvfp4",
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: H200 (UUID: a)'\necho '  MIG 1g.18gb Device 0'\n"
+                   "echo 'GPU 1: H200 (UUID: b)'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    base = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env = {**base, "OUT": str(tmp_path / "out"), "JOBS": "1:bf16 0:nvfp4",
            "CORPUS": str(tiny_corpus[0]), "RUNS_DIR": str(tmp_path / "runs"), "TOKENS": "3072",
            "EVAL": "0", "MARGIN_S": "90",
            "TRAIN_ARGS": "--size tiny --seq 64 --batch 4 --val-every 4 --val-blocks 4 "
                          "--backend reference --device cpu",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
+                   f"{os.environ['PATH']}"}
 
     def call(limit: int, **extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(ROOT / "bench" / "gpu_replicate_multi.sh")],
@@ -344,12 +354,19 @@ def test_gpu_replicate_multi_runs_one_job_per_gpu_until_all_done(tiny_corpus, tm
 
     first = call(89)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "call again" in first.stdout and "== job1 (0:nvfp4)" in first.stdout
+    assert "job0: 1:bf16 on GPU 0" in first.stdout and "job1: 0:nvfp4 on GPU 1" in first.stdout
+    assert "call again" in first.stdout and "== job1 (0:nvfp4): rc 0" in first.stdout
     assert "all done" in call(300).stdout
     for job, seed, run in ((0, 1, "bf16"), (1, 0, "nvfp4")):
         result = json.loads((tmp_path / "out" / f"job{job}" / "runs" / f"{run}.json")
                             .read_text())
         assert result["done"] and result["seed"] == seed and result["corpus"] == tiny_corpus[2]
         assert (tmp_path / f"runs_seed{seed}" / f"{run}.json").exists()
-    bad = call(60, JOBS="nvfp4")
-    assert bad.returncode == 2 and "'nvfp4' is not SEED:RUN" in bad.stderr
+    for jobs, error in (("nvfp4", "'nvfp4' is not SEED:RUN"), (" ", "no SEED:RUN entry"),
+                        ("0:bf16 0:bf16", "an entry twice"),
+                        ("0:a 0:b 0:c", "3 jobs but 2 GPUs")):
+        bad = call(60, JOBS=jobs)
+        assert bad.returncode == 2 and error in bad.stderr, (jobs, bad.stderr)
+    crash = call(120, JOBS="0:nvfp4 1:no_such_run")
+    assert crash.returncode == 1 and "== job1 (1:no_such_run): rc " in crash.stdout
+    assert "== job0 (0:nvfp4): rc 0" in crash.stdout

@@ -17,7 +17,7 @@ Expert ``e``'s ``[out, in]`` GEMM matrix (``W[e]``, or ``W[e]^T`` for classes de
 ``is_transposed`` such as gpt-oss) is quantized exactly as the training forward quantizes it
 (16x16 tiles, the expert's own global scale), so a loaded model computes the same logits.
 Biases (``<p>_bias``) stay high precision; the stochastic-rounding ``sr_state`` is training
-state and is written only with ``masters=True``. Loading swaps the module's 3D parameters for
+state and is written only with ``masters=True``. Loading swaps the module's expert parameters for
 these buffers (whose dtypes module-wide conversions keep: :class:`KeepScaleDtypes`) and points
 it at the ``"hf_nvfp4_packed"`` experts implementation (registered here in transformers'
 ``ExpertsInterface``, and as the instance forward of Llama 4's batched and JetMoE's parallel
@@ -88,7 +88,7 @@ _DTYPES = {"packed": torch.uint8, "scale": torch.float8_e4m3fn, "global_scale": 
 
 @dataclass
 class ExpertWeights:
-    """One quantized 3D experts parameter as per-expert NVFP4 ``[out, in]`` matrices.
+    """One quantized experts parameter as per-expert NVFP4 ``[out, in]`` matrices.
 
     Attributes:
         data: uint8 codes [E, out, in/2]; scale: float8_e4m3fn [E, out, in/16];
@@ -161,7 +161,7 @@ def iter_quantized_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def quantized_params(module: nn.Module) -> tuple[str, ...]:
-    """The quantized 3D parameters of an NVFP4 experts module (first projection and down, or
+    """The quantized parameters of an NVFP4 experts module (first projection and down, or
     a parallel experts module's ``weight``)."""
     if is_packed_experts(module):
         return module._hf_nvfp4_packed.params
@@ -208,7 +208,7 @@ def pack_experts_module(
     weights: dict[str, ExpertWeights] | None = None,
     shapes: dict[str, tuple[int, int, int]] | None = None,
 ) -> None:
-    """Swap an experts module's quantized 3D parameters for packed buffers, in place.
+    """Swap an experts module's quantized parameters for packed buffers, in place.
 
     Either ``weights`` (the values, e.g. from :func:`expert_weights`) or ``shapes``
     (``{parameter: (E, out, in)}``: empty buffers on the module's device, to be loaded).
@@ -245,7 +245,7 @@ def pack_experts_module(
     module._hf_nvfp4_packed = PackedExperts(recipe, backend, params, previous, seed)
     module._apply = KeepScaleDtypes(module)
     # Every tensor of the module comes from the checkpoint: transformers' weight init (which
-    # would look for the removed 3D parameters) skips it.
+    # would look for the removed parameters) skips it.
     module._is_hf_initialized = True
     set_implementation(module, PACKED_IMPLEMENTATION)
 
@@ -361,7 +361,8 @@ def packed_experts_state(
     model: nn.Module,
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The packed tensors of every NVFP4 experts module, and the state-dict keys they
-    replace (the 3D parameters and ``sr_state``), which the high-precision state skips."""
+    replace (the expert parameters and ``sr_state``), which the high-precision state
+    skips."""
     tensors: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
     for name, mod in iter_quantized_experts(model):
@@ -545,6 +546,8 @@ def refuse_high_precision_experts(model: nn.Module, export: str) -> None:
     """Raise naming the first experts module kept in high precision (its per-expert
     layout and ignore entries for the engines are not determined)."""
     for name, mod in model.named_modules():
+        if is_grouped_linear(mod):  # kept high precision, it is a plain Linear weight
+            continue
         if is_experts_module(mod) and not isinstance(getattr(mod, "_hf_nvfp4", None),
                                                      ExpertsQuantization):
             raise ValueError(
@@ -594,6 +597,13 @@ def expert_export(model: nn.Module, export: str) -> ExpertExport:
     if not modules:
         return ExpertExport()
     for name, mod in modules:
+        if is_grouped_linear(mod):
+            raise ValueError(
+                f"{export} cannot export {name!r} ({type(mod).__name__}): its NVFP4 groups have "
+                "a global scale each, which one exported weight tensor cannot carry; keep it "
+                f"in high precision (exclude=[{name.rpartition('.')[2]!r}] in the config) or "
+                "save the model with hf_nvfp4.checkpoint.save_packed"
+            )
         if weights_transposed(mod) or getattr(mod, "has_bias", False):
             what = "stores [in, out] matrices" if weights_transposed(mod) else "has expert biases"
             raise ValueError(

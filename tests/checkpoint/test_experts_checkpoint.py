@@ -412,3 +412,16 @@ def test_deepseek_v4_grouped_linear_packed_round_trip_and_train_mode(tmp_path, t
     trainable.train()
     trainable(input_ids=tokens, labels=tokens).loss.backward()
     assert again.weight.grad.abs().sum() > 0
+
+
+def test_deepseek_v4_exports_with_its_grouped_linear_kept_high_precision(tmp_path):
+    """An export refuses an NVFP4 grouped o_a_proj by name (one global scale per group); kept
+    in high precision it is a plain weight and the model exports."""
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.o_a_proj' "
+                                         r"\(DeepseekV4GroupedLinear\).*exclude=\['o_a_proj'\]"):
+        export_compressed_tensors(_moe("deepseek_v4"), tmp_path / "a", weight_only=True)
+    model = _moe("deepseek_v4", {**ALL_NVFP4, "exclude": ["o_a_proj"]})
+    export_compressed_tensors(model, tmp_path / "b", weight_only=True)
+    t = _tensors(tmp_path / "b")
+    kept = [k for k in t if "wo_a" in k or "o_a_proj" in k]
+    assert kept and all(t[k].dtype != torch.uint8 for k in kept)
