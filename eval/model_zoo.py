@@ -11,7 +11,9 @@ The share counts what :meth:`hf_nvfp4.ConversionSummary.block_matmul_share` coun
 matmul weight of the blocks, MoE routers included (a router is a matmul weight that stays in
 high precision by the usual rules: a bare parameter, or a Linear with ``num_experts`` outputs
 that are not a multiple of 16), but not parameters used only elementwise (biases, Mamba's
-``A_log``) nor convolutions.
+``A_log``) nor convolutions. A converted layer whose weight the model uses outside the layer's
+forward in the first training step (:mod:`hf_nvfp4.bypass`: Mamba's ``dt_proj.weight @ x``)
+counts as high precision, as its matmul is.
 
 Status per architecture:
 
@@ -211,6 +213,20 @@ def _plain_round_trip_error(model_type: str) -> str | None:
     return None
 
 
+def _count_bypassed(model: Any, names: list[str], result: dict[str, Any]) -> None:
+    """Move the layers whose weight the model used outside their forward (their matmul ran in
+    high precision) from the NVFP4 share to the kept reasons."""
+    if not names:
+        return
+    params = sum(p.numel() for n in names for p in model.get_submodule(n).parameters()
+                 if p.dim() >= 2)
+    result["quantized"] -= params
+    result["share"] = result["quantized"] / result["total"]
+    reason = f"weight used outside the layer's forward ({names[0].rpartition('.')[2]} ...)"
+    result["kept"][reason] = params
+    result["bypassed"] = names
+
+
 def run_architecture(model_type: str) -> dict[str, Any]:
     """Build, train, convert, train, save and reload one architecture; its result record."""
     import torch
@@ -218,6 +234,7 @@ def run_architecture(model_type: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import hf_nvfp4
+    from hf_nvfp4.bypass import bypassed_layers, forward_counts
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("hf_nvfp4").setLevel(logging.ERROR)
@@ -252,8 +269,11 @@ def run_architecture(model_type: str) -> dict[str, Any]:
         stage = "train"
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses = []
+        before = forward_counts(model)
         for step in range(STEPS):
             losses.append(_loss(model, 1 + step))
+            if step == 0:
+                _count_bypassed(model, bypassed_layers(model, before), result)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         result["losses"] = losses

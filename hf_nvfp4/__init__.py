@@ -23,7 +23,7 @@ from ._registration import install as _install_registration
 
 if TYPE_CHECKING:
     from .accelerate_plugin import NVFP4Plugin
-    from .callbacks import LateSwitchCallback, QuantTelemetryCallback
+    from .callbacks import BypassCheckCallback, LateSwitchCallback, QuantTelemetryCallback
     from .config import NVFP4Config
     from .convert import ConversionSummary, convert
     from .hf_quantizer import from_config, prepare_model
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 # Public name -> the submodule that defines it (the TYPE_CHECKING imports above, for tools).
 _LAZY = {
     "NVFP4Plugin": "accelerate_plugin",
+    "BypassCheckCallback": "callbacks",
     "LateSwitchCallback": "callbacks",
     "QuantTelemetryCallback": "callbacks",
     "QuantProbe": "telemetry",
@@ -70,6 +71,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "BypassCheckCallback",
     "LateSwitchCallback",
     "NVFP4Plugin",
     "NVFP4Trainer",

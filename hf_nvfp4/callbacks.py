@@ -1,4 +1,5 @@
-"""Trainer callbacks: the late precision switch and quantization telemetry."""
+"""Trainer callbacks: the late precision switch, quantization telemetry and the check that
+every quantized layer's matmul ran in its forward."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .bypass import bypassed_layers, forward_counts, warn_bypassed
 from .schedule import PrecisionSchedule, switch_to_high_precision
 from .telemetry import SQRT3, WGRAD_NOISE_RATIO, QuantProbe
 
@@ -45,6 +47,32 @@ class LateSwitchCallback(TrainerCallback):
     def _maybe_switch(self, model, step: int) -> None:
         if model is not None and self.schedule.update(_unwrap(model), step):
             logger.info("hf_nvfp4: switched to BF16 (%s) at step %d", self.mode, step)
+
+
+class BypassCheckCallback(TrainerCallback):
+    """At the first optimizer step, warn naming the quantized layers whose weight the model
+    used outside their forward (that matmul ran in high precision; :mod:`hf_nvfp4.bypass`)."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, int] | None = None
+        self.checked = False
+
+    def on_step_begin(  # noqa: D102
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        model: nn.Module | None = None, **kwargs: Any,
+    ) -> None:
+        if not self.checked and model is not None:
+            self.before = forward_counts(_unwrap(model))
+
+    def on_pre_optimizer_step(  # noqa: D102
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        model: nn.Module | None = None, **kwargs: Any,
+    ) -> None:
+        if self.checked or self.before is None or model is None:
+            return
+        self.checked = True
+        inner = _unwrap(model)
+        warn_bypassed(bypassed_layers(inner, self.before), type(inner).__name__)
 
 
 class QuantTelemetryCallback(TrainerCallback):

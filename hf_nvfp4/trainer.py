@@ -20,7 +20,7 @@ import torch
 import transformers
 from torch import nn
 
-from .callbacks import LateSwitchCallback, QuantTelemetryCallback
+from .callbacks import BypassCheckCallback, LateSwitchCallback, QuantTelemetryCallback
 from .config import QUANT_METHOD, RECIPE_ENV, NVFP4Config, resolve_nvfp4
 from .hf_quantizer import prepare_model
 
@@ -76,6 +76,8 @@ class NVFP4Trainer(transformers.Trainer):
         self.nvfp4_config = config
         self._announce(config, chosen=source is not None)
         callbacks = list(kwargs.pop("callbacks", None) or [])
+        if config is not None and not any(isinstance(c, BypassCheckCallback) for c in callbacks):
+            callbacks.append(BypassCheckCallback())
         if config is not None and config.switch_to_bf16_at is not None:
             if not any(isinstance(c, LateSwitchCallback) for c in callbacks):
                 callbacks.append(LateSwitchCallback(config.switch_to_bf16_at, config.switch_mode))

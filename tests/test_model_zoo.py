@@ -36,7 +36,9 @@ EXPECTED: dict[str, tuple[str, float | None]] = {
     "jetmoe": ("ok", 99.57),  # parallel experts (MoE and mixture of attention); routers [4, 64]
     "llama": ("ok", 100.0),
     "llama4_text": ("ok", 99.81),  # batched experts, [E, in, out]
-    "mamba": ("ok", 100.0),  # dt rank 16; A_log is used elementwise, not a matmul weight
+    # dt rank 16; A_log is used elementwise, not a matmul weight; the mixer computes
+    # dt_proj.weight @ x itself, so dt_proj's matmul is high precision
+    "mamba": ("partial", 93.77),
     "mistral": ("ok", 100.0),
     "mixtral": ("ok", 99.77),
     "olmo": ("ok", 100.0),
