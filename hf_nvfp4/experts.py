@@ -225,8 +225,8 @@ def register() -> None:
 
 #: The instance forward of a :data:`BATCHED_EXPERTS` (``"batched"``),
 #: :data:`PARALLEL_EXPERTS` (``"parallel"``) or :data:`GROUPED_LINEARS` (``"grouped"``) module
-#: per experts implementation (this
-#: module's, and the packed one of :mod:`hf_nvfp4.checkpoint.experts`).
+#: per experts implementation (this module's, and the packed one of
+#: :mod:`hf_nvfp4.checkpoint.experts`).
 INSTANCE_FORWARDS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
     "batched": {}, "parallel": {}, "grouped": {},
 }
@@ -318,8 +318,8 @@ def _bias(module: nn.Module, name: str) -> torch.Tensor | None:
 
 def nvfp4_projector(module: nn.Module, device: torch.device) -> tuple[Project, int]:
     """``(project, num_experts)`` of a converted experts module: ``project(rows, stage,
-    counts)`` runs stage ``stage`` (0: up, 1: down; a parallel experts module has stage 0
-    only) of every expert on group-sorted rows."""
+    counts)`` runs stage ``stage`` (0: up, 1: down; a parallel experts module or a grouped
+    linear has stage 0 only) of every expert on group-sorted rows."""
     quant: ExpertsQuantization | None = getattr(module, "_hf_nvfp4", None)
     if quant is None:
         raise RuntimeError(
