@@ -15,6 +15,7 @@ import logging
 
 from torch import nn
 
+from ._names import shown_names
 from .experts import ExpertsQuantization, expert_params
 from .nn.linear import NVFP4Linear
 
@@ -54,7 +55,7 @@ def warn_bypassed(names: list[str], model_name: str) -> None:
     """One warning naming the layers :func:`bypassed_layers` found (nothing when none)."""
     if not names:
         return
-    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    shown = shown_names(names)
     logger.warning(
         "hf_nvfp4: %d quantized layer(s) of %s had their weight used outside their forward in "
         "this training step, so that matmul ran in high precision with the master weight: %s. "

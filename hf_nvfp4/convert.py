@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from ._names import shown_names
 from .config import NVFP4Config
 from .experts import (
     BATCHED_EXPERTS,
@@ -340,7 +341,7 @@ def _warn_ragged(summary: ConversionSummary) -> None:
     ragged = [d.name for d in summary.layers if d.reason == "dimensions not multiples of 16"]
     if not ragged:
         return
-    shown = ", ".join(ragged[:6]) + (f" and {len(ragged) - 6} more" if len(ragged) > 6 else "")
+    shown = shown_names(ragged)
     logger.warning(
         "hf_nvfp4.convert: %d of %d linear layers stay in HIGH PRECISION because their "
         "in/out features are not multiples of 16 (NVFP4Linear needs 16-element blocks): %s. "

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ._names import shown_names
 from .config import NVFP4Config
 from .convert import iter_nvfp4_linears
 from .quant.fsdp import is_gathered_quantized
@@ -41,7 +42,7 @@ def _refuse_gathered_codes(model: nn.Module) -> None:
     names = [name or "<model>" for name, mod in iter_nvfp4_linears(model)
              if is_gathered_quantized(mod.weight)]
     if names:
-        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        shown = shown_names(names)
         raise ValueError(
             f"cannot switch to BF16: {len(names)} layer(s) all-gather their weights under "
             f"FSDP2 as quantized codes ({shown}), and BF16 GEMMs need the weights' values. "
