@@ -223,27 +223,25 @@ def register() -> None:
     ExpertsInterface.register(IMPLEMENTATION, nvfp4_experts_forward)
 
 
-#: The instance forward of a :data:`BATCHED_EXPERTS` (``"batched"``),
-#: :data:`PARALLEL_EXPERTS` (``"parallel"``) or :data:`GROUPED_LINEARS` (``"grouped"``) module
-#: per experts implementation (this module's, and the packed one of
-#: :mod:`hf_nvfp4.checkpoint.experts`).
-INSTANCE_FORWARDS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
-    "batched": {}, "parallel": {}, "grouped": {},
-}
+#: ``(project, num_experts)`` of a module per experts implementation: this module's
+#: :func:`nvfp4_projector`, and the packed one of :mod:`hf_nvfp4.checkpoint.experts`.
+PROJECTORS: dict[str, Callable[[nn.Module, torch.device], tuple[Project, int]]] = {}
 
 
 class InstanceForward:
     """The instance forward of a batched or parallel experts module or a grouped linear: its
-    implementation by name (:data:`INSTANCE_FORWARDS`), so that the module pickles and
-    deep-copies with it (a copy's forward runs the copy)."""
+    family's forward (:data:`FAMILY_FORWARDS`) on the projector of its implementation, named
+    (:data:`PROJECTORS`), so that the module pickles and deep-copies with it (a copy's
+    forward runs the copy). Takes the class forward's positional arguments."""
 
     def __init__(self, module: nn.Module, implementation: str) -> None:
         self.module = module
         self.implementation = implementation
 
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        family = _instance_family(self.module)
-        return INSTANCE_FORWARDS[family][self.implementation](self.module, *args, **kwargs)
+    def __call__(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        project, num_experts = PROJECTORS[self.implementation](self.module, x.device)
+        forward = FAMILY_FORWARDS[_instance_family(self.module)]
+        return forward(self.module, x, *args, num_experts, project)
 
 
 #: The name :class:`InstanceForward` had when only batched experts used it (older pickles).
@@ -357,29 +355,7 @@ def nvfp4_experts_forward(
                                   num_experts, project)
 
 
-def nvfp4_batched_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The ``"hf_nvfp4"`` forward of a :data:`BATCHED_EXPERTS` module (its class's contract)."""
-    project, num_experts = nvfp4_projector(self, hidden_states.device)
-    return batched_experts_forward(self, hidden_states, num_experts, project)
-
-
-def nvfp4_parallel_forward(
-    self: nn.Module, inputs: torch.Tensor, expert_size: list[int]
-) -> torch.Tensor:
-    """The ``"hf_nvfp4"`` forward of a :data:`PARALLEL_EXPERTS` module (its class's contract)."""
-    project, num_experts = nvfp4_projector(self, inputs.device)
-    return parallel_experts_forward(self, inputs, expert_size, num_experts, project)
-
-
-def nvfp4_grouped_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The ``"hf_nvfp4"`` forward of a :data:`GROUPED_LINEARS` module (its class's contract)."""
-    project, num_groups = nvfp4_projector(self, x.device)
-    return grouped_linear_forward(self, x, num_groups, project)
-
-
-INSTANCE_FORWARDS["batched"][IMPLEMENTATION] = nvfp4_batched_forward
-INSTANCE_FORWARDS["parallel"][IMPLEMENTATION] = nvfp4_parallel_forward
-INSTANCE_FORWARDS["grouped"][IMPLEMENTATION] = nvfp4_grouped_forward
+PROJECTORS[IMPLEMENTATION] = nvfp4_projector
 
 
 def _gemm_dtype(rows: torch.Tensor) -> torch.Tensor:
@@ -459,6 +435,15 @@ def grouped_linear_forward(
         *lead, num_groups, out.shape[-1])
 
 
+#: The forward of each instance family, ``(module, *class forward args, num_experts,
+#: project)``.
+FAMILY_FORWARDS: dict[str, Callable[..., torch.Tensor]] = {
+    "batched": batched_experts_forward,
+    "parallel": parallel_experts_forward,
+    "grouped": grouped_linear_forward,
+}
+
+
 def routed_experts_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -499,8 +484,9 @@ __all__ = [
     "BATCHED_EXPERTS",
     "GROUPED_LINEARS",
     "IMPLEMENTATION",
-    "INSTANCE_FORWARDS",
+    "FAMILY_FORWARDS",
     "PARALLEL_EXPERTS",
+    "PROJECTORS",
     "ExpertsQuantization",
     "InstanceForward",
     "Project",
@@ -516,10 +502,7 @@ __all__ = [
     "is_grouped_linear",
     "is_parallel_experts",
     "iter_nvfp4_experts",
-    "nvfp4_batched_forward",
     "nvfp4_experts_forward",
-    "nvfp4_grouped_forward",
-    "nvfp4_parallel_forward",
     "nvfp4_projector",
     "parallel_experts_forward",
     "register",

@@ -54,19 +54,16 @@ from torch import nn
 
 from ..backends import get_backend
 from ..experts import (
-    INSTANCE_FORWARDS,
+    PROJECTORS,
     ExpertsQuantization,
     Project,
-    batched_experts_forward,
     convert_experts_module,
     current_implementation,
     expert_matrices,
     expert_params,
-    grouped_linear_forward,
     is_experts_module,
     is_grouped_linear,
     iter_nvfp4_experts,
-    parallel_experts_forward,
     routed_experts_forward,
     set_implementation,
     weights_transposed,
@@ -322,29 +319,7 @@ def packed_experts_forward(
                                   num_experts, project)
 
 
-def packed_batched_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The ``"hf_nvfp4_packed"`` forward of a batched experts module (Llama 4's)."""
-    project, num_experts = packed_projector(self, hidden_states.device)
-    return batched_experts_forward(self, hidden_states, num_experts, project)
-
-
-def packed_parallel_forward(
-    self: nn.Module, inputs: torch.Tensor, expert_size: list[int]
-) -> torch.Tensor:
-    """The ``"hf_nvfp4_packed"`` forward of a parallel experts module (JetMoE's)."""
-    project, num_experts = packed_projector(self, inputs.device)
-    return parallel_experts_forward(self, inputs, expert_size, num_experts, project)
-
-
-def packed_grouped_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The ``"hf_nvfp4_packed"`` forward of a grouped linear (DeepSeek V4's)."""
-    project, num_groups = packed_projector(self, x.device)
-    return grouped_linear_forward(self, x, num_groups, project)
-
-
-INSTANCE_FORWARDS["batched"][PACKED_IMPLEMENTATION] = packed_batched_forward
-INSTANCE_FORWARDS["parallel"][PACKED_IMPLEMENTATION] = packed_parallel_forward
-INSTANCE_FORWARDS["grouped"][PACKED_IMPLEMENTATION] = packed_grouped_forward
+PROJECTORS[PACKED_IMPLEMENTATION] = packed_projector
 
 
 def register_packed() -> None:
@@ -701,12 +676,9 @@ __all__ = [
     "is_packed_experts",
     "iter_quantized_experts",
     "pack_experts_module",
-    "packed_batched_forward",
     "packed_experts_forward",
     "packed_projector",
     "packed_experts_state",
-    "packed_grouped_forward",
-    "packed_parallel_forward",
     "prepare_packed_experts",
     "refuse_high_precision_experts",
     "refuse_unpackable_experts",
