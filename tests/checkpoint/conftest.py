@@ -12,6 +12,19 @@ from hf_nvfp4 import NVFP4Config
 VOCAB = 256
 
 
+def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint folder ``path`` (all its shards), by name."""
+    from safetensors import safe_open
+
+    from hf_nvfp4.checkpoint.shards import checkpoint_files
+
+    out = {}
+    for f in checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
 def tiny_llama(layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
     """A random LlamaForCausalLM: hidden 64, intermediate 128, 4 heads (2 KV heads)."""
     torch.manual_seed(seed)

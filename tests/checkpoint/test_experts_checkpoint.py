@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_nvfp4
@@ -18,9 +17,10 @@ from hf_nvfp4.checkpoint import (
     save_packed,
 )
 from hf_nvfp4.checkpoint.experts import PACKED_IMPLEMENTATION, is_packed_experts
-from hf_nvfp4.checkpoint.shards import checkpoint_files
 from hf_nvfp4.experts import is_experts_module, iter_nvfp4_experts
 from hf_nvfp4.numerics import quantize
+
+from .conftest import checkpoint_tensors
 
 # Tiny MoE models (those of tests/test_experts.py, plus Mixtral): 4 experts, top 2.
 CONFIGS = {
@@ -73,14 +73,6 @@ def _moe(kind: str, convert: dict | None = None) -> torch.nn.Module:
     return model.eval()
 
 
-def _tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in checkpoint_files(path):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
@@ -98,7 +90,7 @@ def tokens() -> torch.Tensor:
 def test_packed_layout_is_each_experts_quantization(tmp_path):
     model = _moe("qwen3_moe")
     save_packed(model, tmp_path / "ckpt")
-    t = _tensors(tmp_path / "ckpt")
+    t = checkpoint_tensors(tmp_path / "ckpt")
     experts = dict(iter_nvfp4_experts(model))
     assert len(experts) == 2
     for name, mod in experts.items():
@@ -130,7 +122,7 @@ def test_packed_round_trip_gives_equal_logits_and_same_bytes(tmp_path, tokens):
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
     save_packed(loaded, tmp_path / "again", dtype=None)
-    a, b = _tensors(tmp_path / "ckpt"), _tensors(tmp_path / "again")
+    a, b = checkpoint_tensors(tmp_path / "ckpt"), checkpoint_tensors(tmp_path / "again")
     assert a.keys() == b.keys()
     assert all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
 
@@ -184,7 +176,7 @@ def test_exports_write_each_expert_under_its_checkpoint_names(kind, fmt, tmp_pat
     model = _moe(kind)
     export = export_compressed_tensors if fmt == "compressed-tensors" else export_modelopt
     export(model, tmp_path / "out", weight_only=True)
-    t = _tensors(tmp_path / "out")
+    t = checkpoint_tensors(tmp_path / "out")
     codes, scale2 = ("weight_packed", None) if fmt == "compressed-tensors" else (
         "weight", "weight_scale_2")
     layers = [n for n, _ in iter_nvfp4_experts(model)]
@@ -228,7 +220,7 @@ def test_compressed_tensors_decompresses_experts_to_our_weights(tmp_path):
     assert ct is not None
     model = _moe("qwen3_moe")
     export_compressed_tensors(model, tmp_path / "out", weight_only=True)
-    t = _tensors(tmp_path / "out")
+    t = checkpoint_tensors(tmp_path / "out")
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
     mod = model.get_submodule("model.layers.1.mlp.experts")
@@ -270,7 +262,7 @@ def test_llama4_batched_experts_packed_round_trip_and_train_mode(tmp_path, token
 
     model = _moe("llama4_text")
     save_packed(model, tmp_path / "ckpt", dtype=None)
-    t = _tensors(tmp_path / "ckpt")
+    t = checkpoint_tensors(tmp_path / "ckpt")
     name, mod = next(iter(iter_nvfp4_experts(model)))
     w = mod.gate_up_proj.detach()[2].t()  # expert 2's [out, in] GEMM matrix
     q = quantize(w, tile=(16, 16))
@@ -301,7 +293,7 @@ def test_jetmoe_parallel_experts_packed_round_trip_and_train_mode(tmp_path, toke
 
     model = _moe("jetmoe")
     save_packed(model, tmp_path / "ckpt", dtype=None)
-    t = _tensors(tmp_path / "ckpt")
+    t = checkpoint_tensors(tmp_path / "ckpt")
     experts = dict(iter_nvfp4_experts(model))
     assert len(experts) == 8  # per block: the MoE's and the attention's input and output
     name = "model.layers.1.mlp.output_linear"
@@ -396,7 +388,7 @@ def test_deepseek_v4_grouped_linear_packed_round_trip_and_train_mode(tmp_path, t
     grouped = dict(iter_nvfp4_experts(model))[name]
     assert is_grouped_linear(grouped)
     save_packed(model, tmp_path / "ckpt", dtype=None)
-    t = _tensors(tmp_path / "ckpt")
+    t = checkpoint_tensors(tmp_path / "ckpt")
     q = quantize(grouped.weight.detach()[32:], tile=(16, 16))  # group 1
     assert t[f"{name}.weight_packed"].shape == (2, 32, 16)
     assert torch.equal(t[f"{name}.weight_packed"][1], q.data)
@@ -422,6 +414,6 @@ def test_deepseek_v4_exports_with_its_grouped_linear_kept_high_precision(tmp_pat
         export_compressed_tensors(_moe("deepseek_v4"), tmp_path / "a", weight_only=True)
     model = _moe("deepseek_v4", {**ALL_NVFP4, "exclude": ["o_a_proj"]})
     export_compressed_tensors(model, tmp_path / "b", weight_only=True)
-    t = _tensors(tmp_path / "b")
+    t = checkpoint_tensors(tmp_path / "b")
     kept = [k for k in t if "wo_a" in k or "o_a_proj" in k]
     assert kept and all(t[k].dtype != torch.uint8 for k in kept)

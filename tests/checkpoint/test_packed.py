@@ -6,25 +6,15 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import hf_nvfp4
 from hf_nvfp4 import NVFP4Linear
 from hf_nvfp4.checkpoint import load_packed, pack_model, save_packed
 from hf_nvfp4.checkpoint.layers import iter_packed_layers
-from hf_nvfp4.checkpoint.shards import checkpoint_files
 from hf_nvfp4.nn.packed import NVFP4PackedLinear
 
-from .conftest import tiny_llama
-
-
-def _file_tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in checkpoint_files(path):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
+from .conftest import checkpoint_tensors, tiny_llama
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -51,14 +41,14 @@ def test_round_trip_is_bit_exact(model, tokens, tmp_path):
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
     # Saving the loaded packed model again writes the same bytes.
     save_packed(loaded, tmp_path / "again", dtype=None)
-    a, b = _file_tensors(tmp_path / "ckpt"), _file_tensors(tmp_path / "again")
+    a, b = checkpoint_tensors(tmp_path / "ckpt"), checkpoint_tensors(tmp_path / "again")
     assert a.keys() == b.keys()
     assert all(_bytes(a[k]) == _bytes(b[k]) for k in a)
 
 
 def test_bf16_default_layout(model, tmp_path):
     save_packed(model, tmp_path / "ckpt")
-    t = _file_tensors(tmp_path / "ckpt")
+    t = checkpoint_tensors(tmp_path / "ckpt")
     name = "model.layers.0.mlp.up_proj"
     assert t[f"{name}.weight_packed"].shape == (128, 32)
     assert t[f"{name}.weight_scale"].shape == (128, 4)

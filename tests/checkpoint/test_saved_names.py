@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -22,6 +21,8 @@ from hf_nvfp4.checkpoint.experts import expert_weights, iter_quantized_experts
 from hf_nvfp4.checkpoint.layers import iter_packed_layers
 from hf_nvfp4.checkpoint.saved_names import saved_name
 from hf_nvfp4.checkpoint.shards import checkpoint_files
+
+from .conftest import checkpoint_tensors
 
 ALL_NVFP4 = NVFP4Config(backend="reference", first_bf16_blocks=0, last_bf16_blocks=0)
 VOCAB = 256
@@ -69,14 +70,6 @@ def _trained(model: torch.nn.Module) -> torch.nn.Module:
             if p.grad is not None:
                 p -= 0.05 * p.grad
     return model.eval()
-
-
-def _files(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in checkpoint_files(path):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def _nvfp4_bits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -130,7 +123,7 @@ def _transposed_llama() -> torch.nn.Module:
 def test_ergo_master_checkpoint_reloads_its_transposed_shared_expert(tmp_path):
     model = _ergo()
     model.save_pretrained(tmp_path)
-    files = _files(tmp_path)
+    files = checkpoint_tensors(tmp_path)
     # Saved in Ergo's original layout: the shared expert's [out, in] weights transposed.
     for proj, saved in (("up_proj", "shared_up_proj"), ("down_proj", "shared_down_proj")):
         weight = model.get_submodule(f"{SHARED}.{proj}").weight
@@ -151,7 +144,7 @@ def test_ergo_master_checkpoint_reloads_its_transposed_shared_expert(tmp_path):
 def test_ergo_packed_checkpoint_keeps_its_nvfp4_weights(tmp_path):
     model = _ergo()
     save_packed(model, tmp_path, dtype=None, masters=True)
-    assert f"{SHARED}.up_proj.weight_packed" in _files(tmp_path)
+    assert f"{SHARED}.up_proj.weight_packed" in checkpoint_tensors(tmp_path)
     packed = load_packed(tmp_path)
     _assert_same_nvfp4(model, packed, layers=10)
     # Ergo's decoder layer reads o_proj.weight.dtype: a packed layer answers with its dtype
@@ -166,7 +159,7 @@ def test_ergo_packed_checkpoint_keeps_its_nvfp4_weights(tmp_path):
 def test_a_transpose_conversion_round_trips_bit_for_bit(transposed_llama_mapping, tmp_path):
     model = _transposed_llama()
     model.save_pretrained(tmp_path)
-    files = _files(tmp_path)
+    files = checkpoint_tensors(tmp_path)
     for i in range(2):
         weight = model.get_submodule(f"model.layers.{i}.mlp.down_proj").weight.detach()
         assert weight.shape == (64, 128)
@@ -185,7 +178,7 @@ def test_a_missing_converted_weight_is_named_not_initialized(transposed_llama_ma
     model = _transposed_llama()
     model.save_pretrained(tmp_path)
     path = checkpoint_files(tmp_path)[0]
-    tensors = _files(tmp_path)
+    tensors = checkpoint_tensors(tmp_path)
     del tensors["model.layers.1.mlp.down_proj_t"]
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=(
