@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .._names import shown_names
 from ..config import NVFP4Config
 from ..experts import iter_nvfp4_experts
 from ..nn.conv1d import NVFP4Conv1D, NVFP4PackedConv1D, is_conv1d, weight_matrix
@@ -192,7 +193,7 @@ def check_master_checkpoint(model: nn.Module, files: list[str] | None) -> set[st
 def _missing_message(model: nn.Module, missing: list[SavedName], where: Path) -> str:
     """The error for NVFP4Linear weights a master checkpoint lacks, each with its saved names."""
     shown = []
-    for s in missing[:5]:
+    for s in missing:
         if s.error is not None:
             shown.append(f"{s.key!r} (transformers' checkpoint conversion of "
                          f"{type(model).__name__} cannot be applied to it alone: {s.error})")
@@ -200,10 +201,9 @@ def _missing_message(model: nn.Module, missing: list[SavedName], where: Path) ->
             shown.append(f"{s.key!r} (saved as {', '.join(repr(n) for n in s.names)})")
         else:
             shown.append(repr(s.key))
-    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
     return (
         f"{len(missing)} NVFP4 layer weights are missing from the checkpoint in {where}: "
-        f"{', '.join(shown)}{more}; refusing to load (they would be randomly initialized)"
+        f"{shown_names(shown, 5)}; refusing to load (they would be randomly initialized)"
     )
 
 
