@@ -166,7 +166,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, snr: bool = True) -> Checkpoi
     for module in modules:
         w = infos.get(f"{module}.weight")
         codes = infos.get(f"{module}.{_PACKED_NAMES[packed_fmt][0]}") if packed_fmt else None
-        # a 3D ``weight_packed`` is a parallel experts module's (experts are not 2D weights)
+        # a 3D ``weight_packed`` is packed experts' (JetMoE's, a DeepSeek V4 grouped linear)
         is_packed = (codes is not None and len(codes.shape) == 2
                      and f"{module}.weight_scale" in infos)
         if is_packed:

@@ -82,7 +82,7 @@ def validate_packed_tensors(infos: dict[str, TensorInfo]) -> dict[str, tuple[int
 
     Per layer: ``weight_packed`` U8 [out, in/2], ``weight_scale`` F8_E4M3 [out, in/16],
     ``weight_global_scale`` F32 with one element; no stray scales, no foreign tensors. A 3D
-    ``weight_packed`` is a parallel experts module's (checked with the experts,
+    ``weight_packed`` is a parallel experts module's or grouped linear's (checked with the experts,
     :func:`hf_nvfp4.checkpoint.experts.validate_packed_experts`).
     """
     for name, info in infos.items():
