@@ -3,7 +3,8 @@
 GPT-2-style ``Conv1D`` modules (transformers' linear with its weight stored ``[in, out]``)
 become :class:`~hf_nvfp4.nn.NVFP4Conv1D` under the same rules, keeping their weight layout.
 Mixture-of-experts modules that keep their experts as fused 3D parameters behind
-transformers' ``ExpertsInterface`` (and Llama 4's and JetMoE's experts classes outside it) run
+transformers' ``ExpertsInterface`` (and Llama 4's, JetMoE's and Inkling's shared experts classes
+outside it) run
 their expert GEMMs in NVFP4 (:mod:`hf_nvfp4.experts`), again under the same rules (a router
 that is an ``nn.Linear`` is a Linear like any other).
 
@@ -27,6 +28,7 @@ from .config import NVFP4Config
 from .experts import (
     BATCHED_EXPERTS,
     PARALLEL_EXPERTS,
+    SHARED_EXPERTS,
     convert_experts_module,
     is_experts_module,
     unsupported_reason,
@@ -247,7 +249,8 @@ def convert(
     Parameters are shared, not copied, so an optimizer built before conversion still
     updates the same tensors. Returns (and with ``verbose`` logs) a
     :class:`ConversionSummary`. MoE experts modules (fused 3D weights dispatched through
-    transformers' ``ExpertsInterface``, Llama 4's batched and JetMoE's parallel experts)
+    transformers' ``ExpertsInterface``, Llama 4's batched, JetMoE's parallel and Inkling's
+    shared experts)
     switch to the ``"hf_nvfp4"`` experts implementation (:mod:`hf_nvfp4.experts`), and so
     does DeepSeek V4's block-diagonal grouped linear. Linear-like modules that cannot be
     swapped (bitsandbytes layers, GPTQ's ``QuantLinear``, ``nn.Linear`` subclasses with a
@@ -379,9 +382,10 @@ def _other_matmuls(
             elif block >= n_blocks - split[1]:
                 reason = f"in the last {split[1]} blocks (kept BF16)"
             elif p.dim() == 3:
+                families = BATCHED_EXPERTS | PARALLEL_EXPERTS | SHARED_EXPERTS
                 reason = (f"a 3D parameter of {type(mod).__name__} (MoE experts convert "
                           "through transformers' ExpertsInterface or as "
-                          f"{', '.join(sorted(BATCHED_EXPERTS | PARALLEL_EXPERTS))})")
+                          f"{', '.join(sorted(families))})")
             else:
                 reason = f"a bare matrix parameter of {type(mod).__name__}, not a Linear"
             out.append(LayerDecision(f"{mod_name}.{pname}", False, reason, p.numel()))

@@ -18,3 +18,26 @@ def rank() -> int:
 def world_size() -> int:
     """Size of the default process group; 1 without one."""
     return torch.distributed.get_world_size() if _initialized() else 1
+
+
+#: Why NVFP4 training with stochastic rounding refuses ``torch.nn.DataParallel``, and what
+#: to do instead.
+DATA_PARALLEL_ADVICE = (
+    "NVFP4 training with stochastic rounding does not run under torch.nn.DataParallel (its "
+    "replicas cannot advance the rounding state, so every step would reuse the same random "
+    "bits); launch one process per GPU (`accelerate launch --num_processes N train.py` or "
+    "`torchrun --nproc_per_node N train.py`: DistributedDataParallel), or make one GPU "
+    "visible (CUDA_VISIBLE_DEVICES=0)"
+)
+
+
+def refuse_data_parallel_replica(module: torch.nn.Module) -> None:
+    """Raise if ``module`` is a replica made by ``torch.nn.DataParallel``.
+
+    A replica's buffers are copies made for one forward: the stochastic-rounding step it
+    advances is lost, so every training step (and every replica, all rank 0) would round
+    with the same random bits. transformers' Trainer uses DataParallel when one process
+    sees several GPUs.
+    """
+    if getattr(module, "_is_replica", False):
+        raise RuntimeError(f"{type(module).__name__}: {DATA_PARALLEL_ADVICE}")

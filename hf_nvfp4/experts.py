@@ -23,6 +23,10 @@ forward overridden on the instance (:func:`set_implementation`), again not on th
   block-diagonal first half of its attention output projection) are ``nn.Linear`` modules
   whose ``weight`` [G * out, in] holds G matrices, group ``g``'s applied to ``x[..., g, :]``;
   each group is an "expert" that every token visits.
+* shared experts (:data:`SHARED_EXPERTS`: Inkling's ``InklingSharedExperts``) are dense
+  gated MLPs that every token visits, ``gate_proj``/``up_proj`` [E, I, H] and ``down_proj``
+  [E, H, I] as three parameters, each expert's output scaled by a per-token gamma from the
+  router and summed over experts (``forward(hidden_states, gammas)``).
 
 Numerics per expert are those of :class:`~hf_nvfp4.nn.linear.NVFP4Linear` (fprop x 1x16
 RTN and W 16x16, dgrad SR, wgrad RHT + SR; :mod:`hf_nvfp4.nn.grouped`). Tensor scales are
@@ -49,7 +53,7 @@ import torch
 from torch import nn
 
 from .backends import backend_instance, resolve_backend
-from .distributed import rank
+from .distributed import rank, refuse_data_parallel_replica
 from .nn.functional import LinearPlan
 from .nn.grouped import expert_keys, quantized_grouped_linear
 from .quant.sr import new_state
@@ -100,6 +104,14 @@ PARALLEL_EXPERTS = frozenset({"JetMoeParallelExperts"})
 #: = G), without the bias.
 GROUPED_LINEARS = frozenset({"DeepseekV4GroupedLinear"})
 
+#: Modules of E dense gated MLPs that every token visits, ``gate_proj``/``up_proj``
+#: [E, I, H] and ``down_proj`` [E, H, I], whose ``forward(hidden_states, gammas)`` is
+#: ``sum_e gammas[..., e] * (act_fn(x @ gate_proj[e]^T) * (x @ up_proj[e]^T)) @ down_proj[e]^T``
+#: (summed in FP32, returned in ``hidden_states``' dtype).
+SHARED_EXPERTS = frozenset({"InklingSharedExperts"})
+#: The three GEMM stages of a :data:`SHARED_EXPERTS` module, in forward order.
+SHARED_PARAMS = ("gate_proj", "up_proj", "down_proj")
+
 Project = Callable[[torch.Tensor, int, list[int]], torch.Tensor]
 
 
@@ -126,15 +138,23 @@ def is_grouped_linear(module: nn.Module) -> bool:
     return _family_member(module, GROUPED_LINEARS)
 
 
+def is_shared_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is of a class in :data:`SHARED_EXPERTS` or derived from one, packed
+    or not."""
+    return _family_member(module, SHARED_EXPERTS)
+
+
 def _instance_family(module: nn.Module) -> str | None:
-    """``"batched"``, ``"parallel"`` or ``"grouped"``: the families whose forward is set on
-    the instance."""
+    """``"batched"``, ``"parallel"``, ``"grouped"`` or ``"shared"``: the families whose
+    forward is set on the instance."""
     if is_batched_experts(module):
         return "batched"
     if is_parallel_experts(module):
         return "parallel"
     if is_grouped_linear(module):
         return "grouped"
+    if is_shared_experts(module):
+        return "shared"
     return None
 
 
@@ -154,10 +174,12 @@ def up_weight_name(module: nn.Module) -> str | None:
 
 def expert_params(module: nn.Module) -> tuple[str, ...]:
     """The expert parameters of an (unpacked) experts module, one per GEMM stage: the first
-    projection and ``down_proj``, or a parallel experts module's or grouped linear's
-    ``weight``."""
+    projection and ``down_proj``, a parallel experts module's or grouped linear's
+    ``weight``, or a shared experts module's :data:`SHARED_PARAMS`."""
     if is_parallel_experts(module) or is_grouped_linear(module):
         return ("weight",)
+    if is_shared_experts(module):
+        return SHARED_PARAMS
     return (up_weight_name(module), "down_proj")
 
 
@@ -177,10 +199,12 @@ def _is_3d(module: nn.Module, name: str) -> bool:
 
 def is_experts_module(module: nn.Module) -> bool:
     """Whether ``module`` holds fused 3D experts dispatched through the ExpertsInterface, or is
-    a :data:`BATCHED_EXPERTS` or :data:`PARALLEL_EXPERTS` module or a :data:`GROUPED_LINEARS`
-    linear (unpacked, in all cases)."""
+    a :data:`BATCHED_EXPERTS`, :data:`PARALLEL_EXPERTS` or :data:`SHARED_EXPERTS` module or
+    a :data:`GROUPED_LINEARS` linear (unpacked, in all cases)."""
     if is_parallel_experts(module):
         return _is_3d(module, "weight")
+    if is_shared_experts(module):
+        return all(_is_3d(module, p) for p in SHARED_PARAMS) and hasattr(module, "act_fn")
     if is_grouped_linear(module):
         w = getattr(module, "weight", None)
         groups = getattr(module, "n_groups", 0)
@@ -229,19 +253,34 @@ PROJECTORS: dict[str, Callable[[nn.Module, torch.device], tuple[Project, int]]] 
 
 
 class InstanceForward:
-    """The instance forward of a batched or parallel experts module or a grouped linear: its
-    family's forward (:data:`FAMILY_FORWARDS`) on the projector of its implementation, named
-    (:data:`PROJECTORS`), so that the module pickles and deep-copies with it (a copy's
-    forward runs the copy). Takes the class forward's positional arguments."""
+    """The instance forward of a batched, parallel or shared experts module or a grouped
+    linear: its family's forward (:data:`FAMILY_FORWARDS`) on the projector of its
+    implementation, named (:data:`PROJECTORS`), so that the module pickles and deep-copies
+    with it (a copy's forward runs the copy). Takes the class forward's arguments.
+
+    A shallow copy (``copy.copy``, ``torch.nn.DataParallel``'s replicas) shares this object,
+    so it would run the original's tensors: an input on another device than those is refused
+    with that reason."""
 
     def __init__(self, module: nn.Module, implementation: str) -> None:
         self.module = module
         self.implementation = implementation
 
-    def __call__(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        own = next((t for t in (*self.module._parameters.values(),
+                                *self.module._buffers.values()) if t is not None), None)
+        if own is not None and own.device != x.device:
+            raise RuntimeError(
+                f"{type(self.module).__name__} holds its tensors on {own.device} but got an "
+                f"input on {x.device}: a shallow copy of a converted module (e.g. a "
+                "torch.nn.DataParallel replica) runs the original's forward; copy it with "
+                "copy.deepcopy, and train on several GPUs with one process each (accelerate "
+                "launch, torchrun)"
+            )
         project, num_experts = PROJECTORS[self.implementation](self.module, x.device)
         forward = FAMILY_FORWARDS[_instance_family(self.module)]
-        return forward(self.module, x, *args, num_experts, project)
+        return forward(self.module, x, *args, **kwargs, num_experts=num_experts,
+                       project=project)
 
 
 #: The name :class:`InstanceForward` had when only batched experts used it (older pickles).
@@ -265,9 +304,9 @@ def current_implementation(module: nn.Module) -> str | None:
 def set_implementation(module: nn.Module, implementation: str | None) -> None:
     """Point an experts module at an experts implementation (None: its class's default).
 
-    ExpertsInterface modules get a private copy of their config naming it; a batched or
-    parallel experts module or a grouped linear gets an :class:`InstanceForward` as its
-    instance forward (under an accelerate hook: as the forward the hook calls).
+    ExpertsInterface modules get a private copy of their config naming it; a batched,
+    parallel or shared experts module or a grouped linear gets an :class:`InstanceForward` as
+    its instance forward (under an accelerate hook: as the forward the hook calls).
     """
     if _instance_family(module) is not None:
         slot = _forward_slot(module)
@@ -317,7 +356,8 @@ def _bias(module: nn.Module, name: str) -> torch.Tensor | None:
 def nvfp4_projector(module: nn.Module, device: torch.device) -> tuple[Project, int]:
     """``(project, num_experts)`` of a converted experts module: ``project(rows, stage,
     counts)`` runs stage ``stage`` (0: up, 1: down; a parallel experts module or a grouped
-    linear has stage 0 only) of every expert on group-sorted rows."""
+    linear has stage 0 only; shared experts 0: gate, 1: up, 2: down) of every expert on
+    group-sorted rows."""
     quant: ExpertsQuantization | None = getattr(module, "_hf_nvfp4", None)
     if quant is None:
         raise RuntimeError(
@@ -331,6 +371,7 @@ def nvfp4_projector(module: nn.Module, device: torch.device) -> tuple[Project, i
     plan = quant.plan(device)
     keys = None
     if module.training and torch.is_grad_enabled() and quant.recipe.stochastic_rounding:
+        refuse_data_parallel_replica(module)
         keys = expert_keys(module.sr_state, rank(), num_experts, len(params))
     biases = tuple(_bias(module, p) for p in params)
 
@@ -369,6 +410,7 @@ def _gemm_dtype(rows: torch.Tensor) -> torch.Tensor:
 def batched_experts_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
+    *,
     num_experts: int,
     project: Project,
 ) -> torch.Tensor:
@@ -396,6 +438,7 @@ def parallel_experts_forward(
     self: nn.Module,
     inputs: torch.Tensor,
     expert_size: list[int],
+    *,
     num_experts: int,
     project: Project,
 ) -> torch.Tensor:
@@ -415,11 +458,13 @@ def parallel_experts_forward(
 
 
 def grouped_linear_forward(
-    self: nn.Module, x: torch.Tensor, num_groups: int, project: Project
+    self: nn.Module, x: torch.Tensor, *, num_experts: int, project: Project
 ) -> torch.Tensor:
     """The forward shared by the :data:`GROUPED_LINEARS` implementations: ``x`` [..., G, in]
     is sorted by group (T rows each), ``project`` runs each group's matrix, and the result
-    comes back as [..., G, out] (the autocast dtype under autocast, as the class's bmm)."""
+    comes back as [..., G, out] (the autocast dtype under autocast, as the class's bmm).
+    ``num_experts`` is the number of groups G."""
+    num_groups = num_experts
     if x.dim() < 2 or x.shape[-2] != num_groups:
         raise ValueError(
             f"{type(self).__name__}: input of shape {tuple(x.shape)} does not hold "
@@ -435,12 +480,48 @@ def grouped_linear_forward(
         *lead, num_groups, out.shape[-1])
 
 
-#: The forward of each instance family, ``(module, *class forward args, num_experts,
-#: project)``.
+def shared_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    gammas: torch.Tensor,
+    *,
+    num_experts: int,
+    project: Project,
+) -> torch.Tensor:
+    """The forward shared by the :data:`SHARED_EXPERTS` implementations: every token
+    ``[..., H]`` visits every expert (the rows repeated once per expert, ``T`` each);
+    ``project`` runs the gate, up and down projections, ``act_fn(gate) * up * gamma`` between
+    (``gammas`` [..., E]); the experts' outputs are summed in FP32 and returned in
+    ``hidden_states``' dtype, as the class does."""
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    tokens = x.shape[0]
+    if gammas.numel() != tokens * num_experts:
+        raise ValueError(
+            f"{type(self).__name__}: gammas of shape {tuple(gammas.shape)} do not hold one "
+            f"value per token ({tokens}) and expert ({num_experts})"
+        )
+    rows = _gemm_dtype(x).repeat(num_experts, 1)
+    counts = [tokens] * num_experts
+    dev_type = rows.device.type
+    with torch.autocast(dev_type, enabled=False):
+        gate = project(rows, 0, counts)
+        up = project(rows, 1, counts)
+    weight = gammas.reshape(tokens, num_experts).t().reshape(-1, 1)
+    activated = self.act_fn(gate) * up * weight
+    with torch.autocast(dev_type, enabled=False):
+        down = project(activated.to(rows.dtype), 2, counts)
+    out = down.view(num_experts, tokens, -1).float().sum(dim=0)
+    return out.to(hidden_states.dtype).view(shape)
+
+
+#: The forward of each instance family, ``(module, *class forward args, num_experts=,
+#: project=)``.
 FAMILY_FORWARDS: dict[str, Callable[..., torch.Tensor]] = {
     "batched": batched_experts_forward,
     "parallel": parallel_experts_forward,
     "grouped": grouped_linear_forward,
+    "shared": shared_experts_forward,
 }
 
 
@@ -487,6 +568,8 @@ __all__ = [
     "FAMILY_FORWARDS",
     "PARALLEL_EXPERTS",
     "PROJECTORS",
+    "SHARED_EXPERTS",
+    "SHARED_PARAMS",
     "ExpertsQuantization",
     "InstanceForward",
     "Project",
@@ -501,6 +584,7 @@ __all__ = [
     "is_experts_module",
     "is_grouped_linear",
     "is_parallel_experts",
+    "is_shared_experts",
     "iter_nvfp4_experts",
     "nvfp4_experts_forward",
     "nvfp4_projector",
@@ -509,6 +593,7 @@ __all__ = [
     "reset_sr_state",
     "routed_experts_forward",
     "set_implementation",
+    "shared_experts_forward",
     "unsupported_reason",
     "weights_transposed",
 ]

@@ -22,6 +22,7 @@ from torch import nn
 
 from .callbacks import BypassCheckCallback, LateSwitchCallback, QuantTelemetryCallback
 from .config import QUANT_METHOD, RECIPE_ENV, NVFP4Config, resolve_nvfp4
+from .distributed import DATA_PARALLEL_ADVICE
 from .hf_quantizer import prepare_model
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,19 @@ class NVFP4Trainer(transformers.Trainer):
             from .schedule import switch_to_high_precision
 
             switch_to_high_precision(self.model, saved["switched"])
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.train; refused up front where the Trainer would wrap the model in
+        ``torch.nn.DataParallel`` (one process seeing several GPUs) and the recipe rounds
+        stochastically."""
+        config = self.nvfp4_config
+        if (config is not None and self.args.n_gpu > 1
+                and config.get_recipe().stochastic_rounding):
+            raise RuntimeError(
+                f"hf_nvfp4.Trainer: this process sees {self.args.n_gpu} GPUs, so "
+                f"transformers' Trainer would use torch.nn.DataParallel. {DATA_PARALLEL_ADVICE}"
+            )
+        return super().train(*args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Trainer.log with the telemetry callback's pending statistics merged in."""

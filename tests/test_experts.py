@@ -509,3 +509,110 @@ def test_deepseek_v4_grouped_linear_equals_per_group_quantized_linears():
     assert (got - upstream).abs().max() < 0.25 * upstream.abs().max()
     with pytest.raises(ValueError, match=r"does not hold 3 groups"):
         module(torch.randn(4, 2, 32))
+
+
+INKLING = dict(model_type="inkling_text", hidden_size=H, intermediate_size=64,
+               moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4,
+               swa_num_key_value_heads=2, swa_head_dim=16, d_rel=16, rel_extent=64,
+               n_routed_experts=E, num_experts_per_tok=TOP_K, n_shared_experts=2,
+               vocab_size=128)
+
+
+def _inkling() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**INKLING))
+
+
+def test_inkling_shared_experts_equal_per_expert_quantized_linears():
+    """InklingSharedExperts (E dense gated MLPs every token visits, gate/up/down [E, out, in],
+    outputs scaled by the router's gammas and summed in FP32): forward and every gradient equal
+    3 E separate quantized linears, one key stream each, the class's keyword call included."""
+    from hf_nvfp4.experts import (
+        current_implementation,
+        is_shared_experts,
+        set_implementation,
+    )
+
+    module = _inkling().model.layers[0].mlp.shared_experts
+    assert is_experts_module(module) and is_shared_experts(module)
+    assert expert_shapes(module) == [("gate_proj", H, 32), ("up_proj", H, 32),
+                                     ("down_proj", 32, H)]
+    n = module.n_shared_experts
+    x = torch.randn(2, 9, H)  # 18 tokens: not a multiple of 16
+    gammas = torch.rand(2, 9, n)
+    upstream = module(x, gammas=gammas)
+    convert_experts_module(module, PRESETS["nvfp4"], "reference", sr_seed=11)
+    assert current_implementation(module) == IMPLEMENTATION
+    module.train()
+    x.requires_grad_(True)
+    gammas.requires_grad_(True)
+    dy = torch.randn(2, 9, H)
+    got = module(x, gammas=gammas)
+    got.backward(dy)
+    assert got.shape == upstream.shape and got.dtype == upstream.dtype
+
+    params = {p: getattr(module, p).detach().clone().requires_grad_(True)
+              for p in ("gate_proj", "up_proj", "down_proj")}
+    plan = LinearPlan(PRESETS["nvfp4"].role_specs(), "reference", share_input=False)
+    keys = derive_keys(torch.tensor([11, 1]), torch.arange(3 * n), 2).view(3, n, 2)
+    x2 = x.detach().clone().requires_grad_(True)
+    g2 = gammas.detach().clone().requires_grad_(True)
+    rows = x2.reshape(18, H)
+    outs = []
+    for e in range(n):
+        gate = quantized_linear(rows, params["gate_proj"][e], None, plan, keys[0, e])
+        up = quantized_linear(rows, params["up_proj"][e], None, plan, keys[1, e])
+        act = module.act_fn(gate) * up * g2.reshape(18, n)[:, e:e + 1]
+        outs.append(quantized_linear(act, params["down_proj"][e], None, plan, keys[2, e]))
+    want = torch.stack(outs).float().sum(dim=0).view(2, 9, H)
+    want.backward(dy)
+    assert torch.equal(got, want)
+    for p, ref in params.items():
+        assert torch.equal(getattr(module, p).grad, ref.grad), p
+    # x feeds 2 n linears: its gradient is the same sum, accumulated in another order
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gammas.grad, g2.grad, rtol=1e-6, atol=1e-6)
+    assert int(module.sr_state[1]) == 1
+    assert (got - upstream).abs().max() < 0.25 * upstream.abs().max()
+    with pytest.raises(ValueError, match=r"do not hold one value per token \(18\) and expert"):
+        module(x, gammas=torch.rand(2, 9, n + 1))
+    set_implementation(module, None)
+    assert current_implementation(module) is None and "forward" not in module.__dict__
+
+
+def test_inkling_converts_trains_and_round_trips(tmp_path):
+    """Every Inkling MoE block's shared experts run NVFP4 next to its routed experts; training
+    and save_pretrained keep them."""
+    import hf_nvfp4
+
+    summary = hf_nvfp4.convert(_inkling(), {"first_bf16_blocks": 0, "last_bf16_blocks": 0,
+                                            "backend": "reference"}, verbose=False)
+    decisions = {d.name: d for d in summary.layers}
+    for layer in (0, 1):
+        for name in ("experts", "shared_experts"):
+            assert decisions[f"model.layers.{layer}.mlp.{name}"].quantized, (layer, name)
+    assert not any("shared_experts" in d.name for d in summary.other_matmuls)
+    _assert_trains_and_round_trips(_inkling, "model.layers.1.mlp.shared_experts", "down_proj",
+                                   tmp_path)
+
+
+def test_copies_that_would_run_the_original_are_refused():
+    """A DataParallel replica of ExpertsInterface experts refuses to train (its rounding
+    state would not advance); a shallow copy of instance-forward experts shares the original's
+    forward, so an input elsewhere than the original's tensors is refused with that reason."""
+    experts = _experts(_model("qwen3_moe"))[0]
+    convert_experts_module(experts, PRESETS["nvfp4"], "reference", sr_seed=0)
+    # as torch.nn.parallel.replicate builds a replica: its parameters are non-leaf copies
+    replica = experts._replicate_for_data_parallel()
+    for name, param in experts._parameters.items():
+        setattr(replica, name, None if param is None else param * 1)
+    idx, w = _routing(5)
+    with pytest.raises(RuntimeError, match=r"does not run under torch\.nn\.DataParallel"):
+        replica.train()(torch.randn(5, H), idx, w)
+    shared = _inkling().model.layers[0].mlp.shared_experts
+    convert_experts_module(shared, PRESETS["nvfp4"], "reference", sr_seed=0)
+    twin = shared._replicate_for_data_parallel()
+    with pytest.raises(RuntimeError, match=r"tensors on cpu but got an input on meta: a "
+                                           "shallow copy"):
+        twin(torch.randn(5, H, device="meta"), gammas=torch.rand(5, 2, device="meta"))

@@ -1,9 +1,9 @@
 """MoE experts in checkpoints: packed NVFP4 storage and the per-expert export layouts.
 
 **Packed checkpoints.** Per NVFP4 experts module ``<m>`` (see :mod:`hf_nvfp4.experts`) and
-quantized parameter ``<p>`` (``gate_up_proj`` or ``up_proj``, and ``down_proj``; a parallel
-experts module's or grouped linear's ``weight``, whose tensors are told from a packed linear's
-by their rank):
+quantized parameter ``<p>`` (``gate_up_proj`` or ``up_proj``, and ``down_proj``; a shared
+experts module's ``gate_proj``, ``up_proj`` and ``down_proj``; a parallel experts module's or
+grouped linear's ``weight``, whose tensors are told from a packed linear's by their rank):
 
 ===========================  ==============  ===================  ============================
 tensor                       dtype           shape                meaning
@@ -20,10 +20,10 @@ Biases (``<p>_bias``) stay high precision; the stochastic-rounding ``sr_state`` 
 state and is written only with ``masters=True``. Loading swaps the module's expert parameters for
 these buffers (whose dtypes module-wide conversions keep: :class:`KeepScaleDtypes`) and points
 it at the ``"hf_nvfp4_packed"`` experts implementation (registered here in transformers'
-``ExpertsInterface``, and as the instance forward of Llama 4's batched and JetMoE's parallel
-experts and of DeepSeek V4's grouped linear); ``load_packed(mode="train")`` turns it back
-into a trainable NVFP4 experts module (from the masters when saved, else the dequantized
-weights).
+``ExpertsInterface``, and as the instance forward of Llama 4's batched, JetMoE's parallel
+and Inkling's shared experts and of DeepSeek V4's grouped linear);
+``load_packed(mode="train")`` turns it back into a trainable NVFP4 experts module (from the
+masters when saved, else the dequantized weights).
 
 **Exports.** Serving engines read MoE checkpoints with one linear per expert under the names
 of the model's original (pre-fusion) checkpoints: vLLM's ``FusedMoE.make_expert_params_mapping``

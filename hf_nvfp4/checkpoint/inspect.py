@@ -182,14 +182,23 @@ def inspect_checkpoint(path: str | os.PathLike, *, snr: bool = True) -> Checkpoi
         report.layers.append(row)
     for module_row in report.layers:
         report.bf16_bytes += 2 * module_row.shape[0] * module_row.shape[1]
-    rows = {r.name for r in report.layers}
+    rows = {r.name: r.format == "nvfp4" and packed_fmt is not None for r in report.layers}
     experts = {k[: -len("_packed")] for k, i in infos.items()
                if packed_fmt and k.endswith("_packed") and len(i.shape) == 3}
     report.bf16_bytes += sum(
-        _bf16_bytes(k, i, experts) for k, i in infos.items()
-        if k.rpartition(".")[0] not in rows or k.endswith(".bias")
+        _bf16_bytes(k, i, experts) for k, i in infos.items() if not _row_weight(k, rows)
     )
     return report
+
+
+def _row_weight(key: str, rows: dict[str, bool]) -> bool:
+    """Whether ``key`` is the weight of a reported layer (``rows``: name -> packed), or, for a
+    packed one, a tensor of its quantized form (``weight_*``, ``input_*`` scales): counted
+    with the layer, where its other tensors (a bias, a router's scale) are not."""
+    module, _, leaf = key.rpartition(".")
+    if module not in rows:
+        return False
+    return leaf == "weight" or rows[module] and leaf.startswith(("weight_", "input_"))
 
 
 def _bf16_bytes(key: str, info: TensorInfo, experts: set[str]) -> int:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..backends import BACKENDS, backend_instance, resolve_backend
 from ..backends import te as _te
-from ..distributed import rank, world_size
+from ..distributed import rank, refuse_data_parallel_replica, world_size
 from ..quant.fsdp import (
     gathers_codes,
     is_gathered_quantized,
@@ -209,6 +209,7 @@ class NVFP4Linear(nn.Linear):
             return None
         if not self.recipe.stochastic_rounding:
             return None
+        refuse_data_parallel_replica(self)
         return advance_keys(self.sr_state, rank())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

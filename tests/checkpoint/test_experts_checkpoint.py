@@ -53,6 +53,13 @@ CONFIGS = {
                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    kv_channels=16, num_local_experts=4, num_experts_per_tok=2,
                    vocab_size=128),
+    # Inkling: shared experts (gate/up/down [E, out, in], every token) besides routed ones
+    "inkling_text": dict(model_type="inkling_text", hidden_size=64, intermediate_size=64,
+                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4,
+                         swa_num_key_value_heads=2, swa_head_dim=16, d_rel=16, rel_extent=64,
+                         n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=2,
+                         vocab_size=128),
 }
 ALL_NVFP4 = {"first_bf16_blocks": 0, "last_bf16_blocks": 0, "backend": "reference"}
 # Checkpoint names per expert e of layer L: (gate, up, down), as vLLM's expert mapping reads.
@@ -320,6 +327,43 @@ def test_jetmoe_parallel_experts_packed_round_trip_and_train_mode(tmp_path, toke
         export_compressed_tensors(model, tmp_path / "export", weight_only=True)
 
 
+def test_inkling_shared_experts_packed_round_trip_and_train_mode(tmp_path, tokens):
+    """InklingSharedExperts (three 3D parameters, the forward set on the instance): each
+    packed as [E, out, in/2], loaded packed with equal logits, back to trainable experts;
+    exports refuse the model (transformers has no per-expert names for Inkling's experts)."""
+    from hf_nvfp4.experts import current_implementation
+
+    model = _moe("inkling_text")
+    save_packed(model, tmp_path / "ckpt", dtype=None)
+    t = checkpoint_tensors(tmp_path / "ckpt")
+    name = "model.layers.1.mlp.shared_experts"
+    shared = model.get_submodule(name)
+    for p, shape in (("gate_proj", (2, 32, 32)), ("up_proj", (2, 32, 32)),
+                     ("down_proj", (2, 64, 16))):
+        q = quantize(getattr(shared, p).detach()[1], tile=(16, 16))
+        assert t[f"{name}.{p}_packed"].shape == shape, p
+        assert torch.equal(t[f"{name}.{p}_packed"][1], q.data), p
+        assert torch.equal(_bits(t[f"{name}.{p}_scale"][1]), _bits(q.scale)), p
+        assert f"{name}.{p}" not in t
+    loaded = load_packed(tmp_path / "ckpt")
+    packed = dict((n, m) for n, m in loaded.named_modules() if is_packed_experts(m))
+    assert sorted(packed) == [f"model.layers.{i}.mlp.{m}" for i in (0, 1)
+                              for m in ("experts", "shared_experts")]
+    assert current_implementation(packed[name]) == PACKED_IMPLEMENTATION
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    trainable = load_packed(tmp_path / "ckpt", mode="train")
+    again = dict(iter_nvfp4_experts(trainable))
+    assert len(again) == 4 and current_implementation(again[name]) == "hf_nvfp4"
+    q = quantize(shared.down_proj.detach()[0], tile=(16, 16))
+    assert torch.equal(again[name].down_proj[0].detach(), q.dequantize())
+    trainable.train()
+    trainable(input_ids=tokens, labels=tokens).loss.backward()
+    assert again[name].gate_proj.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="no per-expert checkpoint names for InklingFor"):
+        export_compressed_tensors(model, tmp_path / "export", weight_only=True)
+
+
 def test_dtype_conversions_move_packed_scales_without_rounding_them(tmp_path, tokens):
     """``model.to(torch.bfloat16)`` / ``.half()`` of a packed model converts its high-precision
     tensors but keeps every packed scale's dtype and bits (dense layers and experts), so each
@@ -361,10 +405,12 @@ def test_dtype_conversions_move_packed_scales_without_rounding_them(tmp_path, to
     assert loaded.gate_up_proj_scale.dtype == torch.float8_e4m3fn
 
 
-@pytest.mark.parametrize("kind", ["jetmoe", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["jetmoe", "qwen3_moe", "inkling_text"])
 def test_inspect_reports_the_2d_layers_of_a_packed_moe_checkpoint(kind, tmp_path):
     """``inspect`` lists the packed linears (a JetMoE experts ``weight_packed`` is 3D: not one
-    of them) and counts the model's BF16 bytes, experts at two bytes a weight."""
+    of them) and counts the model's BF16 bytes, experts at two bytes a weight, with every
+    tensor the high-precision model saves (Inkling's routers: a 2D weight, a scale parameter
+    and a bias buffer)."""
     from hf_nvfp4.checkpoint.inspect import inspect_checkpoint
     from hf_nvfp4.nn.packed import NVFP4PackedLinear
 
@@ -375,7 +421,11 @@ def test_inspect_reports_the_2d_layers_of_a_packed_moe_checkpoint(kind, tmp_path
     linears = {n for n, m in packed.named_modules() if isinstance(m, NVFP4PackedLinear)}
     assert {r.name for r in report.layers if r.format == "nvfp4"} == linears
     assert all(r.snr_db > 15 for r in report.layers if r.format == "nvfp4")
-    assert report.bf16_bytes == 2 * sum(p.numel() for p in _moe(kind).parameters())
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIGS[kind]))
+    plain.save_pretrained(tmp_path / "plain")
+    saved = checkpoint_tensors(tmp_path / "plain")
+    assert report.bf16_bytes == 2 * sum(t.numel() for t in saved.values())
 
 
 def test_deepseek_v4_grouped_linear_packed_round_trip_and_train_mode(tmp_path, tokens):

@@ -199,6 +199,31 @@ def test_conflicting_configs_rejected(tmp_path, data):
         NVFP4Trainer(model=loaded, args=_args(tmp_path), nvfp4="mxfp4", train_dataset=data[0])
 
 
+def test_data_parallel_is_refused_with_its_reason(tmp_path, data):
+    """One process seeing several GPUs: transformers' Trainer would wrap the model in
+    torch.nn.DataParallel, whose replicas cannot advance the stochastic-rounding state; train()
+    refuses before any step, naming the launchers to use; a plain replica refuses too."""
+    model = _model()
+    args = _args(tmp_path)
+    trainer = NVFP4Trainer(model=model, args=args, nvfp4=ALL_BLOCKS, train_dataset=data[0])
+    args._n_gpu = 2  # what TrainingArguments finds on a machine with two visible GPUs
+    with pytest.raises(RuntimeError, match=r"sees 2 GPUs.*DataParallel.*accelerate launch"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    layer = model.model.layers[0].mlp.up_proj
+    # what torch.nn.parallel.replicate gives each GPU: parameters as non-leaf copies
+    replica = layer._replicate_for_data_parallel()
+    for name, param in layer._parameters.items():
+        setattr(replica, name, None if param is None else param * 1)
+    x = torch.randn(3, 64)
+    with pytest.raises(RuntimeError, match=r"NVFP4Linear: .*does not run under torch\.nn\."
+                                            "DataParallel"):
+        replica.train()(x)
+    layer.eval()
+    with torch.no_grad():  # evaluation draws no random bits: replicas compute as the layer
+        assert torch.equal(replica.eval()(x), layer(x))
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 def test_torch_compile_trains_like_eager(tmp_path, data):
     """``TrainingArguments(torch_compile=True)`` compiles the converted model (forward and
