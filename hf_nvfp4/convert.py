@@ -3,10 +3,9 @@
 GPT-2-style ``Conv1D`` modules (transformers' linear with its weight stored ``[in, out]``)
 become :class:`~hf_nvfp4.nn.NVFP4Conv1D` under the same rules, keeping their weight layout.
 Mixture-of-experts modules that keep their experts as fused 3D parameters behind
-transformers' ``ExpertsInterface`` (and Llama 4's, JetMoE's and Inkling's shared experts classes
-outside it) run
-their expert GEMMs in NVFP4 (:mod:`hf_nvfp4.experts`), again under the same rules (a router
-that is an ``nn.Linear`` is a Linear like any other).
+transformers' ``ExpertsInterface`` (and the experts classes of Llama 4, JetMoE and Inkling's
+shared experts outside it) run their expert GEMMs in NVFP4 (:mod:`hf_nvfp4.experts`), again
+under the same rules (a router that is an ``nn.Linear`` is a Linear like any other).
 
 Rules (the paper's): only Linear layers inside the decoder blocks are quantized; embeddings,
 the output head, norms and the attention score/value matmuls (not Linear modules) stay in
@@ -250,11 +249,11 @@ def convert(
     updates the same tensors. Returns (and with ``verbose`` logs) a
     :class:`ConversionSummary`. MoE experts modules (fused 3D weights dispatched through
     transformers' ``ExpertsInterface``, Llama 4's batched, JetMoE's parallel and Inkling's
-    shared experts)
-    switch to the ``"hf_nvfp4"`` experts implementation (:mod:`hf_nvfp4.experts`), and so
-    does DeepSeek V4's block-diagonal grouped linear. Linear-like modules that cannot be
-    swapped (bitsandbytes layers, GPTQ's ``QuantLinear``, ``nn.Linear`` subclasses with a
-    forward of their own such as Llama 4's router) are reported with the reason.
+    shared experts) switch to the ``"hf_nvfp4"`` experts implementation
+    (:mod:`hf_nvfp4.experts`), and so does DeepSeek V4's block-diagonal grouped linear.
+    Linear-like modules that cannot be swapped (bitsandbytes layers, GPTQ's ``QuantLinear``,
+    ``nn.Linear`` subclasses with a forward of their own such as Llama 4's router) are
+    reported with the reason.
     """
     config = NVFP4Config.load(config)
     recipe = config.get_recipe()
