@@ -24,20 +24,20 @@ def world_size() -> int:
 #: to do instead.
 DATA_PARALLEL_ADVICE = (
     "NVFP4 training with stochastic rounding does not run under torch.nn.DataParallel (its "
-    "replicas cannot advance the rounding state, so every step would reuse the same random "
-    "bits); launch one process per GPU (`accelerate launch --num_processes N train.py` or "
-    "`torchrun --nproc_per_node N train.py`: DistributedDataParallel), or make one GPU "
-    "visible (CUDA_VISIBLE_DEVICES=0)"
+    "replicas hold copies of one rounding state, all as rank 0, so every GPU's share of the "
+    "batch would round with the same random bits); launch one process per GPU (`accelerate "
+    "launch --num_processes N train.py` or `torchrun --nproc_per_node N train.py`: "
+    "DistributedDataParallel), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)"
 )
 
 
 def refuse_data_parallel_replica(module: torch.nn.Module) -> None:
     """Raise if ``module`` is a replica made by ``torch.nn.DataParallel``.
 
-    A replica's buffers are copies made for one forward: the stochastic-rounding step it
-    advances is lost, so every training step (and every replica, all rank 0) would round
-    with the same random bits. transformers' Trainer uses DataParallel when one process
-    sees several GPUs.
+    Every replica gets a copy of the same stochastic-rounding state and runs as rank 0, so
+    the GPUs' shares of a batch would round with the same random bits: correlated errors
+    that do not average out as independent streams (DDP's, one per rank) do.
+    transformers' Trainer uses DataParallel when one process sees several GPUs.
     """
     if getattr(module, "_is_replica", False):
         raise RuntimeError(f"{type(module).__name__}: {DATA_PARALLEL_ADVICE}")

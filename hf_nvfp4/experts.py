@@ -266,7 +266,8 @@ class InstanceForward:
         self.module = module
         self.implementation = implementation
 
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = args[0] if args else next(iter(kwargs.values()))
         own = next((t for t in (*self.module._parameters.values(),
                                 *self.module._buffers.values()) if t is not None), None)
         if own is not None and own.device != x.device:
@@ -279,12 +280,18 @@ class InstanceForward:
             )
         project, num_experts = PROJECTORS[self.implementation](self.module, x.device)
         forward = FAMILY_FORWARDS[_instance_family(self.module)]
-        return forward(self.module, x, *args, **kwargs, num_experts=num_experts,
-                       project=project)
+        return forward(self.module, *args, **kwargs, num_experts=num_experts, project=project)
 
 
 #: The name :class:`InstanceForward` had when only batched experts used it (older pickles).
 BatchedForward = InstanceForward
+
+
+def has_instance_forward(model: nn.Module) -> bool:
+    """Whether any module of ``model`` runs an :class:`InstanceForward` (a converted or
+    packed batched, parallel or shared experts module or grouped linear)."""
+    return any(_instance_family(m) is not None and current_implementation(m) is not None
+               for m in model.modules())
 
 
 def _forward_slot(module: nn.Module) -> str:
@@ -476,7 +483,7 @@ def grouped_linear_forward(
     counts = [rows.shape[0] // num_groups] * num_groups
     with torch.autocast(rows.device.type, enabled=False):
         out = project(rows, 0, counts)
-    return out.view(num_groups, -1, out.shape[-1]).transpose(0, 1).reshape(
+    return out.view(num_groups, counts[0], out.shape[-1]).transpose(0, 1).reshape(
         *lead, num_groups, out.shape[-1])
 
 
@@ -511,7 +518,7 @@ def shared_experts_forward(
     activated = self.act_fn(gate) * up * weight
     with torch.autocast(dev_type, enabled=False):
         down = project(activated.to(rows.dtype), 2, counts)
-    out = down.view(num_experts, tokens, -1).float().sum(dim=0)
+    out = down.view(num_experts, tokens, down.shape[-1]).float().sum(dim=0)
     return out.to(hidden_states.dtype).view(shape)
 
 
@@ -580,6 +587,7 @@ __all__ = [
     "expert_params",
     "expert_shapes",
     "grouped_linear_forward",
+    "has_instance_forward",
     "is_batched_experts",
     "is_experts_module",
     "is_grouped_linear",

@@ -142,18 +142,30 @@ class NVFP4Trainer(transformers.Trainer):
 
             switch_to_high_precision(self.model, saved["switched"])
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        """Trainer.train; refused up front where the Trainer would wrap the model in
-        ``torch.nn.DataParallel`` (one process seeing several GPUs) and the recipe rounds
-        stochastically."""
+    def _wrap_model(self, model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        """Trainer's wrapping (where it picks ``torch.nn.DataParallel`` when one process sees
+        several GPUs), refused up front for what cannot run in DataParallel's replicas:
+        training with stochastic rounding, and experts modules whose forward is set on the
+        instance (the replicas would share the original's, bound to its device)."""
+        training = args[0] if args else kwargs.get("training", True)
         config = self.nvfp4_config
-        if (config is not None and self.args.n_gpu > 1
-                and config.get_recipe().stochastic_rounding):
-            raise RuntimeError(
-                f"hf_nvfp4.Trainer: this process sees {self.args.n_gpu} GPUs, so "
-                f"transformers' Trainer would use torch.nn.DataParallel. {DATA_PARALLEL_ADVICE}"
-            )
-        return super().train(*args, **kwargs)
+        if config is not None and self.args.n_gpu > 1:
+            from .experts import has_instance_forward
+
+            why = None
+            if training and config.get_recipe().stochastic_rounding:
+                why = DATA_PARALLEL_ADVICE
+            elif has_instance_forward(model):
+                why = ("The model's experts modules run a forward set on the instance, which "
+                       "torch.nn.DataParallel's replicas would share with the original on "
+                       "its device; run one process per GPU (accelerate launch, torchrun) or "
+                       "make one GPU visible (CUDA_VISIBLE_DEVICES=0)")
+            if why is not None:
+                raise RuntimeError(
+                    f"hf_nvfp4.Trainer: this process sees {self.args.n_gpu} GPUs, so "
+                    f"transformers' Trainer would use torch.nn.DataParallel. {why}"
+                )
+        return super()._wrap_model(model, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Trainer.log with the telemetry callback's pending statistics merged in."""

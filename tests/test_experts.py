@@ -577,6 +577,7 @@ def test_inkling_shared_experts_equal_per_expert_quantized_linears():
     assert (got - upstream).abs().max() < 0.25 * upstream.abs().max()
     with pytest.raises(ValueError, match=r"do not hold one value per token \(18\) and expert"):
         module(x, gammas=torch.rand(2, 9, n + 1))
+    assert module(torch.randn(0, H), gammas=torch.rand(0, n)).shape == (0, H)  # as upstream
     set_implementation(module, None)
     assert current_implementation(module) is None and "forward" not in module.__dict__
 

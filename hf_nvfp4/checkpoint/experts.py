@@ -158,8 +158,8 @@ def iter_quantized_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def quantized_params(module: nn.Module) -> tuple[str, ...]:
-    """The quantized parameters of an NVFP4 experts module (first projection and down, or
-    a parallel experts module's ``weight``)."""
+    """The quantized parameters of an NVFP4 experts module, training or packed (see
+    :func:`hf_nvfp4.experts.expert_params`)."""
     if is_packed_experts(module):
         return module._hf_nvfp4_packed.params
     return expert_params(module)

@@ -204,7 +204,9 @@ def _row_weight(key: str, rows: dict[str, bool]) -> bool:
 def _bf16_bytes(key: str, info: TensorInfo, experts: set[str]) -> int:
     """Bytes of tensor ``key`` (not a packed linear's) in the BF16 model; ``experts`` are the
     packed experts parameters: their codes hold two weights a byte, their scales are not in
-    that model."""
+    that model, and neither is the stochastic-rounding state (``sr_state``)."""
+    if key.rpartition(".")[2] == "sr_state":
+        return 0
     if key.endswith("_packed") and key[: -len("_packed")] in experts:
         return 4 * math.prod(info.shape)
     if any(key.endswith(s) and key[: -len(s)] in experts for s in ("_scale", "_global_scale")):

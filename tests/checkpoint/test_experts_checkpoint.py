@@ -410,11 +410,12 @@ def test_inspect_reports_the_2d_layers_of_a_packed_moe_checkpoint(kind, tmp_path
     """``inspect`` lists the packed linears (a JetMoE experts ``weight_packed`` is 3D: not one
     of them) and counts the model's BF16 bytes, experts at two bytes a weight, with every
     tensor the high-precision model saves (Inkling's routers: a 2D weight, a scale parameter
-    and a bias buffer)."""
+    and a bias buffer); a training checkpoint's stochastic-rounding state is not one."""
     from hf_nvfp4.checkpoint.inspect import inspect_checkpoint
     from hf_nvfp4.nn.packed import NVFP4PackedLinear
 
     model = _moe(kind)
+    model.save_pretrained(tmp_path / "master")  # the training checkpoint, sr_state included
     save_packed(model, tmp_path / "ckpt", dtype=None, masters=True)
     report = inspect_checkpoint(tmp_path / "ckpt")
     packed = pack_model(model)
@@ -426,6 +427,7 @@ def test_inspect_reports_the_2d_layers_of_a_packed_moe_checkpoint(kind, tmp_path
     plain.save_pretrained(tmp_path / "plain")
     saved = checkpoint_tensors(tmp_path / "plain")
     assert report.bf16_bytes == 2 * sum(t.numel() for t in saved.values())
+    assert inspect_checkpoint(tmp_path / "master").bf16_bytes == report.bf16_bytes
 
 
 def test_deepseek_v4_grouped_linear_packed_round_trip_and_train_mode(tmp_path, tokens):

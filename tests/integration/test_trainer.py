@@ -201,15 +201,33 @@ def test_conflicting_configs_rejected(tmp_path, data):
 
 def test_data_parallel_is_refused_with_its_reason(tmp_path, data):
     """One process seeing several GPUs: transformers' Trainer would wrap the model in
-    torch.nn.DataParallel, whose replicas cannot advance the stochastic-rounding state; train()
-    refuses before any step, naming the launchers to use; a plain replica refuses too."""
+    torch.nn.DataParallel, whose replicas share one rounding state; training refuses before
+    any step, naming the launchers to use, while evaluation (no rounding bits) runs; a model
+    with instance-forward experts refuses evaluation too; a plain replica refuses to train."""
+    from transformers import AutoConfig
+
     model = _model()
     args = _args(tmp_path)
-    trainer = NVFP4Trainer(model=model, args=args, nvfp4=ALL_BLOCKS, train_dataset=data[0])
+    trainer = NVFP4Trainer(model=model, args=args, nvfp4=ALL_BLOCKS, train_dataset=data[0],
+                           eval_dataset=data[1])
     args._n_gpu = 2  # what TrainingArguments finds on a machine with two visible GPUs
     with pytest.raises(RuntimeError, match=r"sees 2 GPUs.*DataParallel.*accelerate launch"):
         trainer.train()
     assert trainer.state.global_step == 0
+    assert math.isfinite(trainer.evaluate()["eval_loss"])  # on a CPU DataParallel is a no-op
+    torch.manual_seed(0)
+    inkling = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        model_type="inkling_text", hidden_size=64, intermediate_size=64,
+        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4,
+        swa_num_key_value_heads=2, swa_head_dim=16, d_rel=16, rel_extent=64,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=2, vocab_size=256))
+    args = _args(tmp_path / "moe")
+    moe = NVFP4Trainer(model=inkling, args=args, nvfp4=ALL_BLOCKS, eval_dataset=data[1])
+    args._n_gpu = 2
+    with pytest.raises(RuntimeError, match=r"sees 2 GPUs.*experts modules run a forward set "
+                                           "on the instance"):
+        moe.evaluate()
     layer = model.model.layers[0].mlp.up_proj
     # what torch.nn.parallel.replicate gives each GPU: parameters as non-leaf copies
     replica = layer._replicate_for_data_parallel()
