@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 # Module types that do the work of a Linear but that we cannot swap (bitsandbytes, GPTQ).
 _UNSUPPORTED_LINEAR_LIKE = ("Linear8bitLt", "Linear4bit", "QuantLinear")
+_ADAPTER = "a PEFT adapter (kept high precision, as QLoRA keeps its adapters)"
 # Reasons that are the user's or the recipe's choice, not a layer convert could not handle.
 _INTENDED = (
+    _ADAPTER,
     "already NVFP4Linear",
     "already NVFP4 experts",
     "listed in modules_to_not_convert",
@@ -183,6 +185,19 @@ def _own_forward(mod: nn.Module) -> bool:
                         for c in type(mod).__mro__))
 
 
+def _adapter_modules(model: nn.Module) -> frozenset[str]:
+    """Names of the modules of PEFT adapters: everything inside a PEFT tuner layer (a class
+    derived from peft's ``BaseTunerLayer``, e.g. LoRA's ``lora_A``/``lora_B``) but its
+    ``base_layer``, the model's own layer."""
+    out = set()
+    for name, mod in model.named_modules():
+        if any(c.__name__ == "BaseTunerLayer" for c in type(mod).__mro__):
+            head = f"{name}." if name else ""
+            out.update(head + child for child, _ in mod.named_modules()
+                       if child and child.split(".", 1)[0] != "base_layer")
+    return frozenset(out)
+
+
 def _features(mod: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a Linear or a Conv1D (weight ``[in, out]``)."""
     if is_conv1d(mod):
@@ -205,11 +220,13 @@ def _block_of(name: str, blocks: list[tuple[str, int]]) -> int | None:
 
 def _decide(
     name: str, mod: nn.Module, block: int | None, n_blocks: int, split: tuple[int, int],
-    config: NVFP4Config,
+    config: NVFP4Config, adapters: frozenset[str],
 ) -> str | None:
     """None to quantize, else the reason to keep the layer in high precision."""
     if isinstance(mod, NVFP4Linear):
         return "already NVFP4Linear"
+    if name in adapters:
+        return _ADAPTER
     if any(name == m or name.startswith(m + ".") for m in config.modules_to_not_convert):
         return "listed in modules_to_not_convert"
     if config.include and not any(re.search(p, name) for p in config.include):
@@ -253,7 +270,8 @@ def convert(
     (:mod:`hf_nvfp4.experts`), and so does DeepSeek V4's block-diagonal grouped linear.
     Linear-like modules that cannot be swapped (bitsandbytes layers, GPTQ's ``QuantLinear``,
     ``nn.Linear`` subclasses with a forward of their own such as Llama 4's router) are
-    reported with the reason.
+    reported with the reason. PEFT adapters (LoRA's ``lora_A``/``lora_B``, ...) stay in high
+    precision; the layers they adapt (``base_layer``) convert.
     """
     config = NVFP4Config.load(config)
     recipe = config.get_recipe()
@@ -274,10 +292,12 @@ def convert(
     )
     replacements: list[tuple[str, nn.Module]] = []
     experts: list[nn.Module] = []
+    adapters = _adapter_modules(model)
     for name, mod in model.named_modules():
         cls = type(mod).__name__
         if is_experts_module(mod):
-            reason = _decide(name, mod, _block_of(name, blocks), n_blocks, split, config)
+            reason = _decide(name, mod, _block_of(name, blocks), n_blocks, split, config,
+                             adapters)
             summary.layers.append(LayerDecision(name, reason is None, reason or "",
                                                 _nparams(mod)))
             if reason is None:
@@ -292,7 +312,7 @@ def convert(
         if not (conv1d or isinstance(mod, nn.Linear)):
             continue
         block = _block_of(name, blocks)
-        reason = _decide(name, mod, block, n_blocks, split, config)
+        reason = _decide(name, mod, block, n_blocks, split, config, adapters)
         summary.layers.append(LayerDecision(name, reason is None, reason or "", _nparams(mod)))
         if reason is None:
             seed = config.sr_seed + len(replacements)
@@ -322,7 +342,7 @@ def convert(
             "high precision: %s",
             sorted({d.reason for d in summary.layers if d.reason.startswith("unsupported")}),
         )
-    summary.other_matmuls = _other_matmuls(model, blocks, n_blocks, split)
+    summary.other_matmuls = _other_matmuls(model, blocks, n_blocks, split, adapters)
     _warn_ragged(summary)
     _warn_high_precision_share(summary)
     if verbose:
@@ -355,9 +375,11 @@ def _warn_ragged(summary: ConversionSummary) -> None:
 
 
 def _other_matmuls(
-    model: nn.Module, blocks: list[tuple[str, int]], n_blocks: int, split: tuple[int, int]
+    model: nn.Module, blocks: list[tuple[str, int]], n_blocks: int, split: tuple[int, int],
+    adapters: frozenset[str],
 ) -> list[LayerDecision]:
-    """Matrix parameters (2D and up) in the blocks that no Linear-like module owns.
+    """Matrix parameters (2D and up) in the blocks that no Linear-like module owns, outside
+    PEFT ``adapters``.
 
     Parameters that are not matmul weights are not counted: convolutions (``nn.Conv1d`` etc.,
     e.g. Mamba's depthwise conv) and the parameters :func:`_is_elementwise` names. A parameter
@@ -368,7 +390,8 @@ def _other_matmuls(
              for p in m.parameters(recurse=False)}
     out = []
     for mod_name, mod in model.named_modules():
-        if _is_linear_like(mod) or is_experts_module(mod) or isinstance(mod, _CONVOLUTIONS):
+        if (_is_linear_like(mod) or is_experts_module(mod) or isinstance(mod, _CONVOLUTIONS)
+                or mod_name in adapters):
             continue
         block = _block_of(mod_name, blocks)
         if block is None:

@@ -1,0 +1,101 @@
+"""PEFT (LoRA) over NVFP4 models: the base layers run NVFP4, the adapters high precision."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import hf_nvfp4
+from hf_nvfp4 import NVFP4Config, NVFP4Linear, NVFP4Trainer, NVFP4TrainingArguments
+from hf_nvfp4.data import BlockDataset, byte_tokens, split_blocks, stdlib_corpus
+
+peft = pytest.importorskip("peft")
+
+ALL_BLOCKS = {"first_bf16_blocks": 0, "last_bf16_blocks": 0, "backend": "reference"}
+TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, val = split_blocks(byte_tokens(stdlib_corpus(60_000)), 32)
+    return BlockDataset(train[:256]), BlockDataset(val[:16])
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+
+
+def _lora(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
+    return peft.get_peft_model(model, config)
+
+
+def _adapted(model: torch.nn.Module, name: str = "q_proj", layer: int = 0):
+    return model.get_submodule(f"base_model.model.model.layers.{layer}.self_attn.{name}")
+
+
+def test_lora_on_an_nvfp4_model_trains_only_its_adapters_and_reloads(tmp_path, data):
+    """LoRA on a model loaded with NVFP4Config: every adapted base layer stays NVFP4Linear, the
+    adapters are plain Linears; with B = 0 the logits are the NVFP4 model's, bit for bit; the
+    Trainer changes only the adapters (base layers: no weight gradient, their rounding state
+    advances as dgrad rounds stochastically); the saved adapter on a fresh NVFP4 base gives
+    the same logits."""
+    _llama().save_pretrained(tmp_path / "base")
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=NVFP4Config(**ALL_BLOCKS))
+
+    base = load().eval()
+    model = _lora(load())
+    q = _adapted(model)
+    assert isinstance(q.base_layer, NVFP4Linear)
+    assert type(q.lora_A["default"]) is torch.nn.Linear
+    ids = data[1][0]["input_ids"][None]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = NVFP4TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4,
+        learning_rate=3e-3, report_to=[], use_cpu=True, seed=0, save_strategy="no",
+        disable_tqdm=True)
+    NVFP4Trainer(model=model, args=args, train_dataset=data[0]).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == {n for n in before if ".lora_" in n}
+    assert len(changed) == 2 * len(TARGETS) * 2  # A and B, 3 targets, 2 layers
+    assert q.base_layer.weight.grad is None and int(q.base_layer.sr_state[1]) == 4
+
+    model.save_pretrained(tmp_path / "adapter")
+    again = peft.PeftModel.from_pretrained(load(), tmp_path / "adapter").eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_converting_a_peft_model_keeps_its_adapters_high_precision():
+    """convert (or Trainer(nvfp4=...)) on a model that already has LoRA adapters: the adapted
+    base layers convert, the adapters (16 x 64, convertible sizes) stay high precision with
+    the reason, outside the NVFP4 share; merging folds B A into the NVFP4 layer's weight."""
+    model = _lora(_llama())
+    q = _adapted(model)
+    with torch.no_grad():
+        q.lora_B["default"].weight.normal_()
+    weight = q.base_layer.weight.detach().clone()
+    delta = q.get_delta_weight("default").detach().clone()
+    summary = hf_nvfp4.convert(model, ALL_BLOCKS, verbose=False)
+    decisions = {d.name: d for d in summary.layers}
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert decisions[f"{name}.base_layer"].quantized
+    for part in ("lora_A.default", "lora_B.default"):
+        assert decisions[f"{name}.{part}"].reason.startswith("a PEFT adapter"), part
+    assert summary.block_matmul_share()[0] == summary.block_matmul_share()[1]
+    assert isinstance(_adapted(model).base_layer, NVFP4Linear)
+    merged = model.merge_and_unload()
+    layer = merged.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, NVFP4Linear)
+    assert torch.equal(layer.weight.detach(), weight + delta)
