@@ -122,13 +122,15 @@ class NVFP4HfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        """Full training is supported (packed checkpoints: after ``load_packed(mode="train")``)."""
-        return self.quantization_config.checkpoint_format != "packed"
+        """Training is supported: of the whole model, or of PEFT adapters on a packed one
+        (:mod:`hf_nvfp4.lora`)."""
+        return True
 
     @property
     def is_qat_trainable(self) -> bool:
-        """Trainer may train the quantized model without PEFT adapters."""
-        return self.is_trainable
+        """Trainer may train the quantized model without PEFT adapters (not a packed one:
+        ``load_packed(mode="train")`` gives its trainable form)."""
+        return self.quantization_config.checkpoint_format != "packed"
 
 
 def _skip_merged_sr_states(model: PreTrainedModel) -> None:

@@ -301,6 +301,13 @@ def packed_projector(module: nn.Module, device: torch.device) -> tuple[Project, 
     spec = _role_specs(info.recipe).x
 
     def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(
+                f"{type(module).__name__}: packed NVFP4 experts are inference only, no gradient "
+                "flows through them to their input; for training load the model with "
+                "hf_nvfp4.checkpoint.load_packed(..., mode='train') (or run under "
+                "torch.no_grad())"
+            )
         return _packed_grouped(module, info.params[stage], x, counts, backend, spec)
 
     return project, getattr(module, f"{info.params[-1]}_packed").shape[0]

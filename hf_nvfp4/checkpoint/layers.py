@@ -47,7 +47,7 @@ def iter_packed_layers(model: nn.Module) -> Iterator[PackedLayer]:
     """
     for name, mod in model.named_modules():
         if isinstance(mod, NVFP4PackedLinear):
-            yield PackedLayer(name, mod, mod.qweight(), mod.bias)
+            yield PackedLayer(name, mod, mod.packed_weight(), mod.bias)
         elif isinstance(mod, NVFP4Linear) and is_quantized_linear(mod):
             try:
                 q = quantized_linear_weight(mod)

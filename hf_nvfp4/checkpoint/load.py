@@ -96,7 +96,7 @@ def prepare_packed_model(
     infos = read_headers(paths)
     layers = validate_packed_tensors(infos)
     recipe = config.get_recipe()
-    for name, (out_f, in_f) in layers.items():
+    for index, (name, (out_f, in_f)) in enumerate(layers.items()):
         try:
             mod = model.get_submodule(name)
         except AttributeError:
@@ -115,7 +115,7 @@ def prepare_packed_model(
         with torch.device("meta"):
             new = (NVFP4PackedConv1D if conv1d else NVFP4PackedLinear)(
                 in_f, out_f, bias=mod.bias is not None, dtype=mod.weight.dtype,
-                recipe=recipe, backend=config.backend,
+                recipe=recipe, backend=config.backend, sr_seed=config.sr_seed + index,
             )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -196,7 +196,7 @@ class NVFP4PackedConv1D(NVFP4PackedLinear):
             raise TypeError(f"expected an NVFP4Conv1D; got {type(linear).__name__}")
         return cls.from_qtensor(
             quantized_linear_weight(linear), linear.bias, recipe=linear.recipe,
-            backend=linear.backend_name,
+            backend=linear.backend_name, sr_seed=linear._sr_seed,
         )
 
     def to_linear(

@@ -12,6 +12,11 @@ That is 0.5625 bytes per weight (0.28x of BF16). Each forward quantizes the inpu
 NVFP4Linear does and multiplies on exact block values with FP32 accumulation (the backend's
 GEMM), so a packed layer gives exactly the outputs of the NVFP4Linear it came from.
 
+The weight is frozen, but gradients flow to the input as through a frozen NVFP4Linear (its
+dgrad: ``dy`` 1x16 with stochastic rounding in training, times the weight's own 16x16 tiles
+transposed), bit for bit: adapters trained on a packed base (LoRA through PEFT,
+:func:`hf_nvfp4.lora.packed_lora_config`) see the gradients of the 4-bit model they adapt.
+
 The scales' dtypes are the format's: ``.to(dtype)``, ``.half()``, ``.bfloat16()`` on the layer
 (or a model holding it) move them but never convert them (:func:`apply_keeping_dtypes`; a BF16
 global scale would change every output); the bias converts as usual.
@@ -25,10 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backends import BACKENDS, get_backend
+from ..backends import BACKENDS, get_backend, resolve_backend
+from ..distributed import rank, refuse_data_parallel_replica
 from ..numerics.quantize import QTensor
-from ..quant.sr import new_state
+from ..quant.fsdp import GatheredWeight
+from ..quant.sr import advance_keys, new_state
 from ..recipe import Recipe, get_recipe
+from .functional import LinearPlan, quantized_linear
 from .linear import NVFP4Linear, _role_specs
 
 BLOCK = 16
@@ -59,9 +67,10 @@ def apply_keeping_dtypes(
 class NVFP4PackedLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored as packed NVFP4 codes, block and global scales.
 
-    Inference only: the weight is a set of buffers, not a trainable parameter (use
-    :meth:`to_linear` or :func:`hf_nvfp4.checkpoint.load_packed` with ``mode="train"`` to
-    continue training).
+    The weight is a set of buffers, not a trainable parameter (use :meth:`to_linear` or
+    :func:`hf_nvfp4.checkpoint.load_packed` with ``mode="train"`` to continue training it);
+    gradients still reach the input, as through a frozen NVFP4Linear (adapters, e.g. LoRA
+    through :mod:`hf_nvfp4.lora`, train on a packed base).
 
     Args:
         in_features, out_features: as ``nn.Linear``; both multiples of 16.
@@ -69,6 +78,8 @@ class NVFP4PackedLinear(nn.Module):
         recipe: the training recipe; its ``fprop_format`` must be ``"nvfp4"`` (the forward
             quantizes the input with its activation spec).
         backend: the backend running the input quantization and the GEMM.
+        sr_seed: seed of the stochastic rounding of the gradients this layer passes to its
+            input in training (not saved: a fresh stream from step 0 on each load).
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class NVFP4PackedLinear(nn.Module):
         *,
         recipe: Recipe | str | dict[str, Any] | None = None,
         backend: str = "auto",
+        sr_seed: int = 0,
     ) -> None:
         super().__init__()
         if in_features % BLOCK or out_features % BLOCK:
@@ -98,6 +110,11 @@ class NVFP4PackedLinear(nn.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.backend_name = backend
+        self.sr_seed = int(sr_seed)
+        #: The ``[seed, step]`` rounding state of the input gradients, on the device of the
+        #: last input (a plain attribute: packed checkpoints hold no training state).
+        self.grad_sr_state: torch.Tensor | None = None
+        self._plans: dict[str, LinearPlan] = {}
         #: The dtype the layer was built in or last converted to (``.to(dtype)``, ``.half()``):
         #: that of :attr:`weight`, which model code reads to pick a compute dtype.
         self.weight_dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -123,6 +140,7 @@ class NVFP4PackedLinear(nn.Module):
         *,
         recipe: Recipe | str | dict[str, Any] | None = None,
         backend: str = "auto",
+        sr_seed: int = 0,
     ) -> NVFP4PackedLinear:
         """A layer holding the NVFP4 weight ``q`` ([out, in], any tile) and ``bias``."""
         if q.fmt != "nvfp4" or q.rht or len(q.shape) != 2:
@@ -132,7 +150,8 @@ class NVFP4PackedLinear(nn.Module):
             )
         out_f, in_f = q.shape
         with torch.device("meta"):
-            new = cls(in_f, out_f, bias is not None, recipe=recipe, backend=backend)
+            new = cls(in_f, out_f, bias is not None, recipe=recipe, backend=backend,
+                      sr_seed=sr_seed)
         new.weight_packed = q.data
         new.weight_scale = q.scale
         new.weight_global_scale = q.global_scale.reshape(())
@@ -143,13 +162,14 @@ class NVFP4PackedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: NVFP4Linear) -> NVFP4PackedLinear:
-        """Pack an NVFP4Linear's weight exactly as its forward quantizes it."""
+        """Pack an NVFP4Linear's weight exactly as its forward quantizes it (its input
+        gradients round with the layer's seed)."""
         return cls.from_qtensor(
             quantized_weight(linear), linear.bias, recipe=linear.recipe,
-            backend=linear.backend_name,
+            backend=linear.backend_name, sr_seed=linear._sr_seed,
         )
 
-    def qweight(self) -> QTensor:
+    def packed_weight(self) -> QTensor:
         """The weight as a :class:`QTensor` (sharing the buffers)."""
         return QTensor(
             data=self.weight_packed,
@@ -184,15 +204,18 @@ class NVFP4PackedLinear(nn.Module):
         if "weight_dtype" not in state:
             bias = state.get("_parameters", {}).get("bias")
             state["weight_dtype"] = bias.dtype if bias is not None else torch.float32
+        state.setdefault("sr_seed", 0)
+        state.setdefault("grad_sr_state", None)
+        state.setdefault("_plans", {})
         super().__setstate__(state)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The represented weight ``[out, in]`` in ``dtype``."""
-        return self.qweight().dequantize(dtype)
+        return self.packed_weight().dequantize(dtype)
 
     def packed_nbytes(self) -> int:
         """Bytes of the packed weight (codes, block scales, global scale) and the bias."""
-        total = self.qweight().nbytes()
+        total = self.packed_weight().nbytes()
         if self.bias is not None:
             total += self.bias.numel() * self.bias.element_size()
         return total
@@ -204,19 +227,52 @@ class NVFP4PackedLinear(nn.Module):
         return apply_keeping_dtypes(self, SCALE_BUFFERS, super()._apply, fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """NVFP4Linear's quantized forward: ``x`` 1x16 RTN, GEMM on exact block values."""
+        """NVFP4Linear's quantized forward: ``x`` 1x16 RTN, GEMM on exact block values; with
+        a gradient wanted for ``x``, the frozen NVFP4Linear's autograd function."""
         dev_type = x.device.type
         if torch.is_autocast_enabled(dev_type):
             x = x.to(torch.get_autocast_dtype(dev_type))
+        if torch.is_grad_enabled() and x.requires_grad:
+            with torch.autocast(dev_type, enabled=False):
+                return self._forward_with_input_grad(x)
         backend = get_backend(self.backend_name, x.device)
         spec = _role_specs(self.recipe).x
         with torch.autocast(dev_type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             q_x, _ = backend.quantize_rowcol(x2, spec, None, None)
-            y = backend.gemm(q_x, self.qweight(), x.dtype)
+            y = backend.gemm(q_x, self.packed_weight(), x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_with_input_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """``quantized_linear`` on the packed codes as a frozen 16x16-tiled weight: the same
+        output, and NVFP4Linear's dgrad (the weight's tiles transposed; ``dy`` rounded
+        stochastically in training when the recipe says so)."""
+        specs = _role_specs(self.recipe)
+        if specs.w is None or tuple(specs.w.tile) != (BLOCK, BLOCK) or specs.w_dgrad != specs.w:
+            raise RuntimeError(
+                f"{type(self).__name__}: a gradient through a packed layer needs the weight "
+                "in 16x16 tiles shared by the forward and dgrad (the paper's 2D weights), whose "
+                f"transpose the codes hold; this layer's recipe has W {specs.w} and W for dgrad "
+                f"{specs.w_dgrad}"
+            )
+        plan = self._plans.get(str(x.device))
+        if plan is None:
+            plan = self._plans[str(x.device)] = LinearPlan(
+                specs, resolve_backend(self.backend_name, x.device), share_input=False)
+        weight = GatheredWeight(self.weight_packed, self.weight_scale, self.weight_global_scale,
+                                specs.w, torch.Size((self.out_features, self.in_features)),
+                                self.weight_dtype)
+        keys = None
+        if self.training and self.recipe.stochastic_rounding:
+            refuse_data_parallel_replica(self)
+            state = self.grad_sr_state
+            if state is None or state.device != x.device:
+                state = new_state(self.sr_seed) if state is None else state
+                self.grad_sr_state = state = state.to(x.device)
+            keys = advance_keys(state, rank())
+        return quantized_linear(x, weight, self.bias, plan, keys)
 
     def to_linear(
         self, dtype: torch.dtype = torch.float32, sr_seed: int | None = None,

@@ -97,7 +97,8 @@ def test_train_mode_without_masters_dequantizes(model, tmp_path):
 def test_inference_memory_of_packed_layers(model, tmp_path):
     save_packed(model, tmp_path / "ckpt")
     loaded = load_packed(tmp_path / "ckpt")
-    assert not loaded.hf_quantizer.is_trainable
+    # adapters may train on it (hf_nvfp4.lora), the packed weights themselves not
+    assert loaded.hf_quantizer.is_trainable and not loaded.hf_quantizer.is_qat_trainable
     packed = [m for m in loaded.modules() if isinstance(m, NVFP4PackedLinear)]
     in_memory = sum(
         t.numel() * t.element_size() for m in packed for t in (*m.buffers(), *m.parameters())
@@ -181,3 +182,33 @@ def test_packed_linear_weight_reads_dequantized_and_refuses_assignment(tmp_path)
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert old.weight_dtype == torch.float32 and torch.equal(old(x), lin(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_through_a_packed_linear_are_the_frozen_nvfp4_linears(dtype):
+    """With a gradient wanted for its input, a packed layer runs the frozen NVFP4Linear's
+    autograd function on its codes: the same output as its inference forward, and the same
+    input gradient as the NVFP4Linear it came from (dy 1x16 with stochastic rounding from the
+    same seed, over two steps; W^T from the 16x16 tiles), bit for bit."""
+    torch.manual_seed(0)
+    lin = NVFP4Linear(64, 48, bias=True, backend="reference", sr_seed=5)
+    lin.weight.requires_grad_(False)
+    packed = NVFP4PackedLinear.from_linear(lin)
+    lin.train()
+    packed.train()
+    for step in range(2):
+        x = torch.randn(3, 7, 64, dtype=dtype)
+        dy = torch.randn(3, 7, 48, dtype=dtype)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y1, y2 = lin(x1), packed(x2)
+        y1.backward(dy)
+        y2.backward(dy)
+        with torch.no_grad():
+            assert torch.equal(y2, packed(x))
+        assert torch.equal(y1, y2), step
+        assert torch.equal(x1.grad, x2.grad), step
+        assert x2.grad.abs().sum() > 0
+    assert packed.grad_sr_state.tolist() == [5, 2] == lin.sr_state.tolist()
+    no_2d = NVFP4PackedLinear(64, 48, recipe={"weight_2d": False})
+    with pytest.raises(RuntimeError, match="needs the weight in 16x16 tiles"):
+        no_2d(torch.randn(2, 64, requires_grad=True))

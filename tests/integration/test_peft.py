@@ -99,3 +99,61 @@ def test_converting_a_peft_model_keeps_its_adapters_high_precision():
     layer = merged.model.layers[0].self_attn.q_proj
     assert isinstance(layer, NVFP4Linear)
     assert torch.equal(layer.weight.detach(), weight + delta)
+
+
+def test_lora_on_a_packed_model_trains_as_on_its_nvfp4_model(tmp_path, data):
+    """QLoRA in NVFP4: LoRA on a packed model (base weights as 4-bit codes) computes the loss
+    and adapter gradients of the same LoRA on the NVFP4 model it was packed from, bit for bit
+    (the input gradients of packed layers are the frozen NVFP4Linear's, same rounding seeds);
+    it trains, saves its adapter, reloads on the packed checkpoint with equal logits, and
+    refuses to merge into codes; packed experts refuse gradients instead of inventing them."""
+    import copy
+
+    from hf_nvfp4.checkpoint import load_packed, pack_model, save_packed
+    from hf_nvfp4.lora import load_packed_adapter, packed_lora_config
+    from hf_nvfp4.nn.packed import NVFP4PackedLinear
+
+    trained = _llama()
+    hf_nvfp4.convert(trained, ALL_BLOCKS, verbose=False)
+    master = _lora(copy.deepcopy(trained))
+    packed = pack_model(copy.deepcopy(trained))
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(packed, packed_lora_config(peft.LoraConfig(
+        r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)))
+    assert isinstance(_adapted(lora).base_layer, NVFP4PackedLinear)
+    ids = data[0][0]["input_ids"][None].repeat(2, 1)
+    for model in (master, lora):
+        model.train()
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(len(n)))
+    losses = [m(input_ids=ids, labels=ids).loss for m in (master, lora)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+             for m in (master, lora)]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * len(TARGETS) * 2
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
+
+    save_packed(trained, tmp_path / "packed", dtype=None)
+    base = load_packed(tmp_path / "packed")
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base, packed_lora_config(peft.LoraConfig(
+        r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)))
+    args = NVFP4TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3,
+        learning_rate=3e-3, report_to=[], use_cpu=True, seed=0, save_strategy="no",
+        disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    NVFP4Trainer(model=model, args=args, train_dataset=data[0]).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all(".lora_" in n for n in changed)
+    model.save_pretrained(tmp_path / "adapter")
+    again = load_packed_adapter(load_packed(tmp_path / "packed"), tmp_path / "adapter").eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(RuntimeError, match="cannot merge a LoRA adapter into NVFP4PackedLinear"):
+        model.merge_and_unload()
