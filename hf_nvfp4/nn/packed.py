@@ -1,4 +1,4 @@
-"""NVFP4PackedLinear: an inference linear layer that keeps its weight packed in memory.
+"""NVFP4PackedLinear: a linear layer whose frozen weight stays packed in memory.
 
 The weight lives as the three tensors of a packed NVFP4 checkpoint, as buffers:
 

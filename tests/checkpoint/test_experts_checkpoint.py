@@ -469,3 +469,15 @@ def test_deepseek_v4_exports_with_its_grouped_linear_kept_high_precision(tmp_pat
     t = checkpoint_tensors(tmp_path / "b")
     kept = [k for k in t if "wo_a" in k or "o_a_proj" in k]
     assert kept and all(t[k].dtype != torch.uint8 for k in kept)
+
+
+def test_packed_experts_refuse_gradients_instead_of_inventing_them(tmp_path, tokens):
+    """Packed experts have no input gradient of their own (their GEMMs are inference ops):
+    a forward that wants one is refused with the way out, not answered with zeros."""
+    model = pack_model(_moe("qwen3_moe"))
+    embeds = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"packed NVFP4 experts are inference only.*"
+                                           "mode='train'"):
+        model(inputs_embeds=embeds)
+    with torch.no_grad():
+        assert torch.isfinite(model(inputs_embeds=embeds).logits).all()
