@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Module types that do the work of a Linear but that we cannot swap (bitsandbytes, GPTQ).
 _UNSUPPORTED_LINEAR_LIKE = ("Linear8bitLt", "Linear4bit", "QuantLinear")
-_ADAPTER = "a PEFT adapter (kept high precision, as QLoRA keeps its adapters)"
+_ADAPTER = "a PEFT adapter or tuner layer (kept high precision, as QLoRA keeps adapters)"
 # Reasons that are the user's or the recipe's choice, not a layer convert could not handle.
 _INTENDED = (
     _ADAPTER,
@@ -185,13 +185,18 @@ def _own_forward(mod: nn.Module) -> bool:
                         for c in type(mod).__mro__))
 
 
+def _is_tuner_layer(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a PEFT tuner layer (derived from peft's ``BaseTunerLayer``)."""
+    return any(c.__name__ == "BaseTunerLayer" for c in type(mod).__mro__)
+
+
 def _adapter_modules(model: nn.Module) -> frozenset[str]:
     """Names of the modules of PEFT adapters: everything inside a PEFT tuner layer (a class
     derived from peft's ``BaseTunerLayer``, e.g. LoRA's ``lora_A``/``lora_B``) but its
     ``base_layer``, the model's own layer."""
     out = set()
     for name, mod in model.named_modules():
-        if any(c.__name__ == "BaseTunerLayer" for c in type(mod).__mro__):
+        if _is_tuner_layer(mod):
             head = f"{name}." if name else ""
             out.update(head + child for child, _ in mod.named_modules()
                        if child and child.split(".", 1)[0] != "base_layer")
@@ -225,7 +230,7 @@ def _decide(
     """None to quantize, else the reason to keep the layer in high precision."""
     if isinstance(mod, NVFP4Linear):
         return "already NVFP4Linear"
-    if name in adapters:
+    if name in adapters or _is_tuner_layer(mod):
         return _ADAPTER
     if any(name == m or name.startswith(m + ".") for m in config.modules_to_not_convert):
         return "listed in modules_to_not_convert"

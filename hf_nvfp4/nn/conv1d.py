@@ -194,10 +194,12 @@ class NVFP4PackedConv1D(NVFP4PackedLinear):
         """Pack an NVFP4Conv1D's weight exactly as its forward quantizes it."""
         if not isinstance(linear, NVFP4Conv1D):
             raise TypeError(f"expected an NVFP4Conv1D; got {type(linear).__name__}")
-        return cls.from_qtensor(
+        new = cls.from_qtensor(
             quantized_linear_weight(linear), linear.bias, recipe=linear.recipe,
             backend=linear.backend_name, sr_seed=linear._sr_seed,
         )
+        new.grad_sr_state = linear.sr_state.detach().clone()
+        return new
 
     def to_linear(
         self, dtype: torch.dtype = torch.float32, sr_seed: int | None = None,

@@ -15,7 +15,7 @@ GEMM), so a packed layer gives exactly the outputs of the NVFP4Linear it came fr
 The weight is frozen, but gradients flow to the input as through a frozen NVFP4Linear (its
 dgrad: ``dy`` 1x16 with stochastic rounding in training, times the weight's own 16x16 tiles
 transposed), bit for bit: adapters trained on a packed base (LoRA through PEFT,
-:func:`hf_nvfp4.lora.packed_lora_config`) see the gradients of the 4-bit model they adapt.
+:func:`hf_nvfp4.lora.lora_config`) see the gradients of the 4-bit model they adapt.
 
 The scales' dtypes are the format's: ``.to(dtype)``, ``.half()``, ``.bfloat16()`` on the layer
 (or a model holding it) move them but never convert them (:func:`apply_keeping_dtypes`; a BF16
@@ -162,12 +162,14 @@ class NVFP4PackedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: NVFP4Linear) -> NVFP4PackedLinear:
-        """Pack an NVFP4Linear's weight exactly as its forward quantizes it (its input
-        gradients round with the layer's seed)."""
-        return cls.from_qtensor(
+        """Pack an NVFP4Linear's weight exactly as its forward quantizes it; its input
+        gradients go on with the layer's rounding state (seed and step)."""
+        new = cls.from_qtensor(
             quantized_weight(linear), linear.bias, recipe=linear.recipe,
             backend=linear.backend_name, sr_seed=linear._sr_seed,
         )
+        new.grad_sr_state = linear.sr_state.detach().clone()
+        return new
 
     def packed_weight(self) -> QTensor:
         """The weight as a :class:`QTensor` (sharing the buffers)."""

@@ -99,6 +99,12 @@ def test_converting_a_peft_model_keeps_its_adapters_high_precision():
     layer = merged.model.layers[0].self_attn.q_proj
     assert isinstance(layer, NVFP4Linear)
     assert torch.equal(layer.weight.detach(), weight + delta)
+    # VB-LoRA's tuner layer is itself an nn.Linear (with no weight of its own): an adapter too
+    vb = peft.get_peft_model(_llama(), peft.VBLoRAConfig(r=4, target_modules=["q_proj"],
+                                                         vector_length=16, num_vectors=32))
+    decisions = {d.name: d for d in hf_nvfp4.convert(vb, ALL_BLOCKS, verbose=False).layers}
+    assert decisions[name].reason.startswith("a PEFT adapter or tuner layer")
+    assert decisions[f"{name}.base_layer"].quantized
 
 
 def test_lora_on_a_packed_model_trains_as_on_its_nvfp4_model(tmp_path, data):
@@ -110,7 +116,7 @@ def test_lora_on_a_packed_model_trains_as_on_its_nvfp4_model(tmp_path, data):
     import copy
 
     from hf_nvfp4.checkpoint import load_packed, pack_model, save_packed
-    from hf_nvfp4.lora import load_packed_adapter, packed_lora_config
+    from hf_nvfp4.lora import load_adapter, lora_config
     from hf_nvfp4.nn.packed import NVFP4PackedLinear
 
     trained = _llama()
@@ -118,7 +124,7 @@ def test_lora_on_a_packed_model_trains_as_on_its_nvfp4_model(tmp_path, data):
     master = _lora(copy.deepcopy(trained))
     packed = pack_model(copy.deepcopy(trained))
     torch.manual_seed(1)
-    lora = peft.get_peft_model(packed, packed_lora_config(peft.LoraConfig(
+    lora = peft.get_peft_model(packed, lora_config(peft.LoraConfig(
         r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)))
     assert isinstance(_adapted(lora).base_layer, NVFP4PackedLinear)
     ids = data[0][0]["input_ids"][None].repeat(2, 1)
@@ -140,7 +146,7 @@ def test_lora_on_a_packed_model_trains_as_on_its_nvfp4_model(tmp_path, data):
     save_packed(trained, tmp_path / "packed", dtype=None)
     base = load_packed(tmp_path / "packed")
     torch.manual_seed(1)
-    model = peft.get_peft_model(base, packed_lora_config(peft.LoraConfig(
+    model = peft.get_peft_model(base, lora_config(peft.LoraConfig(
         r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)))
     args = NVFP4TrainingArguments(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3,
@@ -151,9 +157,51 @@ def test_lora_on_a_packed_model_trains_as_on_its_nvfp4_model(tmp_path, data):
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed and all(".lora_" in n for n in changed)
     model.save_pretrained(tmp_path / "adapter")
-    again = load_packed_adapter(load_packed(tmp_path / "packed"), tmp_path / "adapter").eval()
+    again = load_adapter(load_packed(tmp_path / "packed"), tmp_path / "adapter").eval()
     model.eval()
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
     with pytest.raises(RuntimeError, match="cannot merge a LoRA adapter into NVFP4PackedLinear"):
         model.merge_and_unload()
+
+
+def test_lora_refuses_what_a_packed_base_cannot_do_and_merges_gpt2_transposed(tmp_path, data):
+    """A packed base takes no weight-rewriting initialization (PiSSA) and trains only with
+    adapters; GPT-2's NVFP4Conv1D ([in, out] weight) registered through lora_config merges
+    B A transposed, as PEFT merges transformers' Conv1D."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_nvfp4 import NVFP4Conv1D
+    from hf_nvfp4.checkpoint import load_packed, pack_model, save_packed
+    from hf_nvfp4.lora import lora_config
+
+    trained = _llama()
+    hf_nvfp4.convert(trained, ALL_BLOCKS, verbose=False)
+    save_packed(trained, tmp_path / "packed", dtype=None)
+    packed = pack_model(trained)
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' rewrites the base weight"):
+        peft.get_peft_model(packed, lora_config(peft.LoraConfig(
+            r=16, target_modules=TARGETS, init_lora_weights="pissa")))
+    args = NVFP4TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to=[],
+                                  use_cpu=True, disable_tqdm=True)
+    with pytest.raises(ValueError, match="purely quantized"):  # transformers' own check
+        NVFP4Trainer(model=load_packed(tmp_path / "packed"), args=args,
+                     train_dataset=data[0]).train()
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256,
+                                      n_positions=64))
+    hf_nvfp4.convert(gpt2, ALL_BLOCKS, verbose=False)
+    model = peft.get_peft_model(gpt2, lora_config(peft.LoraConfig(
+        r=16, target_modules=["c_attn", "c_proj"], lora_dropout=0.0)))
+    for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_proj"):
+        adapted = model.get_submodule(f"base_model.model.transformer.h.0.{layer}")
+        assert isinstance(adapted.base_layer, NVFP4Conv1D) and adapted.fan_in_fan_out, layer
+        with torch.no_grad():
+            adapted.lora_B["default"].weight.normal_()
+    adapted = model.get_submodule("base_model.model.transformer.h.0.attn.c_proj")  # square
+    weight = adapted.base_layer.weight.detach().clone()  # [in, out]
+    delta = (adapted.lora_B["default"].weight @ adapted.lora_A["default"].weight).detach()
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged.transformer.h[0].attn.c_proj.weight.detach(),
+                               weight + adapted.scaling["default"] * delta.t())
