@@ -114,7 +114,7 @@ class NVFP4PackedLinear(nn.Module):
         #: The ``[seed, step]`` rounding state of the input gradients, on the device of the
         #: last input (a plain attribute: packed checkpoints hold no training state).
         self.grad_sr_state: torch.Tensor | None = None
-        self._plans: dict[str, LinearPlan] = {}
+        self._plans: dict[tuple[str, Recipe], LinearPlan] = {}
         #: The dtype the layer was built in or last converted to (``.to(dtype)``, ``.half()``):
         #: that of :attr:`weight`, which model code reads to pick a compute dtype.
         self.weight_dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -259,10 +259,14 @@ class NVFP4PackedLinear(nn.Module):
                 f"transpose the codes hold; this layer's recipe has W {specs.w} and W for dgrad "
                 f"{specs.w_dgrad}"
             )
-        plan = self._plans.get(str(x.device))
+        key = (str(x.device), self.recipe)
+        plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[str(x.device)] = LinearPlan(
+            backend = get_backend(self.backend_name, x.device)  # refuses an unusable native
+            plan = self._plans[key] = LinearPlan(
                 specs, resolve_backend(self.backend_name, x.device), share_input=False)
+            if hasattr(backend, "prepare"):  # before the autograd Function, as NVFP4Linear
+                backend.prepare(plan.specs, x.device)
         weight = GatheredWeight(self.weight_packed, self.weight_scale, self.weight_global_scale,
                                 specs.w, torch.Size((self.out_features, self.in_features)),
                                 self.weight_dtype)
