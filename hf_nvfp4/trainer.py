@@ -74,6 +74,9 @@ class NVFP4Trainer(transformers.Trainer):
         config = resolve_nvfp4(source)
         if model is not None:
             config = self._convert(model, config)
+            from .checkpoint.load import exclude_packed_from_ddp
+
+            exclude_packed_from_ddp(model)
         self.nvfp4_config = config
         self._announce(config, chosen=source is not None)
         callbacks = list(kwargs.pop("callbacks", None) or [])

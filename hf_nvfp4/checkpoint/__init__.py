@@ -15,7 +15,7 @@ from .errors import CheckpointError
 from .export_compressed_tensors import export_compressed_tensors
 from .export_modelopt import export_modelopt
 from .inspect import inspect_checkpoint
-from .load import load_packed, pack_model, to_trainable
+from .load import exclude_packed_from_ddp, load_packed, pack_model, to_trainable
 from .packed import save_packed
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "calibration_batches",
     "checksum_verification",
     "export_compressed_tensors",
+    "exclude_packed_from_ddp",
     "export_modelopt",
     "inspect_checkpoint",
     "load_packed",

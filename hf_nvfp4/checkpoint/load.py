@@ -245,6 +245,24 @@ def pack_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def exclude_packed_from_ddp(model: nn.Module) -> list[str]:
+    """Have ``DistributedDataParallel(model)`` leave the packed weights alone, and return
+    their names.
+
+    Packed weights are buffers (codes and scales, identical on every rank as loaded): DDP
+    would broadcast them from rank 0 at construction and before every forward (the FP8 scales
+    fail on gloo). Call it on the module DDP wraps (a PEFT model, say) before wrapping;
+    ``hf_nvfp4.Trainer`` does it for its model.
+    """
+    names = [f"{name}.{b}" if name else b for name, mod in model.named_modules()
+             if isinstance(mod, NVFP4PackedLinear) or is_packed_experts(mod)
+             for b, _ in mod.named_buffers(recurse=False)]
+    if names:
+        ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+        model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(names))
+    return names
+
+
 def _set_format(model: nn.Module, fmt: str) -> None:
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if isinstance(qc, NVFP4Config):
@@ -353,6 +371,7 @@ def load_packed(
 __all__ = [
     "MODES",
     "check_master_checkpoint",
+    "exclude_packed_from_ddp",
     "finalize_packed_model",
     "load_masters",
     "load_packed",
