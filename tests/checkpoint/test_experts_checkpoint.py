@@ -292,12 +292,27 @@ def test_llama4_batched_experts_packed_round_trip_and_train_mode(tmp_path, token
         export_compressed_tensors(model, tmp_path / "export", weight_only=True)
 
 
+def _reload(path, model, tokens, name: str):
+    """``load_packed(path)``: its experts ``name`` run the packed implementation and the model
+    gives ``model``'s logits; with ``mode="train"`` they are trainable NVFP4 experts again.
+    Returns the packed experts, the trainable model and its experts (by name)."""
+    from hf_nvfp4.experts import current_implementation
+
+    loaded = load_packed(path)
+    packed = {n: m for n, m in loaded.named_modules() if is_packed_experts(m)}
+    assert current_implementation(packed[name]) == PACKED_IMPLEMENTATION
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    trainable = load_packed(path, mode="train")
+    again = dict(iter_nvfp4_experts(trainable))
+    assert current_implementation(again[name]) == "hf_nvfp4"
+    return packed, trainable, again
+
+
 def test_jetmoe_parallel_experts_packed_round_trip_and_train_mode(tmp_path, tokens):
     """JetMoeParallelExperts (packed as ``weight_packed`` [E, out, in/2], told from a packed
     linear's 2D one by its rank): loaded packed with equal logits, back to trainable experts;
     exports refuse them (transformers has no per-expert names for JetMoE)."""
-    from hf_nvfp4.experts import current_implementation
-
     model = _moe("jetmoe")
     save_packed(model, tmp_path / "ckpt", dtype=None)
     t = checkpoint_tensors(tmp_path / "ckpt")
@@ -309,15 +324,8 @@ def test_jetmoe_parallel_experts_packed_round_trip_and_train_mode(tmp_path, toke
     assert torch.equal(t[f"{name}.weight_packed"][3], q.data)
     assert torch.equal(_bits(t[f"{name}.weight_scale"][3]), _bits(q.scale))
     assert f"{name}.weight" not in t and f"{name}.sr_state" not in t
-    loaded = load_packed(tmp_path / "ckpt")
-    packed = dict((n, m) for n, m in loaded.named_modules() if is_packed_experts(m))
-    assert len(packed) == 8
-    assert current_implementation(packed[name]) == PACKED_IMPLEMENTATION
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
-    trainable = load_packed(tmp_path / "ckpt", mode="train")
-    again = dict(iter_nvfp4_experts(trainable))
-    assert len(again) == 8 and current_implementation(again[name]) == "hf_nvfp4"
+    packed, trainable, again = _reload(tmp_path / "ckpt", model, tokens, name)
+    assert len(packed) == 8 and len(again) == 8
     assert torch.equal(again[name].weight[3].detach(), q.dequantize())
     trainable.train()
     trainable(input_ids=tokens, labels=tokens).loss.backward()
@@ -331,8 +339,6 @@ def test_inkling_shared_experts_packed_round_trip_and_train_mode(tmp_path, token
     """InklingSharedExperts (three 3D parameters, the forward set on the instance): each
     packed as [E, out, in/2], loaded packed with equal logits, back to trainable experts;
     exports refuse the model (transformers has no per-expert names for Inkling's experts)."""
-    from hf_nvfp4.experts import current_implementation
-
     model = _moe("inkling_text")
     save_packed(model, tmp_path / "ckpt", dtype=None)
     t = checkpoint_tensors(tmp_path / "ckpt")
@@ -345,16 +351,9 @@ def test_inkling_shared_experts_packed_round_trip_and_train_mode(tmp_path, token
         assert torch.equal(t[f"{name}.{p}_packed"][1], q.data), p
         assert torch.equal(_bits(t[f"{name}.{p}_scale"][1]), _bits(q.scale)), p
         assert f"{name}.{p}" not in t
-    loaded = load_packed(tmp_path / "ckpt")
-    packed = dict((n, m) for n, m in loaded.named_modules() if is_packed_experts(m))
-    assert sorted(packed) == [f"model.layers.{i}.mlp.{m}" for i in (0, 1)
-                              for m in ("experts", "shared_experts")]
-    assert current_implementation(packed[name]) == PACKED_IMPLEMENTATION
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
-    trainable = load_packed(tmp_path / "ckpt", mode="train")
-    again = dict(iter_nvfp4_experts(trainable))
-    assert len(again) == 4 and current_implementation(again[name]) == "hf_nvfp4"
+    packed, trainable, again = _reload(tmp_path / "ckpt", model, tokens, name)
+    assert sorted(packed) == sorted(again) == [f"model.layers.{i}.mlp.{m}" for i in (0, 1)
+                                               for m in ("experts", "shared_experts")]
     q = quantize(shared.down_proj.detach()[0], tile=(16, 16))
     assert torch.equal(again[name].down_proj[0].detach(), q.dequantize())
     trainable.train()
