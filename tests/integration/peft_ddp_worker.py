@@ -3,6 +3,7 @@
 Usage: torchrun --nproc_per_node 2 peft_ddp_worker.py PACKED_CHECKPOINT OUT_DIR
 """
 
+import gc
 import json
 import os
 import sys
@@ -35,9 +36,12 @@ def main(packed: str, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"adapters": adapters, "losses": losses,
                    "world_size": trainer.accelerator.num_processes}, f)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    # Tear the gloo group down here, then drop the DDP wrapper whose reducer holds it, as
+    # examples/pretrain.py does: left to interpreter exit, gloo can hang or abort.
+    trainer.accelerator.end_training()
+    trainer.accelerator.free_memory()
+    del trainer, model
+    gc.collect()
 
 
 if __name__ == "__main__":
