@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ._names import shown_names
+from ._names import derives_from, shown_names
 from .config import NVFP4Config
 from .experts import (
     BATCHED_EXPERTS,
@@ -187,7 +187,7 @@ def _own_forward(mod: nn.Module) -> bool:
 
 def _is_tuner_layer(mod: nn.Module) -> bool:
     """Whether ``mod`` is a PEFT tuner layer (derived from peft's ``BaseTunerLayer``)."""
-    return any(c.__name__ == "BaseTunerLayer" for c in type(mod).__mro__)
+    return derives_from(mod, ("BaseTunerLayer",))
 
 
 def _adapter_modules(model: nn.Module) -> frozenset[str]:

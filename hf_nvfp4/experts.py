@@ -52,9 +52,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import backend_instance, resolve_backend
+from ._names import derives_from
 from .distributed import rank, refuse_data_parallel_replica
-from .nn.functional import LinearPlan
+from .nn.functional import LinearPlan, build_plan
 from .nn.grouped import expert_keys, quantized_grouped_linear
 from .quant.sr import new_state
 from .recipe import Recipe
@@ -77,13 +77,7 @@ class ExpertsQuantization:
         key = (str(device), self.recipe)
         plan = self.plans.get(key)
         if plan is None:
-            plan = LinearPlan(self.recipe.role_specs(), resolve_backend(self.backend, device),
-                              reduce_amax=False, share_input=False)
-            # before the quantized autograd.Function, never inside it: a backend's one-time
-            # checks (the FP8 GEMM's) are side effects a traced Function cannot contain
-            backend = backend_instance(plan.backend)
-            if hasattr(backend, "prepare"):
-                backend.prepare(plan.specs, device)
+            plan = build_plan(self.recipe.role_specs(), self.backend, device)
             self.plans[key] = plan
         return plan
 
@@ -115,33 +109,28 @@ SHARED_PARAMS = ("gate_proj", "up_proj", "down_proj")
 Project = Callable[[torch.Tensor, int, list[int]], torch.Tensor]
 
 
-def _family_member(module: nn.Module, family: frozenset[str]) -> bool:
-    # by class name along the MRO: FSDP2's ``fully_shard`` swaps in a subclass
-    return any(c.__name__ in family for c in type(module).__mro__)
-
-
 def is_batched_experts(module: nn.Module) -> bool:
     """Whether ``module`` is of a class in :data:`BATCHED_EXPERTS` or derived from one (FSDP2's
     ``fully_shard`` swaps in a subclass), packed or not."""
-    return _family_member(module, BATCHED_EXPERTS)
+    return derives_from(module, BATCHED_EXPERTS)
 
 
 def is_parallel_experts(module: nn.Module) -> bool:
     """Whether ``module`` is of a class in :data:`PARALLEL_EXPERTS` or derived from one,
     packed or not."""
-    return _family_member(module, PARALLEL_EXPERTS)
+    return derives_from(module, PARALLEL_EXPERTS)
 
 
 def is_grouped_linear(module: nn.Module) -> bool:
     """Whether ``module`` is of a class in :data:`GROUPED_LINEARS` or derived from one, packed
     or not."""
-    return _family_member(module, GROUPED_LINEARS)
+    return derives_from(module, GROUPED_LINEARS)
 
 
 def is_shared_experts(module: nn.Module) -> bool:
     """Whether ``module`` is of a class in :data:`SHARED_EXPERTS` or derived from one, packed
     or not."""
-    return _family_member(module, SHARED_EXPERTS)
+    return derives_from(module, SHARED_EXPERTS)
 
 
 def _instance_family(module: nn.Module) -> str | None:

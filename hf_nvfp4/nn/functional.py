@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends import backend_instance
+from ..backends import backend_instance, resolve_backend
 from ..numerics.quantize import QTensor, transpose_tiles
 from ..quant.fsdp import GatheredWeight, gathered_weight, master_tensor
 from ..quant.quantizer import Quantized, Quantizer
@@ -64,6 +64,28 @@ class LinearPlan:
         }
         for name, q in quantizers.items():
             object.__setattr__(self, name, q)
+
+
+def build_plan(
+    specs: RoleSpecs, backend: str, device: torch.device | str, *, reduce_amax: bool = False,
+    share_input: bool = False, layer: torch.nn.Module | None = None,
+) -> LinearPlan:
+    """The :class:`LinearPlan` of ``specs`` on ``device``, its backend set up for it.
+
+    ``backend`` is resolved for ``device`` (``"auto"`` picks; a backend that cannot run on
+    this machine raises with the reason). The backend's one-time setup happens here, never
+    inside a traced forward, CUDA graph or autograd Function: a backend that runs whole
+    layers (te) attaches to ``layer`` when one is given, the others prepare their kernels (the
+    FP8 GEMM's checks). Every quantized layer builds its plans here and caches them per device.
+    """
+    dev = torch.device(device)
+    plan = LinearPlan(specs, resolve_backend(backend, dev), reduce_amax, share_input)
+    instance = backend_instance(plan.backend)
+    if layer is not None and hasattr(instance, "attach"):
+        instance.attach(layer)
+    elif hasattr(instance, "prepare"):
+        instance.prepare(plan.specs, dev)
+    return plan
 
 
 _QT_FIELDS = ("data", "scale", "global_scale")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backends import BACKENDS, backend_instance, resolve_backend
+from ..backends import BACKENDS, backend_instance
 from ..backends import te as _te
 from ..distributed import rank, refuse_data_parallel_replica, world_size
 from ..quant.fsdp import (
@@ -19,7 +19,7 @@ from ..quant.fsdp import (
 )
 from ..quant.sr import advance_keys, new_state
 from ..recipe import Recipe, RoleSpecs, get_recipe
-from .functional import LinearPlan, quantized_linear
+from .functional import LinearPlan, build_plan, quantized_linear
 
 
 @functools.lru_cache(maxsize=64)
@@ -145,20 +145,13 @@ class NVFP4Linear(nn.Linear):
         """
         dev = torch.device(device) if device is not None else self.weight.device
         reduce = self.reduce_amax and self.training and world_size() > 1
-        key = (str(dev), reduce, self.share_input, self.recipe)
+        key = (str(dev), reduce, self.share_input, self.recipe, self.backend_name)
         plan = self._plans.get(key)
         if plan is None:
-            plan = LinearPlan(
-                _role_specs(self.recipe), resolve_backend(self.backend_name, dev), reduce,
-                self.share_input,
+            plan = build_plan(
+                _role_specs(self.recipe), self.backend_name, dev, reduce_amax=reduce,
+                share_input=self.share_input, layer=self,
             )
-            # Built now, not inside a traced forward or CUDA graph: a backend that runs whole
-            # layers (te) registers its module, the others prepare their kernels.
-            backend = backend_instance(plan.backend)
-            if hasattr(backend, "attach"):
-                backend.attach(self)
-            elif hasattr(backend, "prepare"):
-                backend.prepare(plan.specs, dev)
             self._plans[key] = plan
         return plan
 

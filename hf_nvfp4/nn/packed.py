@@ -30,18 +30,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backends import BACKENDS, get_backend, resolve_backend
+from ..backends import BACKENDS, get_backend
 from ..distributed import rank, refuse_data_parallel_replica
 from ..numerics.quantize import QTensor
-from ..quant.fsdp import GatheredWeight
+from ..quant.fsdp import GatheredWeight, gathers_codes
 from ..quant.sr import advance_keys, new_state
 from ..recipe import Recipe, get_recipe
-from .functional import LinearPlan, quantized_linear
+from .functional import LinearPlan, build_plan, quantized_linear
 from .linear import NVFP4Linear, _role_specs
 
 BLOCK = 16
 #: The buffers of a packed weight that are floating point but must keep their dtype.
 SCALE_BUFFERS = ("weight_scale", "weight_global_scale")
+#: Attributes of a packed layer whose change remakes its gradient path's frozen weight.
+_WARM_ON = ("weight_packed", *SCALE_BUFFERS, "weight_dtype", "recipe", "backend_name")
 
 
 def apply_keeping_dtypes(
@@ -114,7 +116,9 @@ class NVFP4PackedLinear(nn.Module):
         #: The ``[seed, step]`` rounding state of the input gradients, on the device of the
         #: last input (a plain attribute: packed checkpoints hold no training state).
         self.grad_sr_state: torch.Tensor | None = None
-        self._plans: dict[tuple[str, Recipe], LinearPlan] = {}
+        self._plans: dict[tuple[str, Recipe, str], LinearPlan] = {}
+        #: The codes as the frozen weight of the gradient path (:meth:`_warm`).
+        self._frozen_weight: GatheredWeight | None = None
         #: The dtype the layer was built in or last converted to (``.to(dtype)``, ``.half()``):
         #: that of :attr:`weight`, which model code reads to pick a compute dtype.
         self.weight_dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -131,6 +135,7 @@ class NVFP4PackedLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
+        self._warm()  # register_buffer bypasses __setattr__; loads copy into these buffers
 
     @classmethod
     def from_qtensor(
@@ -200,6 +205,8 @@ class NVFP4PackedLinear(nn.Module):
                 "to_linear() or hf_nvfp4.checkpoint.load_packed(..., mode='train')"
             )
         super().__setattr__(name, value)
+        if name in _WARM_ON and "_frozen_weight" in self.__dict__:
+            self._warm()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # layers pickled before weight_dtype existed: the dtype their forward used
@@ -208,8 +215,13 @@ class NVFP4PackedLinear(nn.Module):
             state["weight_dtype"] = bias.dtype if bias is not None else torch.float32
         state.setdefault("sr_seed", 0)
         state.setdefault("grad_sr_state", None)
-        state.setdefault("_plans", {})
+        state["_plans"], state["_frozen_weight"] = {}, None
         super().__setstate__(state)
+        self._warm()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the frozen weight is a view of the buffers (remade on load); plans are per process
+        return {**self.__dict__, "_plans": {}, "_frozen_weight": None}
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The represented weight ``[out, in]`` in ``dtype``."""
@@ -226,7 +238,32 @@ class NVFP4PackedLinear(nn.Module):
         probe = fn(torch.empty(0, dtype=self.weight_dtype))
         if isinstance(probe, torch.Tensor):
             self.weight_dtype = probe.dtype
-        return apply_keeping_dtypes(self, SCALE_BUFFERS, super()._apply, fn, recurse)
+        out = apply_keeping_dtypes(self, SCALE_BUFFERS, super()._apply, fn, recurse)
+        self._warm()
+        return out
+
+    def _warm(self) -> None:
+        """Make the gradient path's frozen weight (the codes wrapped as a 16x16-tiled weight)
+        and its plan now, when the codes, dtype or recipe change: torch.compile cannot build
+        them inside a graph."""
+        self._frozen_weight = None
+        specs = _role_specs(self.recipe)
+        data = self._buffers.get("weight_packed")
+        if data is None or data.is_meta or not gathers_codes(specs.w, specs.w_dgrad):
+            return
+        self._frozen_weight = GatheredWeight(
+            data, self.weight_scale, self.weight_global_scale, specs.w,
+            torch.Size((self.out_features, self.in_features)), self.weight_dtype,
+        )
+        self._plan(data.device)
+
+    def _plan(self, device: torch.device) -> LinearPlan:
+        key = (str(device), self.recipe, self.backend_name)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build_plan(_role_specs(self.recipe), self.backend_name,
+                                                 device)
+        return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NVFP4Linear's quantized forward: ``x`` 1x16 RTN, GEMM on exact block values; with
@@ -252,24 +289,22 @@ class NVFP4PackedLinear(nn.Module):
         output, and NVFP4Linear's dgrad (the weight's tiles transposed; ``dy`` rounded
         stochastically in training when the recipe says so)."""
         specs = _role_specs(self.recipe)
-        if specs.w is None or tuple(specs.w.tile) != (BLOCK, BLOCK) or specs.w_dgrad != specs.w:
+        if not gathers_codes(specs.w, specs.w_dgrad):
             raise RuntimeError(
                 f"{type(self).__name__}: a gradient through a packed layer needs the weight "
                 "in 16x16 tiles shared by the forward and dgrad (the paper's 2D weights), whose "
                 f"transpose the codes hold; this layer's recipe has W {specs.w} and W for dgrad "
                 f"{specs.w_dgrad}"
             )
-        key = (str(x.device), self.recipe)
-        plan = self._plans.get(key)
-        if plan is None:
-            backend = get_backend(self.backend_name, x.device)  # refuses an unusable native
-            plan = self._plans[key] = LinearPlan(
-                specs, resolve_backend(self.backend_name, x.device), share_input=False)
-            if hasattr(backend, "prepare"):  # before the autograd Function, as NVFP4Linear
-                backend.prepare(plan.specs, x.device)
-        weight = GatheredWeight(self.weight_packed, self.weight_scale, self.weight_global_scale,
-                                specs.w, torch.Size((self.out_features, self.in_features)),
-                                self.weight_dtype)
+        weight = self._frozen_weight
+        if weight is None or not (
+            weight._data is self.weight_packed and weight._scale is self.weight_scale
+            and weight._global_scale is self.weight_global_scale
+            and weight.device == self.weight_packed.device
+        ):  # buffers replaced behind __setattr__ (accelerate's loaders, register_buffer)
+            self._warm()
+            weight = self._frozen_weight
+        plan = self._plan(x.device)
         keys = None
         if self.training and self.recipe.stochastic_rounding:
             refuse_data_parallel_replica(self)

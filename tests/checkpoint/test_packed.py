@@ -212,3 +212,35 @@ def test_gradients_through_a_packed_linear_are_the_frozen_nvfp4_linears(dtype):
     no_2d = NVFP4PackedLinear(64, 48, recipe={"weight_2d": False})
     with pytest.raises(RuntimeError, match="needs the weight in 16x16 tiles"):
         no_2d(torch.randn(2, 64, requires_grad=True))
+
+
+def test_the_gradient_path_follows_the_codes_however_they_are_loaded():
+    """The gradient path's frozen weight wraps the layer's current codes: after an in-place
+    load into a layer built empty, after buffers replaced behind ``__setattr__`` (accelerate's
+    ``set_module_tensor_to_device`` writes ``_buffers`` directly) and after a backend change,
+    its output is the inference forward's, bit for bit."""
+    torch.manual_seed(0)
+    layers = [NVFP4PackedLinear.from_linear(NVFP4Linear(64, 48, backend="reference"))
+              for _ in range(2)]
+    x = torch.randn(5, 64)
+
+    def agrees(layer: NVFP4PackedLinear, source: NVFP4PackedLinear) -> None:
+        with torch.no_grad():
+            want = source(x)
+            assert torch.equal(layer(x), want)
+        assert torch.equal(layer(x.clone().requires_grad_(True)), want)
+
+    empty = NVFP4PackedLinear(64, 48, backend="reference")
+    assert empty._frozen_weight is not None  # made at construction, not in a forward
+    empty.load_state_dict(layers[0].state_dict())
+    agrees(empty, layers[0])
+    for name, tensor in layers[1].state_dict().items():
+        if name != "bias":
+            empty._buffers[name] = tensor.clone()
+    with torch.no_grad():
+        empty.bias.copy_(layers[1].bias)
+    agrees(empty, layers[1])
+    empty.backend_name = "triton"
+    assert empty._plan(x.device).backend == "triton"
+    empty.backend_name = "reference"
+    assert empty._plan(x.device).backend == "reference"

@@ -13,6 +13,7 @@ import torch
 import hf_nvfp4
 from hf_nvfp4.kernels import is_triton_available
 from hf_nvfp4.nn import NVFP4Linear
+from hf_nvfp4.nn.packed import NVFP4PackedLinear
 
 transformers = pytest.importorskip("transformers")
 _OK, _WHY = is_triton_available()
@@ -83,3 +84,37 @@ def test_baseline_formats_compile_fullgraph(preset):
         step(x).square().mean().backward()
     assert torch.equal(run(x), eager(x))
     assert torch.equal(compiled.weight.grad, eager.weight.grad)
+
+
+def test_packed_layer_input_gradient_compiles_fullgraph():
+    """A packed layer's gradient path (LoRA on a packed model) traces whole, for a layer
+    packed from an NVFP4Linear and for one built empty and loaded, and gives the eager packed
+    layer's output and input gradient, which are the frozen NVFP4Linear's, bit for bit, over
+    two steps of stochastically rounded dgrad."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    lin = NVFP4Linear(128, 64, bias=True, backend="triton", sr_seed=4, device=device)
+    lin.weight.requires_grad_(False)
+    packed = NVFP4PackedLinear.from_linear(lin)
+    twin = copy.deepcopy(packed)
+    # built empty and loaded in place, as a packed checkpoint loads: compiles all the same
+    loaded = NVFP4PackedLinear(128, 64, backend="triton", sr_seed=4, device=device)
+    loaded.load_state_dict(packed.state_dict())
+    torch._dynamo.reset()
+    runs = [torch.compile(m, backend="aot_eager", fullgraph=True) for m in (twin, loaded)]
+    gen = torch.Generator().manual_seed(2)
+    for step in range(2):
+        x = torch.randn(2, 32, 128, generator=gen).to(device, torch.bfloat16)
+        dy = torch.randn(2, 32, 64, generator=gen).to(device, torch.bfloat16)
+        grads = []
+        for layer in (lin, packed, *runs):
+            xi = x.clone().requires_grad_(True)
+            y = layer(xi)
+            y.backward(dy)
+            grads.append((y, xi.grad))
+        for y, dx in grads[1:]:
+            assert torch.equal(y, grads[0][0]), step
+            assert torch.equal(dx, grads[0][1]), step
+        assert grads[0][1].abs().sum() > 0
+    assert twin.grad_sr_state.tolist() == packed.grad_sr_state.tolist() == lin.sr_state.tolist()
+    assert loaded.grad_sr_state.tolist() == lin.sr_state.tolist()
