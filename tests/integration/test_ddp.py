@@ -2,22 +2,16 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_two_process_ddp_nvfp4_training(tmp_path):
+def test_two_process_ddp_nvfp4_training(tmp_path, launch, monkeypatch):
     """The README's CPU command: NVFP4 by default (no recipe given), and the model is saved."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("HF_NVFP4_RECIPE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29517", str(ROOT / "examples" / "pretrain.py"),
-           "--cpu", "--tiny", "--steps", "8", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    monkeypatch.delenv("HF_NVFP4_RECIPE", raising=False)
+    proc = launch([ROOT / "examples" / "pretrain.py", "--cpu", "--tiny", "--steps", "8",
+                   "--out", tmp_path])
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["num_processes"] == 2 and m["distributed_type"] == "DistributedType.MULTI_CPU"
@@ -34,30 +28,24 @@ def test_two_process_ddp_nvfp4_training(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def _pretrain(tmp_path, name, recipe, nproc, batch, port):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = [str(ROOT / "examples" / "pretrain.py"), "--cpu", "--tiny", "--steps", "6",
-              "--batch", str(batch), "--nvfp4", str(recipe), "--out", str(tmp_path / name)]
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                     "--master_port", str(port)]
-    proc = subprocess.run(launcher + script, env=env, capture_output=True, text=True,
-                          timeout=300)
+def _pretrain(launch, tmp_path, name, recipe, nproc, batch):
+    script = [ROOT / "examples" / "pretrain.py", "--cpu", "--tiny", "--steps", "6",
+              "--batch", batch, "--nvfp4", recipe, "--out", tmp_path / name]
+    proc = launch(script, nproc=nproc if nproc > 1 else None)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((tmp_path / name / "metrics.json").read_text())["losses"]
 
 
-def test_reduced_amax_makes_two_ranks_match_one_with_the_same_global_batch(tmp_path):
+def test_reduced_amax_makes_two_ranks_match_one_with_the_same_global_batch(tmp_path, launch):
     base = {"backend": "reference", "first_bf16_blocks": 0, "last_bf16_blocks": 0,
             "recipe": {"preset": "nvfp4", "stochastic_rounding": False}}
     recipes = {}
     for reduce in (True, False):
         recipes[reduce] = tmp_path / f"recipe_{reduce}.json"
         recipes[reduce].write_text(json.dumps({**base, "reduce_amax": reduce}))
-    single = _pretrain(tmp_path, "single", recipes[True], 1, 4, 0)
-    reduced = _pretrain(tmp_path, "reduced", recipes[True], 2, 2, 29518)
-    local = _pretrain(tmp_path, "local", recipes[False], 2, 2, 29519)
+    single = _pretrain(launch, tmp_path, "single", recipes[True], 1, 4)
+    reduced = _pretrain(launch, tmp_path, "reduced", recipes[True], 2, 2)
+    local = _pretrain(launch, tmp_path, "local", recipes[False], 2, 2)
     rel_reduced = [abs(a - b) / b for a, b in zip(reduced, single, strict=True)]
     rel_local = [abs(a - b) / b for a, b in zip(local, single, strict=True)]
     # The first step sees the same weights and batches: with the reduced amax the same scales,
@@ -71,12 +59,8 @@ def test_reduced_amax_makes_two_ranks_match_one_with_the_same_global_batch(tmp_p
     assert max(rel_reduced) < 1e-3, rel_reduced
 
 
-def test_reduce_amax_layer_semantics_on_two_ranks(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29520", str(Path(__file__).with_name("reduce_amax_worker.py")),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def test_reduce_amax_layer_semantics_on_two_ranks(tmp_path, launch):
+    proc = launch([Path(__file__).with_name("reduce_amax_worker.py"), tmp_path])
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:

@@ -7,9 +7,6 @@ Accelerate only enables FSDP on accelerators (on the CPU it falls back to DDP), 
 """
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,31 +14,25 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 
 
-def _launch(nproc: int, out: Path, extra: tuple[str, ...]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # --standalone: a free rendezvous port per launch (a fixed port can be taken on a CI host).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), str(WORKER), "--out", str(out), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _run(nproc: int, out: Path, *extra: str) -> dict:
-    proc = _launch(nproc, out, extra)
+def _run(launch, nproc: int, out: Path, *extra: str) -> dict:
+    args = [WORKER, "--out", out, *extra]
+    proc = launch(args, nproc=nproc)
     if proc.returncode != 0 and "terminate called" in proc.stderr:
         # A C++ abort in gloo's teardown (once in CI, before the worker freed FSDP's state
         # ahead of destroying the group; never reproduced here) is retried once from scratch;
         # any other failure, or a second abort, fails.
         warnings.warn(f"FSDP2 worker aborted, retrying once:\n{proc.stderr[-2000:]}",
                       stacklevel=2)
-        proc = _launch(nproc, out, extra)
+        proc = launch(args, nproc=nproc)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_fsdp2_matches_one_process_and_resumes_bitwise(tmp_path):
-    full = _run(2, tmp_path / "full", "--save-at", "3")
-    resumed = _run(2, tmp_path / "resumed", "--resume-from", str(tmp_path / "full" / "step-3"))
-    single = _run(1, tmp_path / "single")
+def test_fsdp2_matches_one_process_and_resumes_bitwise(tmp_path, launch):
+    full = _run(launch, 2, tmp_path / "full", "--save-at", "3")
+    resumed = _run(launch, 2, tmp_path / "resumed", "--resume-from",
+                   str(tmp_path / "full" / "step-3"))
+    single = _run(launch, 1, tmp_path / "single")
     assert full["world"] == 2 and single["world"] == 1
     assert len(full["losses"]) == 6 and full["losses"][-1] < full["losses"][0] - 0.3
     # Sharded checkpoint after step 3, then resume: steps 4-6 and the final weights are
@@ -58,9 +49,9 @@ def test_fsdp2_matches_one_process_and_resumes_bitwise(tmp_path):
     assert abs(full["checksum"] - single["checksum"]) / abs(single["checksum"]) < 1e-3
 
 
-def test_fsdp2_quantized_all_gather_is_bitwise_and_moves_codes(tmp_path):
-    plain = _run(2, tmp_path / "plain")
-    quantized = _run(2, tmp_path / "quantized", "--save-at", "3", "--quantized-gather")
+def test_fsdp2_quantized_all_gather_is_bitwise_and_moves_codes(tmp_path, launch):
+    plain = _run(launch, 2, tmp_path / "plain")
+    quantized = _run(launch, 2, tmp_path / "quantized", "--save-at", "3", "--quantized-gather")
     # Each rank quantizes its shard with the all-reduced amax: the gathered codes are those of
     # the whole weight, so training is bitwise that of the FP32 all-gather.
     assert quantized["losses"] == plain["losses"]
@@ -71,7 +62,7 @@ def test_fsdp2_quantized_all_gather_is_bitwise_and_moves_codes(tmp_path):
                                    quantized["gathered_bytes_per_step"], strict=True)]
     assert saved == [2 * 81_920 * (4 - 0.5625)] * 6
     # Its checkpoint holds plain master tensors: the FP32-gather run resumes from it bitwise.
-    resumed = _run(2, tmp_path / "resumed",
+    resumed = _run(launch, 2, tmp_path / "resumed",
                    "--resume-from", str(tmp_path / "quantized" / "step-3"))
     assert resumed["losses"] == plain["losses"][3:]
     assert resumed["checksum"] == plain["checksum"]

@@ -232,3 +232,23 @@ def test_packed_weights_are_left_out_of_ddp_broadcasts(tmp_path):
     NVFP4Trainer(model=lora, args=args)
     ignored = set(lora._ddp_params_and_buffers_to_ignore)
     assert len(ignored) == 3 * 14 and all(n in dict(lora.named_buffers()) for n in ignored)
+
+
+def test_lora_on_a_packed_model_under_two_process_ddp(tmp_path, launch):
+    """Two ranks (gloo, CPU) train LoRA on a packed model through hf_nvfp4.Trainer: the packed
+    weights stay out of DDP's broadcasts and both ranks end with the same adapters."""
+    import json
+    from pathlib import Path
+
+    from hf_nvfp4.checkpoint import save_packed
+
+    trained = _llama()
+    hf_nvfp4.convert(trained, ALL_BLOCKS, verbose=False)
+    save_packed(trained, tmp_path / "packed", dtype=None)
+    proc = launch([Path(__file__).with_name("peft_ddp_worker.py"), tmp_path / "packed",
+                   tmp_path / "out"])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and len(ranks[0]["losses"]) == 3
+    assert ranks[0]["adapters"] == ranks[1]["adapters"]  # DDP kept the replicas equal
+    assert len(ranks[0]["adapters"]) == 2 * len(TARGETS) * 2
