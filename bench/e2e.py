@@ -12,7 +12,14 @@ there), then ``--steps`` steps timed by wall clock between device synchronizatio
 tokens/s, ms/step, peak allocated memory (CUDA only), the losses, and each column's
 throughput relative to BF16 eager and BF16 compiled of the same mode.
 
+The columns run one after another, each alone on the device. With ``--rounds R`` (R > 1) a
+mode's columns are all built and warmed up first, then their timed steps run in R rounds, one
+column after another in a rotating order: the ratios are then side by side within minutes of
+each other, and each is reported as the median with the range over the rounds (a machine's
+throughput drifts by a few percent over minutes, as much as some differences measured).
+
     python bench/e2e.py --size 953m --out bench/results/e2e_953m_h200.json     # the headline
+    python bench/e2e.py --size 953m --columns bf16_compiled,nvfp4_compiled --rounds 5
     python bench/e2e.py --size tiny --device cpu --steps 2 --warmup 1 --compile-backend aot_eager
 
 With ``--out``, entries already in the file are skipped (one whose run raised is retried) and
@@ -29,6 +36,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON report; entries already in it are skipped")
     p.add_argument("--steps", type=int, default=8, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with R > 1, every column of a mode is built at once and the timed "
+                        "steps run in R interleaved rounds (median and range of the ratios)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
     p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
                    help=f"comma list of {COLUMNS} (default: the first four)")
@@ -88,8 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.compile_mode = None
     args.modes = _comma_list(p, args.modes, MODES, "--modes")
     args.columns = _comma_list(p, args.columns, COLUMNS, "--columns")
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.rounds > 1 and args.profile:
+        p.error("--profile runs with --rounds 1 (it profiles one run alone)")
     return args
 
 
@@ -167,54 +180,113 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Run:
+    """One column's fresh model (seed ``SEED``), AdamW and token batches, ready to step."""
+
+    def __init__(self, mode: str, column: str, args: argparse.Namespace, batches: int) -> None:
+        self.device = torch.device(args.device)
+        self.tokens_per_step = SIZES[args.size]["batch"] * SIZES[args.size]["seq"]
+        self.model = build_model(args.size, mode, self.device)
+        self.entry = prepare(self.model, column, args)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR,
+                                     fused=self.device.type == "cuda")
+        self.batches = make_batches(args.size, batches, self.device)
+        self.autocast = mode == "fp32_masters"
+        self.graphs = column.endswith("compiled") and args.compile_mode in CUDA_GRAPH_MODES
+        self.next = 0
+        self.losses: list[torch.Tensor] = []
+
+    def step(self, batch: torch.Tensor) -> torch.Tensor:
+        """One training step on ``batch``; the loss (not synchronized)."""
+        if self.graphs:  # a new iteration: earlier graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
+                    else contextlib.nullcontext())
+        with autocast:
+            loss = self.model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def steps(self, n: int, keep: bool = True) -> float:
+        """``n`` steps on the next batches, timed by wall clock between synchronizations;
+        their losses are kept when ``keep``."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        losses = [self.step(self.batches[self.next + i]) for i in range(n)]
+        synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        self.next += n
+        if keep:
+            self.losses += losses
+        return elapsed
+
+    def finish(self, timed: list[float], n: int, warmup_s: float, peak: float | None) -> dict:
+        """The entry: median throughput over the timed rounds of ``n`` steps each."""
+        rates = [self.tokens_per_step * n / t for t in timed]
+        median = statistics.median(rates)
+        losses_f = torch.stack(self.losses).float().tolist()
+        self.entry.update(
+            tokens_per_s=median,
+            ms_per_step=1000 * self.tokens_per_step / median,
+            warmup_s=warmup_s,
+            peak_gib=peak,
+            final_loss=losses_f[-1],
+            losses=losses_f,
+        )
+        if len(rates) > 1:
+            self.entry["round_tokens_per_s"] = rates
+        return self.entry
+
+
+def _peak_gib(device: torch.device, base: int) -> float | None:
+    """Peak memory since the last reset, less ``base`` bytes held before (other runs')."""
+    if device.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated(device) - base) / GIB
+
+
 def run_one(mode: str, column: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train one fresh model for ``--warmup`` + ``--steps`` steps; the timed figures."""
     device = torch.device(args.device)
-    s = SIZES[args.size]
-    model = build_model(args.size, mode, device)
-    entry = prepare(model, column, args)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=device.type == "cuda")
-    batches = make_batches(args.size, args.warmup + args.steps, device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if mode == "fp32_masters"
-        else contextlib.nullcontext()
-    )
-
-    graphs = column.endswith("compiled") and args.compile_mode in CUDA_GRAPH_MODES
-
-    def step(batch: torch.Tensor) -> torch.Tensor:
-        if graphs:  # a new iteration: earlier graph outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast:
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
+    run = Run(mode, column, args, args.warmup + args.steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for i in range(args.warmup):
-        step(batches[i])
-    synchronize(device)
-    timed_start = time.perf_counter()
-    losses = [step(batches[args.warmup + i]) for i in range(args.steps)]
-    synchronize(device)
-    elapsed = time.perf_counter() - timed_start
-    if args.profile:
-        entry["profile"] = profile_steps(step, batches[-1], device)
-        print(entry["profile"])
-    losses_f = torch.stack(losses).float().tolist()
-    entry.update(
-        tokens_per_s=s["batch"] * s["seq"] * args.steps / elapsed,
-        ms_per_step=1000 * elapsed / args.steps,
-        warmup_s=timed_start - start,
-        peak_gib=torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
-        final_loss=losses_f[-1],
-        losses=losses_f,
-    )
+    warmup_s = run.steps(args.warmup, keep=False)
+    seconds = run.steps(args.steps)
+    profile = profile_steps(run.step, run.batches[-1], device) if args.profile else None
+    entry = run.finish([seconds], args.steps, warmup_s, _peak_gib(device, 0))
+    if profile is not None:
+        entry["profile"] = profile
+        print(profile)
     return entry
+
+
+def run_interleaved(mode: str, columns: list[str], args: argparse.Namespace
+                    ) -> dict[str, dict[str, Any]]:
+    """Every column's model at once: each built and warmed up in turn, then ``--rounds``
+    rounds that time ``--steps`` steps of each column, the order rotated each round, so that
+    the machine's drift over minutes (clocks, temperature) falls on all columns alike. Each
+    entry holds the median tokens/s and every round's. Its peak memory is its own, over its
+    build and warm-up steps (the runs built before it left out; the timed steps repeat the
+    warm-up's, so ``--warmup`` >= 1 is needed for an activation peak)."""
+    device = torch.device(args.device)
+    runs: dict[str, Run] = {}
+    warm: dict[str, tuple[float, float | None]] = {}
+    for column in columns:
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        runs[column] = Run(mode, column, args, args.warmup + args.steps * args.rounds)
+        warmup_s = runs[column].steps(args.warmup, keep=False)
+        warm[column] = (warmup_s, _peak_gib(device, base))
+    timed: dict[str, list[float]] = {c: [] for c in columns}
+    for r in range(args.rounds):
+        shift = r % len(columns)
+        for column in columns[shift:] + columns[:shift]:
+            timed[column].append(runs[column].steps(args.steps))
+    return {c: runs[c].finish(timed[c], args.steps, *warm[c]) for c in columns}
 
 
 def profile_steps(step: Any, batch: torch.Tensor, device: torch.device, n: int = 2) -> str:
@@ -259,6 +331,7 @@ def environment(args: argparse.Namespace, argv: list[str] | None) -> dict[str, A
         "compile_backend": args.compile_backend,
         "compile_mode": args.compile_mode,
         "steps": args.steps,
+        "rounds": args.rounds,
         "warmup": args.warmup,
         "versions": {
             "python": platform.python_version(),
@@ -270,13 +343,20 @@ def environment(args: argparse.Namespace, argv: list[str] | None) -> dict[str, A
 
 
 def add_ratios(runs: dict[str, dict[str, Any]]) -> None:
-    """Each entry's tokens/s over BF16 eager's and BF16 compiled's of the same mode."""
+    """Each entry's tokens/s over BF16 eager's and BF16 compiled's of the same mode; with
+    interleaved rounds, also the ratio of each round (``vs_<base>_rounds``)."""
     for key, entry in runs.items():
         mode = key.split("/")[0]
         for base in ("bf16_eager", "bf16_compiled"):
-            ref = runs.get(f"{mode}/{base}", {}).get("tokens_per_s")
+            ref = runs.get(f"{mode}/{base}", {})
             tps = entry.get("tokens_per_s")
-            entry[f"vs_{base}"] = tps / ref if tps is not None and ref else None
+            entry[f"vs_{base}"] = (tps / ref["tokens_per_s"]
+                                   if tps is not None and ref.get("tokens_per_s") else None)
+            mine, theirs = entry.get("round_tokens_per_s"), ref.get("round_tokens_per_s")
+            entry.pop(f"vs_{base}_rounds", None)  # from an earlier pairing, maybe stale
+            if (mine and theirs and len(mine) == len(theirs)
+                    and entry.get("invocation") == ref.get("invocation")):
+                entry[f"vs_{base}_rounds"] = [a / b for a, b in zip(mine, theirs, strict=True)]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -284,6 +364,11 @@ def markdown(report: dict[str, Any]) -> str:
 
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
+
+    def ratio(e: dict[str, Any], base: str) -> str:
+        rounds = e.get(f"vs_{base}_rounds")
+        spread = f" ({min(rounds):.2f}-{max(rounds):.2f})" if rounds else ""
+        return num(e[f"vs_{base}"], ".2f") + spread
 
     lines = [
         f"size {report['size']} ({report['model']['params']:,} parameters), batch "
@@ -302,7 +387,7 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             lines.append(
                 f"| {mode} | {column} | {e['tokens_per_s']:,.0f} | {e['ms_per_step']:.1f} | "
-                f"{num(e['vs_bf16_eager'], '.2f')} | {num(e['vs_bf16_compiled'], '.2f')} | "
+                f"{ratio(e, 'bf16_eager')} | {ratio(e, 'bf16_compiled')} | "
                 f"{num(e['peak_gib'], '.2f')} | {e['final_loss']:.4f} |"
             )
     return "\n".join(lines)
@@ -331,26 +416,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if report["size"] != args.size:
             raise SystemExit(f"{args.out} holds size {report['size']}, not {args.size}")
     report["invocations"].append(environment(args, argv))
-    todo = [(m, c) for m in args.modes for c in args.columns]
-    for i, (mode, column) in enumerate(todo, 1):
-        key = f"{mode}/{column}"
-        done = report["runs"].get(key)
-        if done is not None and "error" not in done:
-            print(f"[{i}/{len(todo)}] {key}: already in {args.out}, skipped", flush=True)
+    todo = [(m, [c]) for m in args.modes for c in args.columns]
+    if args.rounds > 1:  # a mode's columns run together, or their ratios are not side by side
+        todo = [(m, args.columns) for m in args.modes]
+    for i, (mode, columns) in enumerate(todo, 1):
+        keys = [f"{mode}/{c}" for c in columns]
+        if all("error" not in report["runs"].get(k, {"error": ""}) for k in keys):
+            print(f"[{i}/{len(todo)}] {', '.join(keys)}: already in {args.out}, skipped",
+                  flush=True)
             continue
         try:
-            entry = run_one(mode, column, args)
+            if args.rounds > 1:
+                entries = run_interleaved(mode, columns, args)
+            else:
+                entries = {columns[0]: run_one(mode, columns[0], args)}
         except Exception as exc:  # noqa: BLE001 - one failing run must not stop the others
-            entry = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            entries = {c: {"error": f"{type(exc).__name__}: {exc}"[:2000]} for c in columns}
         free_memory(device)
-        entry["invocation"] = len(report["invocations"]) - 1
-        report["runs"][key] = entry
+        for column, entry in entries.items():
+            entry["invocation"] = len(report["invocations"]) - 1
+            report["runs"][f"{mode}/{column}"] = entry
         add_ratios(report["runs"])
         report["kernel_choices"].update(choices())
         save(report, args.out)
-        if "error" in entry:
-            print(f"[{i}/{len(todo)}] {key}: {entry['error'][:300]}", flush=True)
-        else:
+        for key, entry in zip(keys, entries.values(), strict=True):
+            if "error" in entry:
+                print(f"[{i}/{len(todo)}] {key}: {entry['error'][:300]}", flush=True)
+                continue
             peak = "-" if entry["peak_gib"] is None else f"{entry['peak_gib']:.2f}"
             print(
                 f"[{i}/{len(todo)}] {key}: {entry['tokens_per_s']:,.0f} tok/s, "

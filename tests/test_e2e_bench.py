@@ -63,3 +63,34 @@ def test_e2e_tiny_cpu_runs_and_resumes(tmp_path, capsys):
         assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
     assert second["runs"]["fp32_masters/nvfp4_eager"]["vs_bf16_compiled"] > 0
     assert printed.rstrip().splitlines()[-1].startswith("| fp32_masters | nvfp4_compiled |")
+
+
+def test_e2e_interleaved_rounds(tmp_path, capsys):
+    """--rounds: a mode's columns built at once, their timed steps in rotating rounds; the
+    median and every round's throughput and ratio are reported, and the losses are those of
+    the same steps run one column at a time."""
+    out = tmp_path / "rounds.json"
+    args = [*COMMON, "--modes", "bf16_params", "--columns", "bf16_eager,nvfp4_eager"]
+    report = e2e.main([*args, "--rounds", "3", "--out", str(out)])
+    runs = report["runs"]
+    for key in ("bf16_params/bf16_eager", "bf16_params/nvfp4_eager"):
+        entry = runs[key]
+        assert len(entry["round_tokens_per_s"]) == 3
+        assert entry["tokens_per_s"] == sorted(entry["round_tokens_per_s"])[1]
+        assert len(entry["losses"]) == 6 and all(math.isfinite(v) for v in entry["losses"])
+    nv = runs["bf16_params/nvfp4_eager"]
+    assert len(nv["vs_bf16_eager_rounds"]) == 3 and min(nv["vs_bf16_eager_rounds"]) > 0
+    assert "vs_bf16_eager_rounds" in runs["bf16_params/bf16_eager"]
+    assert nv["vs_bf16_eager_rounds"] != runs["bf16_params/bf16_eager"]["vs_bf16_eager_rounds"]
+    printed = capsys.readouterr().out
+    row = printed.rstrip().splitlines()[-1]
+    lo, hi = min(nv["vs_bf16_eager_rounds"]), max(nv["vs_bf16_eager_rounds"])
+    assert f"{nv['vs_bf16_eager']:.2f} ({lo:.2f}-{hi:.2f})" in row
+    alone = e2e.main([*args, "--steps", "6"])["runs"]
+    for key in runs:
+        assert runs[key]["losses"] == alone[key]["losses"], key
+    # resumed: the whole mode is done, nothing runs again
+    e2e.main([*args, "--rounds", "3", "--out", str(out)])
+    assert "skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        e2e.main([*args, "--rounds", "2", "--profile"])
