@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 
 from ._names import shown_names
 from .config import NVFP4Config
 from .convert import iter_nvfp4_linears
+from .experts import iter_nvfp4_experts
 from .quant.fsdp import is_gathered_quantized
 from .recipe import HIGH_PRECISION, PRESETS, Recipe
 
@@ -22,6 +24,14 @@ def _switched(recipe: Recipe, mode: str) -> Recipe:
     if mode == "all":
         return PRESETS[HIGH_PRECISION]
     raise ValueError(f"switch mode must be 'forward' or 'all'; got {mode!r}")
+
+
+def _quantized(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """``(name, holder)`` of every NVFP4 layer and converted experts module of ``model``:
+    ``holder.recipe`` is what it runs (the layer itself; an experts module's NVFP4 state)."""
+    yield from iter_nvfp4_linears(model)
+    for name, mod in iter_nvfp4_experts(model):
+        yield name, mod._hf_nvfp4
 
 
 def _config(model: nn.Module) -> NVFP4Config | None:
@@ -56,7 +66,8 @@ def switch_to_high_precision(model: nn.Module, mode: str = "all") -> int:
 
     The quantized recipe is remembered, so :func:`restore_quantization` undoes it. A
     transformers model records the switch in its NVFP4Config (``switched``): saved with
-    ``save_pretrained``, it loads switched. Returns the number of layers switched.
+    ``save_pretrained``, it loads switched. Returns the number of layers switched (an MoE
+    experts module counts once).
 
     Raises:
         ValueError: some layer all-gathers its weight as quantized codes
@@ -64,7 +75,7 @@ def switch_to_high_precision(model: nn.Module, mode: str = "all") -> int:
     """
     _refuse_gathered_codes(model)
     n = 0
-    for _, mod in iter_nvfp4_linears(model):
+    for _, mod in _quantized(model):
         if not hasattr(mod, _SAVED_RECIPE):
             setattr(mod, _SAVED_RECIPE, mod.recipe)
         mod.recipe = _switched(getattr(mod, _SAVED_RECIPE), mode)
@@ -74,14 +85,14 @@ def switch_to_high_precision(model: nn.Module, mode: str = "all") -> int:
 
 
 def is_switched(model: nn.Module) -> bool:
-    """True when some NVFP4 layer of ``model`` runs switched to BF16."""
-    return any(hasattr(mod, _SAVED_RECIPE) for _, mod in iter_nvfp4_linears(model))
+    """True when some NVFP4 layer or experts module of ``model`` runs switched to BF16."""
+    return any(hasattr(mod, _SAVED_RECIPE) for _, mod in _quantized(model))
 
 
 def restore_quantization(model: nn.Module) -> int:
     """Give every switched layer its quantized recipe back. Returns the layers restored."""
     n = 0
-    for _, mod in iter_nvfp4_linears(model):
+    for _, mod in _quantized(model):
         if hasattr(mod, _SAVED_RECIPE):
             mod.recipe = getattr(mod, _SAVED_RECIPE)
             delattr(mod, _SAVED_RECIPE)
@@ -97,7 +108,7 @@ def quantization_disabled(model: nn.Module, mode: str = "all") -> Iterator[nn.Mo
     Layers already switched before entering get their switched recipe back on exit.
     """
     already = {
-        name: mod.recipe for name, mod in iter_nvfp4_linears(model) if hasattr(mod, _SAVED_RECIPE)
+        name: mod.recipe for name, mod in _quantized(model) if hasattr(mod, _SAVED_RECIPE)
     }
     qc = _config(model)
     recorded = qc.switched if qc is not None else None
@@ -106,7 +117,7 @@ def quantization_disabled(model: nn.Module, mode: str = "all") -> Iterator[nn.Mo
         yield model
     finally:
         _record_switch(model, recorded)
-        for name, mod in iter_nvfp4_linears(model):
+        for name, mod in _quantized(model):
             if name in already:
                 mod.recipe = already[name]
             elif hasattr(mod, _SAVED_RECIPE):

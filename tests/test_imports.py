@@ -170,3 +170,50 @@ def test_registers_at_once_when_transformers_registry_is_loaded():
         print(auto.AUTO_QUANTIZATION_CONFIG_MAPPING["hf_nvfp4"] is hf_nvfp4.NVFP4Config)
     """)
     assert out.split() == ["True", "True"]
+
+
+def test_everything_but_the_triton_backend_works_without_triton(checkpoints):
+    """Triton is an optional extra (macOS, CPU-only installs): without it, ``import hf_nvfp4``
+    must not break transformers' quantizer registry, NVFP4 models load, convert (MoE experts
+    too) and train on the reference backend that ``auto`` resolves to, and asking for the
+    triton backend names the missing package."""
+    plain, saved = checkpoints
+    out = _python("""
+        import json, sys
+        sys.modules["triton"] = None  # import triton raises ModuleNotFoundError
+        import torch
+        import hf_nvfp4
+        from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            sys.argv[1], quantization_config=hf_nvfp4.NVFP4Config(
+                first_bf16_blocks=0, last_bf16_blocks=0, backend="auto"))
+        ids = torch.randint(0, 128, (2, 32))
+        model(input_ids=ids, labels=ids).loss.backward()
+        lin = next(m for m in model.modules() if isinstance(m, hf_nvfp4.NVFP4Linear))
+        saved = AutoModelForCausalLM.from_pretrained(sys.argv[2])
+        moe = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=4,
+            num_experts_per_tok=2))
+        summary = hf_nvfp4.convert(moe, {"first_bf16_blocks": 0, "last_bf16_blocks": 0},
+                                   verbose=False)
+        moe(input_ids=ids, labels=ids).loss.backward()
+        try:
+            hf_nvfp4.NVFP4Linear(32, 32, backend="triton")(torch.randn(2, 32))
+            error = None
+        except RuntimeError as exc:
+            error = str(exc)
+        print(json.dumps({
+            "backend": lin.plan().backend,
+            "grad": lin.weight.grad is not None and bool(lin.weight.grad.abs().sum() > 0),
+            "saved": sum(isinstance(m, hf_nvfp4.NVFP4Linear) for m in saved.modules()),
+            "experts": len(list(hf_nvfp4.experts.iter_nvfp4_experts(moe))),
+            "error": error,
+            "triton": sys.modules["triton"] is None,
+        }))
+    """, str(plain), str(saved))
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["backend"] == "reference" and result["grad"] and result["saved"] == 14
+    assert result["experts"] == 1 and result["triton"]
+    assert "triton is not installed" in result["error"], result["error"]

@@ -22,8 +22,7 @@ from types import ModuleType
 
 import torch
 
-from ..kernels import require_triton
-from ..kernels._common import interpreting
+from ..kernels import interpreting, require_triton
 from ..numerics.quantize import QTensor
 from ..numerics.rng import draw_seed
 from ..recipe import QuantSpec, RoleSpecs

@@ -6,10 +6,20 @@ Triton and are loaded lazily by :class:`hf_nvfp4.backends.triton_backend.TritonB
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
 INSTALL_HINT = "pip install 'triton>=3.2'"
+
+
+@functools.cache
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``). Read once, on
+    the first launch: Triton itself fixes each kernel as interpreted or compiled when its
+    module is imported, and reading the environment costs microseconds on every launch.
+    Here, not in the kernel modules, because modules that must import without Triton ask."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def is_triton_available() -> tuple[bool, str]:
@@ -41,4 +51,4 @@ def require_triton() -> None:
         raise RuntimeError(f"the triton backend cannot run: {reason}")
 
 
-__all__ = ["INSTALL_HINT", "is_triton_available", "require_triton"]
+__all__ = ["INSTALL_HINT", "interpreting", "is_triton_available", "require_triton"]

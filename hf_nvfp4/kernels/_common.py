@@ -9,7 +9,6 @@ are memory-bound only if each element costs a few dozen instructions.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -24,14 +23,6 @@ def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for the host-side grids: a plain function, because ``triton.cdiv`` is a
     constexpr function whose host call costs microseconds (a dozen per layer and step)."""
     return -(-a // b)
-
-
-@functools.cache
-def interpreting() -> bool:
-    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``). Read once, on
-    the first launch: Triton itself fixes each kernel as interpreted or compiled when its
-    module is imported, and reading the environment costs microseconds on every launch."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def seed_key(seed: int) -> int:

@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
 from ._common import (
     cdiv,
-    interpreting,
     rht16_exact_one,
     rht16_exact_tokens,
     rht_blockdiag,

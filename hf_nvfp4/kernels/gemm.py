@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import cdiv, e2m1_decode, e4m3_decode, interpreting, round_bf16
+from . import interpreting
+from ._common import cdiv, e2m1_decode, e4m3_decode, round_bf16
 from ._tuning import choices, pick, shape_bucket
 from .dequantize import dequantize_fp4
 

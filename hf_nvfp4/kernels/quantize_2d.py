@@ -12,13 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
 from ._common import (
     abs_max,
     block_scale,
     cdiv,
     e2m1_nearest,
     global_scales,
-    interpreting,
     pack_pairs,
     ue8m0_scale,
 )

@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import abs_max, cdiv, interpreting
+from . import interpreting
+from ._common import abs_max, cdiv
 from ._tuning import pick, shape_bucket
 
 BLOCK = 128

@@ -40,12 +40,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
 from ._common import (
     abs_max,
     cdiv,
     e2m1_nearest_word,
     encode_e2m1,
-    interpreting,
     pack8,
     pack_words,
     rht16,

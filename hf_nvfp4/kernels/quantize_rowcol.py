@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import interpreting
 from ._common import (
     bf16_exact,
     block_scale,
@@ -47,7 +48,6 @@ from ._common import (
     e4m3_decode,
     encode_e2m1,
     global_scales,
-    interpreting,
     join8,
     pack8,
     pack_words,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import backend_instance
-from ..kernels._common import interpreting
+from ..kernels import interpreting
 from ..numerics.rng import derive_keys, draw_seed, generator_keys
 from ..recipe import QuantSpec
 from .functional import LinearPlan, pack_qtensor, unpack_qtensor

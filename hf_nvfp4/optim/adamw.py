@@ -357,7 +357,7 @@ def _fusable(param: torch.Tensor, interpret: bool) -> bool:
         return False
     if param.is_cuda:
         return True
-    from hf_nvfp4.kernels._common import interpreting
+    from hf_nvfp4.kernels import interpreting
 
     return interpret and interpreting()
 

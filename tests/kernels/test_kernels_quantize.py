@@ -202,6 +202,7 @@ if importlib.util.find_spec("triton") is not None:
     import triton
     import triton.language as tl
 
+    from hf_nvfp4.kernels import interpreting
     from hf_nvfp4.kernels._common import (
         add_directed,
         e2m1_decode,
@@ -212,7 +213,6 @@ if importlib.util.find_spec("triton") is not None:
         e2m1_stochastic,
         e2m1_stochastic_fast,
         e4m3_decode,
-        interpreting,
         rht16,
         rht16_exact,
         round_bf16,
