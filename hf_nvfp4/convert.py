@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from ._names import derives_from, shown_names
+from .backends import describe_backend
 from .config import NVFP4Config
 from .experts import (
     BATCHED_EXPERTS,
@@ -82,6 +83,8 @@ class ConversionSummary:
     other_matmuls: list[LayerDecision] = field(default_factory=list)
     #: Layers whose weights FSDP2 all-gathers as codes (``fsdp_quantized_all_gather``).
     gathered_quantized: list[str] = field(default_factory=list)
+    #: The backend the quantized layers were given (``NVFP4Config.backend``).
+    backend: str = "auto"
 
     def block_matmul_share(self) -> tuple[int, int]:
         """``(NVFP4, total)`` matrix-parameter counts of the blocks that the split puts in
@@ -135,6 +138,8 @@ class ConversionSummary:
                 f"  matrix parameters of the NVFP4 blocks in NVFP4: {quantized:,} of {total:,} "
                 f"({100 * quantized / total:.1f}%)"
             )
+        if n_q:
+            lines.append(f"  backend: {describe_backend(self.backend)}")
         return "\n".join(lines)
 
 
@@ -294,6 +299,7 @@ def convert(
         num_blocks=n_blocks,
         bf16_blocks=split,
         total_params=sum(p.numel() for p in model.parameters()),
+        backend=config.backend,
     )
     replacements: list[tuple[str, nn.Module]] = []
     experts: list[nn.Module] = []

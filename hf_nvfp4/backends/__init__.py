@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from .base import Backend
 from .reference import ReferenceBackend
 
@@ -91,6 +93,30 @@ def unavailable_reason(name: str) -> str | None:
     return None if ok else why
 
 
+def describe_backend(name: str) -> str:
+    """What backend ``name`` runs on this machine, in words (the :func:`convert` summary's
+    line): for ``auto``, which backend CUDA devices and the CPU get, and why not Triton when
+    CUDA is there but Triton cannot run."""
+    import torch
+
+    if name != "auto":
+        why = unavailable_reason(name)
+        return name if why is None else f"{name} (cannot run here: {why})"
+    if not torch.cuda.is_available():
+        return "auto: reference (pure PyTorch; no CUDA device, the Triton kernels need one)"
+    cuda = resolve_backend("auto", torch.device("cuda", torch.cuda.current_device()))
+    if cuda == "reference":
+        return f"auto: reference everywhere, also on CUDA ({_no_triton_reason()})"
+    return f"auto: {cuda} on CUDA devices, reference on the CPU"
+
+
+def _no_triton_reason() -> str:
+    from ..kernels import is_triton_available
+
+    ok, why = is_triton_available()
+    return "" if ok else f"{why}; the pure-PyTorch reference is many times slower on a GPU"
+
+
 def _auto(device: object) -> str:
     import torch
 
@@ -104,6 +130,10 @@ def _auto(device: object) -> str:
 
         if is_triton_available()[0]:
             return "triton"
+        # once per device (the resolution is cached): a user who asked for "auto" on a GPU
+        # expects the fast kernels
+        warnings.warn(f"hf_nvfp4: backend 'auto' runs the reference backend on {dev}: "
+                      f"{_no_triton_reason()}", stacklevel=3)
     return "reference"
 
 
@@ -112,6 +142,7 @@ __all__ = [
     "Backend",
     "ReferenceBackend",
     "backend_instance",
+    "describe_backend",
     "get_backend",
     "resolve_backend",
     "unavailable_reason",
