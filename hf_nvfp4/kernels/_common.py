@@ -252,14 +252,6 @@ def bf16x2_word(a, b):
 
 
 @triton.jit
-def round_bf16_pair(a, b):
-    """FP32 ``a`` and ``b`` rounded to BF16 (nearest even), returned as FP32 (the two halves
-    of :func:`bf16x2_word`). Compiled code only (inline PTX)."""
-    w = bf16x2_word(a, b)
-    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _rht_signs(SIGN: tl.constexpr):
     """The 16 factors ``d_i / 4`` (+-1/4) of the bit mask ``SIGN`` (:func:`sign_mask`)."""
     c = ()

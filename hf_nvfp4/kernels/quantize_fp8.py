@@ -40,7 +40,6 @@ from ._common import abs_max, cdiv
 from ._tuning import pick, shape_bucket
 
 BLOCK = 128
-_FLT_MAX = 3.4028234663852886e38
 # (BM, num_warps) of the row/column kernel: BM rows x 128 columns per program; the column
 # copy needs BM = 128 (its blocks are 128 rows).
 _CONFIGS_COL = ((128, 8), (128, 4), (128, 16))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hf_nvfp4.numerics import e2m1, quantize
+from hf_nvfp4.numerics import e2m1, fake_quantize, quantize
 
 TIES = [  # (input, expected code, expected value) at every E2M1 tie point and around it
     (0.0, 0, 0.0),
@@ -149,3 +149,17 @@ def test_mx_scales_are_powers_of_two_with_the_exponent_rule(fmt):
     # dequantized block values are element * 2^k: the scale is exactly a power of two
     assert q.scale.dtype == torch.uint8
     assert [b - 127 for b in q.scale[:4, 0].tolist()] == [0, 1, -1, 0]
+
+
+def test_fake_quantize_keeps_the_grid_values_in_the_input_dtype():
+    """``fake_quantize`` gives the values NVFP4 keeps, in the input's dtype: with unit scales
+    the E2M1 grid (and the tie cases rounded to it), the rest of the tensor unchanged."""
+    x = _two_block_tensor([v for v, _, _ in TIES[:16]])
+    out = fake_quantize(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert out[0, 16:].tolist() == [k for _, _, k in TIES[:16]]
+    assert out[0, :16].tolist() == [2688.0] + [0.0] * 15
+    xb = x.to(torch.bfloat16)  # 5.001 is 5.0 in BF16: a tie, kept as 4
+    out = fake_quantize(xb)
+    assert out.dtype == torch.bfloat16 and out[0, 24].item() == 4.0
+    assert torch.equal(out, quantize(xb).dequantize(torch.bfloat16))
