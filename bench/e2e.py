@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 import hf_nvfp4  # noqa: E402
 from hf_nvfp4.backends import BACKENDS, get_backend  # noqa: E402
+from hf_nvfp4.compile import step_begin, uses_cuda_graphs  # noqa: E402
 from hf_nvfp4.kernels._tuning import choices  # noqa: E402
 
 SIZES: dict[str, dict[str, int]] = {
@@ -63,7 +64,6 @@ RECIPES = ("nvfp4", "fp8_block", "mxfp4")
 COLUMNS = ("bf16_eager", "bf16_compiled",
            *(f"{r}_{how}" for r in RECIPES for how in ("eager", "compiled")))
 DEFAULT_COLUMNS = COLUMNS[:4]
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 SEED = 0
 LR = 1e-4
 GIB = 2**30
@@ -169,8 +169,8 @@ def prepare(model: torch.nn.Module, column: str, args: argparse.Namespace) -> di
         info["quantized_layers"] = len(summary.quantized_layers)
         info["quantized_params"] = summary.quantized_params
     if column.endswith("compiled"):
-        for layer in model.model.layers:
-            layer.compile(backend=args.compile_backend, mode=args.compile_mode)
+        hf_nvfp4.compile_blocks(model, args.compile_mode or "default",
+                                backend=args.compile_backend)
     return info
 
 
@@ -192,14 +192,14 @@ class Run:
                                      fused=self.device.type == "cuda")
         self.batches = make_batches(args.size, batches, self.device)
         self.autocast = mode == "fp32_masters"
-        self.graphs = column.endswith("compiled") and args.compile_mode in CUDA_GRAPH_MODES
+        self.graphs = uses_cuda_graphs(self.model)
         self.next = 0
         self.losses: list[torch.Tensor] = []
 
     def step(self, batch: torch.Tensor) -> torch.Tensor:
         """One training step on ``batch``; the loss (not synchronized)."""
         if self.graphs:  # a new iteration: earlier graph outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
+            step_begin()
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
                     else contextlib.nullcontext())
         with autocast:

@@ -24,6 +24,7 @@ from ._registration import install as _install_registration
 if TYPE_CHECKING:
     from .accelerate_plugin import NVFP4Plugin
     from .callbacks import BypassCheckCallback, LateSwitchCallback, QuantTelemetryCallback
+    from .compile import compile_blocks
     from .config import NVFP4Config
     from .convert import ConversionSummary, convert
     from .hf_quantizer import from_config, prepare_model
@@ -48,6 +49,7 @@ _LAZY = {
     "LateSwitchCallback": "callbacks",
     "QuantTelemetryCallback": "callbacks",
     "QuantProbe": "telemetry",
+    "compile_blocks": "compile",
     "NVFP4Config": "config",
     "ConversionSummary": "convert",
     "convert": "convert",
@@ -88,6 +90,7 @@ __all__ = [
     "QTensor",
     "Recipe",
     "__version__",
+    "compile_blocks",
     "convert",
     "from_config",
     "get_recipe",

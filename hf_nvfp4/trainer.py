@@ -40,6 +40,15 @@ class NVFP4TrainingArguments(transformers.TrainingArguments):
         },
     )
 
+    nvfp4_compile_blocks: str | None = field(
+        default=None,
+        metadata={
+            "help": "compile each decoder block with this torch.compile mode "
+            "(hf_nvfp4.compile_blocks); 'reduce-overhead' captures CUDA graphs, the fastest "
+            "on a GPU. Not with torch_compile (that compiles the whole model)."
+        },
+    )
+
     def to_dict(self) -> dict[str, Any]:
         """As TrainingArguments.to_dict, with an NVFP4Config value turned into its dict."""
         d = super().to_dict()
@@ -56,6 +65,11 @@ class NVFP4Trainer(transformers.Trainer):
             path to a JSON/YAML recipe file. Falls back to ``args.nvfp4``, then to the
             ``HF_NVFP4_RECIPE`` environment variable (read here, once). A model loaded with
             ``quantization_config=NVFP4Config(...)`` is used as it is.
+        compile_blocks: a ``torch.compile`` mode to compile each decoder block with
+            (:func:`hf_nvfp4.compile_blocks`; ``"reduce-overhead"``: CUDA graphs, the
+            configuration of our speed figures). Falls back to ``args.nvfp4_compile_blocks``.
+            A model whose blocks were compiled that way before is recognised too: with CUDA
+            graphs, each training and evaluation step starts a new graph step.
         All other arguments are transformers.Trainer's.
 
     With ``NVFP4Config(switch_to_bf16_at=...)`` the late precision switch is scheduled; with
@@ -66,7 +80,7 @@ class NVFP4Trainer(transformers.Trainer):
     def __init__(
         self, model: nn.Module | None = None, args: transformers.TrainingArguments | None = None,
         *pargs: Any, nvfp4: bool | str | dict | NVFP4Config | os.PathLike | None = None,
-        **kwargs: Any,
+        compile_blocks: str | None = None, **kwargs: Any,
     ) -> None:
         source = nvfp4 if nvfp4 is not None else getattr(args, "nvfp4", None)
         if source is None:
@@ -78,6 +92,9 @@ class NVFP4Trainer(transformers.Trainer):
 
             exclude_packed_from_ddp(model)
         self.nvfp4_config = config
+        mode = compile_blocks or getattr(args, "nvfp4_compile_blocks", None)
+        if mode is not None:
+            self._compile_blocks(model, args, mode)
         self._announce(config, chosen=source is not None)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if config is not None and not any(isinstance(c, BypassCheckCallback) for c in callbacks):
@@ -86,6 +103,48 @@ class NVFP4Trainer(transformers.Trainer):
             if not any(isinstance(c, LateSwitchCallback) for c in callbacks):
                 callbacks.append(LateSwitchCallback(config.switch_to_bf16_at, config.switch_mode))
         super().__init__(model, args, *pargs, callbacks=callbacks, **kwargs)
+
+    @staticmethod
+    def _compile_blocks(model: nn.Module | None, args: Any, mode: str) -> None:
+        """Compile the model's decoder blocks with ``mode``, refusing what conflicts with it."""
+        from .compile import CUDA_GRAPH_MODES, compile_blocks
+
+        if model is None:
+            raise ValueError("hf_nvfp4.Trainer: compile_blocks needs the model at construction "
+                             "(model_init is not supported with it)")
+        if getattr(args, "torch_compile", False):
+            raise ValueError(
+                "hf_nvfp4.Trainer: compile_blocks / nvfp4_compile_blocks and "
+                "TrainingArguments.torch_compile both compile the model; choose one "
+                "(compile_blocks compiles each decoder block, torch_compile the whole model)"
+            )
+        if mode in CUDA_GRAPH_MODES and getattr(args, "gradient_checkpointing", False):
+            raise ValueError(
+                f"hf_nvfp4.Trainer: compile_blocks={mode!r} captures CUDA graphs, which "
+                "gradient (activation) checkpointing, a block's forward recomputed inside the "
+                "backward, does not run under; use mode 'default' or turn "
+                "gradient_checkpointing / activation_checkpointing off"
+            )
+        n = compile_blocks(model, mode)
+        print(f"hf_nvfp4.Trainer: compiled {n} decoder blocks (mode {mode!r})")
+
+    def _graph_step(self) -> None:
+        """A new CUDA-graph step before each forward when the blocks run in CUDA graphs."""
+        from .compile import step_begin, uses_cuda_graphs
+
+        if uses_cuda_graphs(self.model):
+            step_begin()
+
+    def training_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Trainer.training_step, starting a new CUDA-graph step first (see
+        :meth:`_graph_step`)."""
+        self._graph_step()
+        return super().training_step(model, *args, **kwargs)
+
+    def prediction_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.prediction_step, starting a new CUDA-graph step first."""
+        self._graph_step()
+        return super().prediction_step(model, *args, **kwargs)
 
     @staticmethod
     def _announce(config: NVFP4Config | None, chosen: bool) -> None:
