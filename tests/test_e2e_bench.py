@@ -94,3 +94,21 @@ def test_e2e_interleaved_rounds(tmp_path, capsys):
     assert "skipped" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         e2e.main([*args, "--rounds", "2", "--profile"])
+
+
+def test_trainer_speed_tiny_cpu_eager_and_compiled_train_alike(tmp_path):
+    """bench/trainer_speed.py: the Trainer with compiled blocks (aot_eager, CUDA-graph steps
+    marked) trains as the eager Trainer, loss for loss, and the ratios are side by side (BF16
+    columns here: the NVFP4 ones run the same code path, tested in test_compile_blocks.py)."""
+    import trainer_speed
+
+    out = tmp_path / "trainer.json"
+    report = trainer_speed.main(["--size", "tiny", "--device", "cpu", "--steps", "2",
+                                 "--warmup", "1", "--compile-backend", "aot_eager",
+                                 "--compile-mode", "reduce-overhead",
+                                 "--columns", "bf16_eager,bf16_compiled", "--out", str(out)])
+    assert json.loads(out.read_text())["runs"] == report["runs"]
+    eager, compiled = report["runs"]["bf16_eager"], report["runs"]["bf16_compiled"]
+    assert len(eager["losses"]) == 3 and eager["losses"] == compiled["losses"]
+    assert eager["vs_bf16_eager"] == 1.0 and compiled["vs_bf16_compiled"] == 1.0
+    assert compiled["vs_bf16_eager"] == compiled["tokens_per_s"] / eager["tokens_per_s"]
