@@ -4,8 +4,7 @@ NVFP4 adds a dozen quantization ops per linear layer. Run eagerly, their host ti
 small models; compiled per decoder block with CUDA graphs (``mode="reduce-overhead"``) the
 step is GPU-bound (``bench/e2e.py``'s compiled columns, which call this; figures in
 ``bench/README.md``). Blocks, not the whole model: each block traces whole (NVFP4 layers have
-no graph breaks), one compiled graph serves every block, and the embeddings, head and loss
-stay eager.
+no graph breaks) and the embeddings, head and loss stay eager.
 
 CUDA graphs replay into memory that the next replay overwrites, so a training loop calls
 :func:`step_begin` before each step's forward (``hf_nvfp4.Trainer`` does).
