@@ -115,6 +115,23 @@ def test_precision_schedule_rejects_bad_arguments(kw, match):
         PrecisionSchedule(**kw)
 
 
+def _assert_computes_as(model, plain, ids, summed_elsewhere: str | None = None) -> None:
+    """``model`` gives ``plain``'s logits and gradients bit for bit; the gradients of
+    parameters whose name holds ``summed_elsewhere`` up to FP32 summation order."""
+    out_q = model(input_ids=ids, labels=ids)
+    out_p = plain(input_ids=ids, labels=ids)
+    assert torch.equal(out_q.logits, out_p.logits)
+    out_q.loss.backward()
+    out_p.loss.backward()
+    grads = dict(plain.named_parameters())
+    for name, param in model.named_parameters():
+        want = grads[name].grad
+        if summed_elsewhere is not None and summed_elsewhere in name:
+            assert torch.allclose(param.grad, want, rtol=0, atol=1e-6 * want.abs().max()), name
+        else:
+            assert torch.equal(param.grad, want), name
+
+
 def test_fully_switched_model_equals_high_precision_model():
     plain, quantized = _models()
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -123,13 +140,7 @@ def test_fully_switched_model_equals_high_precision_model():
     assert not torch.equal(out_q.logits, out_p.logits)
 
     switch_to_high_precision(quantized, "all")
-    out_q = quantized(input_ids=ids, labels=ids)
-    assert torch.equal(out_q.logits, out_p.logits)
-    out_q.loss.backward()
-    out_p.loss.backward()
-    grads = dict(plain.named_parameters())
-    for name, param in quantized.named_parameters():
-        assert torch.equal(param.grad, grads[name].grad), name
+    _assert_computes_as(quantized, plain, ids)
 
     restore_quantization(quantized)
     with torch.no_grad():
@@ -200,17 +211,7 @@ def test_the_switch_covers_moe_experts():
         assert torch.equal(quantized(input_ids=ids).logits, out_p.logits)
     switch_to_high_precision(quantized, "all")
     assert _expert_recipes(quantized) == [BF16, BF16]
-    out_q = quantized(input_ids=ids, labels=ids)
-    assert torch.equal(out_q.logits, out_p.logits)
-    out_q.loss.backward()
-    out_p.loss.backward()
-    grads = dict(plain.named_parameters())
-    for name, param in quantized.named_parameters():
-        want = grads[name].grad
-        if ".experts." in name:  # per-expert weight gradients, summed in another order
-            assert torch.allclose(param.grad, want, rtol=0, atol=1e-6 * want.abs().max()), name
-        else:
-            assert torch.equal(param.grad, want), name
+    _assert_computes_as(quantized, plain, ids, summed_elsewhere=".experts.")
     with quantization_disabled(quantized, "forward"):  # already switched: stays switched
         pass
     assert _expert_recipes(quantized) == [BF16, BF16]
