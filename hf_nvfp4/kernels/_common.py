@@ -1,7 +1,7 @@
 """Triton device helpers shared by the quantize kernels, plus their host-side constants.
 
-Every helper reproduces a step of :mod:`hf_nvfp4.numerics` bit for bit (formulas:
-NUMERICS.md). Integer bit manipulation replaces the float compares and tables of the
+Every helper reproduces a step of :mod:`hf_nvfp4.numerics` bit for bit (formulas: its
+modules' docstrings). Integer bit manipulation replaces the float compares and tables of the
 reference wherever it gives the same result in fewer instructions: the quantize kernels
 are memory-bound only if each element costs a few dozen instructions.
 """

@@ -1,6 +1,7 @@
 """Reference NVFP4 / MXFP4 / FP8-block numerics in pure PyTorch (any device).
 
-The single source of truth for every kernel and backend. Formulas: NUMERICS.md.
+The single source of truth for every kernel and backend. Formulas: each module's docstring
+(:mod:`.scales` for the two-level scales).
 """
 
 from .e2m1 import E2M1_VALUES

@@ -1,7 +1,8 @@
 """The reference quantizer: one function for every block format, and the QTensor it returns.
 
 This pure-PyTorch code (CPU or CUDA) is the single source of truth the kernels are tested
-against. Formulas: ../shared/NUMERICS.md.
+against. Formulas: :mod:`.scales` (the two-level scales), :mod:`.e2m1`, :mod:`.e4m3` and
+:mod:`.hadamard`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Scale arithmetic: the NVFP4 two-level scales, MX power-of-two scales, FP8 block scales.
 
-All arithmetic is FP32 and follows ../shared/NUMERICS.md (Transformer Engine's order of
-operations), so that scale bytes match bit for bit.
+All arithmetic is FP32 in Transformer Engine's order of operations, so that scale bytes match
+bit for bit.
 """
 
 from __future__ import annotations
