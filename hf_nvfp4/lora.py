@@ -21,6 +21,7 @@ Needs ``peft``.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from peft import LoraConfig, PeftConfig, PeftModel
@@ -48,7 +49,12 @@ class PackedLoraLinear(Linear):
                 "form (hf_nvfp4.checkpoint.load_packed(..., mode='train')) or use the default "
                 "initialization"
             )
-        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        with warnings.catch_warnings():
+            # PEFT warns of every base layer type it does not know; this class is what knows
+            # this one (in_features and out_features are read as PEFT reads them)
+            warnings.filterwarnings("ignore", message="Unsupported layer type .*NVFP4Packed",
+                                    category=UserWarning)
+            super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
         """Refused: the base weight is packed NVFP4 codes."""
