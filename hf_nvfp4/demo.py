@@ -5,7 +5,7 @@ order and seed, on the Python standard library's own sources (text every machine
 in high precision (BF16 on a GPU, FP32 on a CPU, and labelled so) and once with
 ``hf_nvfp4.Trainer(nvfp4=True)``; prints a side-by-side table, saves loss curves as PNG and
 the NVFP4 model as a checkpoint, reloads it and generates a sample. Sizes adapt to the
-device: CPU (under 4 minutes on 2 cores; NVFP4 is emulated there, about 7x slower than the
+device: CPU (about 4 minutes on 2 cores; NVFP4 is emulated there, about 7-8x slower than the
 baseline) or GPU. Each run trains in its own process, so its peak memory is its own.
 """
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None, size: DemoSize | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="hf_nvfp4_demo_tok_") as tok_dir:
         tokenizer.save_pretrained(tok_dir)
         emulated = "" if device == "cuda" else (
-            "; NVFP4 is emulated on the CPU, expect it about 7x slower than the baseline")
+            "; NVFP4 is emulated on the CPU, expect it about 7-8x slower than the baseline")
         print(f"[demo] run 1/2: {base.upper()} baseline (high precision), {size.steps} steps")
         first = _train_in_own_process(base, False, size, tok_dir, train, val, base_dir, device)
         print(f"[demo] run 2/2: NVFP4 (paper recipe), {size.steps} steps{emulated}")

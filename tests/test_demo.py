@@ -14,7 +14,7 @@ def test_demo_on_a_tiny_size(tmp_path, capsys):
     results = main(["--out", str(out), "--device", "cpu"], size=tiny)
     printed = capsys.readouterr().out
     assert "run 1/2: FP32 baseline" in printed and "run 2/2: NVFP4" in printed
-    assert "about 7x slower" in printed and "peak RSS of its process" in printed
+    assert "about 7-8x slower" in printed and "peak RSS of its process" in printed
     assert [r["name"] for r in results["runs"]] == ["fp32", "nvfp4"]
     assert all(r["peak_memory_mb"] > 0 for r in results["runs"])
     assert sorted(p.name for p in out.iterdir()) == [
