@@ -62,12 +62,10 @@ class _Timer(TrainerCallback):
 
 
 class _Tokens(torch.utils.data.Dataset):
-    """Random token rows (fixed seed) as causal-LM examples."""
+    """bench/e2e.py's random token batches, row by row, as causal-LM examples."""
 
-    def __init__(self, size: str, rows: int) -> None:
-        s = e2e.SIZES[size]
-        gen = torch.Generator().manual_seed(e2e.SEED)
-        self.ids = torch.randint(0, s["vocab"], (rows, s["seq"]), generator=gen)
+    def __init__(self, size: str, steps: int) -> None:
+        self.ids = e2e.make_batches(size, steps, torch.device("cpu")).flatten(0, 1)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,7 +92,7 @@ def run(column: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         disable_tqdm=True, bf16=device.type == "cuda", use_cpu=device.type == "cpu", seed=0,
         dataloader_num_workers=0)
     trainer = NVFP4Trainer(model=model, args=targs, nvfp4=nvfp4, callbacks=[timer],
-                           train_dataset=_Tokens(args.size, s["batch"] * steps))
+                           train_dataset=_Tokens(args.size, steps))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer.train()

@@ -21,6 +21,7 @@ import transformers
 from torch import nn
 
 from .callbacks import BypassCheckCallback, LateSwitchCallback, QuantTelemetryCallback
+from .compile import CUDA_GRAPH_MODES, compile_blocks, step_begin, uses_cuda_graphs
 from .config import QUANT_METHOD, RECIPE_ENV, NVFP4Config, resolve_nvfp4
 from .distributed import DATA_PARALLEL_ADVICE
 from .hf_quantizer import prepare_model
@@ -107,8 +108,6 @@ class NVFP4Trainer(transformers.Trainer):
     @staticmethod
     def _compile_blocks(model: nn.Module | None, args: Any, mode: str) -> None:
         """Compile the model's decoder blocks with ``mode``, refusing what conflicts with it."""
-        from .compile import CUDA_GRAPH_MODES, compile_blocks
-
         if model is None:
             raise ValueError("hf_nvfp4.Trainer: compile_blocks needs the model at construction "
                              "(model_init is not supported with it)")
@@ -130,8 +129,6 @@ class NVFP4Trainer(transformers.Trainer):
 
     def _graph_step(self) -> None:
         """A new CUDA-graph step before each forward when the blocks run in CUDA graphs."""
-        from .compile import step_begin, uses_cuda_graphs
-
         if uses_cuda_graphs(self.model):
             step_begin()
 

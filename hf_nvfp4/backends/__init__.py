@@ -111,10 +111,10 @@ def describe_backend(name: str) -> str:
 
 
 def _no_triton_reason() -> str:
+    """Why Triton cannot run (asked only once it is known not to)."""
     from ..kernels import is_triton_available
 
-    ok, why = is_triton_available()
-    return "" if ok else f"{why}; the pure-PyTorch reference is many times slower on a GPU"
+    return f"{is_triton_available()[1]}; the pure-PyTorch reference is many times slower on a GPU"
 
 
 def _auto(device: object) -> str:
