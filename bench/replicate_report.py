@@ -226,6 +226,14 @@ def isolated_throughput(folder: Path, runs: dict[str, dict]) -> None:
                      throughput="probe")
 
 
+def devices(run: dict) -> str:
+    """The GPUs a run trained on, from its segments ("H200"; "H200, H100" when a run's calls
+    landed on different cards): tokens/s compare only between runs of the same device."""
+    names = dict.fromkeys(s["device"].removeprefix("NVIDIA ").split()[0]
+                          for s in run.get("segments", []) if s.get("device"))
+    return ", ".join(names) or "-"
+
+
 def rel_gap(runs: dict[str, dict], a: str, b: str) -> float:
     """Relative final validation-loss gap of run ``a`` over run ``b``, in percent."""
     return 100 * (runs[a]["final_val_loss"] - runs[b]["final_val_loss"]) / runs[b][
@@ -356,9 +364,9 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
     noise = seed_noise(pools)
     sd = noise["sd"] if noise else None
     lines = [
-        "| seed | run | val loss | vs BF16 | in seed sd | vs FP8 | tokens/s | peak MB "
+        "| seed | run | val loss | vs BF16 | in seed sd | vs FP8 | tokens/s | device | peak MB "
         "| wgrad noise ratio < sqrt(3) at step | commands |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for seed, pool in pools:
         for name, r in pool.items():
@@ -373,7 +381,8 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
             lines.append(
                 f"| {seed} | {label} | {r['final_val_loss']:.4f} | "
                 f"{'-' if gap is None else f'{gap:+.2f}%'} | {in_sd} | {fp8}"
-                f" | {r['tokens_per_s']:,.0f} | {r.get('peak_memory_mb', 0):,.0f} | {tripped}"
+                f" | {r['tokens_per_s']:,.0f} | {devices(r)} | {r.get('peak_memory_mb', 0):,.0f}"
+                f" | {tripped}"
                 f" | {len(r.get('segments', [])) or '-'} |"
             )
     if noise:
@@ -404,7 +413,8 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
         + f"; params {first['params']:,}; tokens per run "
         f"{first['steps'] * first['tokens_per_step']:,}."
         "\n\ntokens/s: the run alone on its GPU (`--probe-steps`) where marked in results.json "
-        "(`throughput: probe`), else the run's own average."
+        "(`throughput: probe`), else the run's own average; compare it only between runs of one "
+        "device (the column after it)."
         f"\n\n![loss](loss_curves.png)\n![gap](relative_gap.png)\n"
         f"![sqrt(3) criterion](telemetry.png)\n\n{md}\n"
         + (f"\n{notes.read_text()}" if notes else "")

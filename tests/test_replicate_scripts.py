@@ -255,6 +255,7 @@ def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
     replicate_report.main()
     md = (tmp_path / "README.md").read_text()
     assert "| seed0 | nvfp4 | 1.7820 | +1.43% |" in md
+    assert "| +1.28% | 378,818 | H200 | 9,699 | never | 2 |" in md
     assert "| seed1 | fp8_block | 1.7583 | +0.38% | +1.4 |" in md
     assert "| seed1 | nvfp4 | 1.7699 | +1.04% | +3.8 |" in md
     assert "| seed0 | mxfp4 | 1.8064 | +2.82% | +10.3 | +2.66% |" in md
@@ -302,6 +303,13 @@ def test_prediction_verdicts_over_seeds():
         "held (mxfp4 vs nvfp4: s1: +1.99%)")
     assert replicate_report.verdict(pools, "nvfp4_no_sr", "nvfp4", None) == (
         "not run (nvfp4_no_sr)")
+
+
+def test_devices_name_each_card_once_in_order():
+    h200, h100 = {"device": "NVIDIA H200"}, {"device": "NVIDIA H100 80GB HBM3"}
+    assert replicate_report.devices({"segments": [h200, h100, h200]}) == "H200, H100"
+    assert replicate_report.devices({"segments": [{"device": "cpu"}]}) == "cpu"
+    assert replicate_report.devices({}) == "-"
 
 
 def test_gap_trend_verdicts():
