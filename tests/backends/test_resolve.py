@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_nvfp4
+import hf_nvfp4.backends.native
 import hf_nvfp4.kernels
 from hf_nvfp4 import backends
 
@@ -30,6 +31,9 @@ def test_the_convert_summary_says_which_backend_runs():
 def test_auto_on_a_gpu_without_triton_warns_once_with_the_reason(monkeypatch):
     why = "triton is not installed; pip install 'triton>=3.2'"
     monkeypatch.setattr(hf_nvfp4.kernels, "is_triton_available", lambda: (False, why))
+    # cuda:3 need not exist: the hardware probe answers as on a Hopper GPU
+    monkeypatch.setattr(hf_nvfp4.backends.native, "is_native_fp4_available",
+                        lambda device: (False, "compute capability 9.0 < 10.0"))
     monkeypatch.setattr(backends, "_RESOLVED", {})
     with pytest.warns(UserWarning, match="runs the reference backend on cuda:3") as caught:
         assert backends.resolve_backend("auto", "cuda:3") == "reference"
