@@ -251,7 +251,7 @@ def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [
         "replicate_report.py", "--runs", str(runs / "seed0"), "--seed-runs", str(runs / "seed1"),
         "--out", str(tmp_path), "--eval", str(runs / "seed0"), str(runs / "seed1"),
-        "--previous", str(runs.parent)])
+        "--previous", str(runs.parent / "8.6m")])
     replicate_report.main()
     md = (tmp_path / "README.md").read_text()
     assert "| seed0 | nvfp4 | 1.7820 | +1.43% |" in md
