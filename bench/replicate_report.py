@@ -406,13 +406,18 @@ def report(folder: Path, out: Path, seed_folders: list[Path] | None = None,
     if previous is not None:
         lines += [""] + previous_study(previous, pools)
     md = "\n".join(lines)
+    ran = {name for _, pool in pools for name in pool}
+    missing = [n for n in dict.fromkeys(x for _, a, b in PREDICTIONS for x in (a, b))
+               if n not in ran]
     first = next(iter(runs.values()))
     (out / "README.md").write_text(
         "# Replication at small scale\n\n"
         f"Runs: `{folder}`" + "".join(f", `{f}`" for f in seed_folders or [])
         + f"; params {first['params']:,}; tokens per run "
         f"{first['steps'] * first['tokens_per_step']:,}."
-        "\n\ntokens/s: the run alone on its GPU (`--probe-steps`) where marked in results.json "
+        + (f"\n\n**In progress**: not yet run: {', '.join(missing)}"
+           + (" (see the notes at the end)." if notes else ".") if missing else "")
+        + "\n\ntokens/s: the run alone on its GPU (`--probe-steps`) where marked in results.json "
         "(`throughput: probe`), else the run's own average; compare it only between runs of one "
         "device (the column after it)."
         f"\n\n![loss](loss_curves.png)\n![gap](relative_gap.png)\n"

@@ -65,13 +65,20 @@ def test_runs_resume_exactly_and_report(tiny_corpus, tmp_path, monkeypatch):
     notes.write_text("## Findings\nhand-written\n")
     md = replicate_report.report(tmp_path / "full", tmp_path / "report", [tmp_path / "seed1"],
                                  notes)
-    assert (tmp_path / "report" / "README.md").read_text().endswith("hand-written\n")
+    readme = (tmp_path / "report" / "README.md").read_text()
+    assert readme.endswith("hand-written\n")
+    assert ("**In progress**: not yet run: mxfp4, nvfp4_no_sr, nvfp4_no_rht, nvfp4_no_2d, "
+            "nvfp4_all_blocks (see the notes at the end).") in readme
     assert "| nvfp4 |" in md and "late switch closes most of the gap" in md
     noise = json.loads((tmp_path / "report" / "results.json").read_text())["seed_noise"]
     gaps = list(noise["gaps"].values())
     assert len(gaps) == 2 and noise["sd"] == pytest.approx(abs(gaps[0] - gaps[1]) / 2**0.5)
     for name in ("loss_curves.png", "relative_gap.png", "README.md", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+    # every run the predictions name has run: no "in progress" line
+    monkeypatch.setattr(replicate_report, "PREDICTIONS", (("x", "nvfp4", "bf16"),))
+    replicate_report.report(tmp_path / "full", tmp_path / "done", [tmp_path / "seed1"])
+    assert "In progress" not in (tmp_path / "done" / "README.md").read_text()
 
 
 def test_fork_gives_the_late_switch_run_trained_alone(tiny_corpus, tmp_path):
@@ -255,6 +262,8 @@ def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
     replicate_report.main()
     md = (tmp_path / "README.md").read_text()
     assert "| seed0 | nvfp4 | 1.7820 | +1.43% |" in md
+    assert ("**In progress**: not yet run: nvfp4_no_sr, nvfp4_no_rht, nvfp4_no_2d, "
+            "nvfp4_all_blocks.") in (tmp_path / "README.md").read_text()
     assert "| +1.28% | 378,818 | H200 | 9,699 | never | 2 |" in md
     assert "| seed1 | fp8_block | 1.7583 | +0.38% | +1.4 |" in md
     assert "| seed1 | nvfp4 | 1.7699 | +1.04% | +3.8 |" in md
