@@ -73,9 +73,10 @@ class ReferenceBackend:
     """Unfused pure-PyTorch quantization and FP32 GEMMs of exact block values.
 
     Args:
-        check_finite: raise on NaN/Inf inputs (a host sync per quantization); False
-            propagates them into the scales as the kernels do (the Triton backend's fallback
-            for formats it has no kernels for, which must not stall the GPU or break graphs).
+        check_finite: raise on NaN/Inf inputs (a host sync per quantization; in eager only:
+            under torch.compile they propagate, so a graph has no data-dependent branch);
+            False propagates them into the scales as the kernels do (the Triton backend's
+            fallback for formats it has no kernels for, which must not stall the GPU).
     """
 
     name = "reference"
@@ -87,7 +88,9 @@ class ReferenceBackend:
         self, x: torch.Tensor, spec: QuantSpec, key: torch.Tensor | None = None,
         amax: torch.Tensor | None = None,
     ) -> QTensor:
-        return quantize_spec(x, spec, key, amax, self.check_finite)
+        # traced, the check would be a data-dependent branch: propagate as the kernels do
+        check = self.check_finite and not torch.compiler.is_compiling()
+        return quantize_spec(x, spec, key, amax, check)
 
     def quantize_rowcol(
         self,
