@@ -7,7 +7,9 @@ step is GPU-bound (``bench/e2e.py``'s compiled columns, which call this; figures
 no graph breaks) and the embeddings, head and loss stay eager.
 
 CUDA graphs replay into memory that the next replay overwrites, so a training loop calls
-:func:`step_begin` before each step's forward (``hf_nvfp4.Trainer`` does).
+:func:`step_begin` before each step's forward (``hf_nvfp4.Trainer`` does). They also record
+one graph (and its memory) per distinct input shape: feed batches of one shape (sequences
+packed or padded to a fixed length), or use ``mode="default"`` when lengths vary.
 """
 
 from __future__ import annotations
