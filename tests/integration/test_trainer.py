@@ -103,7 +103,22 @@ def test_no_nvfp4_is_plain_trainer(tmp_path, data, monkeypatch, caplog, capsys):
     NVFP4Trainer(model=_model(), args=_args(tmp_path), train_dataset=data[0], nvfp4=False)
     assert "NVFP4 is off (nvfp4=False)" in capsys.readouterr().out
     NVFP4Trainer(model=_model(), args=_args(tmp_path), train_dataset=data[0], nvfp4=True)
-    assert "hf_nvfp4.Trainer: training with NVFP4Config" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "hf_nvfp4.Trainer: training with NVFP4Config" in out
+    assert "run eager" not in out  # no CUDA here: no hint to compile
+
+
+def test_eager_blocks_on_cuda_get_the_compile_hint(monkeypatch, capsys):
+    """On a CUDA machine, an NVFP4 Trainer whose blocks stay eager names compile_blocks;
+    compiled blocks, or NVFP4 off, print no hint."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = NVFP4Config()
+    NVFP4Trainer._announce(config, chosen=True, compiled=False)
+    out = capsys.readouterr().out
+    assert "run eager" in out and "compile_blocks='reduce-overhead'" in out
+    NVFP4Trainer._announce(config, chosen=True, compiled=True)
+    NVFP4Trainer._announce(None, chosen=True, compiled=False)
+    assert "run eager" not in capsys.readouterr().out
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, data):
