@@ -21,7 +21,13 @@ import transformers
 from torch import nn
 
 from .callbacks import BypassCheckCallback, LateSwitchCallback, QuantTelemetryCallback
-from .compile import CUDA_GRAPH_MODES, compile_blocks, step_begin, uses_cuda_graphs
+from .compile import (
+    CUDA_GRAPH_MODES,
+    compile_blocks,
+    compiled_blocks_mode,
+    step_begin,
+    uses_cuda_graphs,
+)
 from .config import QUANT_METHOD, RECIPE_ENV, NVFP4Config, resolve_nvfp4
 from .distributed import DATA_PARALLEL_ADVICE
 from .hf_quantizer import prepare_model
@@ -96,7 +102,7 @@ class NVFP4Trainer(transformers.Trainer):
         mode = compile_blocks or getattr(args, "nvfp4_compile_blocks", None)
         if mode is not None:
             self._compile_blocks(model, args, mode)
-        self._announce(config, chosen=source is not None, compiled=mode is not None)
+        self._announce(config, chosen=source is not None)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if config is not None and not any(isinstance(c, BypassCheckCallback) for c in callbacks):
             callbacks.append(BypassCheckCallback())
@@ -104,6 +110,10 @@ class NVFP4Trainer(transformers.Trainer):
             if not any(isinstance(c, LateSwitchCallback) for c in callbacks):
                 callbacks.append(LateSwitchCallback(config.switch_to_bf16_at, config.switch_mode))
         super().__init__(model, args, *pargs, callbacks=callbacks, **kwargs)
+        compiled = (mode is not None or compiled_blocks_mode(self.model) is not None
+                    or self.args.torch_compile)
+        if config is not None and not compiled:
+            self._hint_compile(self.args.device)
 
     @staticmethod
     def _compile_blocks(model: nn.Module | None, args: Any, mode: str) -> None:
@@ -144,9 +154,8 @@ class NVFP4Trainer(transformers.Trainer):
         return super().prediction_step(model, *args, **kwargs)
 
     @staticmethod
-    def _announce(config: NVFP4Config | None, chosen: bool, compiled: bool) -> None:
-        """One line saying whether this Trainer trains NVFP4 (a warning when nothing chose),
-        and, on a CUDA machine with the blocks left eager, how to train faster."""
+    def _announce(config: NVFP4Config | None, chosen: bool) -> None:
+        """One line saying whether this Trainer trains NVFP4 (a warning when nothing chose)."""
         if config is None and chosen:
             print("hf_nvfp4.Trainer: NVFP4 is off (nvfp4=False): training in high precision")
             return
@@ -161,7 +170,12 @@ class NVFP4Trainer(transformers.Trainer):
         print(f"hf_nvfp4.Trainer: training with NVFP4Config(recipe fprop/dgrad/wgrad = "
               f"{recipe.fprop_format}/{recipe.dgrad_format}/{recipe.wgrad_format}, "
               f"backend {config.backend!r})")
-        if not compiled and torch.cuda.is_available():
+
+    @staticmethod
+    def _hint_compile(device: torch.device) -> None:
+        """For NVFP4 training on CUDA with eager decoder blocks: one line on how to train
+        faster (nothing on other devices, where CUDA graphs do not exist)."""
+        if device.type == "cuda":
             print("hf_nvfp4.Trainer: the decoder blocks run eager, where small models are "
                   "bound by the host time of the quantization ops; compile_blocks="
                   "'reduce-overhead' (or args.nvfp4_compile_blocks) runs them in CUDA graphs "

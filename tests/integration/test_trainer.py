@@ -108,17 +108,28 @@ def test_no_nvfp4_is_plain_trainer(tmp_path, data, monkeypatch, caplog, capsys):
     assert "run eager" not in out  # no CUDA here: no hint to compile
 
 
-def test_eager_blocks_on_cuda_get_the_compile_hint(monkeypatch, capsys):
-    """On a CUDA machine, an NVFP4 Trainer whose blocks stay eager names compile_blocks;
-    compiled blocks, or NVFP4 off, print no hint."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    config = NVFP4Config()
-    NVFP4Trainer._announce(config, chosen=True, compiled=False)
+def test_eager_blocks_on_cuda_get_the_compile_hint(capsys):
+    """NVFP4 training on a CUDA device with eager blocks names compile_blocks; other devices
+    get no hint (the Trainer asks only when NVFP4 is on and no compile mode was given)."""
+    NVFP4Trainer._hint_compile(torch.device("cuda", 0))
     out = capsys.readouterr().out
     assert "run eager" in out and "compile_blocks='reduce-overhead'" in out
-    NVFP4Trainer._announce(config, chosen=True, compiled=True)
-    NVFP4Trainer._announce(None, chosen=True, compiled=False)
-    assert "run eager" not in capsys.readouterr().out
+    NVFP4Trainer._hint_compile(torch.device("cpu"))
+    assert capsys.readouterr().out == ""
+
+
+def test_no_compile_hint_when_blocks_are_compiled_or_not_on_cuda(tmp_path, data, monkeypatch,
+                                                                  capsys):
+    """The Trainer asks for the hint only for NVFP4 with eager blocks, and passes the device
+    it trains on (here the CPU: no hint)."""
+    devices = []
+    monkeypatch.setattr(NVFP4Trainer, "_hint_compile", staticmethod(devices.append))
+    NVFP4Trainer(model=_model(), args=_args(tmp_path), train_dataset=data[0], nvfp4=True)
+    assert devices == [torch.device("cpu")]
+    NVFP4Trainer(model=_model(), args=_args(tmp_path), train_dataset=data[0], nvfp4=True,
+                 compile_blocks="default")
+    NVFP4Trainer(model=_model(), args=_args(tmp_path), train_dataset=data[0], nvfp4=False)
+    assert devices == [torch.device("cpu")]
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, data):
