@@ -110,8 +110,8 @@ class NVFP4Trainer(transformers.Trainer):
             if not any(isinstance(c, LateSwitchCallback) for c in callbacks):
                 callbacks.append(LateSwitchCallback(config.switch_to_bf16_at, config.switch_mode))
         super().__init__(model, args, *pargs, callbacks=callbacks, **kwargs)
-        compiled = (mode is not None or compiled_blocks_mode(self.model) is not None
-                    or self.args.torch_compile)
+        # compile_blocks marks the model, whether called above or by the user before
+        compiled = compiled_blocks_mode(self.model) is not None or self.args.torch_compile
         if config is not None and not compiled:
             self._hint_compile(self.args.device)
 
