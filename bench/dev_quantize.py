@@ -7,6 +7,7 @@ compiled kernels' registers and instruction counts (no GPU needed).
     python bench/dev_quantize.py --offline [--base REV]   # sm_90 compile stats, no GPU
     python bench/dev_quantize.py --attribution   # instructions per element by copy, no GPU
     python bench/dev_quantize.py --amax --base REV_OR_DIR   # amax passes: working tree vs base
+    python bench/dev_quantize.py --rowcol --base REV_OR_DIR   # encode pass: working tree vs base
 
 GPU: checks codes, scales, global scales and BF16 block values against the reference
 (``numerics.quantize`` of x and x^T, one child generator each) computed on the GPU (x: RTN
@@ -27,12 +28,17 @@ frozen copy's ``hf_nvfp4/kernels`` where the machine has no git) side by side: G
 CUDA-graph replay per shape, and the maxima of both on random tensors of many scales (equal
 where both are exact; the reference's on a few); then the same for the grouped (MoE experts)
 amax pass at MoE token shapes.
+
+``--rowcol --base REV_OR_DIR`` (GPU): the same for the row/column encode pass (amax given)
+in the two training calls (x: BF16 row values and RHT column codes, nearest; dy: both copies
+as BF16 values, stochastic), every output compared byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import importlib.util
 import json
 import math
@@ -203,6 +209,45 @@ def amax_vs_base(base: str, tensors: int = 400) -> dict:
     print(f"{tensors} random tensors: {differ} differ from the base; "
           f"{wrong} of {out['reference_checked']} from the reference")
     return out
+
+
+TRAIN_CALLS = {  # role: the training call's flags (sr, row_values, col_values)
+    "x": (False, True, False),  # the forward: BF16 row values, packed RHT column codes
+    "dy": (True, True, True),  # the backward: both copies as BF16 values, stochastic
+}
+
+
+def rowcol_vs_base(base: str) -> dict:
+    """The row/column encode pass (amax given) of the working tree against ``base``'s in the
+    training calls: GPU time per shape and role, and whether every output is equal."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from kernel_speed import graph_ms
+
+    old = load_module("quantize_rowcol", base).quantize_rowcol_nvfp4
+    rows = []
+    for m, k in CHECK_SHAPES + TRAIN_SHAPES:
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        amax = amax_rowcol(x, True, True, SIGN)
+        keys = keys_for(5)[0]
+        for role, (sr, rv, cv) in TRAIN_CALLS.items():
+            r = {"shape": f"{m}x{k} {role}"}
+            outs = {}
+            for name, fn in (("base_ms", old), ("new_ms", quantize_rowcol_nvfp4)):
+                _tuning._CHOICES.clear()  # one key for both: each tunes its own pick
+                call = functools.partial(fn, x, True, True, SIGN, sr, sr, keys, amax=amax,
+                                         row_values=rv, col_values=cv)
+                r[name] = graph_ms(call)
+                r[name.replace("_ms", "_pick")] = dict(choices())
+                outs[name] = call()
+            r["equal"] = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in
+                             zip(outs["base_ms"], outs["new_ms"], strict=True))
+            timed = all(isinstance(r[k], float) for k in ("base_ms", "new_ms"))
+            r["new_over_base"] = r["new_ms"] / r["base_ms"] if timed else None
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        del x
+    print_vs_base(rows, "shape, role", 18)
+    return {"rows": rows}
 
 
 # MoE experts' token matrices (bench/moe.py's module: 8192 tokens top-8 over 64 experts,
@@ -470,6 +515,9 @@ def main() -> None:
                          "kernels (a rev or a folder)")
     ap.add_argument("--amax", action="store_true",
                     help="the amax pass against --base's on the GPU (time and maxima)")
+    ap.add_argument("--rowcol", action="store_true",
+                    help="the row/column encode of the training calls against --base's on "
+                         "the GPU (time and equality)")
     ap.add_argument("--attribution", action="store_true",
                     help="instructions per element of each copy alone and of the training "
                          "calls (sm_90, no GPU)")
@@ -495,6 +543,13 @@ def main() -> None:
             if os.environ.get("OUT"):
                 Path(os.environ["OUT"], "amax_vs_base.json").write_text(
                     json.dumps(result, indent=1))
+        return
+    if args.rowcol:
+        if not args.base:
+            raise SystemExit("--rowcol needs --base (a git revision or a kernels folder)")
+        result = rowcol_vs_base(args.base)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "rowcol_vs_base.json").write_text(json.dumps(result, indent=1))
         return
     if args.ncu:
         torch.use_deterministic_algorithms(True)  # the first config, no tuning launches

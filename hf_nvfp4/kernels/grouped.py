@@ -49,6 +49,7 @@ from ._common import (
     e2m1_nearest,
     e4m3_decode,
     encode_e2m1,
+    encode_e2m1_scaled,
     global_scales,
     join8,
     pack8,
@@ -282,8 +283,8 @@ def _grouped_rowcol_kernel(x_ptr, meta_ptr, amax_ptr, keys_ptr, row_ptr, col_dat
             byte, mult = block_scale(tl.max(tl.abs(x3), axis=2), mult6[:, None],
                                      s_dec[:, None])
             idx = ((local + j)[:, None, None] * K + c3).to(tl.uint32)
-            codes = encode_e2m1(x3 * mult[:, :, None], idx, key, ROW_SR)
-            vals = e2m1_decode_scaled(codes, e4m3_decode(byte)[:, :, None])
+            vals = encode_e2m1_scaled(x3 * mult[:, :, None], idx, key,
+                                      e4m3_decode(byte)[:, :, None], ROW_SR)
             ok = kin & (valid & (local + j < count))[:, None]
             tl.store(row_ptr + (row0 + j)[:, None].to(tl.int64) * K + cols[None, :],
                      tl.reshape(bf16_exact(vals), [BB, BK]), mask=ok)

@@ -47,6 +47,7 @@ from ._common import (
     e2m1_nearest_word,
     e4m3_decode,
     encode_e2m1,
+    encode_e2m1_scaled,
     global_scales,
     join8,
     pack8,
@@ -131,10 +132,9 @@ def _rowcol_kernel(
         if ROW_VALUES:
             s3 = e4m3_decode(byte)[:, :, None]
             q = row_data_ptr + r3.to(tl.int64) * K + c3
-            tl.store(q, bf16_exact(e2m1_decode_scaled(encode_e2m1(wa, idx, key, ROW_SR), s3)),
+            tl.store(q, bf16_exact(encode_e2m1_scaled(wa, idx, key, s3, ROW_SR)), mask=mask3)
+            tl.store(q + 8, bf16_exact(encode_e2m1_scaled(wb, idx + 8, key, s3, ROW_SR)),
                      mask=mask3)
-            tl.store(q + 8, bf16_exact(e2m1_decode_scaled(encode_e2m1(wb, idx + 8, key, ROW_SR),
-                                                          s3)), mask=mask3)
         else:  # row_data_ptr: int32 words, two per block
             if ROW_SR:
                 words = tl.join(pack_words(encode_e2m1(wa, idx, key, ROW_SR), BM, BK // 16),

@@ -209,6 +209,7 @@ if importlib.util.find_spec("triton") is not None:
         e2m1_decode_scaled,
         e2m1_nearest,
         e2m1_nearest_fma,
+        e2m1_nearest_value,
         e2m1_nearest_word,
         e2m1_stochastic,
         e2m1_stochastic_fast,
@@ -240,17 +241,21 @@ if importlib.util.find_spec("triton") is not None:
 
     @triton.jit
     def _fast_helpers(v_ptr, key_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        """Columns of out: nearest, nearest_fma, stochastic, stochastic_fast, the draw."""
+        """Columns of out: nearest, nearest_fma, stochastic, stochastic_fast, the draw; then
+        the FP32 bits of the nearest code decoded and of e2m1_nearest_value."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(v_ptr + offs, mask=offs < n, other=0.0)
         key = tl.load(key_ptr)
         idx = offs.to(tl.uint32)
-        o = out_ptr + offs * 5
+        o = out_ptr + offs * 7
         tl.store(o, e2m1_nearest(v), mask=offs < n)
         tl.store(o + 1, e2m1_nearest_fma(v), mask=offs < n)
         tl.store(o + 2, e2m1_stochastic(v, uniform24(idx, key)), mask=offs < n)
         tl.store(o + 3, e2m1_stochastic_fast(v, sr_offsets(idx, key)), mask=offs < n)
         tl.store(o + 4, uniform24(idx, key), mask=offs < n)
+        tl.store(o + 5, e2m1_decode(e2m1_nearest_fma(v)).to(tl.int32, bitcast=True),
+                 mask=offs < n)
+        tl.store(o + 6, e2m1_nearest_value(v).to(tl.int32, bitcast=True), mask=offs < n)
 
     @triton.jit
     def _decoders(out_ptr, BLOCK: tl.constexpr):
@@ -547,14 +552,20 @@ def test_fast_encoders():
     key = 0xA545F491 - (1 << 32)
     v = _sr_edge_values(60000, key)
     v[:8] = torch.tensor([0.0, -0.0, 6.0, -6.0, 7.5, 1e30, 1e-45, -3e-39])
-    v = v.to(DEV)
-    out = torch.empty(v.numel(), 5, dtype=torch.int32, device=DEV)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # nearest: ties to even
+    ties = torch.cat([ties, torch.nextafter(ties, torch.zeros_like(ties)),
+                      torch.nextafter(ties, torch.full_like(ties, 8.0))])
+    v = torch.cat([v, ties, -ties]).to(DEV)
+    out = torch.empty(v.numel(), 7, dtype=torch.int32, device=DEV)
     keys = torch.tensor([key], dtype=torch.int32, device=DEV)
     _fast_helpers[(-(-v.numel() // 1024),)](v, keys, out, v.numel(), BLOCK=1024)
     out = out.cpu()
     assert torch.equal(out[:, 0], out[:, 1])
     assert torch.equal(out[:, 2], out[:, 3])
     assert (out[:, 2] != out[:, 0]).any()  # the draws decide some elements
+    # the value without the code: the decoded code's bits, signed zeros included
+    assert torch.equal(out[:, 5], out[:, 6])
+    assert (out[:, 6] == -(1 << 31)).any()
 
 
 def test_decode_scaled():
