@@ -576,7 +576,7 @@ def encode_e2m1_scaled(v, idx, key, scale, SR: tl.constexpr):
     shortcut for it (the code bits moved straight into the FP32 word) compiled to fewer
     instructions but ran 4-11% slower on an H100 in dy's call."""
     if SR:
-        return e2m1_decode_scaled(e2m1_stochastic_fast(v, sr_offsets(idx, key)), scale)
+        return e2m1_decode_scaled(encode_e2m1(v, idx, key, SR), scale)
     return e2m1_nearest_value(v) * scale
 
 
