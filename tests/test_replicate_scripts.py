@@ -262,7 +262,10 @@ def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
     replicate_report.main()
     md = (tmp_path / "README.md").read_text()
     assert "| seed0 | nvfp4 | 1.7820 | +1.43% |" in md
-    assert "**In progress**: not yet run: nvfp4_no_2d, nvfp4_all_blocks." in md
+    assert "**In progress**: not yet run: nvfp4_all_blocks." in md
+    assert "| seed0 | nvfp4_no_2d | 1.7839 | +1.54% | +5.6 | +1.38% | 318,195 | H100 |" in md
+    assert ("| no 2D weights is worse | held, weak: within seed noise (nvfp4_no_2d vs nvfp4: "
+            "+0.11%) |") in md
     assert "| seed0 | nvfp4_no_rht | 1.7864 | +1.68% | +6.1 | +1.53% | 412,516 | H200 |" in md
     assert ("| no RHT is worse | held, weak: within seed noise (nvfp4_no_rht vs nvfp4: "
             "+0.25%) |") in md
