@@ -101,14 +101,17 @@ class Backend(Protocol):
         ...
 
     def quantize_weight(
-        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None
-    ) -> tuple[QTensor, QTensor]:
+        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None,
+        values: bool = False,
+    ) -> tuple[Operand, QTensor]:
         """Quantize ``w`` [N, K] along K and ``w^T`` [K, N] along N.
 
         With square tiles both come from the same tiles, so ``w^T``'s values are exactly the
         transpose of ``w``'s. ``amax``: the FP32 0-dim global amax to encode with instead of
         ``w``'s own (formats with a global scale), e.g. that of a whole weight of which ``w``
         is a shard (:mod:`hf_nvfp4.quant.fsdp`); NaN/Inf then propagate instead of raising.
+        ``values``: ``w``'s copy as :class:`BlockValues` where the backend has them (the
+        forward's copy, which only its GEMM reads); ``w^T`` is always packed.
         """
         ...
 

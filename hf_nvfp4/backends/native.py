@@ -84,9 +84,11 @@ class NativeFP4Backend:
         return self._quantizer.amax_rowcol(x, row, col)
 
     def quantize_weight(
-        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None
+        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None,
+        values: bool = False,
     ) -> tuple[QTensor, QTensor]:
-        """See :meth:`Backend.quantize_weight` (the Triton kernels)."""
+        """See :meth:`Backend.quantize_weight` (the Triton kernels; always packed: the FP4
+        GEMM reads codes)."""
         return self._quantizer.quantize_weight(w, spec, amax=amax)
 
     def gemm(self, a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:

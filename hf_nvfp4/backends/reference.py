@@ -119,9 +119,10 @@ class ReferenceBackend:
         return reference_amax_rowcol(x, row, col)
 
     def quantize_weight(
-        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None
+        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None,
+        values: bool = False,
     ) -> tuple[QTensor, QTensor]:
-        """See :meth:`Backend.quantize_weight`."""
+        """See :meth:`Backend.quantize_weight` (always packed QTensors)."""
         return (self._quantize(w, spec, amax=amax),
                 self._quantize(w.t().contiguous(), spec, amax=amax))
 

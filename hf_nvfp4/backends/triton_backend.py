@@ -226,10 +226,11 @@ class TritonBackend:
                 self._ops.prepare_rht(tuple(spec.rht_sign), torch.device(device))
 
     def quantize_weight(
-        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None
-    ) -> tuple[QTensor, QTensor]:
+        self, w: torch.Tensor, spec: QuantSpec, *, amax: torch.Tensor | None = None,
+        values: bool = False,
+    ) -> tuple[Operand, QTensor]:
         """See :meth:`Backend.quantize_weight` (``amax`` matters to NVFP4 only: the other
-        formats have no global scale)."""
+        formats have no global scale; ``values`` to NVFP4 on the kernels only)."""
         if _is_fp8_block(spec, (128, 128)) and self._runs_here(w):
             return _tile_pair(w, spec, *self._ops.quantize_2d_fp8(w))
         if _is_fp8_block(spec) and self._runs_here(w):
@@ -242,10 +243,11 @@ class TritonBackend:
             return self._reference.quantize_weight(w, spec, amax=amax)
         if tuple(spec.tile) == (1, 16):
             pair = None if amax is None else amax.float().reshape(1).repeat(2)
-            return self.quantize_rowcol(w, spec, spec, amax=pair)
+            return self.quantize_rowcol(w, spec, spec, amax=pair, values=(values, False))
         amax = None if amax is None else amax.float().reshape(1)
-        data, scale, data_t, scale_t, gs = self._ops.quantize_2d(w, amax)
-        return _tile_pair(w, spec, data, scale, data_t, scale_t, gs[0])
+        data, scale, data_t, scale_t, gs = self._ops.quantize_2d(w, amax, values)
+        w_q, w_t = _tile_pair(w, spec, data, scale, data_t, scale_t, gs[0])
+        return (BlockValues(data, gs[0]) if values else w_q), w_t
 
     def gemm(self, a: Operand, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
         """See :meth:`Backend.gemm`: dequantize packed FP4 operands (NVFP4, MXFP4) to BF16

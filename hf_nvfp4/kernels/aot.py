@@ -180,8 +180,9 @@ def workload() -> list[Call]:
     The flag combinations are read off the call sites by hand, so keep them in step:
     ``nn/functional.py`` through ``backends/triton_backend.py`` (activations forward with BF16
     row values, gradients backward with both copies as values, each copy absent when its GEMM
-    is not needed; RHT and stochastic rounding per recipe), ``quantize_weight`` (1x16: both
-    copies packed; 16x16: ``quantize_2d``), ``nn/packed.py`` (inference: packed row copy),
+    is not needed; RHT and stochastic rounding per recipe), ``quantize_weight`` (training: W
+    as BF16 values, W^T packed; FSDP2's shards: both packed; 1x16 through the row/column
+    kernel, 16x16 through ``quantize_2d``), ``nn/packed.py`` (inference: packed row copy),
     ``quant/sr.py`` (keys), ``optim/adamw.py`` (fused step; its parity argument is
     specialized when 1) and the ``fp8_block`` recipe (both copies of activations and
     gradients, a copy alone when the other GEMM is not needed, 128x128 weights) and the
@@ -288,7 +289,8 @@ def workload() -> list[Call]:
                                                             N_KEYS)),
         Call("dequantize", lambda: dequantize.dequantize_fp4(
             *packed(tokens, hidden)[:2], None, tokens, bf16)),
-        Call("weight 16x16", lambda: quantize_2d.quantize_2d_nvfp4(_meta(hidden, hidden))),
+        Call("weight 16x16", lambda: quantize_2d.quantize_2d_nvfp4(_meta(hidden, hidden),
+                                                                   values=True)),
         adam("adamw, odd step", 0.9, False, 1),
         adam("adamw, even step", 0.9, False, 2),
         fp8("fp8 x / dy", bf16, True, True, every=True),
@@ -302,11 +304,15 @@ def workload() -> list[Call]:
         rowcol("bwd dy (rn)", bf16, True, True, True, False, (True, True)),
         rowcol("bwd dy, no wgrad", bf16, True, False, False, True, (True, True)),
         rowcol("bwd dy, no dgrad", bf16, False, True, True, True, (True, True)),
-        rowcol("weight 1x16", fp32, True, True, False, False, (False, False)),
+        rowcol("weight 1x16", fp32, True, True, False, False, (True, False)),
+        rowcol("weight 1x16, FSDP2 shard (packed)", fp32, True, True, False, False,
+               (False, False)),
         rowcol("inference x (packed)", bf16, True, False, False, False, (False, False)),
         rowcol("fwd x fp16", fp16, True, True, True, False, (True, False)),
         rowcol("fwd x fp32", fp32, True, True, True, False, (True, False)),
         Call("weight 16x16 fp32", lambda: quantize_2d.quantize_2d_nvfp4(
+            _meta(hidden, hidden, dtype=fp32), values=True)),
+        Call("weight 16x16, FSDP2 shard (packed)", lambda: quantize_2d.quantize_2d_nvfp4(
             _meta(hidden, hidden, dtype=fp32))),
         scaled("gemm fp16 out", tokens, hidden, hidden, fp16),
         scaled("gemm, N % 8 != 0 (no TMA store)", tokens, 1004, hidden, bf16),

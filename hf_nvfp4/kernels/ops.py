@@ -120,20 +120,20 @@ def _(x, row, col, col_rht_sign):
 
 @_custom_op("hf_nvfp4::quantize_2d")
 def quantize_2d(
-    w: Tensor, amax: Optional[Tensor] = None,  # noqa: UP045
+    w: Tensor, amax: Optional[Tensor] = None, values: bool = False,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`.quantize_2d.quantize_2d_nvfp4`."""
-    data, scale, data_t, scale_t, gs = quantize_2d_nvfp4(w.contiguous(), amax)
+    data, scale, data_t, scale_t, gs = quantize_2d_nvfp4(w.contiguous(), amax, values)
     return data, _e4m3(scale), data_t, _e4m3(scale_t), gs
 
 
 @quantize_2d.register_fake
-def _(w, amax=None):
+def _(w, amax=None, values=False):
     n16, k16 = _pad(w.shape[0], 16), _pad(w.shape[1], 16)
     new = w.new_empty
     return (
-        new((n16, k16 // 2), dtype=_U8),
-        new((n16, k16 // 16), dtype=_E4M3),
+        *((new((w.shape[0], k16), dtype=torch.bfloat16), new(0, dtype=_E4M3)) if values else
+          (new((n16, k16 // 2), dtype=_U8), new((n16, k16 // 16), dtype=_E4M3))),
         new((k16, n16 // 2), dtype=_U8),
         new((k16, n16 // 16), dtype=_E4M3),
         new(1, dtype=torch.float32),

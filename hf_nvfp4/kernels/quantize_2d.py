@@ -4,6 +4,10 @@ One block scale per tile serves every row of the tile in both orientations, so t
 ``W^T`` are exactly the transpose of those of ``W`` (forward/backward agree). The format is
 a constexpr of one kernel: NVFP4 (16x16 tiles, E4M3 scales under an FP32 global scale) or
 MXFP4 (32x32 tiles, UE8M0 scales, no global scale).
+
+For training, the NVFP4 kernel can write W (the forward's copy, which its GEMM reads at once)
+as BF16 block values instead of codes and scales: the GEMM then reads it without a dequantize
+launch, while W^T, saved for the backward, stays packed.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import triton.language as tl
 from . import interpreting
 from ._common import (
     abs_max,
+    bf16_exact,
     block_scale,
     cdiv,
+    e2m1_decode_scaled,
     e2m1_nearest,
+    e4m3_decode,
     global_scales,
     pack_pairs,
     ue8m0_scale,
@@ -46,9 +53,11 @@ def _quantize_2d_kernel(
     BK: tl.constexpr,
     TILE: tl.constexpr,
     MX: tl.constexpr,
+    VALUES: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    # N16 / K16: N and K padded to TILE
+    # N16 / K16: N and K padded to TILE; VALUES (NVFP4 only): W as BF16 block values [N, K16]
+    # at data_ptr, no scales
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n0 = pid_n * BN
@@ -67,23 +76,31 @@ def _quantize_2d_kernel(
             tl.store(gs_ptr, s_dec)
         tile_amax = tl.max(tl.max(tl.abs(w4), axis=3), axis=1)
         byte, mult = block_scale(tile_amax, mult6, s_dec)
-    codes = tl.reshape(e2m1_nearest(w4 * mult[:, None, :, None]), [BN, BK])
+    codes4 = e2m1_nearest(w4 * mult[:, None, :, None])
+    codes = tl.reshape(codes4, [BN, BK])
 
-    # W along K: [N16, K16 / 2] codes, the tile scale repeated on its TILE rows.
-    bcols = k0 // 2 + tl.arange(0, BK // 2)
-    tl.store(
-        data_ptr + rows[:, None].to(tl.int64) * (K16 // 2) + bcols[None, :],
-        pack_pairs(codes, BN, BK),
-        mask=(rows[:, None] < N16) & (bcols[None, :] < K16 // 2),
-    )
-    scols = k0 // TILE + tl.arange(0, BK // TILE)
-    rep = tl.reshape(tl.broadcast_to(byte[:, None, :], [BN // TILE, TILE, BK // TILE]),
-                     [BN, BK // TILE])
-    tl.store(
-        scale_ptr + rows[:, None].to(tl.int64) * (K16 // TILE) + scols[None, :],
-        rep.to(tl.uint8),
-        mask=(rows[:, None] < N16) & (scols[None, :] < K16 // TILE),
-    )
+    if VALUES:  # W along K: [N, K16] BF16 block values (padding columns are zero codes)
+        vals = e2m1_decode_scaled(codes4, e4m3_decode(byte)[:, None, :, None])
+        tl.store(
+            data_ptr + rows[:, None].to(tl.int64) * K16 + cols[None, :],
+            bf16_exact(tl.reshape(vals, [BN, BK])),
+            mask=(rows[:, None] < N) & (cols[None, :] < K16),
+        )
+    else:  # W along K: [N16, K16 / 2] codes, the tile scale repeated on its TILE rows.
+        bcols = k0 // 2 + tl.arange(0, BK // 2)
+        tl.store(
+            data_ptr + rows[:, None].to(tl.int64) * (K16 // 2) + bcols[None, :],
+            pack_pairs(codes, BN, BK),
+            mask=(rows[:, None] < N16) & (bcols[None, :] < K16 // 2),
+        )
+        scols = k0 // TILE + tl.arange(0, BK // TILE)
+        rep = tl.reshape(tl.broadcast_to(byte[:, None, :], [BN // TILE, TILE, BK // TILE]),
+                         [BN, BK // TILE])
+        tl.store(
+            scale_ptr + rows[:, None].to(tl.int64) * (K16 // TILE) + scols[None, :],
+            rep.to(tl.uint8),
+            mask=(rows[:, None] < N16) & (scols[None, :] < K16 // TILE),
+        )
 
     # W^T along N: [K16, N16 / 2], from the same tiles.
     brows = n0 // 2 + tl.arange(0, BN // 2)
@@ -103,8 +120,8 @@ def _quantize_2d_kernel(
     )
 
 
-def _quantize_2d(w: torch.Tensor, tile: int, mx: bool,
-                 amax: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def _quantize_2d(w: torch.Tensor, tile: int, mx: bool, amax: torch.Tensor | None = None,
+                 values: bool = False) -> tuple[torch.Tensor, ...]:
     """Launch the tile kernel on a contiguous 2D ``w``; see the two wrappers below."""
     n, k = w.shape
     np_, kp = -(-n // tile) * tile, -(-k // tile) * tile
@@ -114,30 +131,37 @@ def _quantize_2d(w: torch.Tensor, tile: int, mx: bool,
         amax = gs  # MXFP4 reads neither
     elif amax is None:
         amax = amax_rowcol(w, True, False, None)
-    data = torch.empty((np_, kp // 2), dtype=torch.uint8, device=dev)
-    scale = torch.empty((np_, kp // tile), dtype=torch.uint8, device=dev)
+    if values:
+        data = torch.empty((n, kp), dtype=torch.bfloat16, device=dev)
+        scale = torch.empty(0, dtype=torch.uint8, device=dev)
+    else:
+        data = torch.empty((np_, kp // 2), dtype=torch.uint8, device=dev)
+        scale = torch.empty((np_, kp // tile), dtype=torch.uint8, device=dev)
     data_t = torch.empty((kp, np_ // 2), dtype=torch.uint8, device=dev)
     scale_t = torch.empty((kp, np_ // tile), dtype=torch.uint8, device=dev)
     grid = (cdiv(np_, _BN), cdiv(kp, _BK))
     _quantize_2d_kernel[grid](
         w, amax, gs, data, scale, data_t, scale_t, n, k, w.stride(0), np_, kp,
-        BN=_BN, BK=_BK, TILE=tile, MX=mx, INTERPRET=interpreting(), num_warps=8,
+        BN=_BN, BK=_BK, TILE=tile, MX=mx, VALUES=values, INTERPRET=interpreting(), num_warps=8,
     )
     return data, scale, data_t, scale_t, gs
 
 
-def quantize_2d_nvfp4(w: torch.Tensor,
-                      amax: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def quantize_2d_nvfp4(w: torch.Tensor, amax: torch.Tensor | None = None,
+                      values: bool = False) -> tuple[torch.Tensor, ...]:
     """NVFP4 16x16-tile codes of a contiguous 2D ``w`` [N, K] in both orientations.
 
     ``amax``: the FP32 global amax (first element read) to encode with instead of ``w``'s
-    own, e.g. that of the whole weight when ``w`` is a shard of it.
+    own, e.g. that of the whole weight when ``w`` is a shard of it. ``values``: write W as
+    BF16 block values (E2M1 value x E4M3 scale, without the global scale) instead of codes
+    and scales; W^T stays packed.
 
     Returns:
         ``(data [N16, K16/2], scale [N16, K16/16], data_t [K16, N16/2],
-        scale_t [K16, N16/16], global_scale [1])``, scales as uint8 E4M3 bytes.
+        scale_t [K16, N16/16], global_scale [1])``, scales as uint8 E4M3 bytes; with
+        ``values``, ``data`` is BF16 [N, K16] and ``scale`` is empty.
     """
-    return _quantize_2d(w, 16, False, amax)
+    return _quantize_2d(w, 16, False, amax, values)
 
 
 def quantize_2d_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -55,11 +55,11 @@ class LinearPlan:
 
     def __post_init__(self) -> None:
         s, b, r = self.specs, self.backend, self.reduce_amax
-        # x_row and dy_row/dy_t are read at once by their GEMM: block values where the
-        # backend has them; x^T is saved for backward: packed.
+        # x_row, W and dy_row/dy_t are read at once by their GEMM: block values where the
+        # backend has them; x^T and W^T are saved for backward: packed.
         quantizers = {
             "input": Quantizer("input", s.x, s.x_t, b, r, values=(True, False)),
-            "weight": Quantizer("weight", s.w, s.w_dgrad, b),
+            "weight": Quantizer("weight", s.w, s.w_dgrad, b, values=(True, False)),
             "grad_output": Quantizer("grad_output", s.dy, s.dy_t, b, r, values=(True, True)),
         }
         for name, q in quantizers.items():

@@ -69,7 +69,8 @@ class Quantizer:
         backend: the resolved backend name.
         reduce_amax: all-reduce (max) the amaxes across ranks before encoding.
         values: (row, col): hand that copy to the backend's GEMM as block values where the
-            backend has them (copies consumed at once and never saved).
+            backend has them (copies consumed at once and never saved; a weight's row copy
+            only).
     """
 
     role: str
@@ -82,6 +83,8 @@ class Quantizer:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"Quantizer role must be one of {ROLES}; got {self.role!r}")
+        if self.role == "weight" and self.values[1]:
+            raise ValueError("a weight's column copy (W^T) is saved for backward: never values")
         if self.role == "weight" and self.reduce_amax:
             raise ValueError("a weight's amax is never reduced (it is whole on every rank)")
 
@@ -119,7 +122,7 @@ class Quantizer:
         backend = self._backend()
         row_spec, col_spec = self._specs(row, col)
         if self.role == "weight":
-            return Quantized(*_quantize_weight(backend, x, row_spec, col_spec))
+            return Quantized(*_quantize_weight(backend, x, row_spec, col_spec, self.values[0]))
         if row_spec is None and col_spec is None:
             return Quantized(None, None)
         q_row, q_col = backend.quantize_rowcol(
@@ -143,13 +146,14 @@ class Quantizer:
 
 
 def _quantize_weight(
-    backend: Backend, w: torch.Tensor, spec: QuantSpec | None, spec_t: QuantSpec | None
+    backend: Backend, w: torch.Tensor, spec: QuantSpec | None, spec_t: QuantSpec | None,
+    values: bool,
 ) -> tuple[Operand | None, Operand | None]:
-    """W along K (``spec``) and W^T along N (``spec_t``); with equal specs both come from the
-    same tiles (one pass)."""
+    """W along K (``spec``; block values if ``values``) and W^T along N (``spec_t``); with
+    equal specs both come from the same tiles (one pass)."""
     if spec is None:
         return None, (backend.quantize_weight(w, spec_t)[1] if spec_t is not None else None)
-    w_q, w_t = backend.quantize_weight(w, spec)
+    w_q, w_t = backend.quantize_weight(w, spec, values=values)
     if spec_t is None:
         return w_q, None
     if spec_t != spec:

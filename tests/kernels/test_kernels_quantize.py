@@ -615,11 +615,37 @@ def test_extreme_scales():
     ],
 )
 def test_weight_bitwise(backends, dtype, shape, spec):
-    w = _x(*shape, dtype, seed=4)
+    w = _x(*shape, dtype, seed=4).to(DEV)
     tri, ref = backends
     for name, g, r in zip(("w", "w_t"), tri.quantize_weight(w, spec),
                           ref.quantize_weight(w, spec), strict=True):
         assert_qtensor_equal(g, r, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize(
+    "shape", [pytest.param((64, 96), id="64x96"), pytest.param((40, 72), id="ragged_40x72")]
+)
+@pytest.mark.parametrize("spec", [pytest.param(SPECS.w, id="2d_16x16"),
+                                  pytest.param(Recipe(weight_2d=False).role_specs().w, id="1x16")])
+def test_weight_values_bitwise(backends, dtype, shape, spec):
+    """The training forward's W as BF16 block values: the reference's block values of its
+    packed W, bit for bit (zero in the padding columns), its global scale, and the same
+    packed W^T."""
+    from hf_nvfp4.backends.base import BlockValues
+
+    w = _x(*shape, dtype, seed=4).to(DEV)
+    w[:16, :16] = 0  # an all-zero tile
+    tri, ref = backends
+    (got, got_t), (want, want_t) = tri.quantize_weight(w, spec, values=True), ref.quantize_weight(
+        w, spec)
+    assert isinstance(got, BlockValues)
+    n, k16 = shape[0], -(-shape[1] // 16) * 16
+    assert got.values.dtype == torch.bfloat16 and tuple(got.values.shape) == (n, k16)
+    assert torch.equal(got.values.float().cpu(), want.block_values()[:n].cpu())
+    assert int(torch.count_nonzero(got.values[:16, :16])) == 0
+    assert torch.equal(got.global_scale.reshape(()).cpu(), want.global_scale.reshape(()).cpu())
+    assert_qtensor_equal(got_t, want_t, name="w_t")
 
 
 @pytest.mark.parametrize("spec", [pytest.param(SPECS.w, id="2d_16x16"),
@@ -686,6 +712,49 @@ def test_fake_shapes():
                                             True, True)
     assert [t.shape for t in (rv, rs, cv, cs)] == [(40, 80), (0,), (72, 48), (0,)]
     assert [t.shape for t in ops.quantize_2d(x)[:4]] == [(48, 40), (48, 5), (80, 24), (80, 3)]
+    vals, scale = ops.quantize_2d(x, None, True)[:2]
+    assert [tuple(vals.shape), tuple(scale.shape), vals.dtype] == [(40, 80), (0,), torch.bfloat16]
+
+
+@pytest.mark.parametrize("weight_2d", [True, False], ids=["2d_16x16", "1x16"])
+def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, count_op_calls, weight_2d):
+    """A whole NVFP4Linear step (RHT, SR), triton vs reference backend. The forward's x and W
+    reach the GEMM as block values, so a step dequantizes only the two packed copies the
+    backward saved (W^T, x^T). On the CPU the triton backend's GEMM is pinned to the
+    reference GEMM's arithmetic (FP32 products of the block values; the Triton GEMM is tested
+    in test_kernels_gemm.py), so outputs and gradients equal bit for bit exactly when every
+    quantized operand does; on a GPU the GEMMs differ in summation order."""
+    import hf_nvfp4.backends.triton_backend as tb
+    from hf_nvfp4.nn import NVFP4Linear
+
+    def values_gemm(self, a, b, out_dtype):
+        out = self._values(a).float() @ self._values(b).float().t()
+        return (out * (self._global(a, out) * self._global(b, out))).to(out_dtype)
+
+    calls = count_op_calls("quantize_2d", "quantize_rowcol", "dequantize")
+    if DEV == "cpu":
+        monkeypatch.setattr(tb.TritonBackend, "gemm", values_gemm)
+    torch.manual_seed(0)
+    recipe = Recipe(weight_2d=weight_2d)
+    layers = [NVFP4Linear(96, 64, recipe=recipe, backend=b, device=DEV, sr_seed=3)
+              for b in ("triton", "reference")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(3, 20, 96, device=DEV)
+    dy = torch.randn(3, 20, 64, device=DEV)
+    outs = []
+    for layer in layers:
+        xr = x.clone().requires_grad_()
+        y = layer(xr)
+        y.backward(dy)
+        outs.append((y, xr.grad, layer.weight.grad, layer.bias.grad))
+    assert calls == {"quantize_2d": int(weight_2d), "quantize_rowcol": 3 - weight_2d,
+                     "dequantize": 2}
+    for got, want, name in zip(outs[0], outs[1], ("y", "dx", "dw", "db"), strict=True):
+        if DEV == "cpu":
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()),
+                                       msg=name)
 
 
 def test_clear_error_without_triton(monkeypatch):

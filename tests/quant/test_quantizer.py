@@ -91,6 +91,8 @@ def test_invalid_roles_and_phases_raise():
         Quantizer("weight", SPECS.w, SPECS.w_dgrad, "reference", reduce_amax=True)
     with pytest.raises(ValueError, match="inside its encode pass"):
         Quantizer("weight", SPECS.w, SPECS.w_dgrad, "reference").amax(torch.ones(16, 16))
+    with pytest.raises(ValueError, match="saved for backward"):
+        Quantizer("weight", SPECS.w, SPECS.w_dgrad, "reference", values=(True, True))
 
 
 def test_plan_builds_one_quantizer_per_role():
