@@ -102,6 +102,9 @@ def test_plan_builds_one_quantizer_per_role():
     assert (plan.grad_output.row, plan.grad_output.col) == (SPECS.dy, SPECS.dy_t)
     assert plan.input.reduce_amax and plan.grad_output.reduce_amax
     assert not plan.weight.reduce_amax
+    # the copies a GEMM reads at once come as block values; those saved for backward packed
+    assert (plan.input.values, plan.weight.values, plan.grad_output.values) == (
+        (True, False), (True, False), (True, True))
     # the quantizers are derived: equality and hashing are the plan's decisions only
     assert plan == LinearPlan(SPECS, "reference", reduce_amax=True)
     assert hash(plan) == hash(LinearPlan(SPECS, "reference", reduce_amax=True))
