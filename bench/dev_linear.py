@@ -4,16 +4,18 @@ launch (the path before), side by side in one process.
 
     python bench/dev_linear.py                    # Llama 124M and 953M shapes, on CUDA
     OUT=dir python bench/dev_linear.py            # also writes dir/linear_weight_values.json
+    python bench/dev_linear.py --eager            # host launches included
     TRITON_INTERPRET=1 python bench/dev_linear.py --device cpu --shapes 32x64x48 --iters 1
 
 A step is ``y = layer(x); y.backward(dy)`` of a layer with BF16 parameters (the default
 recipe: 16x16 weight tiles, RHT and stochastic rounding). On CUDA each side's step is
 captured in a CUDA graph, as compiled training with ``mode="reduce-overhead"`` runs it, and
-replayed ``--iters`` times per round; the sides alternate for ``--rounds`` rounds and each
-reports its median. Before timing, the two sides' outputs and gradients must be equal bit for
-bit (the same codes reach the same GEMM either way; both start from the same stochastic
-rounding keys). The packed side is the same code with
-the weight quantizer's ``values`` flag off.
+replayed ``--iters`` times per round (``--eager``: eager steps, host launches included,
+written to ``linear_weight_values_eager.json``); the sides alternate for ``--rounds`` rounds
+and each reports its median. Before timing, the two sides' outputs and gradients must be
+equal bit for bit (the same codes reach the same GEMM either way; both start from the same
+stochastic rounding keys). The packed side is the same code with the weight quantizer's
+``values`` flag off.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def measure(shape: tuple[int, int, int], args: argparse.Namespace) -> dict:
     for name, a, b in zip(("y", "dx", "dw"), outs["values"], outs["packed"], strict=True):
         if not torch.equal(a, b):
             raise AssertionError(f"{shape}: {name} differs between the two sides")
-    steps = {side: (graphed_step(layer, x, dy) if device.type == "cuda" else
+    steps = {side: (graphed_step(layer, x, dy) if device.type == "cuda" and not args.eager else
                     lambda layer=layer: eager_step(layer, x, dy))
              for side, layer in layers.items()}
     times: dict[str, list[float]] = {side: [] for side in steps}
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shapes", default=None, help="comma list of MxKxN (default: SHAPES)")
     p.add_argument("--iters", type=int, default=20, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--eager", action="store_true",
+                   help="time eager steps (host launches included) instead of CUDA graphs")
     args = p.parse_args(argv)
     shapes = SHAPES if args.shapes is None else [
         tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -144,12 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "command": " ".join(sys.argv), "iters": args.iters, "rounds": args.rounds,
+        "timing": "eager" if args.eager or args.device != "cuda" else "cuda graph",
         "results": [],
     }
     for shape in shapes:  # written after each shape: a run cut off keeps what it measured
         report["results"].append(measure(shape, args))
         if os.environ.get("OUT"):
-            path = Path(os.environ["OUT"]) / "linear_weight_values.json"
+            name = "linear_weight_values" + ("_eager" if args.eager else "")
+            path = Path(os.environ["OUT"]) / f"{name}.json"
             path.write_text(json.dumps(report, indent=1))
 
 
