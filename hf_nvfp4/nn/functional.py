@@ -8,7 +8,7 @@ Three GEMMs, each operand quantized per its role (see :mod:`hf_nvfp4.recipe`):
 
 Only codes, scales and global scales are saved for backward, never high-precision
 activations (unless the wgrad GEMM itself runs in high precision). Copies that a GEMM reads
-at once (x_row, dy_row, dy_t) may come from the backend as BF16 block values, which its
+at once (x_row, W, dy_row, dy_t) may come from the backend as BF16 block values, which its
 GEMM reads without a dequantize pass.
 
 Everything the op needs besides tensors is a hashable :class:`LinearPlan` decided once per
