@@ -275,26 +275,15 @@ def test_fake_impls_match_shapes():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_linear_fwd_bwd_matches_reference_backend(backends, count_op_calls, dtype):
+def test_linear_fwd_bwd_matches_reference_backend(backends, count_op_calls, linear_step_pair,
+                                                  dtype):
     """A whole fp8_block NVFP4Linear step, triton vs reference backend: equal outputs and
     gradients (on the CPU both GEMMs are the reference GEMM; on a GPU the FP8 tensor cores
     accumulate in fewer bits, see backends.fp8_gemm)."""
     from hf_nvfp4.backends.fp8_gemm import ACCUMULATION_TOLERANCE
-    from hf_nvfp4.nn import NVFP4Linear
 
     calls = count_op_calls("quantize_rowcol_fp8", "quantize_2d_fp8")
-    torch.manual_seed(0)
-    layers = [NVFP4Linear(200, 144, recipe="fp8_block", backend=b, device=DEV, dtype=dtype)
-              for b in ("triton", "reference")]
-    layers[1].load_state_dict(layers[0].state_dict())
-    x = torch.randn(3, 50, 200, device=DEV, dtype=dtype)
-    dy = torch.randn(3, 50, 144, device=DEV, dtype=dtype)
-    outs = []
-    for layer in layers:
-        xr = x.clone().requires_grad_()
-        y = layer(xr)
-        y.backward(dy)
-        outs.append((y, xr.grad, layer.weight.grad, layer.bias.grad))
+    outs = linear_step_pair("fp8_block", 200, 144, (3, 50), dtype, DEV)
     assert calls["quantize_rowcol_fp8"] >= 2 and calls["quantize_2d_fp8"] >= 1
     for got, want, name in zip(outs[0], outs[1], ("y", "dx", "dw", "db"), strict=True):
         if DEV == "cpu":

@@ -368,34 +368,18 @@ def test_fake_impls_match_shapes():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, count_op_calls, dtype):
+def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, count_op_calls, linear_step_pair,
+                                                  assert_steps_match, dtype):
     """A whole mxfp4 NVFP4Linear step (RHT, SR, 32x32 weight tiles), triton vs reference
     backend. On the CPU the triton backend's BF16 GEMM is pinned to the reference GEMM (the
     GEMM is tested in test_kernels_gemm.py), so outputs and gradients equal bit for bit
     exactly when every quantized operand does; on a GPU the GEMMs differ in summation order."""
     import hf_nvfp4.backends.triton_backend as tb
-    from hf_nvfp4.nn import NVFP4Linear
 
     calls = count_op_calls("quantize_rowcol_mxfp4", "quantize_2d_mxfp4")
     if DEV == "cpu":
         monkeypatch.setattr(tb.TritonBackend, "gemm",
                             lambda self, a, b, out_dtype: reference_gemm(a, b, out_dtype))
-    torch.manual_seed(0)
-    layers = [NVFP4Linear(96, 64, recipe="mxfp4", backend=b, device=DEV, dtype=dtype)
-              for b in ("triton", "reference")]
-    layers[1].load_state_dict(layers[0].state_dict())
-    x = torch.randn(3, 20, 96, device=DEV, dtype=dtype)
-    dy = torch.randn(3, 20, 64, device=DEV, dtype=dtype)
-    outs = []
-    for layer in layers:
-        xr = x.clone().requires_grad_()
-        y = layer(xr)
-        y.backward(dy)
-        outs.append((y, xr.grad, layer.weight.grad, layer.bias.grad))
+    outs = linear_step_pair("mxfp4", 96, 64, (3, 20), dtype, DEV)
     assert calls["quantize_rowcol_mxfp4"] >= 2 and calls["quantize_2d_mxfp4"] >= 1
-    for got, want, name in zip(outs[0], outs[1], ("y", "dx", "dw", "db"), strict=True):
-        if DEV == "cpu":
-            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()),
-                                       msg=name)
+    assert_steps_match(outs)

@@ -717,7 +717,8 @@ def test_fake_shapes():
 
 
 @pytest.mark.parametrize("weight_2d", [True, False], ids=["2d_16x16", "1x16"])
-def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, count_op_calls, weight_2d):
+def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, count_op_calls, linear_step_pair,
+                                                  assert_steps_match, weight_2d):
     """A whole NVFP4Linear step (RHT, SR), triton vs reference backend. The forward's x and W
     reach the GEMM as block values, so a step dequantizes only the two packed copies the
     backward saved (W^T, x^T). On the CPU the triton backend's GEMM is pinned to the
@@ -725,7 +726,6 @@ def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, count_op_calls, w
     in test_kernels_gemm.py), so outputs and gradients equal bit for bit exactly when every
     quantized operand does; on a GPU the GEMMs differ in summation order."""
     import hf_nvfp4.backends.triton_backend as tb
-    from hf_nvfp4.nn import NVFP4Linear
 
     def values_gemm(self, a, b, out_dtype):
         out = self._values(a).float() @ self._values(b).float().t()
@@ -734,27 +734,11 @@ def test_linear_fwd_bwd_matches_reference_backend(monkeypatch, count_op_calls, w
     calls = count_op_calls("quantize_2d", "quantize_rowcol", "dequantize")
     if DEV == "cpu":
         monkeypatch.setattr(tb.TritonBackend, "gemm", values_gemm)
-    torch.manual_seed(0)
-    recipe = Recipe(weight_2d=weight_2d)
-    layers = [NVFP4Linear(96, 64, recipe=recipe, backend=b, device=DEV, sr_seed=3)
-              for b in ("triton", "reference")]
-    layers[1].load_state_dict(layers[0].state_dict())
-    x = torch.randn(3, 20, 96, device=DEV)
-    dy = torch.randn(3, 20, 64, device=DEV)
-    outs = []
-    for layer in layers:
-        xr = x.clone().requires_grad_()
-        y = layer(xr)
-        y.backward(dy)
-        outs.append((y, xr.grad, layer.weight.grad, layer.bias.grad))
+    outs = linear_step_pair(Recipe(weight_2d=weight_2d), 96, 64, (3, 20), torch.float32, DEV,
+                            sr_seed=3)
     assert calls == {"quantize_2d": int(weight_2d), "quantize_rowcol": 3 - weight_2d,
                      "dequantize": 2}
-    for got, want, name in zip(outs[0], outs[1], ("y", "dx", "dw", "db"), strict=True):
-        if DEV == "cpu":
-            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()),
-                                       msg=name)
+    assert_steps_match(outs)
 
 
 def test_clear_error_without_triton(monkeypatch):
