@@ -585,13 +585,15 @@ def test_zero_blocks_rowcol():
         _check_rowcol(xx, SPECS.dy, SPECS.dy_t)
 
 
-def test_zero_blocks_weight(backends):
-    x = _x(40, 64, torch.bfloat16, seed=2)
+def test_zero_blocks_weight(backends, count_op_calls):
+    calls = count_op_calls("quantize_2d")
+    x = _x(40, 64, torch.bfloat16, seed=2).to(DEV)
     x[:16, :32] = 0
     x[:, 48:] = 0
     tri, ref = backends
     for g, w in zip(tri.quantize_weight(x, SPECS.w), ref.quantize_weight(x, SPECS.w), strict=True):
         assert_qtensor_equal(g, w, name="2d")
+    assert calls == {"quantize_2d": 1}  # the kernel ran (no silent fallback to the reference)
 
 
 def test_extreme_scales():
@@ -614,12 +616,14 @@ def test_extreme_scales():
         pytest.param(MXFP4.w, id="mxfp4_32x32"),
     ],
 )
-def test_weight_bitwise(backends, dtype, shape, spec):
+def test_weight_bitwise(backends, count_op_calls, dtype, shape, spec):
+    calls = count_op_calls("quantize_2d", "quantize_2d_mxfp4", "quantize_rowcol")
     w = _x(*shape, dtype, seed=4).to(DEV)
     tri, ref = backends
     for name, g, r in zip(("w", "w_t"), tri.quantize_weight(w, spec),
                           ref.quantize_weight(w, spec), strict=True):
         assert_qtensor_equal(g, r, name=name)
+    assert sum(calls.values()) == 1  # one kernel wrote both (no fallback to the reference)
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:2])
@@ -628,12 +632,13 @@ def test_weight_bitwise(backends, dtype, shape, spec):
 )
 @pytest.mark.parametrize("spec", [pytest.param(SPECS.w, id="2d_16x16"),
                                   pytest.param(Recipe(weight_2d=False).role_specs().w, id="1x16")])
-def test_weight_values_bitwise(backends, dtype, shape, spec):
+def test_weight_values_bitwise(backends, count_op_calls, dtype, shape, spec):
     """The training forward's W as BF16 block values: the reference's block values of its
     packed W, bit for bit (zero in the padding columns), its global scale, and the same
     packed W^T."""
     from hf_nvfp4.backends.base import BlockValues
 
+    calls = count_op_calls("quantize_2d", "quantize_rowcol")
     w = _x(*shape, dtype, seed=4).to(DEV)
     w[:16, :16] = 0  # an all-zero tile
     tri, ref = backends
@@ -646,6 +651,7 @@ def test_weight_values_bitwise(backends, dtype, shape, spec):
     assert int(torch.count_nonzero(got.values[:16, :16])) == 0
     assert torch.equal(got.global_scale.reshape(()).cpu(), want.global_scale.reshape(()).cpu())
     assert_qtensor_equal(got_t, want_t, name="w_t")
+    assert sum(calls.values()) == 1
 
 
 @pytest.mark.parametrize("spec", [pytest.param(SPECS.w, id="2d_16x16"),
