@@ -262,7 +262,12 @@ def test_report_of_the_committed_250m_runs(tmp_path, monkeypatch):
     replicate_report.main()
     md = (tmp_path / "README.md").read_text()
     assert "| seed0 | nvfp4 | 1.7820 | +1.43% |" in md
-    assert "**In progress**: not yet run: nvfp4_all_blocks." in md
+    assert "In progress" not in md  # all 13 runs are in
+    assert ("| seed0 | nvfp4_all_blocks | 1.7927 | +2.04% | +7.5 | +1.88% | 301,606 | H100 | "
+            "9,570 | never | 3 |") in md
+    assert ("| all blocks in FP4 is worse than the recipe | held (nvfp4_all_blocks vs nvfp4: "
+            "+0.60%) |") in md
+    assert "| nvfp4_all_blocks | 4.1627 | +0.23% | 1.7927 | +2.04% (1 seed) |" in md
     assert "| seed0 | nvfp4_no_2d | 1.7839 | +1.54% | +5.6 | +1.38% | 318,195 | H100 |" in md
     assert ("| no 2D weights is worse | held, weak: within seed noise (nvfp4_no_2d vs nvfp4: "
             "+0.11%) |") in md
