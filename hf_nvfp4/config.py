@@ -81,9 +81,10 @@ class NVFP4Config(QuantizationConfigMixin):
         reduce_amax: under data parallelism, all-reduce (max) each NVFP4 tensor's global
             amax across ranks, so every rank quantizes its shard of the batch with the scale
             of the whole batch (a 2-GPU run then matches a 1-GPU run with the same global
-            batch up to summation order). Runs the quantization on the reference code, in
-            training mode only (``model.eval()`` forwards stay local), and lets NaN/Inf
-            through rather than raise on one rank while the others wait.
+            batch up to summation order). The amaxes are all-reduced between the backend's
+            amax and encode passes, in training mode only (``model.eval()`` forwards stay
+            local), and NaN/Inf pass through rather than raise on one rank while the others
+            wait.
         fsdp_quantized_all_gather: under FSDP2 (``fully_shard``, Accelerate's FSDP2 plugin),
             all-gather the weights of quantized layers as their codes and tile scales (NVFP4:
             0.56 bytes per weight instead of 2 or 4), each rank quantizing its own shard;
@@ -160,9 +161,11 @@ class NVFP4Config(QuantizationConfigMixin):
             )
         if self.switch_mode not in SWITCH_MODES:
             raise ValueError(f"switch_mode must be one of {SWITCH_MODES}; got {self.switch_mode!r}")
-        if self.optimizer_moments not in (None, "nvfp4", "fp8_block", "mxfp8"):
+        from .optim.state import STATE_FORMATS
+
+        if self.optimizer_moments not in (None, *STATE_FORMATS):
             raise ValueError(
-                "optimizer_moments must be None, 'nvfp4', 'fp8_block' or 'mxfp8'; "
+                f"optimizer_moments must be None or one of {STATE_FORMATS}; "
                 f"got {self.optimizer_moments!r}"
             )
         if self.switched not in (None, *SWITCH_MODES):

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import copy
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -332,7 +332,7 @@ def convert_experts_module(
     module._hf_nvfp4 = ExpertsQuantization(recipe, backend, previous, int(sr_seed))
 
 
-def iter_nvfp4_experts(model: nn.Module):
+def iter_nvfp4_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(name, module)`` for every experts module of ``model`` converted to NVFP4."""
     for name, mod in model.named_modules():
         if isinstance(getattr(mod, "_hf_nvfp4", None), ExpertsQuantization):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..numerics.quantize import QTensor
-from ..recipe import QuantSpec
+from ..recipe import QuantSpec, RoleSpecs
 from .base import Rng, cuda_capability_at_least
 
 _TILE_ROWS, _TILE_COLS = 128, 4
@@ -62,6 +62,11 @@ class NativeFP4Backend:
         from .triton_backend import TritonBackend
 
         self._quantizer = TritonBackend()
+
+    def prepare(self, specs: RoleSpecs, device: torch.device) -> None:
+        """The Triton quantizer's one-time device setup (see :meth:`TritonBackend.prepare`):
+        built eagerly here, not first inside a traced or CUDA-graphed step."""
+        self._quantizer.prepare(specs, device)
 
     def quantize_rowcol(
         self,

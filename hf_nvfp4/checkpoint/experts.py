@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backends import get_backend
+from ..backends import backend_instance, resolve_backend
 from ..experts import (
     PROJECTORS,
     ExpertsQuantization,
@@ -186,8 +186,8 @@ def expert_weights(module: nn.Module) -> dict[str, ExpertWeights]:
     spec = _role_specs(module._hf_nvfp4.recipe).w
     if spec is None or spec.fmt != "nvfp4":
         raise ValueError(
-            f"only NVFP4 expert weights can be packed; this module's recipe quantizes its "
-            f"weights as {spec.fmt if spec else 'bf16'!r}"
+            f"only NVFP4 expert weights can be packed; this {type(module).__name__}'s recipe "
+            f"quantizes its weights as {spec.fmt if spec else 'bf16'!r}"
         )
     out = {}
     for p in quantized_params(module):
@@ -215,7 +215,8 @@ def pack_experts_module(
     given = weights or shapes
     params = tuple(p for p in expert_params(module) if p in given)
     if set(params) != set(given):
-        raise ValueError(f"packed experts parameters {sorted(given)} are not {list(params)}")
+        raise ValueError(f"packed experts parameters {sorted(given)} of "
+                         f"{type(module).__name__} are not its {list(params)}")
     previous = (training.previous_implementation if training is not None
                 else current_implementation(module))
     seed = training.sr_seed if training is not None else 0
@@ -297,7 +298,7 @@ def packed_projector(module: nn.Module, device: torch.device) -> tuple[Project, 
             f"{type(module).__name__} dispatches to the {PACKED_IMPLEMENTATION!r} experts "
             "implementation but holds no packed NVFP4 weights"
         )
-    backend = get_backend(info.backend, device)
+    backend = backend_instance(resolve_backend(info.backend, device))
     spec = _role_specs(info.recipe).x
 
     def project(x: torch.Tensor, stage: int, counts: list[int]) -> torch.Tensor:
@@ -541,7 +542,7 @@ def refuse_high_precision_experts(model: nn.Module, export: str) -> None:
             )
 
 
-def _probe(model: nn.Module, modules: list[tuple[str, nn.Module]]):
+def _probe(modules: list[tuple[str, nn.Module]]):
     """Index tensors shaped like each fused parameter (2 columns): value
     ``offset + 2 * (e * out + row) + col``, unique across parameters."""
     probe: dict[str, torch.Tensor] = {}
@@ -593,7 +594,7 @@ def expert_export(model: nn.Module, export: str) -> ExpertExport:
                 f"{what}, and the per-expert layout engines read for it is not determined; "
                 "save the model with hf_nvfp4.checkpoint.save_packed instead"
             )
-    probe, sources = _probe(model, modules)
+    probe, sources = _probe(modules)
     reverted = revert_weight_conversion(model, probe)
     fused = sorted(set(probe) & set(reverted))
     if fused:

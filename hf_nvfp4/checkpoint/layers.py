@@ -31,7 +31,9 @@ class PackedLayer:
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """True for NVFP4Linear (with an NVFP4 weight) and NVFP4PackedLinear."""
+    """True for NVFP4PackedLinear and for an NVFP4Linear whose forward is quantized, in any
+    format (NVFP4, MXFP4, FP8 block: :func:`iter_packed_layers` then refuses the non-NVFP4
+    ones by name rather than skip them)."""
     if isinstance(module, NVFP4PackedLinear):
         return True
     if isinstance(module, NVFP4Linear):

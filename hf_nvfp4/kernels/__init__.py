@@ -13,13 +13,19 @@ import os
 INSTALL_HINT = "pip install 'triton>=3.2'"
 
 
+def interpret_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter, read as Triton reads it
+    (``1``, ``true``, ``on`` or ``yes``, in any case)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
 @functools.cache
 def interpreting() -> bool:
     """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``). Read once, on
     the first launch: Triton itself fixes each kernel as interpreted or compiled when its
     module is imported, and reading the environment costs microseconds on every launch.
     Here, not in the kernel modules, because modules that must import without Triton ask."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return interpret_requested()
 
 
 def is_triton_available() -> tuple[bool, str]:
@@ -35,8 +41,9 @@ def is_triton_available() -> tuple[bool, str]:
         import triton
     except Exception as exc:  # a broken install raises anything at import
         return False, f"triton failed to import ({type(exc).__name__}: {exc}); {INSTALL_HINT}"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True, f"triton {triton.__version__} in interpreter mode (TRITON_INTERPRET=1)"
+    if interpret_requested():
+        return True, (f"triton {triton.__version__} in interpreter mode "
+                      f"(TRITON_INTERPRET={os.environ['TRITON_INTERPRET']})")
     import torch
 
     if not torch.cuda.is_available():

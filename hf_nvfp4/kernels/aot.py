@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from . import interpret_requested
+
 #: The modules scanned for the ``@triton.jit`` kernels they launch.
 KERNEL_MODULES = ("sr_keys", "amax", "quantize_rowcol", "quantize_2d", "dequantize", "gemm",
                   "adamw", "grouped", "quantize_fp8", "quantize_mxfp4")
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="core: each kernel's first variant; rest: the others")
     parser.add_argument("--shard", default="0/1", help="i/n: every n-th variant from the i-th")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off"):
+    if interpret_requested():
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     problem = toolchain_problem(args.arch)
     if problem is not None:

@@ -205,8 +205,9 @@ def quantized_linear(
     """Functional form of :class:`QuantizedLinearFunction`.
 
     ``keys``: int32 [2] stochastic-rounding keys of this call on x's device (row copy of dy,
-    column copy of dy^T), e.g. from :func:`hf_nvfp4.quant.sr.advance_keys`; None rounds the
-    gradients to nearest whatever the recipe says (inference).
+    column copy of dy^T), e.g. from :func:`hf_nvfp4.quant.sr.advance_keys`; None: the
+    recipe's stochastic copies draw fresh keys from torch's default generator (not
+    reproducible).
     """
     y = QuantizedLinearFunction.apply(x, weight, bias, keys, plan)
     return y.reshape(*x.shape[:-1], weight.shape[0])

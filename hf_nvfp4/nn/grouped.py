@@ -95,7 +95,7 @@ class _Batched:
     """The grouped Triton kernels: each step one launch for all groups."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, keys, counts, plan):
+    def forward(ctx, x, w, keys, counts, plan):
         from ..kernels.grouped import (
             GroupLayout,
             grouped_amax,
@@ -167,7 +167,7 @@ class _PerGroup:
     """Each group through the plan's backend in turn (any backend and recipe)."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, keys, counts, plan):
+    def forward(ctx, x, w, keys, counts, plan):
         specs, backend = plan.specs, backend_instance(plan.backend)
         need_col = ctx.needs_input_grad[1]
         outs, saved, metas = [], [], []
@@ -246,7 +246,7 @@ class QuantizedGroupedLinearFunction(torch.autograd.Function):
         ctx.impl, ctx.plan, ctx.counts, ctx.transposed = impl, plan, counts, transposed
         ctx.x_dtype, ctx.w_dtype, ctx.w_shape = x.dtype, weight.dtype, tuple(w.shape)
         ctx.has_bias = bias is not None
-        y = impl.forward(ctx, x.contiguous(), w, bias, keys, counts, plan)
+        y = impl.forward(ctx, x.contiguous(), w, keys, counts, plan)
         used = sum(counts)
         if impl is _Batched and used < y.shape[0]:
             y[used:].zero_()
@@ -285,7 +285,8 @@ def quantized_grouped_linear(
         bias: [G, out] or None.
         counts: rows per group (host ints), ``len(counts) == G``.
         plan: the :class:`LinearPlan` every group runs.
-        keys: int32 [G, 2] stochastic-rounding keys per group, or None (no SR).
+        keys: int32 [G, 2] stochastic-rounding keys per group, or None: stochastic copies
+            then draw fresh keys from torch's default generator (not reproducible).
 
     Returns:
         [S, out] in ``x``'s dtype.

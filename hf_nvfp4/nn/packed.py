@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backends import BACKENDS, get_backend
+from ..backends import BACKENDS, backend_instance
 from ..distributed import rank, refuse_data_parallel_replica
 from ..numerics.quantize import QTensor
 from ..quant.fsdp import GatheredWeight, gathers_codes
@@ -274,7 +274,7 @@ class NVFP4PackedLinear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             with torch.autocast(dev_type, enabled=False):
                 return self._forward_with_input_grad(x)
-        backend = get_backend(self.backend_name, x.device)
+        backend = backend_instance(self._plan(x.device).backend)
         spec = _role_specs(self.recipe).x
         with torch.autocast(dev_type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
@@ -354,8 +354,8 @@ def quantized_weight(linear: NVFP4Linear) -> QTensor:
     spec = _role_specs(linear.recipe).w
     if spec is None or spec.fmt != "nvfp4":
         raise ValueError(
-            f"only NVFP4 weights can be packed; this layer's recipe quantizes its weight as "
-            f"{spec.fmt if spec else 'bf16'!r}"
+            f"only NVFP4 weights can be packed; this {type(linear).__name__}'s recipe quantizes "
+            f"its weight as {spec.fmt if spec else 'bf16'!r}"
         )
     return quantize_spec(linear.weight.detach(), spec)
 

@@ -8,9 +8,10 @@ Two sources of keys:
 
 * a seed drawn from a ``torch.Generator`` (:func:`draw_seed`, :func:`generator_keys`): the
   functional API and tests;
-* a layer's device-side state ``[seed, step]`` (:func:`advance_keys`): training. Each
-  forward advances ``step`` in place and derives that call's keys from ``(seed, step,
-  rank)`` on the device, so no host generator, host sync or graph break is involved.
+* a layer's device-side state ``[seed, step]`` (:func:`derive_keys`; in training
+  :func:`hf_nvfp4.quant.sr.advance_keys`): each forward advances ``step`` in place and
+  derives that call's keys from ``(seed, step, rank)`` on the device, so no host
+  generator, host sync or graph break is involved.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def derive_keys(state: torch.Tensor, rank: int | torch.Tensor, n: int = 2) -> to
 
     ``h = mix(mix(mix(fmix32(seed_hi), seed_lo), step_lo), rank)``, ``key_i = mix(h, i + 1)``
     with ``mix(h, v) = fmix32((h * GOLDEN + v) mod 2^32)``, all on 32-bit words. Ranks draw
-    independent streams; the Triton kernel of :func:`hf_nvfp4.kernels.sr.advance_keys`
-    computes the same words.
+    independent streams; the Triton kernel
+    :func:`hf_nvfp4.kernels.sr_keys.advance_keys_triton` computes the same words.
     """
     seed, step = state[0], state[1]
     h = _fmix32((seed >> 32) & _MASK32)

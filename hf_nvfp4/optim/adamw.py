@@ -11,6 +11,7 @@ from torch import nn
 from hf_nvfp4.distributed import rank
 from hf_nvfp4.numerics.rng import draw_seed
 
+from .groups import DEFAULT_MIN_QUANTIZED_NUMEL
 from .state import STATE_FORMATS, MomentCodec, load, packed_nbytes, restore_dtypes, store
 
 _MASK64 = (1 << 64) - 1
@@ -112,7 +113,7 @@ class QuantizedAdamW(torch.optim.Optimizer):
         sqrt_second_moment: bool = True,
         square_tiles: bool = False,
         rounding: str = "stochastic",
-        min_quantized_numel: int = 4096,
+        min_quantized_numel: int = DEFAULT_MIN_QUANTIZED_NUMEL,
         seed: int = 0,
         fused: bool | None = None,
     ) -> None:

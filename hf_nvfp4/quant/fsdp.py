@@ -359,7 +359,8 @@ def register_state_dict_hooks(module: torch.nn.Module) -> None:
     same spec and backend. Call once per module, after wrapping its weight."""
     weight = _local(module.weight)
     if not isinstance(weight, ShardedWeight):
-        raise TypeError(f"module.weight is not a ShardedWeight: {type(weight).__name__}")
+        raise TypeError(f"{type(module).__name__}.weight is not a ShardedWeight: "
+                        f"{type(weight).__name__}")
     module.register_state_dict_post_hook(plain_state_dict)
     module.register_load_state_dict_post_hook(
         functools.partial(_rewrap_assigned, weight.spec, weight.backend)

@@ -102,3 +102,17 @@ def test_native_gemm_pads_ragged_shapes(monkeypatch, m, k, n):
     assert scale.dtype == qa.scale.dtype and scale.shape == (data.shape[0], 2 * data.shape[1] // 16)
     assert torch.equal(data[:m, : qa.data.shape[1]], qa.data)
     assert int(data.sum()) == int(qa.data.sum())  # the padding is zero codes
+
+
+def test_native_prepares_its_triton_quantizer_eagerly(monkeypatch):
+    """build_plan prepares a backend that has ``prepare``: the native backend passes it to its
+    Triton quantizer, so RHT matrices and FP8 checks are not first built inside a graph."""
+    from hf_nvfp4.backends.native import NativeFP4Backend
+    from hf_nvfp4.backends.triton_backend import TritonBackend
+
+    seen = []
+    monkeypatch.setattr(TritonBackend, "prepare",
+                        lambda self, specs, device: seen.append((specs, device)))
+    specs = PRESETS["nvfp4"].role_specs()
+    NativeFP4Backend().prepare(specs, torch.device("cpu"))
+    assert seen == [(specs, torch.device("cpu"))]

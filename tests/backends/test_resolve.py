@@ -42,3 +42,16 @@ def test_auto_on_a_gpu_without_triton_warns_once_with_the_reason(monkeypatch):
         warnings.simplefilter("error")  # resolved once per device: no second warning
         assert backends.resolve_backend("auto", "cuda:3") == "reference"
     assert backends.resolve_backend("auto", "cpu") == "reference"
+
+
+@pytest.mark.parametrize("value, wanted", [
+    ("1", True), ("true", True), ("ON", True), ("yes", True), (" 1 ", True),
+    ("0", False), ("", False), ("false", False), ("off", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, wanted):
+    """``TRITON_INTERPRET=true`` makes Triton interpret; the availability check must agree
+    (it used to accept only ``1`` and then asked for a CUDA device)."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert hf_nvfp4.kernels.interpret_requested() is wanted
+    if wanted:
+        ok, reason = hf_nvfp4.kernels.is_triton_available()
+        assert ok and f"TRITON_INTERPRET={value}" in reason
