@@ -205,14 +205,19 @@ def test_telemetry_is_logged(tmp_path, data):
     assert h["nvfp4/wgrad_noise_ratio"] > math.sqrt(3)
 
 
-def test_quantized_optimizer_moments(tmp_path, data):
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_quantized_optimizer_moments(tmp_path, data, fmt):
+    """Every moment format QuantizedAdamW has is accepted by the config and trains."""
     from hf_nvfp4.optim import QuantizedAdamW
 
     trainer = NVFP4Trainer(model=_model(), args=_args(tmp_path, max_steps=2),
-                           nvfp4={**ALL_BLOCKS, "optimizer_moments": "nvfp4"},
+                           nvfp4={**ALL_BLOCKS, "optimizer_moments": fmt},
                            train_dataset=data[0])
     trainer.train()
-    assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), QuantizedAdamW)
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(opt, QuantizedAdamW)
+    assert opt.codecs["exp_avg"].fmt == opt.codecs["exp_avg_sq"].fmt == fmt
+    assert any("exp_avg_data" in state for state in opt.state.values())  # stored quantized
 
 
 def test_conflicting_configs_rejected(tmp_path, data):
