@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ._names import shown_names
-from .config import NVFP4Config
+from .config import SWITCH_MODES, NVFP4Config
 from .convert import iter_nvfp4_linears
 from .experts import iter_nvfp4_experts
 from .quant.fsdp import is_gathered_quantized
@@ -23,7 +23,7 @@ def _switched(recipe: Recipe, mode: str) -> Recipe:
         return recipe.replace(fprop_format=HIGH_PRECISION)
     if mode == "all":
         return PRESETS[HIGH_PRECISION]
-    raise ValueError(f"switch mode must be 'forward' or 'all'; got {mode!r}")
+    raise ValueError(f"switch mode must be one of {SWITCH_MODES}; got {mode!r}")
 
 
 def _quantized(model: nn.Module) -> Iterator[tuple[str, Any]]:

@@ -69,7 +69,8 @@ def test_switch_all_then_restore(model):
 
 
 def test_switch_rejects_unknown_mode(model):
-    with pytest.raises(ValueError, match="switch mode must be 'forward' or 'all'; got 'half'"):
+    with pytest.raises(ValueError,
+                       match=r"switch mode must be one of \('forward', 'all'\); got 'half'"):
         switch_to_high_precision(model, "half")
 
 
