@@ -53,10 +53,10 @@ import torch
 from torch import nn
 
 from ._names import derives_from
-from .distributed import rank, refuse_data_parallel_replica
+from .distributed import rank
 from .nn.functional import LinearPlan, build_plan
 from .nn.grouped import expert_keys, quantized_grouped_linear
-from .quant.sr import new_state
+from .quant.sr import draws_keys, new_state
 from .recipe import Recipe
 
 IMPLEMENTATION = "hf_nvfp4"
@@ -366,8 +366,7 @@ def nvfp4_projector(module: nn.Module, device: torch.device) -> tuple[Project, i
     transposed = weights_transposed(module)
     plan = quant.plan(device)
     keys = None
-    if module.training and torch.is_grad_enabled() and quant.recipe.stochastic_rounding:
-        refuse_data_parallel_replica(module)
+    if draws_keys(module, quant.recipe.stochastic_rounding):
         keys = expert_keys(module.sr_state, rank(), num_experts, len(params))
     biases = tuple(_bias(module, p) for p in params)
 

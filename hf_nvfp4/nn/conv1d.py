@@ -28,7 +28,7 @@ from torch import nn
 
 from ..backends.reference import quantize_spec
 from ..numerics.quantize import QTensor
-from ..quant.sr import new_state
+from ..quant.sr import layer_seed, new_state
 from ..recipe import Recipe
 from .functional import quantized_linear
 from .linear import NVFP4Linear, _role_specs
@@ -108,7 +108,7 @@ class NVFP4Conv1D(NVFP4Linear):
     ) -> NVFP4Conv1D:
         """A layer around an existing ``[in, out]`` weight and ``[out]`` bias (shared)."""
         if sr_seed is None:
-            sr_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+            sr_seed = layer_seed()
         in_features, out_features = weight.shape
         new = cls(
             in_features, out_features, bias=bias is not None, device="meta", recipe=recipe,

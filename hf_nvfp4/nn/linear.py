@@ -10,14 +10,14 @@ from torch import nn
 
 from ..backends import BACKENDS, backend_instance
 from ..backends import te as _te
-from ..distributed import rank, refuse_data_parallel_replica, world_size
+from ..distributed import rank, world_size
 from ..quant.fsdp import (
     gathers_codes,
     is_gathered_quantized,
     register_state_dict_hooks,
     wrap_weight,
 )
-from ..quant.sr import advance_keys, new_state
+from ..quant.sr import advance_keys, draws_keys, layer_seed, new_state
 from ..recipe import Recipe, RoleSpecs, get_recipe
 from .functional import LinearPlan, build_plan, quantized_linear
 
@@ -73,7 +73,7 @@ class NVFP4Linear(nn.Linear):
                 "its amaxes inside its own kernels); use reduce_amax=False or another backend"
             )
         if sr_seed is None:
-            sr_seed = int(torch.randint(0, 2**62, (1,)))
+            sr_seed = layer_seed()
         self.register_buffer("sr_state", new_state(sr_seed, device))
         self._sr_seed = int(sr_seed)  # re-initializes a buffer left on meta by a lazy load
         self.share_input = True
@@ -91,7 +91,7 @@ class NVFP4Linear(nn.Linear):
     ) -> NVFP4Linear:
         """Wrap an existing ``nn.Linear``, sharing (not copying) its parameters."""
         if sr_seed is None:
-            sr_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+            sr_seed = layer_seed()
         with torch.device("meta"):
             new = cls(
                 linear.in_features,
@@ -193,16 +193,10 @@ class NVFP4Linear(nn.Linear):
         return int(self.sr_state[1])
 
     def _sr_keys(self) -> torch.Tensor | None:
-        """This call's stochastic-rounding keys; advances the step (training forwards only).
-
-        Not ``torch.is_grad_enabled()`` alone: evaluation forwards, which ranks may run a
-        different number of times, leave the stream where it is.
-        """
-        if not (self.training and torch.is_grad_enabled()):
+        """This call's stochastic-rounding keys; advances the step (training forwards only,
+        see :func:`~hf_nvfp4.quant.sr.draws_keys`)."""
+        if not draws_keys(self, self.recipe.stochastic_rounding):
             return None
-        if not self.recipe.stochastic_rounding:
-            return None
-        refuse_data_parallel_replica(self)
         return advance_keys(self.sr_state, rank())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from ..backends import BACKENDS, backend_instance
-from ..distributed import rank, refuse_data_parallel_replica
+from ..distributed import rank
 from ..numerics.quantize import QTensor
 from ..quant.fsdp import GatheredWeight, gathers_codes
-from ..quant.sr import advance_keys, new_state
+from ..quant.sr import advance_keys, draws_keys, new_state
 from ..recipe import Recipe, get_recipe
 from .functional import LinearPlan, build_plan, quantized_linear
 from .linear import NVFP4Linear, _role_specs
@@ -306,8 +306,7 @@ class NVFP4PackedLinear(nn.Module):
             weight = self._frozen_weight
         plan = self._plan(x.device)
         keys = None
-        if self.training and self.recipe.stochastic_rounding:
-            refuse_data_parallel_replica(self)
+        if draws_keys(self, self.recipe.stochastic_rounding):
             state = self.grad_sr_state
             if state is None or state.device != x.device:
                 state = new_state(self.sr_seed) if state is None else state

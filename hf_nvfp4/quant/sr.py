@@ -14,6 +14,7 @@ import functools
 import torch
 from torch import Tensor
 
+from ..distributed import refuse_data_parallel_replica
 from ..numerics.rng import derive_keys
 
 N_KEYS = 2  # row copy (dgrad operand), column copy (wgrad operand)
@@ -65,4 +66,24 @@ def new_state(seed: int, device: torch.device | str | None = None) -> Tensor:
     return torch.tensor([seed, 0], dtype=torch.int64, device=device)
 
 
-__all__ = ["N_KEYS", "advance_keys", "new_state"]
+def layer_seed() -> int:
+    """A seed for a layer built without one: 62 bits from torch's default CPU generator, so
+    ``torch.manual_seed`` before building a model fixes its layers' streams."""
+    return int(torch.randint(0, 2**62, (1,), device="cpu"))
+
+
+def draws_keys(module: torch.nn.Module, stochastic_rounding: bool) -> bool:
+    """Whether this forward of ``module`` draws stochastic-rounding keys: a training forward
+    (``module.training`` with grad enabled) of a recipe that rounds stochastically.
+
+    Not ``torch.is_grad_enabled()`` alone: evaluation forwards, which data-parallel ranks may
+    run a different number of times, leave the stream where it is. Raises for a replica of
+    ``torch.nn.DataParallel``, whose copies would share one stream.
+    """
+    if not (module.training and torch.is_grad_enabled() and stochastic_rounding):
+        return False
+    refuse_data_parallel_replica(module)
+    return True
+
+
+__all__ = ["N_KEYS", "advance_keys", "draws_keys", "layer_seed", "new_state"]
