@@ -482,9 +482,7 @@ class ExpertExport:
         ``save_pretrained`` writes them (only a pure renaming is accepted)."""
         if self.model is None or not tensors:
             return tensors
-        from transformers.core_model_loading import revert_weight_conversion
-
-        out = revert_weight_conversion(self.model, dict(tensors))
+        out = _revert_to_hub_names(self.model, dict(tensors))
         ids = {id(t) for t in tensors.values()}
         if len(out) != len(tensors) or any(id(t) not in ids for t in out.values()):
             raise ValueError(
@@ -566,6 +564,24 @@ def gemm_matrices_shape(module: nn.Module, name: str) -> tuple[int, int, int]:
     return tuple(gemm_matrices(module, name).shape)
 
 
+def _revert_to_hub_names(model: nn.Module, tensors: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` under the architecture's checkpoint names (transformers'
+    ``revert_weight_conversion``), also for a model loaded from names that needed no
+    conversion: a packed checkpoint holds the fused experts, so ``from_pretrained`` records an
+    empty list of conversions, which reverts nothing. Exports want the per-expert names engines
+    read, so the architecture's default mapping stands in, as for a model built from config."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None or len(conversions) > 0:
+        return revert_weight_conversion(model, tensors)
+    model._weight_conversions = None
+    try:
+        return revert_weight_conversion(model, tensors)
+    finally:
+        model._weight_conversions = conversions
+
+
 def expert_export(model: nn.Module, export: str) -> ExpertExport:
     """The per-expert NVFP4 linears of ``model`` under its original checkpoint's names.
 
@@ -573,8 +589,6 @@ def expert_export(model: nn.Module, export: str) -> ExpertExport:
     module docstring). A model without NVFP4 experts gives an empty :class:`ExpertExport`
     (and no renaming).
     """
-    from transformers.core_model_loading import revert_weight_conversion
-
     refuse_high_precision_experts(model, export)
     modules = list(iter_quantized_experts(model))
     if not modules:
@@ -595,7 +609,7 @@ def expert_export(model: nn.Module, export: str) -> ExpertExport:
                 "save the model with hf_nvfp4.checkpoint.save_packed instead"
             )
     probe, sources = _probe(modules)
-    reverted = revert_weight_conversion(model, probe)
+    reverted = _revert_to_hub_names(model, probe)
     fused = sorted(set(probe) & set(reverted))
     if fused:
         raise ValueError(

@@ -480,3 +480,28 @@ def test_packed_experts_refuse_gradients_instead_of_inventing_them(tmp_path, tok
         model(inputs_embeds=embeds)
     with torch.no_grad():
         assert torch.isfinite(model(inputs_embeds=embeds).logits).all()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_exports_from_a_packed_checkpoint_equal_exports_from_the_model(kind, tmp_path):
+    """A packed checkpoint holds the fused experts, so loading it records no weight
+    conversion; its exports must still write each expert under the hub's names, with the
+    same tensors as the export of the model it was saved from."""
+    model = _moe(kind)
+    save_packed(model, tmp_path / "packed", dtype=None)
+    loaded = load_packed(tmp_path / "packed")
+    assert getattr(loaded, "_weight_conversions", None) == []  # the case under test
+    for export, fmt in ((export_compressed_tensors, "ct"), (export_modelopt, "mo")):
+        # unfused: a fused group's members would be re-quantized from a packed checkpoint
+        export(model, tmp_path / f"{fmt}_model", weight_only=True, fuse_global_scales=False)
+        export(loaded, tmp_path / f"{fmt}_packed", weight_only=True, fuse_global_scales=False)
+        want = checkpoint_tensors(tmp_path / f"{fmt}_model")
+        got = checkpoint_tensors(tmp_path / f"{fmt}_packed")
+        assert sorted(got) == sorted(want)
+        gate = NAMES[kind][0].format(L=0, e=1)
+        assert any(k.startswith(gate + ".") for k in got)
+        for k, t in want.items():
+            if k.endswith("weight_global_scale"):  # the encode scale: the same decode scale
+                assert torch.equal(1.0 / got[k], 1.0 / t), k  # (module docstring)
+            else:
+                assert torch.equal(_bits(got[k]), _bits(t)), (fmt, k)
