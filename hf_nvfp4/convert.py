@@ -262,6 +262,22 @@ def _decide(
     return None
 
 
+def _warn_unmatched_names(model: nn.Module, names: list[str]) -> None:
+    """Warn for each ``modules_to_not_convert`` entry that names no module of ``model``
+    (entries are exact names or prefixes; transformers' own field also matches suffixes, so
+    a short name like ``"o_proj"`` would otherwise keep nothing in high precision silently)."""
+    modules = [n for n, _ in model.named_modules()]
+    for entry in names:
+        if any(n == entry or n.startswith(entry + ".") for n in modules):
+            continue
+        ends = [n for n in modules if n.endswith("." + entry)]
+        hint = (f"; {len(ends)} module names end with it (e.g. {ends[0]!r}): list them, or use "
+                f"exclude=[r'\\.{re.escape(entry)}$']") if ends else ""
+        logger.warning(
+            "hf_nvfp4.convert: modules_to_not_convert entry %r names no module of %s (entries "
+            "are exact module names or name prefixes)%s", entry, type(model).__name__, hint)
+
+
 def convert(
     model: nn.Module,
     config: NVFP4Config | dict[str, Any] | None = None,
@@ -354,6 +370,7 @@ def convert(
             sorted({d.reason for d in summary.layers if d.reason.startswith("unsupported")}),
         )
     summary.other_matmuls = _other_matmuls(model, blocks, n_blocks, split, adapters)
+    _warn_unmatched_names(model, config.modules_to_not_convert)
     _warn_ragged(summary)
     _warn_high_precision_share(summary)
     if verbose:

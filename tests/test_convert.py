@@ -240,11 +240,28 @@ def test_include_exclude_and_modules_to_not_convert(kw, expected, reason):
     assert any(d.reason == reason for d in kept_in_blocks)
 
 
-def test_modules_to_not_convert_matches_whole_name_components():
+def test_modules_to_not_convert_matches_whole_name_components(caplog):
     # "model.layers.0.mlp.up" is not a prefix of the module "model.layers.0.mlp.up_proj".
-    summary = convert(_llama(), _cfg(modules_to_not_convert=["model.layers.0.mlp.up"]),
-                      verbose=False)
+    with caplog.at_level("WARNING", logger="hf_nvfp4.convert"):
+        summary = convert(_llama(), _cfg(modules_to_not_convert=["model.layers.0.mlp.up"]),
+                          verbose=False)
     assert "model.layers.0.mlp.up_proj" in summary.quantized_layers
+    assert "entry 'model.layers.0.mlp.up' names no module of LlamaForCausalLM" in caplog.text
+
+
+def test_a_short_name_in_modules_to_not_convert_is_warned_about_with_the_fix(caplog):
+    """transformers' field of the same name matches suffixes; ours does not: say so."""
+    with caplog.at_level("WARNING", logger="hf_nvfp4.convert"):
+        summary = convert(_llama(), _cfg(modules_to_not_convert=["o_proj", "model.layers.1"]),
+                          verbose=False)
+    assert "model.layers.0.self_attn.o_proj" in summary.quantized_layers
+    assert ("entry 'o_proj' names no module of LlamaForCausalLM (entries are exact module "
+            "names or name prefixes); 2 module names end with it (e.g. "
+            "'model.layers.0.self_attn.o_proj'): list them, or use exclude=[r'\\.o_proj$']"
+            ) in caplog.text
+    assert "'model.layers.1'" not in caplog.text  # a prefix that matches: no warning
+    fixed = convert(_llama(), _cfg(exclude=[r"\.o_proj$"]), verbose=False)
+    assert not any(n.endswith("o_proj") for n in fixed.quantized_layers)
 
 
 def test_dims_not_multiple_of_16_are_skipped_with_reason(caplog):

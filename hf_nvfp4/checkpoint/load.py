@@ -28,7 +28,7 @@ from ..experts import iter_nvfp4_experts
 from ..nn.conv1d import NVFP4Conv1D, NVFP4PackedConv1D, is_conv1d, weight_matrix
 from ..nn.linear import NVFP4Linear
 from ..nn.packed import NVFP4PackedLinear
-from .checksums import checksum_verification, verify_manifest
+from .checksums import checksum_verification, verify_manifest, verifying
 from .errors import CheckpointError
 from .experts import (
     expert_weights,
@@ -326,7 +326,7 @@ def load_packed(
     masters: bool | None = None,
     dtype: torch.dtype | str | None = None,
     model_class: Any = None,
-    verify_checksums: bool = True,
+    verify_checksums: bool | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Load an hf_nvfp4 checkpoint for inference (packed layers) or training (NVFP4Linear).
@@ -342,7 +342,9 @@ def load_packed(
         dtype: model dtype (default: the checkpoint's for inference, FP32 for training).
         model_class: the transformers auto class (default ``AutoModelForCausalLM``).
         verify_checksums: check every tensor against the checkpoint's checksum manifest
-            (False skips reading the files twice, for speed).
+            (False skips reading the files twice, for speed; None, the default, does what
+            the enclosing :func:`~hf_nvfp4.checkpoint.checksum_verification` says: check,
+            outside one).
         **kwargs: passed to ``from_pretrained``.
     """
     if mode not in MODES:
@@ -352,7 +354,7 @@ def load_packed(
         from transformers import AutoModelForCausalLM as model_class
     if dtype is None:
         dtype = torch.float32 if mode == "train" else "auto"
-    with checksum_verification(verify_checksums):
+    with checksum_verification(verifying() if verify_checksums is None else verify_checksums):
         model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
         if qc.get("checkpoint_format", "master") != PACKED_FORMAT:
             packable = _nvfp4_layers(model) or _nvfp4_experts(model)

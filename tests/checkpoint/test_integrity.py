@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from hf_nvfp4.checkpoint import CheckpointError, export_compressed_tensors, load_packed, save_packed
+from hf_nvfp4.checkpoint.checksums import checksum_verification
 
 LAYER = "model.layers.0.mlp.up_proj"
 
@@ -144,6 +145,15 @@ def test_flipped_bytes_in_codes_fail_the_checksum(ckpt):
     data[info.offsets[0] + 10] ^= 0xFF
     file.write_bytes(bytes(data))
     _load_fails(ckpt, f"{LAYER}.weight_packed", f"layer {LAYER!r}", "checksum", "corrupted")
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_packed(ckpt)
+    # either switch skips the hashing: load_packed's argument, or the context around it
+    load_packed(ckpt, verify_checksums=False)
+    with checksum_verification(False):
+        load_packed(ckpt)
+        AutoModelForCausalLM.from_pretrained(ckpt)
+    with checksum_verification(False), pytest.raises(CheckpointError, match="checksum"):
+        load_packed(ckpt, verify_checksums=True)
 
 
 def test_nan_block_scale_is_refused_naming_layer_and_tensor(ckpt):
