@@ -73,7 +73,8 @@ def _warn_if_rounded(model: nn.Module, dtype: torch.dtype | None) -> None:
     if wider:
         logger.warning(
             "save_packed: high-precision tensors (%s) are stored as %s, so the reloaded model's "
-            "logits differ slightly; pass dtype=None (or torch.float32) to keep them exact",
+            "logits differ slightly; pass dtype=None or torch.float32 (hf-nvfp4: --dtype "
+            "float32) to keep them exact",
             ", ".join(wider), str(dtype).split(".")[1],
         )
 

@@ -188,6 +188,7 @@ def test_save_packed_says_when_it_rounds_to_bf16(model, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="hf_nvfp4.checkpoint.packed"):
         save_packed(model, tmp_path / "bf16")
     assert "(float32) are stored as bfloat16" in caplog.text and "dtype=None" in caplog.text
+    assert "--dtype float32" in caplog.text  # the CLI spelling too
     caplog.clear()
     with caplog.at_level("WARNING", logger="hf_nvfp4.checkpoint.packed"):
         save_packed(model, tmp_path / "exact", dtype=None)
