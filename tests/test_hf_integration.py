@@ -159,7 +159,8 @@ def test_trainer_trains_the_full_model(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
     for name, param in model.named_parameters():
         assert not torch.equal(param, before[name]), f"{name} did not change"
-    assert all(m.sr_step == 3 for m in model.modules() if isinstance(m, NVFP4Linear))
+    nvfp4 = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
+    assert len(nvfp4) == 14 and all(m.sr_step == 3 for m in nvfp4)
 
 
 def test_prepare_model_rejects_a_model_quantized_by_another_method():

@@ -120,11 +120,14 @@ def test_cli_compare_and_reuse(tiny_models, tiny_data, tmp_path, capsys):
     ]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
-    first = (tmp_path / "a" / "humaneval.json").read_text()
+    result = tmp_path / "a" / "humaneval.json"
+    first, written = result.read_text(), result.stat().st_mtime_ns
     assert "| gsm8k_loglik | a | 2 |" in capsys.readouterr().out
     args = parser.parse_args([*argv, "--reuse"])
     assert args.func(args) == 0
-    assert (tmp_path / "a" / "humaneval.json").read_text() == first
+    # reused, not recomputed: a recomputation would write the file again (same content but
+    # its elapsed_s, which can round alike)
+    assert result.read_text() == first and result.stat().st_mtime_ns == written
 
 
 def test_parse_models_errors():

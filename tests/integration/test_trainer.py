@@ -184,8 +184,12 @@ def test_grad_accumulation_checkpointing_and_late_switch(tmp_path, data):
     )
     assert any(isinstance(c, LateSwitchCallback) for c in trainer.callback_handler.callbacks)
     trainer.train()
+    assert model.is_gradient_checkpointing
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.recipe.fprop_format == "bf16" and layer.recipe.wgrad_format == "nvfp4"
+    # 4 steps x 2 micro-batches, each forward run twice (the checkpointed recomputation draws
+    # its own keys, which that micro-batch's backward then uses)
+    assert layer.sr_step == 16
     assert all(math.isfinite(v) for v in _losses(trainer))
 
 
