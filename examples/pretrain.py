@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from hf_nvfp4 import NVFP4Plugin
-from hf_nvfp4.compile import compile_blocks, step_begin, uses_cuda_graphs
+from hf_nvfp4.compile import compile_blocks, compiled_blocks_mode, step_begin, uses_cuda_graphs
 from hf_nvfp4.config import RECIPE_ENV, resolve_nvfp4
 from hf_nvfp4.data import byte_tokens, load_text, split_blocks
 
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             if torch.cuda.is_available() and not args.cpu else None,
             "nvfp4": plugin.config.to_dict() if plugin else None,
             "quantized_layers": len(plugin.summaries[0].quantized_layers) if plugin else 0,
+            "compiled_blocks": compiled_blocks_mode(accelerator.unwrap_model(model)),
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(f"final loss {losses[-1]:.4f} over {accelerator.num_processes} process(es), "

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -44,8 +45,10 @@ def test_e2e_tiny_cpu_runs_and_resumes(tmp_path, capsys):
 
     # Resume: the same --out skips the four entries done and runs only the new columns.
     capsys.readouterr()
+    torch._dynamo.utils.counters.clear()
     e2e.main([*COMMON, "--modes", "fp32_masters", "--out", str(out),
               "--columns", "bf16_eager,bf16_compiled,nvfp4_eager,nvfp4_compiled"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled for real
     printed = capsys.readouterr().out
     assert printed.count("skipped") == 2
     second = json.loads(out.read_text())
@@ -103,10 +106,12 @@ def test_trainer_speed_tiny_cpu_eager_and_compiled_train_alike(tmp_path):
     import trainer_speed
 
     out = tmp_path / "trainer.json"
+    torch._dynamo.utils.counters.clear()
     report = trainer_speed.main(["--size", "tiny", "--device", "cpu", "--steps", "2",
                                  "--warmup", "1", "--compile-backend", "aot_eager",
                                  "--compile-mode", "reduce-overhead",
                                  "--columns", "bf16_eager,bf16_compiled", "--out", str(out)])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled for real
     assert json.loads(out.read_text())["runs"] == report["runs"]
     eager, compiled = report["runs"]["bf16_eager"], report["runs"]["bf16_compiled"]
     assert len(eager["losses"]) == 3 and eager["losses"] == compiled["losses"]

@@ -82,7 +82,9 @@ def test_pretrain_example_with_compiled_blocks(tmp_path, launch):
         proc = launch([ROOT / "examples" / "pretrain.py", "--cpu", "--tiny", "--steps", "4",
                        "--no-save", "--out", tmp_path / name, *extra], nproc=None)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        losses[name] = json.loads((tmp_path / name / "metrics.json").read_text())["losses"]
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        losses[name] = metrics["losses"]
+        assert metrics["compiled_blocks"] == (None if name == "eager" else "reduce-overhead")
     assert losses["compiled"][0] == losses["eager"][0]
     assert all(math.isfinite(v) for v in losses["compiled"])
     # equal in every step measured here; traced code may round the reference backend's
