@@ -42,11 +42,6 @@ def checksum_verification(enabled: bool) -> Iterator[None]:
         _VERIFY.reset(token)
 
 
-def verifying() -> bool:
-    """Whether packed checkpoints are checked here (see :func:`checksum_verification`)."""
-    return _VERIFY.get()
-
-
 def tensor_digest(info: TensorInfo) -> str:
     """SHA-256 of the bytes of one tensor, read from its file."""
     begin, end = info.offsets
@@ -83,7 +78,7 @@ def verify_manifest(directory: str | os.PathLike, infos: dict[str, TensorInfo]) 
 
     A checkpoint without a manifest (saved before manifests existed) loads with a warning.
     """
-    if not verifying():
+    if not _VERIFY.get():
         return
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -117,6 +112,5 @@ __all__ = [
     "checksum_verification",
     "tensor_digest",
     "verify_manifest",
-    "verifying",
     "write_manifest",
 ]

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from ..experts import iter_nvfp4_experts
 from ..nn.conv1d import NVFP4Conv1D, NVFP4PackedConv1D, is_conv1d, weight_matrix
 from ..nn.linear import NVFP4Linear
 from ..nn.packed import NVFP4PackedLinear
-from .checksums import checksum_verification, verify_manifest, verifying
+from .checksums import checksum_verification, verify_manifest
 from .errors import CheckpointError
 from .experts import (
     expert_weights,
@@ -354,7 +355,9 @@ def load_packed(
         from transformers import AutoModelForCausalLM as model_class
     if dtype is None:
         dtype = torch.float32 if mode == "train" else "auto"
-    with checksum_verification(verifying() if verify_checksums is None else verify_checksums):
+    verification = (contextlib.nullcontext() if verify_checksums is None
+                    else checksum_verification(verify_checksums))
+    with verification:
         model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
         if qc.get("checkpoint_format", "master") != PACKED_FORMAT:
             packable = _nvfp4_layers(model) or _nvfp4_experts(model)
